@@ -1,0 +1,1 @@
+"""EchoFM model, losses, trainer and downstream adaptation (imports kernels and loaders)."""

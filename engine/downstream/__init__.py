@@ -1,0 +1,1 @@
+"""Downstream adaptation: task heads, linear probe and fine-tune for the four clinical tasks."""

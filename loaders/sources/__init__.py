@@ -1,0 +1,1 @@
+"""Source adapters: one per input layout (files, DICOM, EchoNet-Dynamic, CAMUS, CSV)."""
