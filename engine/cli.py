@@ -39,10 +39,215 @@ def _run_config_show(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- pretrain / export / demo
+
+
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="pretrain EchoFM from a recipe (DeepSpeed; 1 process, "
+                       "torchrun or the deepspeed launcher)")
+    p.add_argument("recipe")
+    _add_set(p)
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="auto: newest complete checkpoint of this run; or a checkpoint/run folder")
+    p.set_defaults(run=_run_pretrain)
+
+
+def _run_pretrain(args) -> int:
+    import os
+
+    from .config import load_recipe
+    from .trainer import pretrain
+
+    summary = pretrain(load_recipe(args.recipe, args.overrides), resume=args.resume)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"echofm: {summary['steps']} steps, last loss {summary['last_loss']}, "
+              f"checkpoint {summary['last_checkpoint']}")
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="training checkpoint -> model.safetensors + config.json")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (newest checkpoint)")
+    p.add_argument("--out", required=True, help="output folder (EchoFM.from_pretrained loads it)")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    from .checkpoint import export
+
+    print(f"echofm: exported to {export(args.checkpoint, args.out)}")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="end to end on CPU: synthetic corpus -> ingest -> pretrain "
+                       "tiny -> export -> linear probe (a few minutes)")
+    p.add_argument("--out", default="demo_out", help="working folder (default demo_out)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="pretraining time budget (default: the demo's embedded step count)")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(out=args.out) if args.minutes is None else DemoConfig(out=args.out,
+                                                                          minutes=args.minutes)
+    run_demo(cfg)
+    return 0
+
+
+# ---------------------------------------------------------------- ingest / shards
+
+
+def _parse_bytes(text: str) -> int:
+    """'256MB', '1GiB', '1000000' -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 256MB)")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()))
+
+
+def _add_ingest(sub) -> None:
+    p = sub.add_parser("ingest", help="videos / DICOM / EchoNet / CAMUS / CSV -> WebDataset shards")
+    p.add_argument("sources", nargs="+", help="files or folders (layout is recognised) or CSV manifests")
+    p.add_argument("--out", required=True, help="shard directory (re-running resumes into it)")
+    p.add_argument("--size", type=int, default=None, help="output height = width (default 224, or the recipe's)")
+    p.add_argument("--codec", choices=["vp9", "h264", "mjpeg"], default="vp9")
+    p.add_argument("--fps", default="keep", help="'keep' or a frame rate to resample to")
+    p.add_argument("--shard-size", type=_parse_bytes, default="256MB", help="bytes per shard, e.g. 256MB")
+    p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument("--dataset", default=None, help="dataset name in sample keys (default: from the layout)")
+    p.add_argument("--min-frames", type=int, default=8, help="shorter clips are rejected")
+    p.add_argument("--no-sector", action="store_true", help="keep the full frame (no sector crop)")
+    p.add_argument("--retry-rejects", action="store_true", help="retry sources listed in rejects.jsonl")
+    p.add_argument("--recipe", default=None, help="take --size from this recipe's data.size")
+    p.set_defaults(run=_run_ingest)
+
+
+def _run_ingest(args) -> int:
+    import os
+
+    from echofm.loaders.ingest import IngestConfig, ingest
+
+    size = args.size
+    if size is None and args.recipe:
+        from .config import load_recipe
+
+        size = load_recipe(args.recipe, []).data.size
+    try:
+        fps = None if args.fps == "keep" else float(args.fps)
+        cfg = IngestConfig(size=size or 224, codec=args.codec, fps=fps, shard_size=args.shard_size,
+                           workers=args.workers, dataset=args.dataset, min_frames=args.min_frames,
+                           sector=not args.no_sector, retry_rejects=args.retry_rejects,
+                           salt=os.environ.get("ECHOFM_PATIENT_SALT", ""))
+        cfg.validate()
+    except ValueError as e:
+        raise UserError(f"ingest: {e}") from e
+    r = ingest(args.sources, args.out, cfg)
+    print(f"ingest: {r.added} added, {r.skipped} skipped (already done), {r.rejected} rejected "
+          f"({args.out}/rejects.jsonl), {len(r.shards)} shard(s), {r.frames} frames, "
+          f"{r.clips_per_s:.1f} clips/s, {r.input_mb_per_s:.1f} MB/s in")
+    return 0
+
+
+def _add_shards(sub) -> None:
+    p = sub.add_parser("shards", help="inspect shard directories")
+    ssub = p.add_subparsers(dest="shards_cmd", required=True)
+    v = ssub.add_parser("verify", help="manifest vs files, index, json, and every video decodes")
+    v.add_argument("dir")
+    v.add_argument("--no-decode", action="store_true", help="skip decoding the videos (fast)")
+    v.set_defaults(run=_run_shards_verify)
+
+
+def _run_shards_verify(args) -> int:
+    from echofm.loaders.shards import verify
+
+    rep = verify(args.dir, decode=not args.no_decode, progress=sys.stderr.isatty())
+    for p in rep.problems:
+        print(f"PROBLEM {p}")
+    print(rep.summary())
+    return 0 if rep.ok else 1
+
+
+# ---------------------------------------------------------------- finetune / evaluate
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="downstream run: linear probe or full fine-tune of a backbone")
+    p.add_argument("recipe", help="downstream recipe, e.g. recipes/downstream/ef_regression.yaml")
+    _add_set(p)
+    p.set_defaults(run=_run_finetune)
+
+
+def _run_finetune(args) -> int:
+    from .config import load_recipe
+    from .downstream.run import run
+
+    run(load_recipe(args.recipe, args.overrides))
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="recompute a downstream run's metrics from its saved head")
+    p.add_argument("recipe", help="the downstream recipe the run used")
+    p.add_argument("--checkpoint", required=True, help="the run folder written by `echofm finetune`")
+    _add_set(p)
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from .config import load_recipe
+    from .downstream.run import evaluate
+
+    evaluate(load_recipe(args.recipe, args.overrides), args.checkpoint)
+    return 0
+
+
+# ---------------------------------------------------------------- synth
+
+
+def _add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="write a synthetic echo corpus with exact ground truth")
+    p.add_argument("--out", required=True, help="output directory (videos/, masks/, labels.csv)")
+    p.add_argument("--videos", type=int, default=200, help="number of clips")
+    p.add_argument("--seed", type=int, default=0, help="same seed -> identical corpus")
+    p.add_argument("--size", default="160-320", metavar="MIN-MAX", help="frame height range, e.g. 160-320")
+    p.add_argument("--frames", default="40-120", metavar="MIN-MAX", help="clip length range (plus short clips)")
+    p.add_argument("--short-fraction", type=float, default=0.1, help="fraction of clips < 32 frames")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.set_defaults(run=_run_synth)
+
+
+def _run_synth(args) -> int:
+    import os
+    import time
+
+    from echofm.loaders.synth import SynthConfig, make_corpus, summarize
+
+    try:
+        (lo, hi), (flo, fhi) = ([int(v) for v in r.split("-")] for r in (args.size, args.frames))
+        cfg = SynthConfig(videos=args.videos, seed=args.seed, min_size=lo, max_size=hi, min_frames=flo,
+                          max_frames=fhi, short_fraction=args.short_fraction,
+                          workers=args.workers or os.cpu_count() or 1)
+        cfg.validate()
+    except ValueError as e:
+        raise UserError(f"synth: {e} (ranges are MIN-MAX, e.g. --size 160-320)") from e
+    t0 = time.perf_counter()
+    rows = make_corpus(args.out, cfg)
+    print(f"synth: wrote {args.out}/labels.csv, videos/, masks/ in {time.perf_counter() - t0:.1f} s")
+    for line in summarize(rows):
+        print(f"  {line}")
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 # Each entry adds one subcommand; later features append theirs here.
-SUBCOMMANDS: list[Callable] = [_add_config]
+SUBCOMMANDS: list[Callable] = [_add_config, _add_pretrain, _add_export, _add_demo, _add_ingest, _add_shards,
+                               _add_finetune, _add_evaluate, _add_synth]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,19 +1,87 @@
-"""EchoFM video MAE (being built by the model issue; the config is the recipe contract)."""
+"""EchoFM: video MAE with tube masking, a phase projector and the periodic contrastive loss.
+
+Data path of one training forward (shapes for B clips, token grid T' x L, K kept per slice):
+
+    video [B, T, H, W, C] uint8|float  (loader layout; float means [0, 1] pixels)
+      -> tube mask: ids_keep [B, T'K]                                  (masking.py)
+      -> gather_patches: visible patches only [B, T'K, C*t*p*p]        (kernels)
+      -> patch_embed (one Linear = Conv3d on those patches) + spatial/temporal pos
+      -> [CLS, tokens] -> encoder blocks (tube_attention joint) -> norm -> latent
+      -> phase projector: one shared block per slice with a slice CLS (tube_attention
+         slice) -> phase [B, T', D]
+      -> decoder: decoder_embed, scatter_tokens with the mask token, decoder pos,
+         [CLS, all tokens] -> blocks -> norm -> decoder_pred [B, N, u*p*p*C]
+      -> losses: masked norm-pix MSE + periodic contrastive on phase vs a pixel prior
+
+Choices where the paper / official code leave room (documented here once):
+
+- CLS: in `joint` attention the encoder CLS is simply token 0 of the joint group (it
+  attends to and is attended by every visible token: exact ViT / official semantics).
+  In `divided` attention (alternate blocks attend within a slice, then within a tube),
+  the patch tokens never see the CLS; the CLS is updated by its own small attention over
+  [CLS, all tokens] with the same block weights.
+- Decoder target: token t reconstructs u = pred_t_dim / T' frames of its own tubelet,
+  the frames `arange(0, num_frames, num_frames // pred_t_dim)` (the paper's 8 of 32 are
+  frames 0, 4, ..., 28: the first frame of each tubelet). mae_st / official EchoFM use
+  `linspace(0, T-1, pred_t_dim).long()`, which assigns a token frames of the next
+  tubelet (e.g. frame 13 to tubelet 12-15, 31 to 28-31); we keep targets inside the
+  token. Pixels of a target patch are flattened (u, p, p, C) like the official code, so
+  its `decoder_pred` loads unchanged.
+- Phase projector: `slice` tube attention over [slice CLS, the slice's visible tokens];
+  only the CLS rows continue through proj / MLP / norm (the other rows are discarded,
+  exactly as in the official code where only x[:, 0] is used).
+
+VideoMAE users with a [B, C, T, H, W] float clip in [0, 1]: `model(video.permute(0, 2, 3, 4, 1))`.
+"""
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from echofm.kernels import gather_patches, scatter_tokens, tube_attention
+
+from . import losses
+from .losses import LossConfig
+from .masking import Mask, MaskConfig, draw_mask, full_mask
+
+PRESETS: dict[str, dict[str, int]] = {
+    # The paper's model (DESIGN §5).
+    "echofm_vit_large": dict(num_frames=32, img_size=224, patch_size=16, tubelet=4, embed_dim=1024, depth=24,
+                             num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+                             pred_t_dim=8),
+    # Single-GPU research size: the VideoMAE-B shape (decoder 384 x 4), full reconstruction.
+    "echofm_vit_base": dict(num_frames=16, img_size=224, patch_size=16, tubelet=2, embed_dim=768, depth=12,
+                            num_heads=12, decoder_embed_dim=384, decoder_depth=4, decoder_num_heads=6,
+                            pred_t_dim=16),
+    # CPU demo and tests.
+    "echofm_tiny": dict(num_frames=16, img_size=112, patch_size=16, tubelet=2, embed_dim=192, depth=4,
+                        num_heads=3, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
+                        pred_t_dim=8),
+}
+LN_EPS = 1e-6  # the official presets' LayerNorm eps
 
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
-    """Architecture. `preset` fills every field left at None (DESIGN §5)."""
+    """Architecture. `preset` fills every field left at None (DESIGN §5); `resolved()` does it."""
 
     preset: Literal["echofm_vit_large", "echofm_vit_base", "echofm_tiny"] = "echofm_tiny"
     num_frames: int | None = None
+    """Frames per clip T."""
     img_size: int | None = None
+    """Square frame side H = W in pixels."""
     patch_size: int | None = None
+    """Spatial patch side p."""
     tubelet: int | None = None
+    """Frames per token t; T' = num_frames / tubelet temporal slices."""
     in_chans: int = 3
     embed_dim: int | None = None
     depth: int | None = None
@@ -23,9 +91,407 @@ class ModelConfig:
     decoder_depth: int | None = None
     decoder_num_heads: int | None = None
     pred_t_dim: int | None = None
-    """Frames the decoder reconstructs (the paper predicts 8 of 32)."""
+    """Frames the decoder reconstructs (the paper predicts 8 of 32): a multiple of T'
+    dividing num_frames; frames 0, s, 2s, ... with s = num_frames / pred_t_dim."""
     attention: Literal["joint", "divided"] = "joint"
-    """Encoder attention: joint over all tokens, or divided (slice then tube)."""
+    """Encoder attention: joint over all tokens, or divided (slice then tube, alternating
+    blocks) for long clips; divided needs tube masks."""
     attn_backend: Literal["auto", "triton", "sdpa", "xformers", "math"] = "auto"
+    """tube_attention backend (auto = Triton on CUDA, SDPA elsewhere)."""
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    """Per-channel mean of [0, 1] pixels, subtracted inside the patch gather."""
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def resolved(self) -> ModelConfig:
+        """A copy with every None field taken from the preset."""
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        base = PRESETS[self.preset]
+        fill = {k: v for k, v in base.items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **fill)
+
+    def validate(self) -> None:
+        c = self.resolved()
+        if c.img_size % c.patch_size:
+            raise ValueError(f"img_size {c.img_size} is not a multiple of patch_size {c.patch_size}")
+        if c.num_frames % c.tubelet:
+            raise ValueError(f"num_frames {c.num_frames} is not a multiple of tubelet {c.tubelet}")
+        for dim, heads, name in ((c.embed_dim, c.num_heads, ""), (c.decoder_embed_dim, c.decoder_num_heads,
+                                                                 "decoder_")):
+            if dim % heads:
+                raise ValueError(f"{name}embed_dim {dim} is not a multiple of {name}num_heads {heads}")
+        t_grid = c.num_frames // c.tubelet
+        if c.pred_t_dim % t_grid or c.num_frames % c.pred_t_dim:
+            raise ValueError(f"pred_t_dim {c.pred_t_dim} must be a multiple of num_frames/tubelet = {t_grid} "
+                             f"and divide num_frames {c.num_frames}")
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise ValueError(f"mean/std need in_chans={self.in_chans} values")
+
+    # Derived sizes (call on a resolved config).
+    @property
+    def t_grid(self) -> int:
+        return self.num_frames // self.tubelet
+
+    @property
+    def l_grid(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_chans * self.tubelet * self.patch_size ** 2
+
+    @property
+    def pred_u(self) -> int:
+        """Frames each token reconstructs."""
+        return self.pred_t_dim // self.t_grid
+
+    @property
+    def pred_dim(self) -> int:
+        return self.pred_u * self.patch_size ** 2 * self.in_chans
+
+
+# ---------------------------------------------------------------- blocks
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with a fused qkv Linear; the official q/k/v map onto it."""
+
+    def __init__(self, dim: int, heads: int, backend: str):
+        super().__init__()
+        self.heads, self.backend = heads, backend
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [..., n, D] -> q, k, v [..., H, n, Dh] (views of one GEMM output, no copies)."""
+        *lead, n, d = x.shape
+        qkv = self.qkv(x).view(*lead, n, 3, self.heads, d // self.heads)
+        qkv = qkv.movedim(-3, 0).movedim(-2, -3)  # [3, ..., H, n, Dh]
+        return qkv[0], qkv[1], qkv[2]
+
+    @staticmethod
+    def merge(o: torch.Tensor) -> torch.Tensor:
+        """[..., H, n, Dh] -> [..., n, H*Dh]."""
+        return o.movedim(-3, -2).flatten(-2)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None, mode: str) -> torch.Tensor:
+        """x [B, 1 + Nv, D] (row 0 = CLS, then tokens in (t, k) order) -> [B, 1 + Nv, D]."""
+        q, k, v = self.qkv_heads(x)  # [B, H, n, Dh]
+        if mode == "joint":
+            o = tube_attention(q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), "joint",
+                               backend=self.backend).squeeze(2)
+        else:
+            t, kk = grid
+            b, h, _, dh = q.shape
+            tok = [a[:, :, 1:].unflatten(2, (t, kk)) for a in (q, k, v)]  # [B, H, T', K, Dh] views
+            o_tok = tube_attention(*tok, mode, backend=self.backend).flatten(2, 3)
+            # The CLS is outside the tube layout: its own query over [CLS, all tokens].
+            o_cls = F.scaled_dot_product_attention(q[:, :, :1], k, v)
+            o = torch.cat([o_cls, o_tok], dim=2)
+        return self.proj(self.merge(o))
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block (official names: norm1, attn, norm2, mlp)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, backend: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = Attention(dim, heads, backend)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None, mode: str = "joint") -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), grid, mode)
+        return x + self.mlp(self.norm2(x))
+
+
+# ---------------------------------------------------------------- model
+
+
+class EchoFM(nn.Module):
+    """The EchoFM video MAE. Parameter names follow the official checkpoints (DESIGN §5)
+    except: `patch_embed` is a Linear (official: Conv3d `patch_embed.proj`), `attn.qkv`
+    is fused (official: attn.q/k/v), and the phase projector is `phase_block`,
+    `phase_norm`, `phase_cls_token` (official: decoder_block, prj_norm,
+    decoder_prj_cls_token). `echofm.engine.adapters` converts both ways."""
+
+    def __init__(self, model_cfg: ModelConfig | None = None, mask_cfg: MaskConfig | None = None,
+                 loss_cfg: LossConfig | None = None):
+        super().__init__()
+        model_cfg = model_cfg or ModelConfig()
+        model_cfg.validate()
+        self.cfg = c = model_cfg.resolved()
+        self.mask_cfg = mask_cfg or MaskConfig()
+        self.loss_cfg = loss_cfg or LossConfig()
+        self.mask_cfg.validate()
+        if c.attention == "divided" and self.mask_cfg.kind != "tube" and self.mask_cfg.ratio > 0:
+            raise ValueError(f"attention 'divided' needs mask.kind 'tube' (visible tubes), got {self.mask_cfg.kind!r}")
+        self.gather_backend = {"auto": "auto", "triton": "triton"}.get(c.attn_backend, "torch")
+        self.grad_checkpointing = False
+        d, dd = c.embed_dim, c.decoder_embed_dim
+
+        # Encoder.
+        self.patch_embed = nn.Linear(c.patch_dim, d)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed_spatial = nn.Parameter(torch.zeros(1, c.l_grid, d))
+        self.pos_embed_temporal = nn.Parameter(torch.zeros(1, c.t_grid, d))
+        self.pos_embed_class = nn.Parameter(torch.zeros(1, 1, d))
+        self.blocks = nn.ModuleList(Block(d, c.num_heads, c.mlp_ratio, c.attn_backend) for _ in range(c.depth))
+        self.norm = nn.LayerNorm(d, eps=LN_EPS)
+        # Phase projector: one block shared by all slices.
+        self.phase_cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.phase_block = Block(d, c.num_heads, c.mlp_ratio, c.attn_backend)
+        self.phase_norm = nn.LayerNorm(d, eps=LN_EPS)
+        # Decoder.
+        self.decoder_embed = nn.Linear(d, dd)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+        self.decoder_cls_token = nn.Parameter(torch.zeros(1, 1, dd))
+        self.decoder_pos_embed_spatial = nn.Parameter(torch.zeros(1, c.l_grid, dd))
+        self.decoder_pos_embed_temporal = nn.Parameter(torch.zeros(1, c.t_grid, dd))
+        self.decoder_pos_embed_class = nn.Parameter(torch.zeros(1, 1, dd))
+        self.decoder_blocks = nn.ModuleList(Block(dd, c.decoder_num_heads, c.mlp_ratio, c.attn_backend)
+                                            for _ in range(c.decoder_depth))
+        self.decoder_norm = nn.LayerNorm(dd, eps=LN_EPS)
+        self.decoder_pred = nn.Linear(dd, c.pred_dim)
+        self.register_buffer("pix_mean", torch.tensor(c.mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("pix_std", torch.tensor(c.std, dtype=torch.float32), persistent=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # As the official code: trunc-normal tokens / pos, xavier Linear (the patch embed
+        # as the flattened Conv3d), normal mask token.
+        for p in (self.cls_token, self.pos_embed_spatial, self.pos_embed_temporal, self.pos_embed_class,
+                  self.phase_cls_token, self.decoder_cls_token, self.decoder_pos_embed_spatial,
+                  self.decoder_pos_embed_temporal, self.decoder_pos_embed_class):
+            nn.init.trunc_normal_(p, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that AdamW should not decay (tokens and position embeddings)."""
+        return {n for n, _ in self.named_parameters() if n.endswith("_token") or "pos_embed" in n}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute encoder/decoder block activations in backward (torch.utils.checkpoint)."""
+        self.grad_checkpointing = enable
+
+    # ------------------------------------------------------------ helpers
+
+    def _check_video(self, video: torch.Tensor) -> None:
+        c = self.cfg
+        want = (c.num_frames, c.img_size, c.img_size, c.in_chans)
+        if video.dim() != 5 or tuple(video.shape[1:]) != want:
+            raise ValueError(f"EchoFM expects video [B, T, H, W, C] = [B, {', '.join(map(str, want))}] "
+                             f"(loader layout; from [B, C, T, H, W] use video.permute(0, 2, 3, 4, 1)), "
+                             f"got {tuple(video.shape)}")
+
+    def _pos(self, spatial: torch.Tensor, temporal: torch.Tensor) -> torch.Tensor:
+        """[1, L, D] + [1, T', D] -> full table [T'L, D] in (t, s) order."""
+        return (temporal.transpose(0, 1) + spatial).flatten(0, 1)
+
+    def _run(self, blocks: nn.ModuleList, x: torch.Tensor, grid: tuple[int, int] | None, divided: bool) -> torch.Tensor:
+        for i, blk in enumerate(blocks):
+            mode = ("slice" if i % 2 == 0 else "tube") if divided else "joint"
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, grid, mode, use_reentrant=False)
+            else:
+                x = blk(x, grid, mode)
+        return x
+
+    def draw_mask(self, batch: int, device: torch.device, generator: torch.Generator | None = None) -> Mask:
+        return draw_mask(self.mask_cfg, batch, self.cfg.t_grid, self.cfg.l_grid, device, generator)
+
+    # ------------------------------------------------------------ stages
+
+    def forward_encoder(self, video: torch.Tensor, mask: Mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """video [B, T, H, W, C] -> (latent tokens [B, Nv, D] normed, cls [B, D] normed)."""
+        c = self.cfg
+        patches = gather_patches(video, mask.ids_keep, (c.tubelet, c.patch_size, c.patch_size),
+                                 c.mean, c.std, backend=self.gather_backend)  # [B, Nv, C*t*p*p]
+        x = self.patch_embed(patches.to(self.patch_embed.weight.dtype))
+        x = x + self._pos(self.pos_embed_spatial, self.pos_embed_temporal)[mask.ids_keep]
+        cls = (self.cls_token + self.pos_embed_class).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        divided = c.attention == "divided" and mask.grid is not None
+        x = self.norm(self._run(self.blocks, x, mask.grid, divided))
+        return x[:, 1:], x[:, 0]
+
+    def forward_phase(self, latent: torch.Tensor, mask: Mask) -> torch.Tensor:
+        """latent [B, Nv, D] -> phase embeddings [B, T', D] (one per temporal slice)."""
+        c, blk = self.cfg, self.phase_block
+        b, d = latent.shape[0], c.embed_dim
+        cls = self.phase_cls_token.expand(b, c.t_grid, d)  # [B, T', D]
+        if mask.grid is not None:
+            t, k = mask.grid
+            x = torch.cat([cls.unsqueeze(2), latent.view(b, t, k, d)], dim=2)  # [B, T', 1+K, D]
+            q, kk, v = blk.attn.qkv_heads(blk.norm1(x))  # [B, T', H, 1+K, Dh]
+            tr = lambda a: a.transpose(1, 2)  # noqa: E731  -> [B, H, T', 1+K, Dh]
+            o = tube_attention(tr(q), tr(kk), tr(v), "slice", backend=blk.attn.backend)
+            o = o[:, :, :, 0].transpose(1, 2)  # CLS rows [B, T', H, Dh]
+        else:
+            # Slices hold different numbers of visible tokens (random / frame masks): pad
+            # each slice to L and mask the absent keys. Only the CLS query is needed.
+            full = scatter_tokens(latent, mask.ids_keep, latent.new_zeros(d), c.t_grid * c.l_grid,
+                                  backend=self.gather_backend).view(b, c.t_grid, c.l_grid, d)
+            x = torch.cat([cls.unsqueeze(2), full], dim=2)
+            q, kk, v = blk.attn.qkv_heads(blk.norm1(x))  # [B, T', H, 1+L, Dh]
+            keep = torch.cat([mask.mask.new_ones(b, c.t_grid, 1), 1 - mask.mask.view(b, c.t_grid, c.l_grid)], 2)
+            attn_mask = keep.bool()[:, :, None, None, :]  # [B, T', 1, 1, 1+L]
+            o = F.scaled_dot_product_attention(q[..., :1, :], kk, v, attn_mask=attn_mask)[..., 0, :]
+        z = cls + blk.attn.proj(o.flatten(-2))
+        z = z + blk.mlp(blk.norm2(z))
+        return self.phase_norm(z)
+
+    def forward_decoder(self, latent: torch.Tensor, mask: Mask) -> torch.Tensor:
+        """latent [B, Nv, D] -> pred [B, N, u*p*p*C] for every token (visible ones too)."""
+        c = self.cfg
+        n = c.t_grid * c.l_grid
+        y = self.decoder_embed(latent)
+        x = scatter_tokens(y, mask.ids_keep, self.mask_token.view(-1).to(y.dtype), n, backend=self.gather_backend)
+        x = x + self._pos(self.decoder_pos_embed_spatial, self.decoder_pos_embed_temporal)
+        cls = (self.decoder_cls_token + self.decoder_pos_embed_class).expand(x.shape[0], -1, -1)
+        x = self._run(self.decoder_blocks, torch.cat([cls, x], dim=1), None, False)
+        return self.decoder_pred(self.decoder_norm(x[:, 1:]))
+
+    # ------------------------------------------------------------ public API
+
+    def forward(self, video: torch.Tensor, mask: Mask | None = None,
+                generator: torch.Generator | None = None) -> dict:
+        """One pretraining forward. video [B, T, H, W, C] uint8 or float in [0, 1].
+
+        Returns {"loss": scalar, "terms": {"rec", "contrastive", "kl", "active"} (detached),
+        "pred" [B, N, u*p*p*C], "target" (same, norm-pix normalised when enabled),
+        "mask" [B, N] (1 = removed), "sim" / "prior" [B, T', T'], "phase" [B, T', D],
+        "ids_keep" [B, Nv], "ids_restore" [B, N]}.
+        """
+        self._check_video(video)
+        if mask is None:
+            mask = self.draw_mask(video.shape[0], video.device, generator)
+        latent, _ = self.forward_encoder(video, mask)
+        phase = self.forward_phase(latent, mask)
+        pred = self.forward_decoder(latent, mask)
+        target = self.target(video)
+        prior = losses.cycle_prior(video, self.cfg.t_grid, self.loss_cfg.prior_grid)
+        out = losses.compute(self.loss_cfg, pred.float(), target, mask.mask, phase.float(), prior,
+                             valid=None if mask.grid is not None else mask.slice_valid())
+        out.update(pred=pred, mask=mask.mask, phase=phase, ids_keep=mask.ids_keep, ids_restore=mask.ids_restore)
+        return out
+
+    def encode(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features without masking: (tokens [B, N, D] in (t, h, w) order, cls [B, D],
+        phase [B, T', D]); all after their final LayerNorm."""
+        self._check_video(video)
+        mask = full_mask(video.shape[0], self.cfg.t_grid, self.cfg.l_grid, video.device)
+        tokens, cls = self.forward_encoder(video, mask)
+        return tokens, cls, self.forward_phase(tokens, mask)
+
+    # ------------------------------------------------------------ pixels
+
+    def target_frames(self) -> list[int]:
+        """Indices of the frames the decoder reconstructs."""
+        c = self.cfg
+        return list(range(0, c.num_frames, c.num_frames // c.pred_t_dim))
+
+    def normalize(self, video: torch.Tensor) -> torch.Tensor:
+        """[..., C] uint8 or [0, 1] float -> float32 (x - mean) / std."""
+        x = video.float() / 255.0 if video.dtype == torch.uint8 else video.float()
+        return (x - self.pix_mean) / self.pix_std
+
+    def target(self, video: torch.Tensor) -> torch.Tensor:
+        """Raw (normalised-pixel) target patches [B, N, u*p*p*C] of the predicted frames."""
+        c = self.cfg
+        x = self.normalize(video[:, self.target_frames()])  # [B, pred_t, H, W, C]
+        b, h = x.shape[0], c.img_size // c.patch_size
+        x = x.view(b, c.t_grid, c.pred_u, h, c.patch_size, h, c.patch_size, c.in_chans)
+        return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, c.t_grid * h * h, c.pred_dim)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, u*p*p*C] (pred or target layout) -> frames [B, pred_t_dim, H, W, C]."""
+        c = self.cfg
+        b, h, p = x.shape[0], c.img_size // c.patch_size, c.patch_size
+        x = x.reshape(b, c.t_grid, h, h, c.pred_u, p, p, c.in_chans)
+        return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, c.pred_t_dim, c.img_size, c.img_size, c.in_chans)
+
+    @torch.no_grad()
+    def reconstruct(self, video: torch.Tensor, out: dict) -> torch.Tensor:
+        """For figures: [B, pred_t_dim, H, W, C] float in [0, 1]: visible patches from the clip,
+        removed ones from the prediction (un-normalised with each patch's own mean / std
+        when norm_pix is on)."""
+        target = self.target(video)
+        pred = out["pred"].float()
+        if self.loss_cfg.norm_pix:
+            mu, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            pred = pred * (var + 1e-6).sqrt() + mu
+        m = out["mask"].unsqueeze(-1)
+        x = self.unpatchify(target * (1 - m) + pred * m)
+        return (x * self.pix_std + self.pix_mean).clamp(0, 1)
+
+    # ------------------------------------------------------------ persistence
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write model.safetensors (all weights) + config.json (the resolved ModelConfig)."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        cfg = dataclasses.asdict(self.cfg)
+        (out / "config.json").write_text(json.dumps({"format": "echofm", "version": 1, "model": cfg}, indent=2))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, mask_cfg: MaskConfig | None = None,
+                        loss_cfg: LossConfig | None = None, map_location: str | torch.device = "cpu") -> EchoFM:
+        """Load a directory written by save_pretrained."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg_file, weights = path / "config.json", path / "model.safetensors"
+        for f in (cfg_file, weights):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: missing (expected a directory written by EchoFM.save_pretrained)")
+        data = json.loads(cfg_file.read_text())
+        if data.get("format") != "echofm" or "model" not in data:
+            raise ValueError(f"{cfg_file}: not an EchoFM config (no 'format': 'echofm' / 'model')")
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(data["model"]) - fields)
+        if unknown:
+            raise ValueError(f"{cfg_file}: unknown model keys {unknown}")
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in data["model"].items()}
+        model = cls(ModelConfig(**kw), mask_cfg, loss_cfg)
+        model.load_state_dict(load_file(str(weights), device=str(map_location)))
+        return model.to(map_location)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def param_count_millions(model: EchoFM) -> dict[str, float]:
+    """Parameters per part, in millions (for reports)."""
+    enc = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("decoder", "mask_token", "phase")))
+    phase = sum(p.numel() for n, p in model.named_parameters() if n.startswith("phase"))
+    total = count_params(model)
+    return {"encoder": enc / 1e6, "phase": phase / 1e6, "decoder": (total - enc - phase) / 1e6,
+            "total": total / 1e6}
+
+
+__all__ = ["EchoFM", "ModelConfig", "PRESETS", "count_params", "param_count_millions"]

@@ -1,7 +1,17 @@
-"""Optimiser and lr schedule (being built by the trainer issue; configs are the contract)."""
+"""AdamW with MAE-style parameter groups and the linear-warmup + half-cycle-cosine schedule.
+
+The paper-era recipe (DESIGN §5): AdamW (0.9, 0.95), weight decay 0.05 on weight matrices
+only, lr = base_lr x global_batch / 256, linear warmup then a half cycle of cosine to
+min_lr. The optimizer is a plain torch one handed to DeepSpeed by the client (a DeepSpeed
+config optimizer would JIT-compile fused_adam; PLATFORM.md), fused on CUDA.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import torch
+from torch import nn
 
 
 @dataclass(kw_only=True, slots=True)
@@ -9,15 +19,108 @@ class OptimConfig:
     """AdamW as in the paper era (DESIGN §5)."""
 
     base_lr: float = 1.0e-3
-    """lr = base_lr * global_batch / 256."""
+    """lr = base_lr * global_batch / 256 (global batch = micro batch x grad_accum x ranks)."""
+    lr: float | None = None
+    """Absolute peak lr; when set it replaces the base_lr scaling rule."""
     weight_decay: float = 0.05
+    """Decoupled weight decay on weight matrices; norms, biases, position embeddings and
+    tokens get none."""
     betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1.0e-8
     clip_grad: float | None = 1.0
+    """Global gradient-norm clip (DeepSpeed `gradient_clipping`); null disables it."""
+
+    def validate(self) -> None:
+        if not self.base_lr > 0 or (self.lr is not None and not self.lr > 0):
+            raise ValueError(f"base_lr and lr must be > 0, got {self.base_lr}, {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {list(self.betas)}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise ValueError(f"clip_grad must be > 0 or null, got {self.clip_grad}")
 
 
 @dataclass(kw_only=True, slots=True)
 class ScheduleConfig:
-    """Linear warmup, then half-cycle cosine to min_lr."""
+    """Linear warmup, then half-cycle cosine to min_lr over the rest of train.steps."""
 
     warmup_steps: int = 10
+    """Optimizer steps of linear warmup from ~0 to the peak lr."""
     min_lr: float = 0.0
+    """lr at the end of the cosine half cycle."""
+
+    def validate(self) -> None:
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.min_lr < 0:
+            raise ValueError(f"min_lr must be >= 0, got {self.min_lr}")
+
+
+# Parameter names that are embeddings/tokens rather than weight matrices: no decay.
+_NO_DECAY_KEYS = ("pos_embed", "cls_token", "mask_token", "token", "embed_class", "embed_spatial",
+                  "embed_temporal")
+
+
+def no_decay(name: str, param: torch.Tensor) -> bool:
+    """True for parameters that weight decay must skip: 1-D (norm scales, biases),
+    position embeddings and learned tokens (any name containing a `_NO_DECAY_KEYS` key)."""
+    return param.ndim <= 1 or any(k in name for k in _NO_DECAY_KEYS)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups, [decay, no-decay], over the trainable parameters of `model`.
+
+    A model's own `no_weight_decay()` (timm convention: a set of names) is honoured too.
+    """
+    extra = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, skip = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (skip if no_decay(name, p) or name in extra else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": skip, "weight_decay": 0.0}]
+
+
+def peak_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """The peak learning rate: `cfg.lr` if set, else base_lr x global_batch / 256."""
+    return cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch / 256
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.AdamW:
+    """torch AdamW over `param_groups`, fused when the parameters live on CUDA."""
+    on_cuda = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=tuple(cfg.betas),
+                             eps=cfg.eps, fused=on_cuda or None)
+
+
+@dataclass(kw_only=True)
+class WarmupCosine:
+    """lr multiplier at optimizer step s (0-based): linear warmup over `warmup` steps
+    to 1, then half-cycle cosine from 1 to `floor` at step `total`.
+
+    A callable object with a `__dict__` (not a lambda, no slots): LambdaLR's state_dict
+    saves and restores it.
+    """
+
+    warmup: int
+    total: int
+    floor: float
+    """min_lr / peak lr."""
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        span = max(self.total - self.warmup, 1)
+        progress = min((step - self.warmup) / span, 1.0)
+        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, *, peak: float,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR with `WarmupCosine`; DeepSpeed steps it once per optimizer step."""
+    fn = WarmupCosine(warmup=cfg.warmup_steps, total=total_steps, floor=min(cfg.min_lr / peak, 1.0))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

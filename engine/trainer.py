@@ -1,23 +1,517 @@
-"""The DeepSpeed pretraining loop (being built by the trainer issue; configs are the contract)."""
+"""The DeepSpeed pretraining loop: stream -> EchoFM (mask, encode, decode, losses) -> step.
+
+One code path from a laptop to a cluster:
+
+    echofm pretrain recipes/pretrain/echofm_tiny.yaml                  # one process (CPU or GPU)
+    torchrun --standalone --nproc_per_node 8 -m echofm.engine.cli pretrain R      # one node
+    deepspeed --num_gpus 8 --no_local_rank --module echofm.engine.cli pretrain R  # same, DS launcher
+    # several nodes, run on every node (the run folder must be on a shared filesystem):
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST0:29500 \
+        --rdzv_id echofm -m echofm.engine.cli pretrain R --resume auto
+    # or once, from HOST0, with a hostfile of lines "hostN slots=8" (passwordless ssh):
+    deepspeed --hostfile hostfile --no_local_rank --module echofm.engine.cli pretrain R --resume auto
+
+A lone process gets the rendezvous variables set here (free port, rank 0 of 1) and, with
+no CUDA, DeepSpeed's CPU accelerator (gloo), so `echofm pretrain R` just works. Each rank
+streams its own part of the shards (`ClipStream(rank=, world_size=)`).
+
+Step semantics: `train.steps` counts optimizer steps; one step = `grad_accum` finite
+micro-batches per rank. A micro-batch whose loss is non-finite on any rank is skipped on
+every rank (no backward, no update), counted, and `train.max_nonfinite` of them in a row
+abort the run with `NonFiniteLoss`. SIGTERM / SIGINT finish the current step, save a
+checkpoint and return.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
+
+import numpy as np
+import torch
+import yaml
+
+from .cli import UserError
 
 
 @dataclass(kw_only=True, slots=True)
 class DeepSpeedConfig:
+    """The DeepSpeed engine (ZeRO, precision, accumulation, activation checkpointing)."""
+
     zero_stage: int = 0
+    """ZeRO stage 0-3 (1: optimizer states sharded, 2: + gradients, 3: + parameters)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision; bf16 on GPUs, fp32 (or bf16) on CPU. fp16 uses dynamic loss scaling."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step and rank."""
     activation_checkpointing: bool = False
+    """Recompute encoder/decoder block activations in backward (model.set_grad_checkpointing)."""
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
 
 
 @dataclass(kw_only=True, slots=True)
 class TrainConfig:
+    """Length, checkpoints, determinism and failure handling of a pretraining run."""
+
     out_dir: str = "runs"
+    """Runs go to `out_dir/<recipe name>/` (checkpoints, metrics.jsonl, tb/, figures/)."""
     steps: int = 100
+    """Optimizer steps in the whole run (also the cosine schedule's length)."""
     seed: int = 0
+    """Seeds model init (same on every rank) and masking (seed + rank)."""
     checkpoint_every: int = 50
+    """Save every N optimizer steps (and always at the end); 0 = only at the end."""
     keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted after each save."""
     max_nonfinite: int = 5
+    """Abort after this many non-finite losses in a row."""
+    deterministic: bool = True
+    """torch.use_deterministic_algorithms (warn only): exact resume on CPU; off for GPU speed."""
+    peak_tflops: float | None = None
+    """Peak bf16 dense TFLOP/s of one device for MFU; None = from the device table."""
+    nan_inject: list[int] = field(default_factory=list)
+    """Test hook: 1-based micro-batch numbers (counted over the run) whose loss becomes NaN."""
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {self.keep_last}")
+        if self.max_nonfinite < 1:
+            raise ValueError(f"max_nonfinite must be >= 1, got {self.max_nonfinite}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"peak_tflops must be > 0 or null, got {self.peak_tflops}")
+
+
+class NonFiniteLoss(UserError):
+    """The loss stayed non-finite for `train.max_nonfinite` micro-batches in a row."""
+
+
+# ---------------------------------------------------------------- distributed setup
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, int, torch.device]:
+    """Join (or create) the process group; returns (rank, world_size, local_rank, device).
+
+    Launchers (torchrun, deepspeed) set RANK/WORLD_SIZE/...; a lone process gets rank 0
+    of 1 on a free local port. Without CUDA, DeepSpeed runs on its CPU accelerator (gloo).
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ or "MASTER_PORT" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(verbose=False)
+    return rank, world, local_rank, device
+
+
+# ---------------------------------------------------------------- engine
+
+
+def deepspeed_config(recipe, world_size: int) -> dict:
+    """The DeepSpeed config dict from the recipe's data/optim/deepspeed sections."""
+    ds = recipe.deepspeed
+    return {
+        "train_micro_batch_size_per_gpu": recipe.data.batch_size,
+        "gradient_accumulation_steps": ds.grad_accum,
+        "train_batch_size": recipe.data.batch_size * ds.grad_accum * world_size,
+        "gradient_clipping": recipe.optim.clip_grad or 0.0,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,  # the client's torch AdamW
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model: torch.nn.Module, recipe, *, world_size: int, total_steps: int | None = None,
+                 param_groups: list[dict] | None = None):
+    """DeepSpeed engine + client AdamW + warmup-cosine schedule for `model`.
+
+    Returns (engine, optimizer, scheduler). `param_groups` overrides the default
+    decay / no-decay groups (e.g. layer-wise lr decay in fine-tuning). Call
+    `init_distributed()` first. The model is moved to the rank's device before the
+    optimizer is built (fused AdamW needs CUDA parameters).
+    """
+    import deepspeed
+
+    from .optim import build_scheduler, param_groups as default_groups, peak_lr
+
+    if recipe.deepspeed.precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("deepspeed.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+    if hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(recipe.deepspeed.activation_checkpointing)
+    if torch.cuda.is_available():
+        model = model.to(torch.device("cuda", torch.cuda.current_device()))
+    cfg = deepspeed_config(recipe, world_size)
+    lr = peak_lr(recipe.optim, cfg["train_batch_size"])
+    groups = param_groups if param_groups is not None else default_groups(model, recipe.optim.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(recipe.optim.betas), eps=recipe.optim.eps,
+                                  fused=torch.cuda.is_available() or None)
+    scheduler = build_scheduler(optimizer, recipe.schedule, peak=lr,
+                                total_steps=total_steps or recipe.train.steps)
+    engine, ds_opt, _, ds_sched = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                       lr_scheduler=scheduler, config=cfg)
+    return engine, ds_opt, ds_sched
+
+
+# ---------------------------------------------------------------- metrics helpers
+
+# Dense bf16 peak per device (vendor figures), by a substring of the device name.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
+                    "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "4090": 165.0, "3090": 71.0}
+
+
+def peak_flops(cfg: TrainConfig) -> tuple[float | None, str]:
+    """(peak bf16 FLOP/s of one device, where the figure came from); None on CPU."""
+    if cfg.peak_tflops is not None:
+        return cfg.peak_tflops * 1e12, "train.peak_tflops"
+    if not torch.cuda.is_available():
+        return None, "cpu"
+    name = torch.cuda.get_device_name()
+    for key, tf in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tf * 1e12, f"table:{key}"
+    return None, f"unknown device {name!r}: set train.peak_tflops"
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak accelerator memory (CUDA) or the process's resident memory (CPU), GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def _all_sum(values: list[float], device: torch.device, world: int) -> list[float]:
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def _all_max(values: list[float], device: torch.device, world: int) -> list[float]:
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _check_recipe(recipe, model) -> None:
+    """Cross-section checks that no single section can make."""
+    from .config import ConfigError
+
+    mcfg = getattr(model, "cfg", None)
+    frames = getattr(mcfg, "num_frames", None)
+    size = getattr(mcfg, "img_size", None)
+    if frames is not None and frames != recipe.data.num_frames:
+        raise ConfigError(f"data.num_frames={recipe.data.num_frames} but the model expects "
+                          f"model.num_frames={frames}; set both to the same value")
+    if size is not None and size != recipe.data.size:
+        raise ConfigError(f"data.size={recipe.data.size} but the model expects model.img_size={size}; "
+                          "set both to the same value")
+    if not recipe.data.shards:
+        raise ConfigError("data.shards: empty; set it to a shard folder written by `echofm ingest`")
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def pretrain(recipe, *, resume: str | None = None) -> dict:
+    """Run (or continue) pretraining for `recipe`; returns the run summary (also written
+    to `<run>/summary.json` by rank 0).
+
+    resume: None = fresh run (refuses a run folder that already has checkpoints),
+    "auto" = newest complete checkpoint of this run if any, else fresh; a path = that
+    checkpoint (a checkpoint, checkpoints/ or run folder).
+    """
+    from echofm.loaders.stream import ClipStream
+
+    from . import checkpoint as ckpt
+    from .config import to_dict
+    from .flops import model_flops
+    from .logging import MetricsLogger
+    from .model import EchoFM
+
+    tc = recipe.train
+    rank, world, _, device = init_distributed()
+    run_dir = Path(tc.out_dir) / recipe.name
+    ckpt_root = run_dir / "checkpoints"
+    recipe_dict = to_dict(recipe)
+
+    start = None
+    if resume == "auto":
+        start = ckpt.find_checkpoint(ckpt_root)
+    elif resume:
+        start = ckpt.find_checkpoint(resume)
+        if start is None:
+            raise UserError(f"--resume {resume}: no complete checkpoint there")
+    elif ckpt.complete_checkpoints(ckpt_root):
+        raise UserError(f"{run_dir}: already has checkpoints; continue it with --resume auto, or "
+                        "pick another train.out_dir or name")
+
+    if tc.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    # Same init on every rank; then a per-rank stream for masking.
+    torch.manual_seed(tc.seed)
+    model = EchoFM(recipe.model, recipe.mask, recipe.loss)
+    _check_recipe(recipe, model)
+    engine, _, scheduler = build_engine(model, recipe, world_size=world, total_steps=tc.steps)
+    torch.manual_seed(tc.seed + 1 + rank)
+    random.seed(tc.seed + rank)
+    np.random.seed(tc.seed + rank)
+    stream = ClipStream(recipe.data, train=True, rank=rank, world_size=world, device=device)
+
+    step, micro, nonfinite_total, elapsed_before = 0, 0, 0, 0.0
+    if start is not None:
+        state = ckpt.load(engine, start, rank=rank, world_size=world)
+        step, micro = state["step"], state["micro"]
+        nonfinite_total, elapsed_before = state["nonfinite_total"], state["elapsed"]
+        stream.load_state_dict(state["stream"])  # epoch and position: the same next batch
+        ckpt.set_rng_state(state["rng"])  # the same masks
+
+    log = MetricsLogger(recipe.logging, run_dir, total_steps=tc.steps, start_step=step, enabled=rank == 0)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
+        log.message(f"[echofm] {'resumed from ' + str(start) if start else 'fresh run'}: step {step}/"
+                    f"{tc.steps}, {world} rank(s) on {device.type}, run folder {run_dir}")
+
+    # SIGTERM (schedulers, torchrun) and SIGINT: finish the step, checkpoint, return.
+    stop = {"requested": False}
+
+    def _on_signal(signum, _frame):
+        stop["requested"] = True
+
+    old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    flops_clip = model_flops(recipe.model, recipe.mask)["train_step"]
+    peak, peak_src = peak_flops(tc)
+    frames_per_clip = recipe.data.num_frames
+    inject = set(tc.nan_inject)
+    # DeepSpeed reports the grad norm only from its ZeRO / mixed-precision optimizers.
+    own_norm = recipe.deepspeed.zero_stage == 0 and recipe.deepspeed.precision == "fp32"
+    grad_norm = None
+    last_saved = step if start is not None else -1
+
+    def save() -> Path:
+        nonlocal last_saved
+        rank_state = {"step": step, "micro": micro, "rng": ckpt.rng_state(),
+                      "stream": stream.state_dict(), "nonfinite_total": nonfinite_total,
+                      "elapsed": elapsed_before + (time.perf_counter() - t_run)}
+        path = ckpt.save(engine, ckpt_root, step, rank_state=rank_state, recipe=recipe_dict,
+                         keep_last=tc.keep_last, rank=rank, world_size=world)
+        last_saved = step
+        return path
+
+    it = iter(stream)
+    t_run = time.perf_counter()
+    acc = _Interval(decoded0=_decoded_frames(stream))
+    losses: list[tuple[int, float]] = []
+    consecutive = 0
+    stopped = False
+    try:
+        while step < tc.steps:
+            t_step = time.perf_counter()
+            target = engine.global_steps + 1
+            step_loss, step_terms, n_ok, clips, data_wait = 0.0, {}, 0, 0, 0.0
+            lr = float(engine.get_lr()[0])
+            while engine.global_steps < target:  # micro-batches until one optimizer step
+                t0 = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:  # epoch done; the stream has moved to the next one
+                    it = iter(stream)
+                    batch = next(it)
+                data_wait += time.perf_counter() - t0
+                micro += 1
+                clips += batch["video"].shape[0]
+                out = engine(batch["video"])
+                loss = out["loss"]
+                if micro in inject:
+                    loss = loss * float("nan")
+                # One host sync per micro-batch; every rank must agree before a collective backward.
+                finite = bool(torch.isfinite(loss.detach()).item())
+                bad, = _all_max([0.0 if finite else 1.0], device, world)
+                if bad:
+                    nonfinite_total += 1
+                    consecutive += 1
+                    log.message(f"[echofm] step {step + 1}: non-finite loss on micro-batch {micro} "
+                                f"(skipped; {consecutive} in a row, {nonfinite_total} in total)")
+                    if consecutive >= tc.max_nonfinite:
+                        raise NonFiniteLoss(
+                            f"loss was non-finite for {consecutive} micro-batches in a row (at step "
+                            f"{step + 1}, train.max_nonfinite={tc.max_nonfinite}); lower optim.base_lr, "
+                            "use bf16 instead of fp16, or check the shards")
+                    del out, loss
+                    continue
+                consecutive = 0
+                engine.backward(loss)
+                if own_norm and engine.is_gradient_accumulation_boundary():
+                    grad_norm = _grad_norm(engine.module)
+                engine.step()
+                step_loss += float(loss.detach())
+                for k, v in out.get("terms", {}).items():
+                    step_terms[k] = step_terms.get(k, 0.0) + float(v)
+                n_ok += 1
+            step += 1
+            dt = time.perf_counter() - t_step
+            step_loss /= n_ok
+            acc.add(dt, data_wait, clips, step_loss, {k: v / n_ok for k, v in step_terms.items()})
+            losses.append((step, step_loss))
+
+            last = step == tc.steps
+            if last or step % recipe.logging.every == 0:  # collective on every rank
+                gnorm = grad_norm if own_norm else engine.get_global_grad_norm()
+                decoded = _decoded_frames(stream)
+                metrics = acc.summary(decoded, frames_per_clip, device, world)
+                mfu = (flops_clip * metrics["clips_per_s"] / (peak * world)
+                       if peak and metrics["clips_per_s"] else None)
+                metrics.update(lr=lr, grad_norm=None if gnorm is None else float(gnorm), mfu=mfu,
+                               mfu_peak=peak_src, epoch=stream.epoch, nonfinite_total=nonfinite_total,
+                               memory_gib=round(memory_gib(device), 3))
+                log.log(step, metrics)
+                acc.reset(decoded)
+            if log.should_plot(step):
+                _plot(log, step, engine.module, batch["video"], out)
+            log.progress(step, loss=step_loss, fps=clips * frames_per_clip * world / dt)
+
+            requested, = _all_max([1.0 if stop["requested"] else 0.0], device, world)
+            if requested:
+                path = save()
+                log.message(f"[echofm] stop requested: saved {path} at step {step}; "
+                            "continue with --resume auto")
+                stopped = True
+                break
+            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last:
+                save()
+        if not stopped and last_saved != step:
+            save()
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        log.close()
+
+    wall = time.perf_counter() - t_run
+    summary = {"run_dir": str(run_dir), "steps": step, "stopped": stopped, "world_size": world,
+               "resumed_from": str(start) if start else None,
+               "last_checkpoint": str(ckpt.find_checkpoint(ckpt_root)),
+               "first_loss": losses[0][1] if losses else None, "last_loss": losses[-1][1] if losses else None,
+               "nonfinite_total": nonfinite_total, "wall_s": round(wall, 2),
+               "steps_per_s": len(losses) / acc.total_time if acc.total_time else None,
+               "sampled_fps": acc.total_clips * frames_per_clip * world / acc.total_time
+               if acc.total_time else None,
+               "data_wait_fraction": acc.total_wait / acc.total_time if acc.total_time else None}
+    if rank == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    """Global L2 norm of the gradients (before clipping)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _decoded_frames(stream) -> int:
+    stats = getattr(stream, "stats", None) or {}
+    value = stats.get("decoded_frames", 0) if isinstance(stats, dict) else getattr(stats, "decoded_frames", 0)
+    return int(value)
+
+
+@dataclass(kw_only=True, slots=True)
+class _Interval:
+    """This rank's timing, clip and loss sums since the last log line, plus run totals."""
+
+    steps: int = 0
+    time: float = 0.0
+    wait: float = 0.0
+    clips: int = 0
+    loss: float = 0.0
+    terms: dict = field(default_factory=dict)
+    decoded0: int = 0
+    total_time: float = 0.0
+    total_wait: float = 0.0
+    total_clips: int = 0
+
+    def add(self, dt: float, wait: float, clips: int, loss: float, terms: dict) -> None:
+        self.steps += 1
+        self.time += dt
+        self.wait += wait
+        self.clips += clips
+        self.loss += loss
+        for k, v in terms.items():
+            self.terms[k] = self.terms.get(k, 0.0) + v
+        self.total_time += dt
+        self.total_wait += wait
+        self.total_clips += clips
+
+    def summary(self, decoded: int, frames: int, device: torch.device, world: int) -> dict:
+        """Interval metrics: clips and frames summed over ranks, losses and times averaged."""
+        keys = sorted(self.terms)
+        vals = _all_sum([self.time, self.wait, float(self.clips), float(decoded - self.decoded0),
+                         self.loss] + [self.terms[k] for k in keys], device, world)
+        t, wait, clips, dec = vals[0] / world, vals[1] / world, vals[2], vals[3]
+        n = max(self.steps, 1)
+        return {"loss": vals[4] / world / n,
+                **{f"loss_{k}": v / world / n for k, v in zip(keys, vals[5:])},
+                "step_time_s": t / n, "data_wait_s": wait / n, "compute_s": (t - wait) / n,
+                "data_wait_fraction": wait / t if t else None,
+                "clips_per_s": clips / t if t else None,
+                "sampled_fps": clips * frames / t if t else None,
+                "decoded_fps": dec / t if t else None}
+
+    def reset(self, decoded: int) -> None:
+        self.steps, self.time, self.wait, self.clips, self.loss = 0, 0.0, 0.0, 0, 0.0
+        self.terms = {}
+        self.decoded0 = decoded
+
+
+def _plot(log, step: int, model, video: torch.Tensor, out: dict) -> None:
+    """Input / masked / reconstructed frames of clip 0 and its S / P matrices."""
+    from .logging import reconstruction_rows
+
+    rows = reconstruction_rows(model, video[:1], out)
+    sim = out.get("sim")
+    prior = out.get("prior")
+    log.figures(step, rows, sim[0].detach().float().cpu().numpy() if sim is not None else None,
+                prior[0].detach().float().cpu().numpy() if prior is not None else None)

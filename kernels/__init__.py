@@ -1,4 +1,124 @@
 """Triton kernels for masked video pretraining, with torch reference twins.
 
+Public API (DESIGN §4: masking gather, tube attention); all four are differentiable:
+
+- `gather_tokens(x, ids)`: x [B, N, D], ids int64 [B, K] -> [B, K, D].
+- `scatter_tokens(y, ids, fill, n)`: [B, n, D] with y [B, K, D] at ids, fill ([D] or
+  [B, n, D]) elsewhere (the decoder's unshuffle). Gradients for y and fill.
+- `gather_patches(video, ids, patch, mean=None, std=None)`: video [B, T, H, W, C] uint8
+  or float, ids over the (T/t)(H/p)(W/p) patch grid in (t, h, w) order -> [B, K, C*t*p*p]
+  in (C, t, p, p) order (Conv3d weight order); uint8 -> float32 (x/255 - mean)/std.
+- `tube_attention(q, k, v, mode, scale=None, backend="auto")`: q, k, v [B, H, T, K, Dh],
+  mode joint | slice | tube.
+
+ids must be unique within a row (masking permutations are): the Triton backward of the
+gathers is a plain scatter, not a scatter-add.
+
+Backends: the gathers take `backend="auto" | "triton" | "torch"`; tube_attention takes
+`"auto" | "triton" | "sdpa" | "xformers" | "math"`. `auto` is Triton on CUDA tensors and
+torch (sdpa for attention) elsewhere; attention also uses sdpa for fp64 or head dims > 128.
+`triton` also runs CPU tensors when TRITON_INTERPRET=1 was set before this package was
+imported (that is how the tests run it).
+
 Imports nothing else of ours (DESIGN §8).
 """
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from . import reference
+
+__all__ = ["gather_tokens", "scatter_tokens", "gather_patches", "tube_attention"]
+
+ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "xformers", "math")
+GATHER_BACKENDS = ("auto", "triton", "torch")
+
+
+def _use_triton(t: torch.Tensor, backend: str, choices: tuple[str, ...], name: str, auto_ok: bool = True) -> bool:
+    """Resolve `backend` for tensor t: True means the Triton path (`auto_ok`: Triton supports t)."""
+    if backend not in choices:
+        raise ValueError(f"{name}: backend must be one of {choices}, got {backend!r}")
+    if backend == "auto":
+        return t.is_cuda and auto_ok
+    if backend == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"{name}: backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set "
+                           "before importing echofm.kernels to run CPU tensors in the interpreter")
+    return backend == "triton"
+
+
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """x [B, N, D] (any float dtype), ids int64 [B, K] -> [B, K, D] rows x[b, ids[b, k]]."""
+    if _use_triton(x, backend, GATHER_BACKENDS, "gather_tokens"):
+        from .gather import gather_tokens as impl
+
+        return impl(x, ids)
+    return reference.gather_tokens(x, ids)
+
+
+def scatter_tokens(
+    y: torch.Tensor, ids: torch.Tensor, fill: torch.Tensor, n: int, backend: str = "auto"
+) -> torch.Tensor:
+    """y [B, K, D] at rows ids [B, K] of a [B, n, D] tensor that is `fill` ([D] or [B, n, D])
+    elsewhere; dtype of y. Differentiable w.r.t. y and fill."""
+    if _use_triton(y, backend, GATHER_BACKENDS, "scatter_tokens"):
+        from .gather import scatter_tokens as impl
+
+        return impl(y, ids, fill, n)
+    return reference.scatter_tokens(y, ids, fill, n)
+
+
+def gather_patches(
+    video: torch.Tensor,
+    ids: torch.Tensor,
+    patch: tuple[int, int, int],
+    mean: Sequence[float] | torch.Tensor | None = None,
+    std: Sequence[float] | torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """video [B, T, H, W, C] uint8|float, ids int64 [B, K] over the patch grid, patch (t, p, p)
+    -> [B, K, C*t*p*p] (float32 for uint8 input, else the video's dtype).
+
+    uint8: (x/255 - mean)/std per channel (mean 0, std 1 if not given); float: unchanged, or
+    (x - mean)/std when mean/std are given. Differentiable w.r.t. a float video.
+    """
+    if _use_triton(video, backend, GATHER_BACKENDS, "gather_patches"):
+        from .gather import gather_patches as impl
+
+        return impl(video, ids, tuple(patch), mean, std)
+    return reference.gather_patches(video, ids, tuple(patch), mean, std)
+
+
+def tube_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mode: str,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Multi-head attention over the tube layout. q, k, v [B, H, T, K, Dh] -> [B, H, T, K, Dh].
+
+    mode "joint": all T*K tokens attend to each other (the encoder); "slice": the K tokens
+    of one t (the phase projector: prepend the slice's CLS into the K dimension, i.e. pass
+    [B, H, T, K+1, Dh]); "tube": the T tokens of one spatial position k. scale defaults to
+    Dh**-0.5.
+    """
+    if mode not in reference.MODES:
+        raise ValueError(f"tube_attention: mode must be one of {reference.MODES}, got {mode!r}")
+    if not (q.shape == k.shape == v.shape) or q.dim() != 5:
+        raise ValueError(f"tube_attention: q, k, v must share one [B, H, T, K, Dh] shape, "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    # auto: Triton for the dtypes and head dims it is tuned for, sdpa otherwise (fp64, Dh > 128).
+    auto_ok = q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 128
+    if _use_triton(q, backend, ATTENTION_BACKENDS, "tube_attention", auto_ok):
+        from .attention import tube_attention as impl
+
+        return impl(q, k, v, mode, scale)
+    if backend == "math":
+        return reference.tube_attention(q, k, v, mode, scale)
+    if backend == "xformers":
+        return reference.tube_attention_xformers(q, k, v, mode, scale)
+    return reference.tube_attention_sdpa(q, k, v, mode, scale)

@@ -1,11 +1,50 @@
-"""DALI pipeline from WebDataset shards to device-resident uint8 clip batches.
+"""Shards -> device-resident uint8 clip batches (DESIGN §3): the PyTorch-facing `ClipStream`.
 
-(Being built by the stream issue; the config below is the contract the recipe uses.)
+The DALI graph (`pipeline.py`) does the heavy work: clip selection, decode (NVDEC with the
+"mixed" backend, libavcodec with "cpu"), crop/resize/flip. This module owns what must be
+exact and cheap to checkpoint: which samples form which batch, and every random number.
+
+Why the order lives here and not in `fn.readers.webdataset`: DALI cannot checkpoint a
+pipeline that contains `fn.decoders.video` (PLATFORM.md), and its reader only shuffles
+within a buffer whose state depends on every earlier epoch. Instead, each epoch's order is
+a full permutation of the split drawn from (seed, epoch); rank r takes its contiguous
+part; batch b's random numbers come from (seed, epoch, rank, b). The loader state is then
+just (epoch, next batch position): resume is exact by construction, `set_epoch` can jump
+to any epoch without replaying earlier ones, and there is no second pipeline to run (the
+verified two-pipeline workaround costs ~11%). Component bytes are read with `os.pread` at
+the offsets of the shards' DALI index files, a few syscalls per clip.
+
+Usage (a trainer):
+
+    s = ClipStream(cfg, train=True, rank=r, world_size=w, device=torch.device("cuda", r))
+    s.load_state_dict(ckpt["loader"])        # optional: exact mid-epoch resume
+    for epoch in range(s.epoch, epochs):
+        s.set_epoch(epoch)                   # keeps the position when resuming this epoch
+        for batch in s:                      # batch["video"]: uint8 [B, T, H, W, 3]
+            ...; ckpt["loader"] = s.state_dict()
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import collections
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from .errors import DataError
+from .pipeline import GraphSpec, build_pipeline
+from .shards import read_index, read_manifest
+
+CPU_CODECS = ("vp9", "vp8", "mjpeg")
+"""Codecs DALI's CPU video decoder reads; H.264/HEVC/AV1 need the mixed (GPU) backend."""
+
+_CROP_RATIO = (3 / 4, 4 / 3)
+_CROP_TRIES = 10
 
 
 @dataclass(kw_only=True, slots=True)
@@ -31,9 +70,9 @@ class StreamConfig:
     seed: int = 0
     """Base seed; shuffling and clip starts are deterministic given (seed, epoch, rank)."""
     shuffle: bool = True
-    """Shuffle samples (training); evaluation reads in order."""
-    shuffle_buffer: int = 256
-    """DALI reader's shuffle buffer (initial_fill)."""
+    """Shuffle samples (training): a full permutation of the split per epoch; evaluation reads in order."""
+    drop_last: bool = True
+    """Training: drop the last incomplete batch of each rank (every step sees batch_size clips)."""
     random_resized_crop: tuple[float, float] | None = None
     """Area scale range for random-resized-crop (e.g. [0.8, 1.0]); None disables it."""
     flip: bool = False
@@ -44,6 +83,8 @@ class StreamConfig:
     """Also yield `.seg.npy` masks aligned to the sampled frames."""
     on_error: Literal["raise", "skip"] = "raise"
     """A damaged sample: raise naming shard and key, or skip it and count it."""
+    prefetch: int = 2
+    """Batches DALI decodes ahead of the consumer."""
 
     def validate(self) -> None:
         if self.num_frames < 1 or self.stride < 1:
@@ -52,3 +93,480 @@ class StreamConfig:
             raise ValueError("size >= 16, batch_size >= 1 and num_threads >= 1 are required")
         if self.eval_clips < 1:
             raise ValueError(f"eval_clips must be >= 1, got {self.eval_clips}")
+        if self.prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {self.prefetch}")
+        if self.random_resized_crop is not None:
+            lo, hi = self.random_resized_crop
+            if not 0.0 < lo <= hi <= 1.0:
+                raise ValueError(f"random_resized_crop must satisfy 0 < lo <= hi <= 1, got {self.random_resized_crop}")
+        if self.backend not in ("auto", "cpu", "mixed"):
+            raise ValueError(f"backend must be auto, cpu or mixed, got {self.backend!r}")
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be raise or skip, got {self.on_error!r}")
+
+
+# ---------------------------------------------------------------- the sample table
+
+
+class _Corpus:
+    """The samples of one split: key, shard and (offset, size) of each component.
+
+    Reads only the manifest and the DALI index files; component bytes are fetched on
+    demand with `os.pread` (no tar parsing, no seeks shared between threads).
+    """
+
+    COMPONENTS = ("video", "nframes", "json", "seg")
+
+    def __init__(self, shard_dir: str | Path, split: str, segmentation: bool) -> None:
+        self.dir = Path(shard_dir)
+        self.manifest = read_manifest(self.dir)
+        m = self.manifest
+        shards = [s for s in m["shards"] if split == "all" or s["split"] == split]
+        if not shards:
+            raise DataError(f"{self.dir / 'manifest.json'}: no shards of split {split!r} "
+                            f"(splits there: {m['splits']})")
+        exts = {"video": m["video_ext"], "nframes": "nframes", "json": "json", "seg": "seg.npy"}
+        self.tars: list[Path] = []
+        self.keys: list[str] = []
+        shard_of, table = [], []
+        for s in shards:
+            idx_path = self.dir / s["idx"]
+            try:
+                entries = read_index(idx_path)
+            except (OSError, ValueError) as e:
+                raise DataError(f"{idx_path}: unreadable DALI index ({e})") from e
+            si = len(self.tars)
+            self.tars.append(self.dir / s["tar"])
+            for comps in entries:
+                by_ext = {ext: (off, size) for ext, off, size, _ in comps}
+                key = comps[0][3][: -len(comps[0][0]) - 1]
+                row = []
+                for c in self.COMPONENTS:
+                    if exts[c] in by_ext:
+                        row += by_ext[exts[c]]
+                    elif c == "seg" and not segmentation:
+                        row += (-1, -1)
+                    else:
+                        hint = (" (ingest the masks, or set data.segmentation=false)" if c == "seg"
+                                else " (re-run `echofm ingest` into a fresh directory)")
+                        raise DataError(f"{self.tars[si]}: sample {key} has no .{exts[c]} component{hint}")
+                self.keys.append(key)
+                shard_of.append(si)
+                table.append(row)
+        self.shard = np.asarray(shard_of, dtype=np.int32)
+        self.table = np.asarray(table, dtype=np.int64).reshape(-1, len(self.COMPONENTS), 2)
+        self._fds: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def where(self, i: int) -> str:
+        """'<tar path>: sample <key>' for messages."""
+        return f"{self.tars[self.shard[i]]}: sample {self.keys[i]}"
+
+    def read(self, i: int, component: str) -> bytes:
+        c = self.COMPONENTS.index(component)
+        off, size = (int(v) for v in self.table[i, c])
+        si = int(self.shard[i])
+        fd = self._fds.get(si)
+        if fd is None:
+            try:
+                fd = self._fds[si] = os.open(self.tars[si], os.O_RDONLY)
+            except OSError as e:
+                raise DataError(f"{self.tars[si]}: cannot open shard ({e.strerror})") from e
+        data = os.pread(fd, size, off)
+        if len(data) != size:
+            raise DataError(f"{self.where(i)}: component .{component} is truncated "
+                            f"({len(data)} of {size} bytes at offset {off}; the shard file is damaged)")
+        return data
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+# ---------------------------------------------------------------- batches in flight
+
+
+@dataclass(slots=True)
+class _HostBatch:
+    """One batch as handed to DALI, plus what the consumer needs alongside."""
+
+    pos: int
+    """Position of the batch in the epoch plan."""
+    items: list[int]
+    """Sample (video) indices in the corpus, in batch order."""
+    meta: list[dict]
+    inputs: dict[str, list]
+    """Per-input lists, keyed by `GraphSpec.inputs()` names."""
+    dropped: int = 0
+    """Damaged samples left out of this batch (on_error='skip')."""
+
+
+class _Once:
+    """A DALI source that yields one batch, then ends."""
+
+    def __init__(self, batch: tuple) -> None:
+        self.batch = batch
+
+    def __call__(self) -> tuple:
+        if self.batch is None:
+            raise StopIteration
+        batch, self.batch = self.batch, None
+        return batch
+
+
+class _BatchFailed(Exception):
+    def __init__(self, batch: _HostBatch, err: BaseException) -> None:
+        super().__init__(str(err))
+        self.batch, self.err = batch, err
+
+
+@dataclass(slots=True)
+class _Plan:
+    """One epoch of one rank: per batch the (item, video, clip) rows."""
+
+    batches: list[np.ndarray] = field(default_factory=list)
+    """Each [n, 3] int64: (global position, video index, clip index)."""
+
+
+# ---------------------------------------------------------------- the stream
+
+
+class ClipStream:
+    """Iterate shards as clip batches (DESIGN §3) on `device`.
+
+    Yields dicts: "video" uint8 [B, T, H, W, 3] on `device`, "frames_index" int64 [B, T]
+    (source frame of each clip frame; indices wrap on videos shorter than the clip span),
+    "meta" (B parsed json dicts plus "key", "shard" and, in evaluation, "clip_index"), and
+    with `cfg.segmentation` "seg" uint8 [B, T, H, W] (label maps of the same frames, same
+    crop/resize (nearest)/flip).
+
+    Iteration continues from the current position: a fresh `for` over the stream after a
+    `break`, or after `load_state_dict`, resumes where it stopped; finishing an epoch moves
+    to the next one.
+    """
+
+    def __init__(self, cfg: StreamConfig, *, train: bool = True, rank: int = 0, world_size: int = 1,
+                 device: Any = None) -> None:
+        import torch
+
+        cfg.validate()
+        if not cfg.shards:
+            raise DataError("data.shards is not set: point it at a directory written by `echofm ingest`")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.cfg, self.train, self.rank, self.world_size = cfg, train, rank, world_size
+        self.device = torch.device(device if device is not None else "cpu")
+        self.backend = self._resolve_backend()
+        manifest_path = Path(cfg.shards) / "manifest.json"
+        self._corpus = _Corpus(cfg.shards, cfg.split, cfg.segmentation)
+        m = self._corpus.manifest
+        codec = str(m["codec"]).lower()
+        if self.backend == "cpu" and codec not in CPU_CODECS:
+            raise DataError(
+                f"{manifest_path}: the shards hold {codec} video, which DALI's CPU backend cannot "
+                f"decode (it reads {', '.join(CPU_CODECS)}; {codec} needs NVDEC). Re-ingest with "
+                f"`echofm ingest ... --codec vp9` (or mjpeg), or run on a CUDA GPU "
+                f"(data.backend=auto or mixed)."
+            )
+        self._gop = int(m.get("settings", {}).get("gop") or (1 if codec == "mjpeg" else 0))
+        crop = train and cfg.random_resized_crop is not None
+        self._spec = GraphSpec(
+            num_frames=cfg.num_frames, stride=cfg.stride, size=cfg.size,
+            in_height=int(m["height"]), in_width=int(m["width"]), crop=crop,
+            flip=train and cfg.flip, segmentation=cfg.segmentation, decoder=self.backend,
+            batch_size=cfg.batch_size, num_threads=cfg.num_threads,
+            device_id=(self.device.index or 0) if self.backend == "mixed" else None,
+            prefetch=cfg.prefetch,
+        )
+        self.epoch = 0
+        self._pos = 0
+        self._plan_cache: tuple[int, _Plan] | None = None
+        self._bad: set[int] = set()
+        self.stats: dict[str, int] = {"batches": 0, "clips": 0, "frames": 0, "decoded_frames": 0,
+                                      "skipped": 0}
+        """clips/frames delivered (sampled), decoded_frames (estimated decoder work: from the
+        keyframe before each run of needed frames), skipped damaged samples."""
+        if len(self) == 0:
+            raise DataError(f"{manifest_path}: split {cfg.split!r} has {len(self._corpus)} samples, "
+                            f"too few for {world_size} rank(s) x batch_size {cfg.batch_size}")
+
+    # -- bookkeeping ------------------------------------------------------------------
+
+    def _resolve_backend(self) -> str:
+        b = self.cfg.backend
+        if b == "auto":
+            return "mixed" if self.device.type == "cuda" else "cpu"
+        if b == "mixed" and self.device.type != "cuda":
+            raise DataError("data.backend=mixed decodes on the GPU: give the stream a CUDA device, "
+                            "or set data.backend=cpu (or auto)")
+        return b
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        return len(self._plan(self.epoch).batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch `epoch` from its first batch; a no-op when already in that epoch, so a
+        resumed stream keeps its mid-epoch position when the trainer calls it."""
+        if epoch != self.epoch:
+            self.epoch, self._pos = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        """Picklable loader state: the next batch is batch `position` of `epoch`."""
+        return {"epoch": self.epoch, "position": self._pos, "seed": self.cfg.seed, "rank": self.rank,
+                "world_size": self.world_size, "train": self.train,
+                "bad_keys": sorted(self._corpus.keys[i] for i in self._bad), "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("seed", "world_size", "rank", "train"):
+            mine = getattr(self.cfg, k) if k == "seed" else getattr(self, k)
+            if state.get(k, mine) != mine:
+                raise DataError(f"loader state was saved with {k}={state[k]}, this stream has {k}={mine}: "
+                                "an exact resume needs the same seed, ranks and mode")
+        self.epoch, self._pos = int(state["epoch"]), int(state["position"])
+        index = {k: i for i, k in enumerate(self._corpus.keys)}
+        self._bad = {index[k] for k in state.get("bad_keys", []) if k in index}
+        self.stats.update(state.get("stats", {}))
+
+    def close(self) -> None:
+        self._corpus.close()
+
+    def __del__(self) -> None:
+        if hasattr(self, "_corpus"):
+            self._corpus.close()
+
+    # -- the epoch plan ---------------------------------------------------------------
+
+    def _plan(self, epoch: int) -> _Plan:
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1]
+        cfg, n, W, r = self.cfg, len(self._corpus), self.world_size, self.rank
+        if self.train:
+            order = (np.random.default_rng([cfg.seed, epoch]).permutation(n) if cfg.shuffle
+                     else np.arange(n))
+            per_rank = n // W  # equal shares: every rank runs the same number of steps
+            pos = np.arange(r * per_rank, (r + 1) * per_rank)
+            rows = np.stack([pos, order[pos], np.zeros_like(pos)], axis=1)
+        else:
+            m = n * cfg.eval_clips  # every clip of every video, in order, contiguous per rank
+            pos = np.arange(r * m // W, (r + 1) * m // W)
+            rows = np.stack([pos, pos // cfg.eval_clips, pos % cfg.eval_clips], axis=1)
+        B = cfg.batch_size
+        nb = len(rows) // B if (self.train and cfg.drop_last) else math.ceil(len(rows) / B)
+        plan = _Plan(batches=[rows[i * B:(i + 1) * B] for i in range(nb)])
+        self._plan_cache = (epoch, plan)
+        return plan
+
+    def _host_batch(self, plan: _Plan, b: int) -> _HostBatch:
+        """Read batch b's components and draw its random numbers (from (seed, epoch, rank, b))."""
+        cfg, spec, corpus = self.cfg, self._spec, self._corpus
+        rows = plan.batches[b]
+        rng = np.random.default_rng([cfg.seed, self.epoch, self.rank, b])
+        u = rng.random(len(rows))
+        rois = self._crop_windows(rng, len(rows)) if spec.crop else None
+        flips = rng.random(len(rows)) < 0.5
+        hb = _HostBatch(pos=b, items=[], meta=[], inputs={n: [] for n in spec.inputs()})
+        for j, (_, v, clip) in enumerate(rows.tolist()):
+            if v in self._bad:
+                hb.dropped += 1
+                continue
+            try:
+                sample = self._read_sample(v)
+            except DataError:
+                if cfg.on_error == "raise":
+                    raise
+                self._bad.add(v)
+                hb.dropped += 1
+                continue
+            video, nframes, meta, seg = sample
+            if self.train:
+                select = (u[j], 0.0)  # start = floor(u * nvalid): uniform over valid starts
+            else:  # clip k of n evenly spaced over the valid starts (n = 1: the centre)
+                p = 0.5 if cfg.eval_clips == 1 else clip / (cfg.eval_clips - 1)
+                select = (p, 0.5 - p)  # start = round(p * (nvalid - 1))
+                meta["clip_index"] = clip
+            hb.items.append(v)
+            hb.meta.append(meta)
+            ins = hb.inputs
+            ins["video"].append(video)
+            ins["nframes"].append(np.array([nframes], dtype=np.int32))
+            ins["select"].append(np.array(select, dtype=np.float32))
+            if spec.crop:
+                ins["roi"].append(rois[j])
+            if spec.flip:
+                ins["flip"].append(np.array(int(flips[j]), dtype=np.int32))
+            if spec.segmentation:
+                ins["seg"].append(seg)
+        return hb
+
+    def _read_sample(self, v: int) -> tuple[np.ndarray, int, dict, np.ndarray | None]:
+        corpus = self._corpus
+        video = np.frombuffer(corpus.read(v, "video"), dtype=np.uint8)
+        nframes = int(np.frombuffer(corpus.read(v, "nframes"), dtype="<i4")[0])
+        try:
+            meta = json.loads(corpus.read(v, "json"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{corpus.where(v)}: .json component is not valid JSON ({e})") from e
+        if nframes < 1:
+            raise DataError(f"{corpus.where(v)}: .nframes says {nframes} frames")
+        meta.update(key=corpus.keys[v], shard=corpus.tars[corpus.shard[v]].name)
+        seg = None
+        if self._spec.segmentation:
+            try:
+                seg = np.load(io.BytesIO(corpus.read(v, "seg")), allow_pickle=False)
+            except ValueError as e:
+                raise DataError(f"{corpus.where(v)}: .seg.npy is unreadable ({e})") from e
+            if seg.ndim != 3 or seg.dtype != np.uint8 or seg.shape[0] < nframes:
+                raise DataError(f"{corpus.where(v)}: .seg.npy is {seg.dtype} {list(seg.shape)}, "
+                                f"expected uint8 [F>={nframes}, H, W]")
+            seg = seg[..., None]  # FHWC with C=1: the layout DALI's resize and flip take
+        return video, nframes, meta, seg
+
+    def _crop_windows(self, rng: np.random.Generator, n: int) -> list[np.ndarray]:
+        """Random-resized-crop windows, relative (y0, x0, y1, x1); torchvision's rule: up to 10
+        draws of (area scale, log aspect) until the window fits, else the whole frame."""
+        lo, hi = self.cfg.random_resized_crop
+        H, W = self._spec.in_height, self._spec.in_width
+        scale = rng.uniform(lo, hi, size=(n, _CROP_TRIES))
+        ratio = np.exp(rng.uniform(*np.log(_CROP_RATIO), size=(n, _CROP_TRIES)))
+        w = np.sqrt(scale * ratio * H / W)  # relative width:  sqrt(s*H*W*r) / W
+        h = np.sqrt(scale / ratio * W / H)  # relative height: sqrt(s*H*W/r) / H
+        where = rng.random((n, 2))
+        out = []
+        for i in range(n):
+            ok = np.nonzero((w[i] <= 1) & (h[i] <= 1))[0]
+            wi, hi_ = (w[i, ok[0]], h[i, ok[0]]) if len(ok) else (1.0, 1.0)
+            y0, x0 = where[i, 0] * (1 - hi_), where[i, 1] * (1 - wi)
+            out.append(np.array([y0, x0, y0 + hi_, x0 + wi], dtype=np.float32))
+        return out
+
+    # -- iteration --------------------------------------------------------------------
+
+    def __iter__(self):
+        plan = self._plan(self.epoch)
+        while self._pos < len(plan.batches):
+            try:
+                for batch, pos in self._run(plan, self._pos):
+                    self._pos = pos + 1
+                    yield batch
+            except _BatchFailed as f:
+                bad = self._find_bad(f.batch)
+                if not bad:
+                    keys = ", ".join(self._corpus.keys[v] for v in f.batch.items)
+                    raise DataError(f"{self.cfg.shards}: DALI failed on a batch of samples {keys}, "
+                                    f"none of which fails alone ({str(f.err).splitlines()[0]})") from f.err
+                if self.cfg.on_error == "raise":
+                    v = bad[0]
+                    raise DataError(f"{self._corpus.where(v)}: the video cannot be decoded (damaged "
+                                    f"sample); re-ingest it, or set data.on_error=skip to skip and "
+                                    f"count such samples") from None
+                self._bad.update(bad)  # retry from the failed batch without them
+                self._pos = f.batch.pos
+                continue
+            break
+        self.epoch, self._pos = self.epoch + 1, 0
+
+    def _run(self, plan: _Plan, start: int):
+        """Run a fresh pipeline over plan batches start..end; yields (batch dict, position).
+
+        Raises _BatchFailed for a batch DALI could not process (the pipeline is then
+        unusable: DALI invalidates it on an operator error).
+        """
+        feed: collections.deque[_HostBatch] = collections.deque()
+        inflight: collections.deque[_HostBatch] = collections.deque()
+        nxt = start
+
+        def source():  # called by DALI's schedule_run in this thread
+            if not feed:
+                raise StopIteration
+            hb = feed.popleft()
+            inflight.append(hb)
+            return tuple(hb.inputs.values())
+
+        def prepare() -> None:
+            nonlocal nxt
+            while nxt < len(plan.batches):
+                hb = self._host_batch(plan, nxt)
+                nxt += 1
+                if hb.items:
+                    feed.append(hb)
+                    return
+                self.stats["skipped"] += hb.dropped  # a batch with nothing left to decode
+
+        for _ in range(self._spec.prefetch):
+            prepare()
+        if not feed:
+            return
+        pipe = build_pipeline(self._spec, source)
+        try:
+            pipe.schedule_run()
+            while True:
+                try:
+                    out = pipe.outputs()
+                except StopIteration:
+                    return
+                except RuntimeError as e:
+                    raise _BatchFailed(inflight[0], e) from None
+                hb = inflight.popleft()
+                batch = self._to_torch(out, hb)
+                prepare()
+                pipe.schedule_run()
+                yield batch, hb.pos
+        finally:
+            del pipe
+
+    def _to_torch(self, out, hb: _HostBatch) -> dict:
+        import torch
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        def convert(tl, dtype, device) -> torch.Tensor:
+            t = tl.as_tensor()
+            x = torch.empty(t.shape(), dtype=dtype, device=device)
+            stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+            feed_ndarray(t, x, cuda_stream=stream)
+            return x
+
+        on_gpu = self.backend == "mixed"
+        dev = self.device if on_gpu else torch.device("cpu")
+        video = convert(out[0], torch.uint8, dev).to(self.device, non_blocking=True)
+        index = convert(out[1], torch.int32, torch.device("cpu")).long()
+        batch = {"video": video, "frames_index": index, "meta": hb.meta}
+        if self._spec.segmentation:
+            batch["seg"] = convert(out[2], torch.uint8, dev)[..., 0].to(self.device, non_blocking=True)
+        B, T = index.shape
+        st = self.stats
+        st["batches"] += 1
+        st["clips"] += B
+        st["frames"] += B * T
+        st["decoded_frames"] += self._decoded_estimate(index.numpy())
+        st["skipped"] += hb.dropped
+        return batch
+
+    def _decoded_estimate(self, index: np.ndarray) -> int:
+        """Frames the decoder produced for these clips: each increasing run of indices is
+        decoded from the keyframe at or before its first frame (GOP from the manifest)."""
+        if self._gop <= 1:
+            return int(index.size)
+        total = 0
+        for row in index:
+            starts = np.r_[0, np.nonzero(np.diff(row) < 0)[0] + 1]
+            ends = np.r_[starts[1:], len(row)] - 1
+            first = row[starts] - row[starts] % self._gop
+            total += int(np.sum(row[ends] - first + 1))
+        return total
+
+    def _find_bad(self, hb: _HostBatch) -> list[int]:
+        """Decode each sample of a failed batch alone; returns the ones that fail."""
+        bad = []
+        for j, v in enumerate(hb.items):
+            pipe = build_pipeline(self._spec, _Once(tuple([lst[j]] for lst in hb.inputs.values())))
+            try:
+                pipe.schedule_run()
+                pipe.outputs()
+            except RuntimeError:
+                bad.append(v)
+            del pipe
+        return bad

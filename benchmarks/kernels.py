@@ -1,0 +1,249 @@
+"""Kernel benchmarks on a CUDA GPU: tube attention TFLOP/s per backend, gather GB/s vs copy.
+
+    python benchmarks/kernels.py [--out benchmarks/results/kernels_gpu.json] [--quick]
+
+Without a GPU it says so and exits 0 (`--smoke` instead runs every code path on CPU
+through the Triton interpreter at toy sizes, so the script itself is checked without a
+GPU; its numbers mean nothing). Measures first the two ceilings (a large device
+copy, a bf16 8192^3 matmul), then:
+- tube_attention forward and forward+backward, bf16, at the EchoFM shapes (ViT-L and ViT-B
+  encoders over 8 x 49 visible tubes, the decoder over 8 x 196 tokens) for every backend;
+  FLOPs = 4*B*H*G*L^2*Dh forward, 3.5x that forward+backward (FA2 convention: the
+  backward recomputes P);
+- a block-size sweep of the Triton kernels at the ViT-L encoder shape (to tune `_config`);
+- masking gather/scatter and the uint8 patch gather in GB/s (bytes read + written once)
+  against torch.gather / index_select and the measured copy bandwidth.
+Times are medians of triton.testing.do_bench (CUDA events, after warm-up).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "kernels_gpu.json"
+# (name, B, H, T, K, Dh, mode): batch sized so each of q/k/v/o is 100-250 MB.
+ATTENTION_SHAPES = [
+    ("vitl-enc joint", 256, 16, 8, 49, 64, "joint"),
+    ("vitl-enc slice", 256, 16, 8, 49, 64, "slice"),
+    ("vitl-enc tube", 256, 16, 8, 49, 64, "tube"),
+    ("vitb-enc joint", 256, 12, 8, 49, 64, "joint"),
+    ("decoder joint", 64, 16, 8, 196, 32, "joint"),
+]
+BACKENDS = ("triton", "sdpa", "sdpa-flash", "xformers", "math")
+SWEEP = [(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64) for w in (4, 8) for s in (2, 3)]
+
+
+class Env:
+    """Device, dtype and timer: CUDA + do_bench normally; CPU + one wall-clock run for --smoke."""
+
+    def __init__(self, smoke: bool):
+        self.smoke = smoke
+        self.device = torch.device("cpu" if smoke else "cuda")
+        self.dtype = torch.float32 if smoke else torch.bfloat16  # bf16 is broken in the interpreter
+
+    def ms(self, fn, grad_to_none=None, rep: int = 200) -> float:
+        if self.smoke:
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+
+    def rand(self, *shape, **kw) -> torch.Tensor:
+        return torch.randn(*shape, device=self.device, dtype=self.dtype, **kw)
+
+
+def ceilings(env: Env) -> dict:
+    n, m = (2**20, 256) if env.smoke else (2**29, 8192)  # 1 GiB copy, far above L2
+    src = env.rand(n)
+    dst = torch.empty_like(src)
+    copy_ms = env.ms(lambda: dst.copy_(src))
+    a, b = env.rand(m, m), env.rand(m, m)
+    mm_ms = env.ms(lambda: a @ b)
+    return {"copy_GBps": 2 * src.numel() * src.element_size() / copy_ms / 1e6,
+            "matmul_bf16_TFLOPs": 2 * m**3 / mm_ms / 1e9}
+
+
+def attention_call(backend: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from echofm.kernels import tube_attention
+
+    if backend == "sdpa-flash":
+        def call(q, k, v, mode):
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                return tube_attention(q, k, v, mode, backend="sdpa")
+        return call
+    return lambda q, k, v, mode: tube_attention(q, k, v, mode, backend=backend)
+
+
+def bench_attention(env: Env, shapes) -> list[dict]:
+    rows = []
+    for name, b, h, t, k, dh, mode in shapes:
+        groups, length = {"joint": (1, t * k), "slice": (t, k), "tube": (k, t)}[mode]
+        flops = 4 * b * h * groups * length**2 * dh
+        q, kk, v = (env.rand(b, h, t, k, dh, requires_grad=True) for _ in range(3))
+        do = torch.randn_like(q)
+        with torch.no_grad():
+            o_sdpa = attention_call("sdpa")(q, kk, v, mode)
+        for backend in BACKENDS:
+            row = {"shape": name, "B": b, "H": h, "T": t, "K": k, "Dh": dh, "mode": mode, "backend": backend}
+            fn = attention_call(backend)
+            try:
+                with torch.no_grad():
+                    o = fn(q, kk, v, mode)
+                row["rel_err_vs_sdpa"] = ((o.float() - o_sdpa.float()).norm() / o_sdpa.float().norm()).item()
+
+                def step():
+                    fn(q, kk, v, mode).backward(do)
+
+                with torch.no_grad():
+                    fwd_ms = env.ms(lambda: fn(q, kk, v, mode))
+                both_ms = env.ms(step, grad_to_none=[q, kk, v])
+                row.update(fwd_ms=fwd_ms, fwd_TFLOPs=flops / fwd_ms / 1e9,
+                           fwdbwd_ms=both_ms, fwdbwd_TFLOPs=3.5 * flops / both_ms / 1e9)
+            except Exception as e:  # a backend that cannot run here (xformers missing, flash refused)
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            rows.append(row)
+            if env.device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def sweep_triton(env: Env, shape, configs) -> list[dict]:
+    """Forward and backward block configs (BLOCK_M, BLOCK_N, warps, stages) at one shape, fastest first."""
+    from echofm.kernels.attention import attention_bwd, attention_fwd
+
+    _, b, h, t, k, dh, mode = shape
+    q, kk, v, do = (env.rand(b, h, t, k, dh) for _ in range(4))
+    scale = dh**-0.5
+    o, lse = attention_fwd(q, kk, v, mode, scale)
+    block_d = max(16, dh)
+    rows = []
+    for bm, bn, warps, stages in configs:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+        for kind, fn in (("fwd", lambda: attention_fwd(q, kk, v, mode, scale, out=o, cfg=cfg)),
+                         ("bwd", lambda: attention_bwd(do, q, kk, v, o, lse, mode, scale, cfg=cfg))):
+            try:
+                rows.append({"kind": kind, **cfg, "ms": env.ms(fn, rep=50)})
+            except Exception as e:  # out of shared memory / registers for this tile
+                rows.append({"kind": kind, **cfg, "error": type(e).__name__})
+    return sorted(rows, key=lambda r: (r["kind"], r.get("ms", float("inf"))))
+
+
+def bench_gather(env: Env, copy_gbps: float) -> list[dict]:
+    from echofm.kernels import gather_patches, gather_tokens, reference, scatter_tokens
+
+    rows = []
+    dev, size = env.device, env.dtype.itemsize
+
+    def add(name, nbytes, fn):
+        ms = env.ms(fn)
+        gbps = nbytes / ms / 1e6
+        rows.append({"op": name, "ms": ms, "GBps": gbps, "of_copy": gbps / copy_gbps})
+
+    # Encoder masking gather: 75% masked, ViT-L width (a toy slice of it for --smoke).
+    b, n, keep, d = (2, 1568, 392, 64) if env.smoke else (256, 1568, 392, 1024)
+    x = env.rand(b, n, d)
+    ids = torch.rand(b, n, device=dev).argsort(1)[:, :keep]
+    moved = 2 * b * keep * d * size  # read + write of the kept rows
+    flat = (ids + torch.arange(b, device=dev)[:, None] * n).flatten()
+    out = torch.empty(b, keep, d, device=dev, dtype=env.dtype)
+    add("gather_tokens triton", moved, lambda: gather_tokens(x, ids, backend="triton"))
+    add("gather_tokens torch.gather", moved, lambda: torch.gather(x, 1, ids[..., None].expand(-1, -1, d)))
+    add("gather_tokens index_select", moved, lambda: x.flatten(0, 1).index_select(0, flat))
+    add("copy same bytes", moved, lambda: out.copy_(x[:, :keep]))
+    # Decoder unshuffle: kept rows + mask token back to full length, decoder width 512.
+    y, fill = env.rand(b, keep, d // 2), env.rand(d // 2)
+    moved = (b * keep + b * n) * (d // 2) * size
+    add("scatter_tokens triton", moved, lambda: scatter_tokens(y, ids, fill, n, backend="triton"))
+    add("scatter_tokens torch", moved, lambda: reference.scatter_tokens(y, ids, fill, n))
+    # uint8 clip -> normalised fp32 visible patches (ViT 2x16x16 tubelets, 16 x 224^2 frames).
+    clips = 1 if env.smoke else 64
+    video = torch.randint(0, 256, (clips, 16, 224, 224, 3), device=dev, dtype=torch.uint8)
+    pids = torch.rand(clips, 1568, device=dev).argsort(1)[:, :keep]
+    mean, std = (0.1, 0.1, 0.1), (0.2, 0.2, 0.2)
+    moved = clips * keep * 1536 * (1 + 4)  # uint8 read, fp32 written
+    add("gather_patches uint8 triton", moved,
+        lambda: gather_patches(video, pids, (2, 16, 16), mean, std, backend="triton"))
+    add("gather_patches uint8 torch", moved, lambda: reference.gather_patches(video, pids, (2, 16, 16), mean, std))
+    return rows
+
+
+def print_tables(res: dict) -> None:
+    c = res["ceilings"]
+    print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}")
+    print(f"ceilings: copy {c['copy_GBps']:.0f} GB/s, bf16 matmul {c['matmul_bf16_TFLOPs']:.0f} TFLOP/s")
+    print(f"\n{'attention ' + res['dtype']:<16} {'backend':<11} {'fwd TF/s':>9} {'f+b TF/s':>9} {'err':>8}")
+    for r in res["attention"]:
+        if "error" in r:
+            print(f"{r['shape']:<16} {r['backend']:<11} {r['error'][:60]}")
+        else:
+            print(f"{r['shape']:<16} {r['backend']:<11} {r['fwd_TFLOPs']:9.1f} {r['fwdbwd_TFLOPs']:9.1f} "
+                  f"{r['rel_err_vs_sdpa']:8.1e}")
+    for kind in ("fwd", "bwd"):
+        best = [r for r in res["sweep"] if r["kind"] == kind and "ms" in r][:3]
+        print(f"sweep {kind} best: " + "; ".join(
+            f"M{r['BLOCK_M']} N{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']} {r['ms']:.3f} ms" for r in best))
+    print(f"\n{'gather':<30} {'ms':>8} {'GB/s':>8} {'of copy':>8}")
+    for r in res["gather"]:
+        print(f"{r['op']:<30} {r['ms']:8.3f} {r['GBps']:8.0f} {r['of_copy']:8.0%}")
+    print("\n" + verdict(res))
+
+
+def verdict(res: dict) -> str:
+    """The issue's bar in one line: triton vs SDPA at the ViT-L encoder shape; gather vs copy."""
+    enc = {r["backend"]: r for r in res["attention"] if r["shape"] == "vitl-enc joint" and "error" not in r}
+    parts = []
+    for base in ("sdpa", "sdpa-flash"):
+        if "triton" in enc and base in enc:
+            parts.append(f"triton/{base} fwd {enc['triton']['fwd_TFLOPs'] / enc[base]['fwd_TFLOPs']:.2f}x, "
+                         f"fwd+bwd {enc['triton']['fwdbwd_TFLOPs'] / enc[base]['fwdbwd_TFLOPs']:.2f}x")
+    gather = {r["op"]: r for r in res["gather"]}
+    for op in ("gather_tokens triton", "scatter_tokens triton", "gather_patches uint8 triton"):
+        parts.append(f"{op.split()[0]} {gather[op]['of_copy']:.0%} of copy")
+    return "bar (vitl-enc joint, bf16; goal >= 1.0x SDPA flash, gather >= 80% of copy): " + "; ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"JSON results file (default {DEFAULT_OUT}; none for --smoke)")
+    ap.add_argument("--quick", action="store_true", help="encoder joint shape only, no sweep")
+    ap.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, toy sizes: checks the code only")
+    args = ap.parse_args(argv)
+    if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        ap.error("--smoke needs TRITON_INTERPRET=1 in the environment")
+    if not args.smoke and not torch.cuda.is_available():
+        print("benchmarks/kernels.py needs a CUDA GPU; none is visible, so nothing was measured.")
+        return 0
+    import triton
+
+    env = Env(args.smoke)
+    shapes = ATTENTION_SHAPES[:1] if args.quick else ATTENTION_SHAPES
+    if args.smoke:  # one sample, one head, a few tokens: same code, interpreter-sized
+        shapes = [(name, 1, 1, 2, 5, 16, mode) for name, *_, mode in shapes]
+    res = {"device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(),
+           "torch": torch.__version__, "triton": triton.__version__, "dtype": str(env.dtype).removeprefix("torch.")}
+    res["ceilings"] = ceilings(env)
+    res["attention"] = bench_attention(env, shapes)
+    res["sweep"] = [] if args.quick else sweep_triton(env, shapes[0], SWEEP[:2] if args.smoke else SWEEP)
+    res["gather"] = bench_gather(env, res["ceilings"]["copy_GBps"])
+    print_tables(res)
+    out = args.out or (None if args.smoke else DEFAULT_OUT)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1))
+        print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""Loader benchmark: our DALI ClipStream vs the official-EchoFM-style loader vs a fair PyAV loader.
+
+    python benchmarks/loader.py [--shards-112 DIR] [--shards-224 DIR] [--videos 32] [--clips 96]
+                                [--threads 2] [--cache ~/.cache/echofm/bench_loader]
+
+Same corpus, same clip spec, same CPU threads for every loader:
+- corpus: `loaders.synth` phantoms ingested by `loaders.ingest` (VP9, GOP 8) at 112^2 and at
+  224^2 (cached; or pass --shards-*). The baselines read the SAME encoded videos: the
+  shards' `.webm` components, extracted once to files next to the cache. So every loader
+  decodes identical VP9 bitstreams.
+- clip: 16 frames at stride 2 (span 31), output size = the corpus size, batch 8, random
+  start (the official-style loader takes the first frames, as the official code does).
+- threads: DALI num_threads = N; each baseline is a torch DataLoader with N worker
+  processes, every worker single-threaded (cv2 / torch / FFmpeg thread_count = 1).
+
+Loaders:
+  (a) dali   ClipStream, CPU backend: in-graph clip selection, `frames=` decode (from the
+             keyframe before the clip, only the needed span), DALI resize, uint8 batches.
+  (b) official  decode the whole video with PyAV, resize every frame with PIL (bilinear),
+             then take the first 16 frames at stride 2 (wrapping on short videos).
+  (c) pyav   seek to the keyframe before a random start, decode only up to the last
+             needed frame, keep the 16 needed frames, resize them with cv2 (INTER_AREA).
+
+Reported per loader and size: clips/s, sampled fps (clips/s x 16, what the model gets) and
+decoded fps (frames the decoder produced per second; for dali an estimate from the GOP).
+Each loader runs `--repeats` times interleaved (the machine is shared) and the best run
+counts. Prints a table with ratios to the official-style loader, writes
+benchmarks/results/loader.json and loader.png. With CUDA it also runs the mixed (NVDEC)
+backend at 224^2 and compares clips/s with a ViT-B step's need (DESIGN §7: ~1,500 clips/s).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+T, STRIDE, BATCH = 16, 2, 8
+VITB_NEED_CLIPS_S = 1500.0  # DESIGN §7: ViT-B video MAE at 40% MFU on one H200
+
+
+# ---------------------------------------------------------------- corpus
+
+
+def build_corpus(cache: Path, size: int, videos: int) -> Path:
+    """Synthetic corpus -> VP9 shards at `size` (cached by size and count) -> shard dir."""
+    from echofm.loaders.ingest import IngestConfig, ingest
+    from echofm.loaders.synth import SynthConfig, make_corpus
+
+    src = cache / f"synth_{videos}"
+    out = cache / f"shards_{size}_{videos}"
+    if not (src / "labels.csv").exists():
+        print(f"  synth: {videos} videos -> {src}", flush=True)
+        make_corpus(src, SynthConfig(videos=videos, seed=0, dicom_fraction=0.0, workers=2))
+    if not (out / "manifest.json").exists():
+        print(f"  ingest: {src} -> {out} (vp9, {size}^2)", flush=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ingest([src], out, IngestConfig(size=size, codec="vp9", progress=False, workers=2))
+    return out
+
+
+def extract_videos(shards: Path) -> list[tuple[str, int]]:
+    """Every split's video components as files (same bitstreams) -> [(path, nframes)]."""
+    from echofm.loaders.shards import read_index, read_manifest
+
+    m = read_manifest(shards)
+    vdir = shards / "extracted"
+    vdir.mkdir(exist_ok=True)
+    out = []
+    for s in m["shards"]:
+        tar = (shards / s["tar"]).read_bytes()
+        for comps in read_index(shards / s["idx"]):
+            c = {ext: (off, size, name) for ext, off, size, name in comps}
+            off, size, name = c[m["video_ext"]]
+            path = vdir / name
+            if not path.exists():
+                path.write_bytes(tar[off:off + size])
+            noff, nsize, _ = c["nframes"]
+            out.append((str(path), int(np.frombuffer(tar[noff:noff + nsize], "<i4")[0])))
+    return out
+
+
+# ---------------------------------------------------------------- baselines
+
+
+def _single_thread_worker(_: int) -> None:
+    import cv2
+    import torch
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+class OfficialStyle:
+    """Decode the whole video, PIL-resize every frame, take the first T frames at stride."""
+
+    def __init__(self, videos, size):
+        self.videos, self.size = videos, size
+
+    def __len__(self):
+        return len(self.videos)
+
+    def __getitem__(self, i):
+        import av
+        import torch
+        from PIL import Image
+
+        path, _ = self.videos[i]
+        with av.open(path) as c:
+            st = c.streams.video[0]
+            st.codec_context.thread_count = 1
+            frames = [Image.fromarray(f.to_ndarray(format="rgb24")).resize((self.size, self.size),
+                                                                           Image.BILINEAR)
+                      for f in c.decode(st)]
+        clip = np.stack([np.asarray(frames[(t * STRIDE) % len(frames)]) for t in range(T)])
+        return torch.from_numpy(clip), len(frames)
+
+
+class FairPyAV:
+    """Seek to the keyframe before a random start, decode only what the clip needs, cv2 resize."""
+
+    def __init__(self, videos, size, seed=0):
+        self.videos, self.size, self.seed = videos, size, seed
+        self.calls = 0
+
+    def __len__(self):
+        return len(self.videos)
+
+    def __getitem__(self, i):
+        import av
+        import cv2
+        import torch
+
+        path, n = self.videos[i]
+        self.calls += 1
+        rng = np.random.default_rng([self.seed, i, self.calls])
+        start = int(rng.integers(0, max(n - ((T - 1) * STRIDE + 1) + 1, 1)))
+        want = [(start + t * STRIDE) % n for t in range(T)]
+        need = set(want)
+        got: dict[int, np.ndarray] = {}
+        decoded = 0
+        with av.open(path) as c:
+            st = c.streams.video[0]
+            st.codec_context.thread_count = 1
+            fps = float(st.average_rate)
+            first = min(want) if max(want) - min(want) == (T - 1) * STRIDE else 0  # wrapped: from 0
+            if first > 0:  # lands on the keyframe at or before `first`
+                c.seek(int(first / fps / st.time_base), stream=st, backward=True, any_frame=False)
+            for f in c.decode(st):
+                decoded += 1
+                k = int(round(float(f.pts * st.time_base) * fps))
+                if k in need:
+                    got[k] = cv2.resize(f.to_ndarray(format="rgb24"), (self.size, self.size),
+                                        interpolation=cv2.INTER_AREA)
+                if k >= max(want):
+                    break
+        clip = np.stack([got[k] for k in want])
+        return torch.from_numpy(clip), decoded
+
+
+def run_torch_loader(dataset, workers: int, clips: int, warm: int) -> dict:
+    import torch
+    from torch.utils.data import DataLoader
+
+    dl = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers, drop_last=True,
+                    worker_init_fn=_single_thread_worker, persistent_workers=True,
+                    generator=torch.Generator().manual_seed(0))
+    n = decoded = 0
+    t0 = None
+    it = iter(dl)
+    seen = 0
+    while n < clips:
+        try:
+            video, dec = next(it)
+        except StopIteration:
+            it = iter(dl)
+            continue
+        seen += 1
+        if seen == warm:  # worker start-up and first batches excluded
+            t0 = time.perf_counter()
+            continue
+        if t0 is None:
+            continue
+        n += video.shape[0]
+        decoded += int(dec.sum())
+    dt = time.perf_counter() - t0
+    del it, dl
+    return _rates(n, decoded, dt)
+
+
+def run_dali(shards: Path, size: int, threads: int, clips: int, warm: int, backend: str = "cpu",
+             device: str = "cpu") -> dict:
+    import torch
+
+    from echofm.loaders.stream import ClipStream, StreamConfig
+
+    cfg = StreamConfig(shards=str(shards), split="all", num_frames=T, stride=STRIDE, size=size,
+                       batch_size=BATCH, num_threads=threads, backend=backend)
+    s = ClipStream(cfg, train=True, device=torch.device(device))
+    seen = n = 0
+    t0 = None
+    base_dec = 0
+    while n < clips:
+        for b in s:
+            seen += 1
+            if seen == warm:
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                t0, base_dec = time.perf_counter(), s.stats["decoded_frames"]
+                continue
+            if t0 is None:
+                continue
+            n += b["video"].shape[0]
+            if n >= clips:
+                break
+    if device != "cpu":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return _rates(n, s.stats["decoded_frames"] - base_dec, dt)
+
+
+def _rates(n: int, decoded: int, dt: float) -> dict:
+    return {"clips": n, "seconds": round(dt, 3), "clips_s": round(n / dt, 2),
+            "sampled_fps": round(n * T / dt, 1), "decoded_fps": round(decoded / dt, 1)}
+
+
+# ---------------------------------------------------------------- report
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted(results["cpu"])
+    names = ["official", "pyav", "dali"]
+    labels = {"official": "official-style (PyAV all + PIL)", "pyav": "PyAV seek + DataLoader",
+              "dali": "ours: DALI ClipStream (cpu)"}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    w = 0.27
+    for j, name in enumerate(names):
+        vals = [results["cpu"][s][name]["sampled_fps"] for s in sizes]
+        bars = ax.bar(np.arange(len(sizes)) + (j - 1) * w, vals, w, label=labels[name])
+        for b, v in zip(bars, vals):
+            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(np.arange(len(sizes)), [f"{s}x{s}" for s in sizes])
+    ax.set_ylabel("sampled frames / s")
+    ax.set_title(f"Clip loaders, {results['threads']} CPU threads, {T} frames stride {STRIDE}, VP9")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shards-112", type=Path, default=None)
+    ap.add_argument("--shards-224", type=Path, default=None)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[112, 224])
+    ap.add_argument("--videos", type=int, default=32, help="synthetic videos to build when no --shards")
+    ap.add_argument("--clips", type=int, default=96, help="clips timed per loader and run")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "echofm" / "bench_loader")
+    ap.add_argument("--out", type=Path, default=RESULTS / "loader.json")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    args.cache.mkdir(parents=True, exist_ok=True)
+    given = {112: args.shards_112, 224: args.shards_224}
+    results = {"threads": args.threads, "clip": {"frames": T, "stride": STRIDE, "batch": BATCH},
+               "codec": "vp9", "host": platform.node(), "cpus": os.cpu_count(), "cpu": {},
+               "baseline_videos": "the shards' own .webm components, extracted to files",
+               "best_of": args.repeats}
+    for size in args.sizes:
+        shards = given.get(size) or build_corpus(args.cache, size, args.videos)
+        videos = extract_videos(shards)
+        print(f"{size}^2: {len(videos)} videos, mean {np.mean([n for _, n in videos]):.0f} frames",
+              flush=True)
+        runs = {"dali": [], "official": [], "pyav": []}
+        for r in range(args.repeats):
+            for name in runs:
+                if name == "dali":
+                    res = run_dali(shards, size, args.threads, args.clips, warm=2)
+                elif name == "official":
+                    res = run_torch_loader(OfficialStyle(videos, size), args.threads, args.clips, warm=2)
+                else:
+                    res = run_torch_loader(FairPyAV(videos, size), args.threads, args.clips, warm=2)
+                runs[name].append(res)
+                print(f"  run {r} {name:9s} {res['sampled_fps']:8.1f} sampled fps "
+                      f"{res['decoded_fps']:8.1f} decoded fps", flush=True)
+        best = {k: dict(max(v, key=lambda x: x["sampled_fps"])) for k, v in runs.items()}
+        for k in best:
+            best[k]["runs"] = runs[k]
+            best[k]["ratio_vs_official"] = round(best[k]["sampled_fps"] / best["official"]["sampled_fps"], 2)
+        results["cpu"][size] = best
+        results["videos"] = len(videos)
+    if torch.cuda.is_available():
+        shards = given.get(224) or build_corpus(args.cache, 224, args.videos)
+        g = run_dali(shards, 224, args.threads, max(args.clips, 512), warm=4, backend="mixed", device="cuda")
+        g["vitb_need_clips_s"] = VITB_NEED_CLIPS_S
+        g["fraction_of_need"] = round(g["clips_s"] / VITB_NEED_CLIPS_S, 3)
+        results["gpu_mixed_224"] = g
+
+    print(f"\nLoader throughput ({args.threads} CPU threads, {T} frames stride {STRIDE}, batch {BATCH}, "
+          f"VP9 GOP 8, best of {args.repeats}):")
+    print(f"{'size':>5} {'loader':10} {'clips/s':>8} {'sampled fps':>12} {'decoded fps':>12} {'x official':>11}")
+    for size, best in results["cpu"].items():
+        for name in ("official", "pyav", "dali"):
+            b = best[name]
+            print(f"{size:>5} {name:10} {b['clips_s']:8.1f} {b['sampled_fps']:12.1f} {b['decoded_fps']:12.1f} "
+                  f"{b['ratio_vs_official']:10.2f}x")
+    if "gpu_mixed_224" in results:
+        g = results["gpu_mixed_224"]
+        print(f"GPU mixed 224^2: {g['clips_s']:.0f} clips/s = {g['fraction_of_need']:.2f} x the ViT-B need "
+              f"({VITB_NEED_CLIPS_S:.0f} clips/s)")
+    else:
+        print("GPU mixed backend: not run (no CUDA device here)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    results["cpu"] = {str(k): v for k, v in results["cpu"].items()}
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    png = args.out.with_suffix(".png")
+    plot(results, png)
+    print(f"wrote {args.out} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Load a backbone for downstream use and turn its outputs into task features.
+
+Four sources: an `echofm export` directory (model.safetensors + config.json), a training
+checkpoint (`echofm.engine.checkpoint.load_model_state`), the official EchoFM checkpoint
+(`echofm.engine.adapters.load_official`), or a seeded random init of the recipe's model
+(the baseline every pretrained number is compared against).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..cli import UserError
+
+KINDS = ("random", "export", "checkpoint", "official")
+
+
+def resolve_kind(spec: str) -> tuple[str, str]:
+    """'random' | '[kind:]path' -> (kind, path). Without a prefix: a directory with
+    config.json is an export, another directory a training checkpoint, a file the
+    official format."""
+    if spec == "random":
+        return "random", ""
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in KINDS[1:]:
+        return kind, rest
+    p = Path(spec)
+    if not p.exists():
+        raise UserError(f"downstream.backbone: {spec!r} does not exist (an export dir, a training "
+                        "checkpoint dir, an official .pth, or 'random')")
+    if p.is_dir():
+        return ("export" if (p / "config.json").is_file() else "checkpoint"), spec
+    return "official", spec
+
+
+def load_backbone(spec: str, recipe, *, seed: int = 0) -> tuple[nn.Module, dict]:
+    """-> (EchoFM in eval mode on the CPU, info dict for the results JSON).
+
+    recipe: the run's Recipe; its model/mask/loss sections build the random init."""
+    from ..model import EchoFM
+
+    kind, path = resolve_kind(spec)
+    if kind == "random":
+        torch.manual_seed(seed)
+        model = EchoFM(recipe.model, recipe.mask, recipe.loss)
+    elif kind == "export":
+        model = EchoFM.from_pretrained(path)
+    elif kind == "checkpoint":
+        from ..checkpoint import load_model_state
+        from ..config import recipe_from_data
+
+        state, recipe_dict = load_model_state(path)
+        r = recipe_from_data(recipe_dict, file=f"{path} (recipe stored in the checkpoint)")
+        model = EchoFM(r.model, r.mask, r.loss)
+        _load_state(model, state, path)
+    else:
+        from ..adapters import load_official
+
+        loaded = load_official(path)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+    model.eval()
+    info = {"spec": spec, "kind": kind, "path": str(Path(path).resolve()) if path else "",
+            "seed": seed if kind == "random" else None, "fingerprint": fingerprint(model)}
+    return model, info
+
+
+def _load_state(model: nn.Module, state: dict, path: str) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or missing:
+        raise UserError(f"{path}: checkpoint does not match the model: missing {list(missing)[:5]}, "
+                        f"unexpected {list(unexpected)[:5]}")
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Short hash of all weights: a head is only valid on the backbone it was trained on."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def pooled_dim(model: nn.Module, features: str) -> int:
+    dim = grid_shape(model)[-1]
+    return dim * len(features.split("+"))
+
+
+def grid_shape(model: nn.Module) -> tuple[int, int, int, int]:
+    """(T', h, w, D) of the encoder's token grid for a full clip."""
+    c = model.cfg
+    return c.num_frames // c.tubelet, c.img_size // c.patch_size, c.img_size // c.patch_size, c.embed_dim
+
+
+def encode(model: nn.Module, video: torch.Tensor, features: str, *, grid: bool = False) -> torch.Tensor:
+    """video uint8 [B, T, H, W, C] -> pooled features float [B, F] (`features` joins
+    'tokens' (mean token), 'cls', 'phase' (mean phase embedding) with '+'), or with
+    grid=True the token grid float [B, T', h, w, D]."""
+    tokens, cls, phase = model.encode(video)
+    if grid:
+        return tokens.reshape(tokens.shape[0], *grid_shape(model))
+    parts = {"tokens": tokens.mean(1), "cls": cls, "phase": phase.mean(1)}
+    return torch.cat([parts[p] for p in features.split("+")], dim=-1).float()

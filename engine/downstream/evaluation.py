@@ -1,0 +1,96 @@
+"""Score a split: head outputs -> video-level predictions (averaged over clips) -> metrics
+with patient-bootstrap CIs -> PNGs. Shared by probe, fine-tune and `evaluate`.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import metrics as M
+from . import plots
+from .data import patient_of
+from .features import FeatureSet
+from .tasks import SegTask, Task
+
+
+@torch.no_grad()
+def video_predictions(task: Task, head, fs: FeatureSet, *, batch: int = 4096):
+    """Clip outputs averaged per video (sample key) -> (keys [V], y [V], scores float64
+    [V, C], patients [V]); videos without a label for the task are left out."""
+    head = head.eval().cpu()
+    outs = [task.to_scores(head(fs.feats[i:i + batch])) for i in range(0, len(fs.feats), batch)]
+    scores = torch.cat(outs).double().numpy()
+    groups: OrderedDict[str, list[int]] = OrderedDict()
+    for i, m in enumerate(fs.metas):
+        groups.setdefault(str(m.get("key", i)), []).append(i)
+    keys, ys, sc, pats = [], [], [], []
+    for k, rows in groups.items():
+        y = task.target(fs.metas[rows[0]])
+        if y is None:
+            continue
+        keys.append(k)
+        ys.append(y)
+        sc.append(scores[rows].mean(0))
+        pats.append(patient_of(fs.metas[rows[0]]))
+    return keys, np.asarray(ys), np.asarray(sc).reshape(len(keys), -1), pats
+
+
+def score_video_task(task: Task, head, fs: FeatureSet, *, png: str | Path | None = None,
+                     title: str = "", bootstrap: int | None = None) -> dict:
+    """Metrics of one split for view / grade / ef; writes the split's PNG when `png`."""
+    keys, y, scores, patients = video_predictions(task, head, fs)
+    if not keys:
+        raise ValueError(f"no labelled videos for task {task.name!r} (label '{task.key}')")
+    res = task.evaluate(y, scores, patients, bootstrap=bootstrap)
+    res["videos"], res["patients"], res["clips"] = len(keys), len(set(patients)), len(fs.metas)
+    if png is not None:
+        if task.kind == "classification":
+            plots.confusion_png(np.asarray(res["confusion_matrix"]), task.classes, png, title)
+        else:
+            plots.ef_png(y, scores[:, 0], png, title)
+    return res
+
+
+@torch.no_grad()
+def seg_predictions(task: SegTask, decoder, fs: FeatureSet, *, batch: int = 4):
+    """-> (dice float [F, S] over annotated frames, patients [F], first predictions int64
+    [n, T, H, W] for overlays)."""
+    decoder = decoder.eval().cpu()
+    labels = list(range(1, len(task.cfg.seg_labels) + 1))
+    dice, pats, first = [], [], []
+    for i in range(0, len(fs.feats), batch):
+        pred = decoder(fs.feats[i:i + batch]).argmax(1)                  # [b, T, H, W]
+        target = task.remap(fs.seg[i:i + batch])
+        if len(first) < 1:
+            first.append(pred)
+        for j in range(pred.shape[0]):
+            v = fs.valid[i + j]
+            if v.any():
+                dice.append(M.dice_per_frame(pred[j][v].numpy(), target[j][v].numpy(), labels))
+                pats += [patient_of(fs.metas[i + j])] * int(v.sum())
+    dice = np.concatenate(dice) if dice else np.zeros((0, len(labels)))
+    return dice, pats, torch.cat(first) if first else None
+
+
+def score_seg_task(task: SegTask, decoder, fs: FeatureSet, *, png: str | Path | None = None) -> dict:
+    dice, patients, pred = seg_predictions(task, decoder, fs)
+    if len(dice) == 0:
+        raise ValueError("no annotated frames in the segmentation split (json 'seg_frames')")
+    res = task.evaluate(dice, patients)
+    res["patients"], res["clips"] = len(set(patients)), len(fs.metas)
+    if png is not None and fs.frames is not None and pred is not None:
+        # The first clip: up to 4 annotated frames.
+        v = fs.valid[0].nonzero().flatten()[:4]
+        if len(v):
+            plots.seg_overlay_png(fs.frames[0][v].numpy(), task.remap(fs.seg[0][v]).numpy(),
+                                  pred[0][v].numpy(), png, task.cfg.seg_names)
+    return res
+
+
+def score(task: Task, head, fs: FeatureSet, *, png=None, title: str = "") -> dict:
+    if isinstance(task, SegTask):
+        return score_seg_task(task, head, fs, png=png)
+    return score_video_task(task, head, fs, png=png, title=title)

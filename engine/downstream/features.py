@@ -1,0 +1,100 @@
+"""Backbone features of a whole split, computed once (eval-mode stream, no augmentation).
+
+A linear probe reads every clip through the frozen backbone exactly once; the head then
+trains on these tensors in seconds. The same function produces the val/test features
+that `evaluate` recomputes, so both see identical inputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import backbone as B
+from .data import annotated_frames
+
+
+@dataclass(kw_only=True, slots=True)
+class FeatureSet:
+    """One split's clips through one backbone."""
+
+    feats: torch.Tensor
+    """float32 [N, F] pooled features, or float16 [N, T', h, w, D] token grids (seg)."""
+    metas: list[dict]
+    """Sample json of each clip (with 'clip_index' when several clips per video)."""
+    seg: torch.Tensor | None = None
+    """uint8 [N, T, H, W] masks of the sampled frames (seg only)."""
+    valid: torch.Tensor | None = None
+    """bool [N, T]: sampled frame has an annotation (seg only)."""
+    frames: torch.Tensor | None = None
+    """uint8 [n, T, H, W, C]: the first few clips, for overlay figures (seg only)."""
+
+    def select(self, rows: list[int]) -> FeatureSet:
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        return FeatureSet(feats=self.feats[idx], metas=[self.metas[i] for i in rows],
+                          seg=None if self.seg is None else self.seg[idx],
+                          valid=None if self.valid is None else self.valid[idx], frames=None)
+
+
+def stream_config(data, split: str, clips: int, *, batch: int, seg: bool):
+    """The recipe's StreamConfig turned into a deterministic evaluation read of `split`."""
+    return dataclasses.replace(data, split=split, eval_clips=clips, shuffle=False, flip=False,
+                               random_resized_crop=None, batch_size=batch, segmentation=seg)
+
+
+@torch.no_grad()
+def extract(model, data, split: str, clips: int, *, features: str, grid: bool,
+            device: torch.device, batch: int = 8, keep_frames: int = 4) -> FeatureSet:
+    """Run every clip of `split` (`clips` per video) through `model` (eval mode).
+
+    data: the recipe's StreamConfig. grid=True keeps token grids + masks (segmentation)."""
+    from echofm.loaders.stream import ClipStream
+
+    cfg = stream_config(data, split, clips, batch=batch, seg=grid)
+    stream = ClipStream(cfg, train=False, rank=0, world_size=1, device=device)
+    model = model.to(device).eval()
+    feats, metas, segs, valid, frames = [], [], [], [], []
+    for b in stream:
+        video = b["video"]
+        f = B.encode(model, video, features, grid=grid)
+        feats.append(f.to("cpu", torch.float16 if grid else torch.float32))
+        metas += [dict(m) for m in b["meta"]]
+        if grid:
+            segs.append(b["seg"].cpu())
+            valid.append(torch.stack([annotated_frames(m, fi) for m, fi in
+                                      zip(b["meta"], b["frames_index"].cpu())]))
+            if sum(len(x) for x in frames) < keep_frames:
+                frames.append(video[:keep_frames].cpu())
+    if not metas:
+        raise ValueError(f"split {split!r} of {data.shards} has no samples")
+    return FeatureSet(feats=torch.cat(feats), metas=metas,
+                      seg=torch.cat(segs) if grid else None,
+                      valid=torch.cat(valid) if grid else None,
+                      frames=torch.cat(frames)[:keep_frames] if grid else None)
+
+
+def cached_extract(model, info: dict, data, split: str, clips: int, *, cache_dir: str | Path | None,
+                   **kw) -> FeatureSet:
+    """`extract`, memoised on disk under cache_dir by (backbone fingerprint, stream
+    settings, split, clips, feature kind): repeated probes (label fractions, seeds, heads)
+    never re-run the backbone."""
+    if cache_dir is None:
+        return extract(model, data, split, clips, **kw)
+    from ..config import to_dict
+
+    key = json.dumps({"backbone": info["fingerprint"], "data": to_dict(data), "split": split,
+                      "clips": clips, "features": kw.get("features"), "grid": kw.get("grid")},
+                     sort_keys=True)
+    path = Path(cache_dir) / f"features-{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    if path.is_file():
+        return FeatureSet(**torch.load(path, weights_only=True))
+    fs = extract(model, data, split, clips, **kw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({f.name: getattr(fs, f.name) for f in dataclasses.fields(fs)}, tmp)
+    tmp.replace(path)
+    return fs

@@ -1,0 +1,92 @@
+"""Analytic matmul FLOPs of one EchoFM clip, for MFU (DESIGN §4, §7).
+
+Counts 2 * m * n * k for every matrix product the model runs, following model.py term by
+term (the masked 75-90% of patches are never embedded, the encoder sees only visible
+tokens plus its CLS, the decoder sees all tokens plus its CLS). Norms, softmax, GELU and
+the loss arithmetic are not matmuls and are left out. A training step is 3x the forward
+(backward = 2x forward), the usual MFU convention.
+
+`tests/test_flops.py` checks this against torch's FlopCounterMode on a real forward and
+against the VideoMAE-B figure of DESIGN §7 (~71 GFLOPs forward per clip).
+"""
+from __future__ import annotations
+
+from .masking import MaskConfig, keep_count
+from .model import ModelConfig
+
+H200_BF16_PEAK = 790e12
+"""Dense bf16 FLOP/s measured on an H200 (DESIGN §7)."""
+
+
+def _block(n: int, d: int, hidden: int) -> int:
+    """Linear layers of one ViT block on n rows: qkv, proj, fc1, fc2."""
+    return 2 * n * (3 * d * d + d * d + 2 * d * hidden)
+
+
+def _attn(groups: int, q_rows: int, k_rows: int, d: int) -> int:
+    """Scores and weighted sum over all heads: 2 products of q_rows x k_rows x d per group."""
+    return 4 * groups * q_rows * k_rows * d
+
+
+def visible_layout(model_cfg: ModelConfig, mask_cfg: MaskConfig) -> tuple[int, tuple[int, int] | None]:
+    """(visible tokens Nv, (T', K) when they form tubes else None) for this mask."""
+    c = model_cfg.resolved()
+    t, l = c.t_grid, c.l_grid
+    if mask_cfg.ratio == 0.0:
+        return t * l, (t, l)
+    if mask_cfg.kind == "tube":
+        k = keep_count(l, mask_cfg.ratio)
+        return t * k, (t, k)
+    if mask_cfg.kind == "random":
+        return keep_count(t * l, mask_cfg.ratio), None
+    return keep_count(t, mask_cfg.ratio) * l, None
+
+
+def model_flops(model_cfg: ModelConfig, mask_cfg: MaskConfig | None = None, prior_grid: int = 16) -> dict:
+    """Per-clip FLOPs: {"forward", "train_step" (= 3 x forward), "parts": {name: forward FLOPs}}."""
+    mask_cfg = mask_cfg or MaskConfig()
+    c = model_cfg.resolved()
+    d, dd = c.embed_dim, c.decoder_embed_dim
+    hid, dhid = int(d * c.mlp_ratio), int(dd * c.mlp_ratio)
+    t, l = c.t_grid, c.l_grid
+    n = t * l
+    nv, grid = visible_layout(c, mask_cfg)
+    parts: dict[str, int] = {"patch_embed": 2 * nv * c.patch_dim * d}
+
+    # Encoder: [CLS, visible tokens].
+    rows = nv + 1
+    enc = 0
+    for i in range(c.depth):
+        enc += _block(rows, d, hid)
+        if c.attention == "divided" and grid is not None:
+            tg, k = grid
+            enc += _attn(tg, k, k, d) if i % 2 == 0 else _attn(k, tg, tg, d)
+            enc += _attn(1, 1, rows, d)  # the CLS row over everything
+        else:
+            enc += _attn(1, rows, rows, d)
+    parts["encoder"] = enc
+
+    # Phase projector: qkv on every [slice CLS, slice tokens] row, attention, then only
+    # the T' CLS rows go through proj and the MLP.
+    if grid is not None:
+        k = grid[1]
+        rows = t * (k + 1)
+        att = _attn(t, k + 1, k + 1, d)
+    else:  # padded slices, CLS query only
+        rows = t * (l + 1)
+        att = _attn(t, 1, l + 1, d)
+    parts["phase"] = 2 * rows * 3 * d * d + att + 2 * t * (d * d + 2 * d * hid)
+
+    # Decoder: embed visible, [CLS, all tokens] through the blocks, predict every token.
+    parts["decoder_embed"] = 2 * nv * d * dd
+    parts["decoder"] = c.decoder_depth * (_block(n + 1, dd, dhid) + _attn(1, n + 1, n + 1, dd))
+    parts["decoder_pred"] = 2 * n * dd * c.pred_dim
+    # Loss products: phase self-similarity and the pixel prior (tiny).
+    parts["loss"] = 2 * t * t * d + 2 * t * t * prior_grid * prior_grid
+    fwd = sum(parts.values())
+    return {"forward": fwd, "train_step": 3 * fwd, "parts": parts}
+
+
+def mfu(flops_per_step: float, step_seconds: float, peak_flops: float = H200_BF16_PEAK) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the device peak."""
+    return flops_per_step / (step_seconds * peak_flops)

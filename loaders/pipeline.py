@@ -1,0 +1,125 @@
+"""The DALI graph of the stream: encoded clip -> in-graph clip selection -> decode -> geometry.
+
+One definition serves both backends: `decoder="mixed"` decodes on the GPU (NVDEC) and runs
+the geometric ops there, `decoder="cpu"` runs everything on DALI's CPU threads. Nothing
+else differs, so the CPU tests cover the GPU graph.
+
+Inputs arrive per batch from a Python callable (`fn.external_source`), which owns the
+sample order and every random number (see `stream.py` for why): per sample (roi, flip and
+seg only when the graph uses them, see `GraphSpec.inputs`)
+
+    video    uint8 [bytes]    the encoded `.webm`/`.avi`/`.mp4` component
+    nframes  int32 [1]        decoded frame count (the `.nframes` component)
+    select   float32 [2]      (a, b): start = clamp(floor(a * nvalid + b), 0, nvalid - 1)
+    roi      float32 [4]      relative crop window (y0, x0, y1, x1) in the source frame
+    flip     int32 []         1 = mirror horizontally
+    seg      uint8 [F, H, W, 1] (only with masks) label maps of every source frame
+
+Outputs: video uint8 [B, T, size, size, 3], frames_index int32 [B, T], and with masks
+seg uint8 [B, T, size, size, 1] that went through the same crop/resize (nearest) and flip.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(kw_only=True, slots=True)
+class GraphSpec:
+    """What the graph does; fixed for the life of a pipeline."""
+
+    num_frames: int
+    stride: int
+    size: int
+    """Output height = width."""
+    in_height: int
+    in_width: int
+    """Source frame size (one per corpus, from the manifest)."""
+    crop: bool
+    """Apply the per-sample relative crop window (random-resized-crop)."""
+    flip: bool
+    """Apply the per-sample horizontal flip flag."""
+    segmentation: bool
+    decoder: str
+    """'cpu' or 'mixed'."""
+    batch_size: int
+    num_threads: int
+    device_id: int | None
+    """CUDA device for 'mixed'; None for a CPU-only pipeline."""
+    prefetch: int = 2
+    """Batches DALI works ahead of the consumer."""
+
+    def inputs(self) -> list[str]:
+        """Names of the per-sample inputs `source()` returns, in order (unused ones left out)."""
+        return (["video", "nframes", "select"] + (["roi"] if self.crop else [])
+                + (["flip"] if self.flip else []) + (["seg"] if self.segmentation else []))
+
+
+def build_pipeline(spec: GraphSpec, source: Callable[[], tuple]):
+    """Build the DALI pipeline that pulls its inputs from `source()` (raise StopIteration at the end).
+
+    `source()` returns one batch as a tuple of per-sample lists in the order of the module
+    docstring (seg only when `spec.segmentation`).
+    """
+    from nvidia.dali import fn, pipeline_def, types
+    import nvidia.dali.math as dmath
+
+    names = spec.inputs()
+    kinds = {"video": (types.UINT8, 1, ""), "nframes": (types.INT32, 1, ""),
+             "select": (types.FLOAT, 1, ""), "roi": (types.FLOAT, 1, ""), "flip": (types.INT32, 0, ""),
+             "seg": (types.UINT8, 4, "FHWC")}
+    T, S = spec.num_frames, spec.stride
+    resize = spec.crop or (spec.in_height, spec.in_width) != (spec.size, spec.size)
+
+    @pipeline_def(batch_size=spec.batch_size, num_threads=spec.num_threads,
+                  device_id=spec.device_id, prefetch_queue_depth=spec.prefetch, seed=0)
+    def clip_pipeline():
+        ins = dict(zip(names, fn.external_source(
+            source=source, num_outputs=len(names), batch=True, dtype=[kinds[n][0] for n in names],
+            ndim=[kinds[n][1] for n in names], layout=[kinds[n][2] for n in names])))
+        encoded, nframes, select = ins["video"], ins["nframes"], ins["select"]
+        roi, flip = ins.get("roi"), ins.get("flip")
+        # Clip selection in-graph: T frames at stride S from a start among the valid ones;
+        # indices wrap modulo the frame count, so a short video loops (never black/edge pad).
+        nf = nframes[0]
+        nvalid = dmath.max(nf - ((T - 1) * S + 1) + 1, 1)
+        start = fn.cast(dmath.floor(select[0] * fn.cast(nvalid, dtype=types.FLOAT) + select[1]),
+                        dtype=types.INT32)
+        start = dmath.min(dmath.max(start, 0), nvalid - 1)
+        # A constant built inside the graph function (module-level ones break DALI checkpoints).
+        offsets = types.Constant(np.arange(T, dtype=np.int32) * S)
+        idx = fn.cast((start + offsets) % nf, dtype=types.INT32)
+        # pad_mode="none": a frame the decoder cannot produce is an error, never a black frame.
+        video = fn.decoders.video(encoded, device=spec.decoder, frames=idx, pad_mode="none")
+        outs = [_geometry(video, roi, flip, spec, resize, False), idx]
+        if spec.segmentation:
+            seg = fn.sequence_rearrange(ins["seg"], new_order=idx)
+            if spec.decoder == "mixed":
+                seg = seg.gpu()
+            outs.append(_geometry(seg, roi, flip, spec, resize, True))
+        return tuple(outs)
+
+    pipe = clip_pipeline()
+    pipe.build()
+    return pipe
+
+
+def _geometry(x, roi, flip, spec: GraphSpec, resize: bool, nearest: bool):
+    """Crop window + resize to size x size (+ flip); the same params for video and masks.
+
+    Masks take nearest-neighbour without antialiasing, so labels stay labels.
+    """
+    from nvidia.dali import fn, types
+
+    if resize:
+        kw = {}
+        if spec.crop:
+            kw = {"roi_start": roi[0:2], "roi_end": roi[2:4], "roi_relative": True}
+        interp = types.INTERP_NN if nearest else types.INTERP_LINEAR
+        x = fn.resize(x, size=[spec.size, spec.size], interp_type=interp,
+                      antialias=not nearest, **kw)
+    if spec.flip:
+        x = fn.flip(x, horizontal=flip)
+    return x

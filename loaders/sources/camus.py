@@ -1,0 +1,96 @@
+"""CAMUS root: `patientNNNN/patientNNNN_{2CH,4CH}_half_sequence[_gt].nii.gz` + `Info_{2CH,4CH}.cfg`.
+
+NIfTI axis order: CAMUS volumes are written by ITK, so nibabel's voxel array is indexed
+(x, y, t) = (column, row, frame), shape (W, H, F). We transpose to (F, H, W). A file whose
+array is 2-D is one frame. `_gt` label maps: 0 background, 1 LV cavity, 2 myocardium, 3 LA.
+
+Info_*.cfg lines `Key: value`: ED and ES (1-based frame numbers -> 0-based `ed_true` /
+`es_true` labels), NbFrame, EF, ImageQuality (Good / Medium / Poor), optional FrameRate.
+CAMUS gives no split: patients are hashed into splits by ingest.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from .base import Clip, SegSpec, safe_name
+
+VIEWS = {"2CH": "A2C", "4CH": "A4C"}
+
+
+def _load(path: str | Path) -> np.ndarray:
+    import nibabel as nib
+
+    try:
+        a = np.asarray(nib.load(str(path)).dataobj)
+    except Exception as e:  # nibabel raises several types on damaged gzip / headers
+        raise DataError(f"{path}: cannot read NIfTI ({type(e).__name__}: {e})") from e
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim == 4 and a.shape[2] == 1:  # (x, y, 1, t)
+        a = a[:, :, 0]
+    if a.ndim != 3:
+        raise DataError(f"{path}: expected a (x, y, t) volume, got shape {a.shape}")
+    return np.ascontiguousarray(a.transpose(2, 1, 0))
+
+
+def read_nifti_frames(path: str | Path) -> np.ndarray:
+    """A CAMUS sequence -> uint8 [F, H, W, 3] (grey in all channels)."""
+    a = _load(path)
+    if a.dtype != np.uint8:
+        a = a.astype(np.float32)
+        hi = float(a.max())
+        a = np.clip(a * (255.0 / hi) if hi > 255 else a, 0, 255).astype(np.uint8)
+    return np.repeat(a[..., None], 3, axis=-1)
+
+
+def read_nifti_labels(path: str | Path) -> np.ndarray:
+    """A CAMUS `_gt` sequence -> uint8 [F, H, W] labels."""
+    return np.rint(_load(path)).astype(np.uint8)
+
+
+def read_cfg(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        k, sep, v = line.partition(":")
+        if sep:
+            out[k.strip()] = v.strip()
+    return out
+
+
+def discover(root: str | Path, dataset: str | None = None) -> list[Clip]:
+    root = Path(root)
+    ds = dataset or "camus"
+    clips = []
+    for seq in sorted(root.glob("**/patient*_*_half_sequence.nii.gz")):
+        m = re.match(r"(patient\d+)_(2CH|4CH)_half_sequence\.nii\.gz$", seq.name)
+        if not m:
+            continue
+        patient, ch = m.groups()
+        cfg_path = seq.parent / f"Info_{ch}.cfg"
+        info = read_cfg(cfg_path) if cfg_path.is_file() else {}
+        labels = {}
+        try:
+            if "EF" in info:
+                labels["ef"] = float(info["EF"])
+            if "ImageQuality" in info:
+                labels["image_quality"] = info["ImageQuality"]
+            # The half sequence runs from ED to ES: cfg frame numbers are 1-based.
+            if "ED" in info:
+                labels["ed_true"] = [int(info["ED"]) - 1]
+            if "ES" in info:
+                labels["es_true"] = [int(info["ES"]) - 1]
+            fps = float(info["FrameRate"]) if info.get("FrameRate") else None
+        except ValueError as e:
+            raise DataError(f"{cfg_path}: bad value ({e})") from e
+        gt = seq.with_name(seq.name.replace("_half_sequence.nii.gz", "_half_sequence_gt.nii.gz"))
+        clips.append(Clip(
+            source=str(seq), rel_source=str(seq.relative_to(root)), reader="nifti", dataset=ds,
+            patient=patient, clip_id=safe_name(f"{patient}-{ch}"), view=VIEWS[ch], labels=labels,
+            fps=fps, seg=SegSpec(kind="nifti", path=str(gt)) if gt.is_file() else None))
+    if not clips:
+        raise DataError(f"{root}: no patient*/patient*_{{2CH,4CH}}_half_sequence.nii.gz files")
+    return clips

@@ -1,0 +1,111 @@
+"""DICOM ultrasound cines (multi-frame; single frames too) via pydicom (+ pillow for JPEG).
+
+Photometric interpretations: MONOCHROME1/2 (grey -> 3 equal channels; MONOCHROME1 is
+inverted), RGB, YBR_FULL / YBR_FULL_422 (pydicom's `pixel_array` converts YBR to RGB),
+PALETTE COLOR (through its LUT). More than 8 bits are scaled to 8. Frame rate from
+FrameTime (ms), else CineRate, else RecommendedDisplayFrameRate, else FrameTimeVector.
+The patient is PatientID (hashed by ingest; it never reaches a key or json in clear).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from .base import Clip, Decoded, safe_name
+
+
+def dicom_fps(ds) -> float:
+    """Frames per second from the cine timing attributes; 0.0 when none is present."""
+    try:
+        ft = float(ds.get("FrameTime", 0) or 0)
+        if ft > 0:
+            return 1000.0 / ft
+        for tag in ("CineRate", "RecommendedDisplayFrameRate"):
+            v = float(ds.get(tag, 0) or 0)
+            if v > 0:
+                return v
+        ftv = ds.get("FrameTimeVector")
+        if ftv is not None and len(ftv) > 1:
+            dt = float(np.mean([float(x) for x in list(ftv)[1:]]))
+            if dt > 0:
+                return 1000.0 / dt
+    except (TypeError, ValueError):
+        pass
+    return 0.0
+
+
+def to_rgb8(arr: np.ndarray, ds) -> np.ndarray:
+    """pixel_array -> uint8 [F, H, W, 3] RGB."""
+    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    spp = int(ds.get("SamplesPerPixel", 1))
+    nframes = int(ds.get("NumberOfFrames", 1) or 1)
+    if pi == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        arr = apply_color_lut(arr, ds)
+        spp = 3
+    if spp == 1 and (arr.ndim == 2 or (arr.ndim == 3 and nframes == 1)):
+        arr = arr.reshape((1,) + arr.shape[-2:])
+    elif spp == 3 and arr.ndim == 3:
+        arr = arr[None]
+    if arr.dtype != np.uint8:
+        a = arr.astype(np.float32)
+        lo, hi = np.percentile(a, [0.5, 99.5])
+        arr = np.clip((a - lo) * (255.0 / max(hi - lo, 1e-6)), 0, 255).astype(np.uint8)
+    if pi == "MONOCHROME1":
+        arr = 255 - arr
+    if arr.ndim == 3:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    return np.ascontiguousarray(arr)
+
+
+def read_dicom(path: str | Path) -> Decoded:
+    """Decode a DICOM file's frames; raises DataError naming the file when it cannot."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path))
+        if "PixelData" not in ds:
+            raise DataError(f"{path}: DICOM has no pixel data")
+        arr = ds.pixel_array
+    except DataError:
+        raise
+    except Exception as e:  # pydicom raises many types on damaged/unsupported files
+        raise DataError(f"{path}: cannot decode DICOM pixels ({type(e).__name__}: {e})") from e
+    return Decoded(frames=to_rgb8(arr, ds), fps=dicom_fps(ds))
+
+
+def discover_files(paths: list[Path], base: Path, dataset: str) -> list[Clip]:
+    """Clips for DICOM files (headers only). Files without image rows (DICOMDIR, SR) are
+    skipped; unreadable headers still become clips, so the worker records them as rejects."""
+    import pydicom
+
+    clips = []
+    for q in paths:
+        patient, view = q.stem, None
+        try:
+            ds = pydicom.dcmread(str(q), stop_before_pixels=True)
+            if "Rows" not in ds:
+                continue
+            patient = str(ds.get("PatientID", "") or "") or f"unknown-{q.stem}"
+            view = str(ds.get("ViewName", "") or "") or None
+        except Exception:  # damaged header: let the worker reject it with the reason
+            pass
+        clips.append(Clip(source=str(q), rel_source=str(q.relative_to(base)), reader="dicom",
+                          dataset=dataset, patient=patient, clip_id=safe_name(q.stem) or "dicom",
+                          view=view))
+    return clips
+
+
+def discover(path: str | Path, dataset: str | None = None) -> list[Clip]:
+    """Clips of a DICOM file or a folder of DICOM files."""
+    from .files import is_dicom
+
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"{root}: does not exist")
+    paths = [root] if root.is_file() else sorted(q for q in root.rglob("*") if q.is_file() and is_dicom(q))
+    base = root.parent if root.is_file() else root
+    return discover_files(paths, base, dataset or safe_name(base.resolve().name) or "dicom")

@@ -1,0 +1,208 @@
+"""The pretraining loop end to end: real EchoFM on real shards (tiny shapes), DeepSpeed on CPU.
+
+One process in-process (metrics, figures, lr schedule, export, NaN skip), SIGTERM + SIGKILL +
+`--resume auto` in subprocesses (identical losses to the uninterrupted run, corrupt newer
+checkpoint ignored), 2-process ZeRO-2 via torchrun, named recipe errors.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from echofm.engine import checkpoint as ckpt
+from echofm.engine.config import ConfigError, load_recipe
+from echofm.engine.optim import WarmupCosine
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes/pretrain/echofm_tiny.yaml")
+# A few-second model: 8 frames of 32^2, patch 8, tubelet 2 -> 4 x 16 tokens, 4 kept per slice.
+SMALL = ["model.num_frames=8", "model.img_size=32", "model.patch_size=8", "model.tubelet=2",
+         "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder_embed_dim=32",
+         "model.decoder_depth=1", "model.decoder_num_heads=2", "model.pred_t_dim=4",
+         "data.num_frames=8", "data.size=32", "data.batch_size=2", "data.num_threads=1",
+         "schedule.warmup_steps=2", "optim.lr=0.002", "logging.every=1", "logging.progress=false",
+         "logging.tensorboard=false"]
+
+
+def _overrides(shards, out, *extra):
+    return SMALL + [f"data.shards={shards}", f"train.out_dir={out}", *extra]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss from metrics.jsonl (a re-run step's later line wins)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        out[d["step"]] = d["loss"]
+    return out
+
+
+def _env():
+    # A fresh rendezvous for each child: drop the pytest process's own port and rank.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "echofm.engine.cli", *args]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_shards, tmp_path_factory):
+    """An uninterrupted 6-step run in a child process (the same setting the resume test uses)."""
+    out = tmp_path_factory.mktemp("ref")
+    r = subprocess.run(_cli("pretrain", TINY, *sum((["--set", o] for o in _overrides(
+        tiny_shards, out, "train.steps=6", "train.checkpoint_every=2", "logging.plot_every=3")), [])),
+        env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out / "echofm_tiny"
+
+
+def test_run_logs_metrics_figures_checkpoints_and_exports(reference, tmp_path):
+    run = reference
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [d["step"] for d in lines] == [1, 2, 3, 4, 5, 6]
+    for d in lines:
+        for key in ("loss", "loss_rec", "loss_contrastive", "lr", "grad_norm", "sampled_fps",
+                    "decoded_fps", "step_time_s", "data_wait_s", "compute_s", "memory_gib"):
+            assert isinstance(d[key], float) and d[key] >= 0, (key, d)
+        assert d["mfu"] is None and d["nonfinite_total"] == 0
+        assert d["loss"] == pytest.approx(d["loss_rec"] + 0.1 * d["loss_contrastive"], rel=1e-5)
+        assert d["sampled_fps"] == pytest.approx(2 * 8 / d["step_time_s"], rel=1e-6)
+        assert d["step_time_s"] == pytest.approx(d["data_wait_s"] + d["compute_s"], rel=1e-6)
+    # lr used at step s is the schedule's value at 0-based step s - 1 (peak 2e-3, 2 warmup steps).
+    sched = WarmupCosine(warmup=2, total=6, floor=1e-5 / 2e-3)
+    assert [d["lr"] for d in lines] == pytest.approx([2e-3 * sched(s) for s in range(6)], rel=1e-9)
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert sorted(p.name for p in (run / "figures").iterdir()) == [
+        "recon_00000003.png", "recon_00000006.png", "similarity_00000003.png", "similarity_00000006.png"]
+    # keep_last=2 of the saves at 2, 4, 6.
+    assert [p.name for p in ckpt.complete_checkpoints(run / "checkpoints")] == ["step_00000004",
+                                                                               "step_00000006"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["last_checkpoint"].endswith("step_00000006")
+
+    # export -> EchoFM.from_pretrained gives the checkpoint's weights.
+    from echofm.engine.cli import main
+    from echofm.engine.model import EchoFM
+
+    assert main(["export", str(run), "--out", str(tmp_path / "exported")]) == 0
+    model = EchoFM.from_pretrained(tmp_path / "exported")
+    state, recipe = ckpt.load_model_state(run)
+    assert model.cfg.embed_dim == 32 and recipe["train"]["steps"] == 6
+    mine = model.state_dict()
+    assert state.keys() == mine.keys() and all(torch.equal(state[k], mine[k]) for k in state)
+
+
+def test_sigterm_and_sigkill_then_resume_reproduce_losses(reference, tiny_shards, tmp_path):
+    args = _cli("pretrain", TINY, *sum((["--set", o] for o in _overrides(
+        tiny_shards, tmp_path, "train.steps=6", "train.checkpoint_every=2", "logging.plot_every=3")), []))
+    run = tmp_path / "echofm_tiny"
+
+    def start(*extra):
+        return subprocess.Popen(args + list(extra), env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    def wait_for(proc, cond, what):
+        t0 = time.time()
+        while not cond():
+            assert proc.poll() is None, f"exited before {what}: {proc.stdout.read()[-3000:]}"
+            assert time.time() - t0 < 240, f"timed out waiting for {what}"
+            time.sleep(0.05)
+
+    # 1. SIGTERM after the first step: it checkpoints that step and exits cleanly.
+    p = start()
+    wait_for(p, lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text(), "step 1")
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out[-3000:]
+    saved = ckpt.find_checkpoint(run)
+    assert saved is not None and 1 <= int(saved.name[5:]) < 6, out[-2000:]
+    assert json.loads((run / "summary.json").read_text())["stopped"] is True
+
+    # 2. Resume, SIGKILL right after the step-4 checkpoint lands (before the end).
+    p = start("--resume", "auto")
+    wait_for(p, lambda: ckpt.is_complete(run / "checkpoints" / "step_00000004"), "checkpoint 4")
+    p.kill()
+    p.communicate(timeout=60)
+    assert not ckpt.is_complete(run / "checkpoints" / "step_00000006")
+    # A newer but corrupt checkpoint and a killed save's temp folder must be ignored.
+    bad = run / "checkpoints" / "step_00000005"
+    if not bad.exists():
+        import shutil
+
+        shutil.copytree(run / "checkpoints" / "step_00000004", bad)
+    f = bad / "rank_00000.pt"
+    f.write_bytes(f.read_bytes()[:50])
+    (run / "checkpoints" / ".tmp-step_00000006").mkdir(exist_ok=True)
+
+    # 3. Resume to the end: every step's loss equals the uninterrupted run's.
+    p = start("--resume", "auto")
+    out, _ = p.communicate(timeout=240)
+    assert p.returncode == 0, out[-3000:]
+    assert "resumed from" in out and "step_00000004" in out, out[-2000:]
+    mine, ref = _losses(run), _losses(reference)
+    assert sorted(mine) == [1, 2, 3, 4, 5, 6]
+    assert [mine[s] for s in range(1, 7)] == [ref[s] for s in range(1, 7)]
+
+
+def test_nonfinite_loss_is_skipped_and_counted(tiny_shards, tmp_path):
+    from echofm.engine.trainer import NonFiniteLoss, pretrain
+
+    recipe = load_recipe(TINY, _overrides(tiny_shards, tmp_path, "train.steps=3", "train.nan_inject=[2]",
+                                          "train.checkpoint_every=0", "name=nan"))
+    summary = pretrain(recipe)
+    assert summary["steps"] == 3 and summary["nonfinite_total"] == 1
+    lines = [json.loads(x) for x in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert [d["nonfinite_total"] for d in lines] == [0, 1, 1]
+    assert all(torch.isfinite(torch.tensor(d["loss"])) for d in lines)
+
+    recipe = load_recipe(TINY, _overrides(tiny_shards, tmp_path, "train.steps=3", "train.nan_inject=[2,3]",
+                                          "train.max_nonfinite=2", "name=nan_abort"))
+    with pytest.raises(NonFiniteLoss, match="non-finite for 2 micro-batches in a row"):
+        pretrain(recipe)
+
+
+def test_named_errors(tiny_shards, tmp_path, capsys):
+    from echofm.engine.cli import UserError, main
+    from echofm.engine.trainer import pretrain
+
+    with pytest.raises(ConfigError, match="data.num_frames=16 but the model expects model.num_frames=8"):
+        pretrain(load_recipe(TINY, _overrides(tiny_shards, tmp_path, "data.num_frames=16")))
+    assert main(["pretrain", TINY, "--set", "deepspeed.zero_stage=4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "deepspeed" in err and "zero_stage" in err
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        pretrain(load_recipe(TINY, _overrides(tiny_shards, tmp_path)), resume=str(tmp_path / "none"))
+
+
+def test_two_process_zero2_bf16_torchrun(tiny_shards, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "echofm.engine.cli", "pretrain", TINY,
+           *sum((["--set", o] for o in _overrides(tiny_shards, tmp_path, "train.steps=3",
+                                                   "train.checkpoint_every=2", "deepspeed.zero_stage=2",
+                                                   "deepspeed.precision=bf16", "name=zero2")), [])]
+    r = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    run = tmp_path / "zero2"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [d["step"] for d in lines] == [1, 2, 3]
+    # Both ranks' clips count: 2 ranks x batch 2 x 8 frames per step.
+    assert all(d["sampled_fps"] == pytest.approx(2 * 2 * 8 / d["step_time_s"], rel=1e-6) for d in lines)
+    assert all(d["grad_norm"] is not None and d["grad_norm"] > 0 for d in lines)
+    last = ckpt.find_checkpoint(run)
+    assert last.name == "step_00000003"
+    meta = json.loads((last / "meta.json").read_text())
+    assert meta["world_size"] == 2 and {"rank_00000.pt", "rank_00001.pt"} <= set(meta["files"])
+    shards = [f for f in meta["files"] if "optim_states" in f]
+    assert len(shards) == 2, meta["files"]  # ZeRO-2: one optimizer partition per rank
+    state, _ = ckpt.load_model_state(run)
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
