@@ -44,9 +44,10 @@ setup(
         "tensorboard>=2.15",
         "matplotlib>=3.8",
         "tqdm>=4.66",
+        "opencv-python-headless>=4.9",  # ingest: sector morphology, resize, polygon fill
     ],
     extras_require={
-        "dev": ["pytest>=8", "opencv-python-headless>=4.9"],
+        "dev": ["pytest>=8"],
         "xformers": ["xformers>=0.0.28"],
     },
     entry_points={"console_scripts": ["echofm = echofm.engine.cli:main"]},

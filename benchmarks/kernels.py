@@ -36,7 +36,9 @@ ATTENTION_SHAPES = [
     ("decoder joint", 64, 16, 8, 196, 32, "joint"),
 ]
 BACKENDS = ("triton", "sdpa", "sdpa-flash", "xformers", "math")
-SWEEP = [(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64) for w in (4, 8) for s in (2, 3)]
+# (tile, step) pairs x warps; 3 pipeline stages, then stages 2 and 4 for each kernel's best.
+SWEEP = [(tile, step, w) for tile, step in ((64, 32), (64, 64), (128, 32), (128, 64), (128, 128), (256, 32))
+         for w in (4, 8)]
 
 
 class Env:
@@ -118,23 +120,37 @@ def bench_attention(env: Env, shapes) -> list[dict]:
 
 
 def sweep_triton(env: Env, shape, configs) -> list[dict]:
-    """Forward and backward block configs (BLOCK_M, BLOCK_N, warps, stages) at one shape, fastest first."""
+    """Launch configs of the fwd, dkdv and dq kernels at one shape, fastest first per kernel.
+
+    A dkdv or dq row times the whole backward with the other kernel at its default config.
+    """
     from echofm.kernels.attention import attention_bwd, attention_fwd
 
     _, b, h, t, k, dh, mode = shape
     q, kk, v, do = (env.rand(b, h, t, k, dh) for _ in range(4))
     scale = dh**-0.5
     o, lse = attention_fwd(q, kk, v, mode, scale)
-    block_d = max(16, dh)
+    calls = {"fwd": lambda c: attention_fwd(q, kk, v, mode, scale, out=o, cfg=c),
+             "dkdv": lambda c: attention_bwd(do, q, kk, v, o, lse, mode, scale, cfg={"dkdv": c}),
+             "dq": lambda c: attention_bwd(do, q, kk, v, o, lse, mode, scale, cfg={"dq": c})}
     rows = []
-    for bm, bn, warps, stages in configs:
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
-        for kind, fn in (("fwd", lambda: attention_fwd(q, kk, v, mode, scale, out=o, cfg=cfg)),
-                         ("bwd", lambda: attention_bwd(do, q, kk, v, o, lse, mode, scale, cfg=cfg))):
-            try:
-                rows.append({"kind": kind, **cfg, "ms": env.ms(fn, rep=50)})
-            except Exception as e:  # out of shared memory / registers for this tile
-                rows.append({"kind": kind, **cfg, "error": type(e).__name__})
+
+    def run(kind, tile, step, warps, stages):
+        bm, bn = (step, tile) if kind == "dkdv" else (tile, step)  # dkdv's tile is keys
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, dh), num_warps=warps, num_stages=stages)
+        row = {"kind": kind, "tile": tile, "step": step, **cfg}
+        try:
+            row["ms"] = env.ms(lambda: calls[kind](cfg), rep=50)
+        except Exception as e:  # out of shared memory / registers for this tile
+            row["error"] = type(e).__name__
+        rows.append(row)
+        return row
+
+    for kind in calls:
+        timed = [run(kind, tile, step, w, 3) for tile, step, w in configs]
+        best = min(timed, key=lambda r: r.get("ms", float("inf")))
+        for stages in (2, 4):
+            run(kind, best["tile"], best["step"], best["num_warps"], stages)
     return sorted(rows, key=lambda r: (r["kind"], r.get("ms", float("inf"))))
 
 
@@ -188,10 +204,10 @@ def print_tables(res: dict) -> None:
         else:
             print(f"{r['shape']:<16} {r['backend']:<11} {r['fwd_TFLOPs']:9.1f} {r['fwdbwd_TFLOPs']:9.1f} "
                   f"{r['rel_err_vs_sdpa']:8.1e}")
-    for kind in ("fwd", "bwd"):
+    for kind in ("fwd", "dkdv", "dq"):
         best = [r for r in res["sweep"] if r["kind"] == kind and "ms" in r][:3]
-        print(f"sweep {kind} best: " + "; ".join(
-            f"M{r['BLOCK_M']} N{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']} {r['ms']:.3f} ms" for r in best))
+        print(f"sweep {kind:<4} best (M,N,warps,stages ms): " + "; ".join(
+            f"{r['BLOCK_M']},{r['BLOCK_N']},{r['num_warps']},{r['num_stages']} {r['ms']:.3f}" for r in best))
     print(f"\n{'gather':<30} {'ms':>8} {'GB/s':>8} {'of copy':>8}")
     for r in res["gather"]:
         print(f"{r['op']:<30} {r['ms']:8.3f} {r['GBps']:8.0f} {r['of_copy']:8.0%}")

@@ -14,8 +14,10 @@ Same corpus, same clip spec, same CPU threads for every loader:
   processes, every worker single-threaded (cv2 / torch / FFmpeg thread_count = 1).
 
 Loaders:
-  (a) dali   ClipStream, CPU backend: in-graph clip selection, `frames=` decode (from the
-             keyframe before the clip, only the needed span), DALI resize, uint8 batches.
+  (a) dali   ClipStream, CPU backend: the video cut to the clip's GOPs on the host
+             (loaders/trim.py), `frames=` decode, DALI resize, uint8 batches.
+      dali-uncut  the same with cut_gops=False: DALI 2.4's CPU decoder then decodes from
+             frame 0 to the clip (shows what the cut buys).
   (b) official  decode the whole video with PyAV, resize every frame with PIL (bilinear),
              then take the first 16 frames at stride 2 (wrapping on short videos).
   (c) pyav   seek to the keyframe before a random start, decode only up to the last
@@ -197,13 +199,13 @@ def run_torch_loader(dataset, workers: int, clips: int, warm: int) -> dict:
 
 
 def run_dali(shards: Path, size: int, threads: int, clips: int, warm: int, backend: str = "cpu",
-             device: str = "cpu") -> dict:
+             device: str = "cpu", cut: bool = True) -> dict:
     import torch
 
     from echofm.loaders.stream import ClipStream, StreamConfig
 
     cfg = StreamConfig(shards=str(shards), split="all", num_frames=T, stride=STRIDE, size=size,
-                       batch_size=BATCH, num_threads=threads, backend=backend)
+                       batch_size=BATCH, num_threads=threads, backend=backend, cut_gops=cut)
     s = ClipStream(cfg, train=True, device=torch.device(device))
     seen = n = 0
     t0 = None
@@ -242,14 +244,14 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = sorted(results["cpu"])
-    names = ["official", "pyav", "dali"]
+    names = ["official", "pyav", "dali-uncut", "dali"]
     labels = {"official": "official-style (PyAV all + PIL)", "pyav": "PyAV seek + DataLoader",
-              "dali": "ours: DALI ClipStream (cpu)"}
-    fig, ax = plt.subplots(figsize=(7, 4))
-    w = 0.27
+              "dali-uncut": "DALI, whole streams (no GOP cut)", "dali": "ours: ClipStream (DALI cpu)"}
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    w = 0.2
     for j, name in enumerate(names):
         vals = [results["cpu"][s][name]["sampled_fps"] for s in sizes]
-        bars = ax.bar(np.arange(len(sizes)) + (j - 1) * w, vals, w, label=labels[name])
+        bars = ax.bar(np.arange(len(sizes)) + (j - 1.5) * w, vals, w, label=labels[name])
         for b, v in zip(bars, vals):
             ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(np.arange(len(sizes)), [f"{s}x{s}" for s in sizes])
@@ -287,11 +289,11 @@ def main(argv=None) -> int:
         videos = extract_videos(shards)
         print(f"{size}^2: {len(videos)} videos, mean {np.mean([n for _, n in videos]):.0f} frames",
               flush=True)
-        runs = {"dali": [], "official": [], "pyav": []}
+        runs = {"dali": [], "official": [], "pyav": [], "dali-uncut": []}
         for r in range(args.repeats):
             for name in runs:
-                if name == "dali":
-                    res = run_dali(shards, size, args.threads, args.clips, warm=2)
+                if name.startswith("dali"):
+                    res = run_dali(shards, size, args.threads, args.clips, warm=2, cut=name == "dali")
                 elif name == "official":
                     res = run_torch_loader(OfficialStyle(videos, size), args.threads, args.clips, warm=2)
                 else:
@@ -316,7 +318,7 @@ def main(argv=None) -> int:
           f"VP9 GOP 8, best of {args.repeats}):")
     print(f"{'size':>5} {'loader':10} {'clips/s':>8} {'sampled fps':>12} {'decoded fps':>12} {'x official':>11}")
     for size, best in results["cpu"].items():
-        for name in ("official", "pyav", "dali"):
+        for name in ("official", "pyav", "dali-uncut", "dali"):
             b = best[name]
             print(f"{size:>5} {name:10} {b['clips_s']:8.1f} {b['sampled_fps']:12.1f} {b['decoded_fps']:12.1f} "
                   f"{b['ratio_vs_official']:10.2f}x")

@@ -186,6 +186,8 @@ def load_official(source: str | Path | Mapping, mask_cfg: MaskConfig | None = No
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, Mapping) else ckpt
     if not isinstance(sd, Mapping):
         raise CheckpointError(f"{label}: expected {{'model': state_dict, 'model_args': ...}}")
+    if sd and all(k.startswith("module.") for k in sd):  # saved from a DDP wrapper
+        sd = {k[len("module."):]: v for k, v in sd.items()}
     cfg = config_from_official(sd, ckpt.get("model_args"), label)
     cfg.attn_backend = attn_backend
     model = EchoFM(cfg, mask_cfg, loss_cfg)
@@ -228,7 +230,9 @@ def load_videomae(source: str | Path | Mapping, num_frames: int = 16, img_size: 
         if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
             sd = sd[key]
             break
-    if any(k.startswith("encoder.") for k in sd):
+    ignored: list[str] = []
+    if any(k.startswith("encoder.") for k in sd):  # a pretraining checkpoint: keep the encoder
+        ignored = sorted(k for k in sd if not k.startswith("encoder."))
         sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
     if "patch_embed.proj.weight" not in sd:
         raise CheckpointError(f"{label}: not a VideoMAE checkpoint: no (encoder.)patch_embed.proj.weight")
@@ -238,11 +242,12 @@ def load_videomae(source: str | Path | Mapping, num_frames: int = 16, img_size: 
     d, c, t, p, _ = sd["patch_embed.proj.weight"].shape
     cfg = ModelConfig(preset="echofm_vit_base", num_frames=num_frames, img_size=img_size, patch_size=p, tubelet=t,
                       in_chans=c, embed_dim=d, depth=_count(sd, "blocks"), num_heads=num_heads or max(1, d // 64),
-                      mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / d, attn_backend=attn_backend)
+                      mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / d, pred_t_dim=num_frames,
+                      attn_backend=attn_backend)
     model = EchoFM(cfg, mask_cfg, loss_cfg)
     c_ = model.cfg
     state: dict[str, torch.Tensor] = {}
-    ignored, notes = [], []
+    notes: list[str] = []
     for key, v in sd.items():
         if key == "patch_embed.proj.weight":
             state["patch_embed.weight"] = v.reshape(d, -1)

@@ -209,7 +209,7 @@ def load_model_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(model state_dict in float32 on CPU, recipe dict) of a training checkpoint.
 
     `path`: a checkpoint folder, a run folder or its `checkpoints/` (newest complete one).
-    ZeRO-3 checkpoints are consolidated from their partitions.
+    ZeRO 1-3 checkpoints give the fp32 master weights consolidated from their partitions.
     """
     from .cli import UserError
 
@@ -218,15 +218,18 @@ def load_model_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise UserError(f"{path}: no complete checkpoint here (expected a step_* folder with {META})")
     meta = _meta(ckpt)
     recipe = meta["recipe"]
-    if recipe.get("deepspeed", {}).get("zero_stage", 0) >= 3:
+    stage = recipe.get("deepspeed", {}).get("zero_stage", 0)
+    state = None
+    if stage >= 1:
+        # The fp32 master weights from the ZeRO partitions (bf16 runs: exact, not rounded).
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
-    else:
+    if state is None:  # ZeRO-0: the module's own weights (bf16 ones are cast to float32)
         blob = torch.load(ckpt / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
                           weights_only=False)
         state = blob["module"]
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, recipe
+    return {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in state.items()}, recipe
 
 
 def export(path: str | Path, out_dir: str | Path) -> Path:

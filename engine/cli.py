@@ -83,17 +83,16 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="end to end on CPU: synthetic corpus -> ingest -> pretrain "
                        "tiny -> export -> linear probe (a few minutes)")
     p.add_argument("--out", default="demo_out", help="working folder (default demo_out)")
-    p.add_argument("--minutes", type=float, default=None,
-                   help="pretraining time budget (default: the demo's embedded step count)")
+    p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the demo's)")
+    p.add_argument("--videos", type=int, default=None, help="synthetic videos (default: the demo's)")
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args) -> int:
     from .demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(out=args.out) if args.minutes is None else DemoConfig(out=args.out,
-                                                                          minutes=args.minutes)
-    run_demo(cfg)
+    sizes = {k: v for k, v in (("steps", args.steps), ("videos", args.videos)) if v is not None}
+    run_demo(DemoConfig(out=args.out, **sizes))
     return 0
 
 
@@ -217,6 +216,8 @@ def _add_synth(sub) -> None:
     p.add_argument("--size", default="160-320", metavar="MIN-MAX", help="frame height range, e.g. 160-320")
     p.add_argument("--frames", default="40-120", metavar="MIN-MAX", help="clip length range (plus short clips)")
     p.add_argument("--short-fraction", type=float, default=0.1, help="fraction of clips < 32 frames")
+    p.add_argument("--avi-fraction", type=float, default=0.2, help="fraction written as AVI/MJPEG")
+    p.add_argument("--dicom-fraction", type=float, default=0.05, help="fraction written as DICOM (rest MP4)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.set_defaults(run=_run_synth)
 
@@ -228,10 +229,12 @@ def _run_synth(args) -> int:
     from echofm.loaders.synth import SynthConfig, make_corpus, summarize
 
     try:
-        (lo, hi), (flo, fhi) = ([int(v) for v in r.split("-")] for r in (args.size, args.frames))
+        # "MIN-MAX" or a single "N"
+        (lo, hi), (flo, fhi) = ((int(a), int(b or a)) for a, _, b in
+                                (r.partition("-") for r in (args.size, args.frames)))
         cfg = SynthConfig(videos=args.videos, seed=args.seed, min_size=lo, max_size=hi, min_frames=flo,
-                          max_frames=fhi, short_fraction=args.short_fraction,
-                          workers=args.workers or os.cpu_count() or 1)
+                          max_frames=fhi, short_fraction=args.short_fraction, avi_fraction=args.avi_fraction,
+                          dicom_fraction=args.dicom_fraction, workers=args.workers or os.cpu_count() or 1)
         cfg.validate()
     except ValueError as e:
         raise UserError(f"synth: {e} (ranges are MIN-MAX, e.g. --size 160-320)") from e

@@ -73,7 +73,7 @@ def _noise(shape: tuple[int, ...], device: torch.device, generator: torch.Genera
 
 def _finish(ids_keep: torch.Tensor, n: int, t_grid: int, l_grid: int, grid: tuple[int, int] | None) -> Mask:
     """Sorted ids_keep [B, Nv] -> full Mask (masked ids in ascending order after the kept ones)."""
-    b, nv = ids_keep.shape
+    b = ids_keep.shape[0]
     device = ids_keep.device
     mask = torch.ones(b, n, device=device)
     mask.scatter_(1, ids_keep, 0.0)

@@ -83,13 +83,21 @@ class ModelConfig:
     tubelet: int | None = None
     """Frames per token t; T' = num_frames / tubelet temporal slices."""
     in_chans: int = 3
+    """Channels C of the clip."""
     embed_dim: int | None = None
+    """Encoder width D (also the phase projector's)."""
     depth: int | None = None
+    """Encoder blocks."""
     num_heads: int | None = None
+    """Encoder (and phase projector) attention heads."""
     mlp_ratio: float = 4.0
+    """MLP hidden width / block width."""
     decoder_embed_dim: int | None = None
+    """Decoder width."""
     decoder_depth: int | None = None
+    """Decoder blocks."""
     decoder_num_heads: int | None = None
+    """Decoder attention heads."""
     pred_t_dim: int | None = None
     """Frames the decoder reconstructs (the paper predicts 8 of 32): a multiple of T'
     dividing num_frames; frames 0, s, 2s, ... with s = num_frames / pred_t_dim."""
@@ -101,6 +109,7 @@ class ModelConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     """Per-channel mean of [0, 1] pixels, subtracted inside the patch gather."""
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    """Per-channel std of [0, 1] pixels."""
 
     def resolved(self) -> ModelConfig:
         """A copy with every None field taken from the preset."""
@@ -192,7 +201,6 @@ class Attention(nn.Module):
                                backend=self.backend).squeeze(2)
         else:
             t, kk = grid
-            b, h, _, dh = q.shape
             tok = [a[:, :, 1:].unflatten(2, (t, kk)) for a in (q, k, v)]  # [B, H, T', K, Dh] views
             o_tok = tube_attention(*tok, mode, backend=self.backend).flatten(2, 3)
             # The CLS is outside the tube layout: its own query over [CLS, all tokens].
@@ -264,8 +272,6 @@ class EchoFM(nn.Module):
                                             for _ in range(c.decoder_depth))
         self.decoder_norm = nn.LayerNorm(dd, eps=LN_EPS)
         self.decoder_pred = nn.Linear(dd, c.pred_dim)
-        self.register_buffer("pix_mean", torch.tensor(c.mean, dtype=torch.float32), persistent=False)
-        self.register_buffer("pix_std", torch.tensor(c.std, dtype=torch.float32), persistent=False)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -283,6 +289,10 @@ class EchoFM(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, Attention):  # q, k, v each as its own [D, D] Linear (official)
+                for part in m.qkv.weight.data.chunk(3, dim=0):
+                    nn.init.xavier_uniform_(part)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that AdamW should not decay (tokens and position embeddings)."""
@@ -341,9 +351,8 @@ class EchoFM(nn.Module):
         if mask.grid is not None:
             t, k = mask.grid
             x = torch.cat([cls.unsqueeze(2), latent.view(b, t, k, d)], dim=2)  # [B, T', 1+K, D]
-            q, kk, v = blk.attn.qkv_heads(blk.norm1(x))  # [B, T', H, 1+K, Dh]
-            tr = lambda a: a.transpose(1, 2)  # noqa: E731  -> [B, H, T', 1+K, Dh]
-            o = tube_attention(tr(q), tr(kk), tr(v), "slice", backend=blk.attn.backend)
+            q, kk, v = (a.transpose(1, 2) for a in blk.attn.qkv_heads(blk.norm1(x)))  # [B, H, T', 1+K, Dh]
+            o = tube_attention(q, kk, v, "slice", backend=blk.attn.backend)
             o = o[:, :, :, 0].transpose(1, 2)  # CLS rows [B, T', H, Dh]
         else:
             # Slices hold different numbers of visible tokens (random / frame masks): pad
@@ -410,17 +419,25 @@ class EchoFM(nn.Module):
         return list(range(0, c.num_frames, c.num_frames // c.pred_t_dim))
 
     def normalize(self, video: torch.Tensor) -> torch.Tensor:
-        """[..., C] uint8 or [0, 1] float -> float32 (x - mean) / std."""
+        """[..., C] uint8 or [0, 1] float -> float32 (x - mean) / std (for figures and tests)."""
         x = video.float() / 255.0 if video.dtype == torch.uint8 else video.float()
-        return (x - self.pix_mean) / self.pix_std
+        mean, std = (torch.tensor(v, dtype=torch.float32, device=video.device) for v in (self.cfg.mean, self.cfg.std))
+        return (x - mean) / std
 
     def target(self, video: torch.Tensor) -> torch.Tensor:
-        """Raw (normalised-pixel) target patches [B, N, u*p*p*C] of the predicted frames."""
+        """Normalised-pixel target patches [B, N, u*p*p*C] float32 of the predicted frames.
+
+        The same fused gather as the encoder input (uint8 -> normalised float inside the
+        kernel), with patch (u, p, p) over the pred_t_dim frames, then reordered from the
+        Conv3d (C, u, p, p) order to the official decoder_pred (u, p, p, C) order."""
         c = self.cfg
-        x = self.normalize(video[:, self.target_frames()])  # [B, pred_t, H, W, C]
-        b, h = x.shape[0], c.img_size // c.patch_size
-        x = x.view(b, c.t_grid, c.pred_u, h, c.patch_size, h, c.patch_size, c.in_chans)
-        return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, c.t_grid * h * h, c.pred_dim)
+        frames = video if c.pred_t_dim == c.num_frames else video[:, self.target_frames()]
+        b, n = video.shape[0], c.t_grid * c.l_grid
+        ids = torch.arange(n, device=video.device).expand(b, n).contiguous()
+        x = gather_patches(frames, ids, (c.pred_u, c.patch_size, c.patch_size), c.mean, c.std,
+                           backend=self.gather_backend)
+        x = x.view(b, n, c.in_chans, c.pred_u, c.patch_size, c.patch_size).permute(0, 1, 3, 4, 5, 2)
+        return x.reshape(b, n, c.pred_dim).float()
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, u*p*p*C] (pred or target layout) -> frames [B, pred_t_dim, H, W, C]."""
@@ -441,7 +458,8 @@ class EchoFM(nn.Module):
             pred = pred * (var + 1e-6).sqrt() + mu
         m = out["mask"].unsqueeze(-1)
         x = self.unpatchify(target * (1 - m) + pred * m)
-        return (x * self.pix_std + self.pix_mean).clamp(0, 1)
+        mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in (self.cfg.mean, self.cfg.std))
+        return (x * std + mean).clamp(0, 1)
 
     # ------------------------------------------------------------ persistence
 
@@ -459,8 +477,9 @@ class EchoFM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, mask_cfg: MaskConfig | None = None,
-                        loss_cfg: LossConfig | None = None, map_location: str | torch.device = "cpu") -> EchoFM:
-        """Load a directory written by save_pretrained."""
+                        loss_cfg: LossConfig | None = None, map_location: str | torch.device = "cpu",
+                        attn_backend: str | None = None) -> EchoFM:
+        """Load a directory written by save_pretrained (attn_backend overrides the saved one)."""
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -476,6 +495,8 @@ class EchoFM(nn.Module):
         if unknown:
             raise ValueError(f"{cfg_file}: unknown model keys {unknown}")
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in data["model"].items()}
+        if attn_backend is not None:
+            kw["attn_backend"] = attn_backend
         model = cls(ModelConfig(**kw), mask_cfg, loss_cfg)
         model.load_state_dict(load_file(str(weights), device=str(map_location)))
         return model.to(map_location)

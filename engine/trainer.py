@@ -193,8 +193,9 @@ def build_engine(model: torch.nn.Module, recipe, *, world_size: int, total_steps
 
 # ---------------------------------------------------------------- metrics helpers
 
-# Dense bf16 peak per device (vendor figures), by a substring of the device name.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
+# Dense bf16 peak TFLOP/s per device, by a substring of the device name (first match wins):
+# H200 as measured on random data (DESIGN §7, = flops.H200_BF16_PEAK), the others vendor figures.
+PEAK_BF16_TFLOPS = {"H200": 790.0, "GH200": 989.0, "H100": 989.0, "B200": 2250.0, "A100": 312.0,
                     "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "4090": 165.0, "3090": 71.0}
 
 
@@ -271,6 +272,7 @@ def pretrain(recipe, *, resume: str | None = None) -> dict:
     from .flops import model_flops
     from .logging import MetricsLogger
     from .model import EchoFM
+    from .optim import WarmupCosine
 
     tc = recipe.train
     rank, world, _, device = init_distributed()
@@ -308,6 +310,11 @@ def pretrain(recipe, *, resume: str | None = None) -> dict:
         nonfinite_total, elapsed_before = state["nonfinite_total"], state["elapsed"]
         stream.load_state_dict(state["stream"])  # epoch and position: the same next batch
         ckpt.set_rng_state(state["rng"])  # the same masks
+        # The schedule's shape comes from the recipe (e.g. a run extended with more steps).
+        fresh = WarmupCosine(warmup=recipe.schedule.warmup_steps, total=tc.steps,
+                             floor=scheduler.lr_lambdas[0].floor)
+        for fn in scheduler.lr_lambdas:
+            fn.__dict__.update(vars(fresh))
 
     log = MetricsLogger(recipe.logging, run_dir, total_steps=tc.steps, start_step=step, enabled=rank == 0)
     if rank == 0:

@@ -1,18 +1,24 @@
 """Tube attention in Triton: FlashAttention-2 style forward and backward over [B, H, T, K, Dh].
 
-The three modes are one kernel with different index maps. A program works on one
-attention group (b, h, g) and a block of its L tokens; token i of a group sits at
+The three modes are one set of kernels with different index maps. Attention runs inside
+groups of L tokens (G groups per head); token i of group g of head (b, h) sits at
 
-    offset(i) = b*s_b + h*s_h + g*s_g + (i // INNER)*s_outer + (i % INNER)*s_inner
+    offset = b*s_b + h*s_h + g*s_g + (i // INNER)*s_outer + (i % INNER)*s_inner
 
     joint: G = 1, L = T*K, INNER = K, s_outer = s_T, s_inner = s_K
     slice: G = T, L = K,   s_g = s_T, s_inner = s_K   (INNER = L, so s_outer is unused)
     tube:  G = K, L = T,   s_g = s_K, s_inner = s_T
 
 so q, k, v (and o, do) are read in place with their own strides: no reshape or transpose
-copies, no materialised masks. Softmax is online in base 2 with fp32 accumulation; the
-forward saves the base-2 logsumexp per row, the backward recomputes P from it (FA2:
-delta = rowsum(dO * O), one kernel for dK/dV over query blocks, one for dQ over key blocks).
+copies, no materialised masks. A program owns a *pack* of GPB consecutive groups of one
+head, seen as GPB*L rows: long groups (joint, slice) are packs of one, cut into tiles;
+short groups (tube, L = T = 8) are packed several to a tile so the matrix units are not
+mostly padding, and a score only counts when row and key are in the same group.
+
+Softmax is online in base 2 with fp32 accumulation; the forward saves the base-2
+logsumexp per row, the backward recomputes P from it (FA2: delta = rowsum(dO * O), one
+kernel for dK/dV looping over queries, one for dQ looping over keys; no atomics).
+Masked scores are a large finite negative rather than -inf, so padding rows never make NaN.
 
 A CLS token per slice is not a separate argument: the phase projector prepends each
 slice's CLS into the K dimension ([B, H, T, K+1, Dh]) and uses mode "slice".
@@ -26,107 +32,136 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+NEG: tl.constexpr = tl.constexpr(-1.0e30)  # masked score (base 2): exp2(NEG - m) == 0 for any real max m
 
 
 @triton.jit
-def _tok(i, INNER, s_outer, s_inner):
-    # Offset of token i inside its group (see module docstring).
-    return (i // INNER) * s_outer + (i % INNER) * s_inner
+def _program(pid, H, G, GPB):
+    # Program -> (b, h) as int64 scalars and the first group g0 of its pack.
+    packs = tl.cdiv(G, GPB)
+    bh = (pid // packs).to(tl.int64)
+    return bh // H, bh % H, (pid % packs) * GPB
 
 
 @triton.jit
-def _group_base(pid, H, G, sb, sh, sg):
-    # Offset of group pid = (b, h, g) in row-major order over [B, H, G]; int64 for big batches.
-    b = (pid // (H * G)).to(tl.int64)
-    h = ((pid // G) % H).to(tl.int64)
-    g = (pid % G).to(tl.int64)
-    return b * sb + h * sh + g * sg
+def _rows(r, L, G, g0, GPB):
+    # Rows r of a pack -> (group within the pack, token, valid).
+    gi = r // L
+    return gi, r % L, (r < GPB * L) & (g0 + gi < G)
 
 
 @triton.jit
-def _load_rows(ptr, base, rows, cols, L, INNER, s_outer, s_inner, s_d, Dh):
-    # [len(rows), len(cols)] tile of tokens `rows`, features `cols`; 0 outside L x Dh.
-    offs = base + _tok(rows, INNER, s_outer, s_inner)[:, None] + cols[None, :] * s_d
-    return tl.load(ptr + offs, mask=(rows < L)[:, None] & (cols < Dh)[None, :], other=0.0)
+def _base(ptr, b, h, g0, sb, sh, sg):
+    # Scalar pointer to group g0 of head (b, h): the only 64-bit offset arithmetic.
+    return ptr + b * sb + h * sh + g0.to(tl.int64) * sg
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, qk_scale, H, G, L, INNER, Dh,
+def _offs(r, gi, i, INNER, sg, so, si, FLAT: tl.constexpr):
+    # int32 offsets of pack rows r = (gi, i) from the pack's base (see module docstring).
+    # FLAT (decided on the host): rows are evenly spaced, r * si, as in contiguous layouts.
+    if FLAT:
+        return r * si
+    return gi * sg + (i // INNER) * so + (i % INNER) * si
+
+
+@triton.jit
+def _load(ptr, offs, valid, cols, sd, Dh):
+    # [rows, BLOCK_D] tile; 0 for invalid rows and padded features.
+    return tl.load(ptr + offs[:, None] + cols[None, :] * sd, mask=valid[:, None] & (cols < Dh)[None, :], other=0.0)
+
+
+@triton.jit
+def _store(ptr, offs, valid, cols, sd, Dh, val):
+    tl.store(ptr + offs[:, None] + cols[None, :] * sd, val.to(ptr.dtype.element_ty),
+             mask=valid[:, None] & (cols < Dh)[None, :])
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, qk_scale, H, G, L, INNER, Dh, GPB,
                 sqb, sqh, sqg, sqo, sqi, sqd, skb, skh, skg, sko, ski, skd,
                 svb, svh, svg, svo, svi, svd, sob, soh, sog, soo, soi, sod,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
+                PACKED: tl.constexpr, FLAT: tl.constexpr, PRECISION: tl.constexpr):
+    b, h, g0 = _program(tl.program_id(0), H, G, GPB)
+    Qp, Kp = _base(Q, b, h, g0, sqb, sqh, sqg), _base(K, b, h, g0, skb, skh, skg)
+    Vp, Op = _base(V, b, h, g0, svb, svh, svg), _base(O, b, h, g0, sob, soh, sog)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    g_r, i_r, ok_r = _rows(rows, L, G, g0, GPB)
     cols = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q, _group_base(pid, H, G, sqb, sqh, sqg), rows, cols, L, INNER, sqo, sqi, sqd, Dh)
-    k_base = _group_base(pid, H, G, skb, skh, skg)
-    v_base = _group_base(pid, H, G, svb, svh, svg)
+    q = _load(Qp, _offs(rows, g_r, i_r, INNER, sqg, sqo, sqi, FLAT), ok_r, cols, sqd, Dh)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (base-2 units)
+    m_i = tl.full([BLOCK_M], NEG, tl.float32)  # running row max (base-2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, L, BLOCK_N):
+    for start in range(0, GPB * L, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, k_base, keys, cols, L, INNER, sko, ski, skd, Dh)
+        g_c, i_c, ok_c = _rows(keys, L, G, g0, GPB)
+        k = _load(Kp, _offs(keys, g_c, i_c, INNER, skg, sko, ski, FLAT), ok_c, cols, skd, Dh)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where((keys < L)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key 0 of the first block is always valid
+        keep = ok_c[None, :]
+        if PACKED:
+            keep = keep & (g_r[:, None] == g_c[None, :])
+        s = tl.where(keep, s, NEG)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        alpha = tl.exp2(m_i - m_new)  # rescales what earlier key blocks accumulated
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(V, v_base, keys, cols, L, INNER, svo, svi, svd, Dh)
+        v = _load(Vp, _offs(keys, g_c, i_c, INNER, svg, svo, svi, FLAT), ok_c, cols, svd, Dh)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
-    o_base = _group_base(pid, H, G, sob, soh, sog)
-    o_offs = o_base + _tok(rows, INNER, soo, soi)[:, None] + cols[None, :] * sod
-    tl.store(O + o_offs, (acc / l_i[:, None]).to(O.dtype.element_ty),
-             mask=(rows < L)[:, None] & (cols < Dh)[None, :])
-    tl.store(LSE + pid.to(tl.int64) * L + rows, m_i + tl.log2(l_i), mask=rows < L)
+    _store(Op, _offs(rows, g_r, i_r, INNER, sog, soo, soi, FLAT), ok_r, cols, sod, Dh, acc / l_i[:, None])
+    # Row stats live in [B*H*G, L]: the pack's rows are contiguous there.
+    stats = LSE + ((b * H + h) * G + g0) * L
+    tl.store(stats + rows, m_i + tl.log2(l_i), mask=ok_r)
 
 
 @triton.jit
-def _bwd_delta_kernel(O, DO, DELTA, H, G, L, INNER, Dh,
+def _bwd_delta_kernel(O, DO, DELTA, H, G, L, INNER, Dh, GPB,
                       sob, soh, sog, soo, soi, sod, sdb, sdh, sdg, sdo, sdi, sdd,
-                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, FLAT: tl.constexpr):
     # delta[row] = sum_d O * dO: the softmax-backward correction, once per row.
-    pid = tl.program_id(0)
+    b, h, g0 = _program(tl.program_id(0), H, G, GPB)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    g, i, ok = _rows(rows, L, G, g0, GPB)
     cols = tl.arange(0, BLOCK_D)
-    o = _load_rows(O, _group_base(pid, H, G, sob, soh, sog), rows, cols, L, INNER, soo, soi, sod, Dh)
-    do = _load_rows(DO, _group_base(pid, H, G, sdb, sdh, sdg), rows, cols, L, INNER, sdo, sdi, sdd, Dh)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + pid.to(tl.int64) * L + rows, delta, mask=rows < L)
+    o = _load(_base(O, b, h, g0, sob, soh, sog), _offs(rows, g, i, INNER, sog, soo, soi, FLAT), ok, cols, sod, Dh)
+    do = _load(_base(DO, b, h, g0, sdb, sdh, sdg), _offs(rows, g, i, INNER, sdg, sdo, sdi, FLAT), ok, cols, sdd, Dh)
+    stats = DELTA + ((b * H + h) * G + g0) * L
+    tl.store(stats + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, H, G, L, INNER, Dh,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, H, G, L, INNER, Dh, GPB,
                      sqb, sqh, sqg, sqo, sqi, sqd, skb, skh, skg, sko, ski, skd,
                      svb, svh, svg, svo, svi, svd, sdb, sdh, sdg, sdo, sdi, sdd,
                      sgb, sgh, sgg, sgo, sgi, sgd,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PRECISION: tl.constexpr):
-    # One block of keys; loop over all query blocks of the group. Works on transposed
-    # scores (keys x queries) so dV = P^T dO and dK = dS^T Q need no transposes of P.
-    pid = tl.program_id(0)
+                     PACKED: tl.constexpr, FLAT: tl.constexpr, PRECISION: tl.constexpr):
+    # A tile of keys; loop over the pack's queries. Works on transposed scores (keys x
+    # queries) so dV = P^T dO and dK = dS^T Q need no transposes of P.
+    b, h, g0 = _program(tl.program_id(0), H, G, GPB)
+    Qp, DOp = _base(Q, b, h, g0, sqb, sqh, sqg), _base(DO, b, h, g0, sdb, sdh, sdg)
+    row0 = ((b * H + h) * G + g0) * L
     keys = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g_c, i_c, ok_c = _rows(keys, L, G, g0, GPB)
     cols = tl.arange(0, BLOCK_D)
-    k = _load_rows(K, _group_base(pid, H, G, skb, skh, skg), keys, cols, L, INNER, sko, ski, skd, Dh)
-    v = _load_rows(V, _group_base(pid, H, G, svb, svh, svg), keys, cols, L, INNER, svo, svi, svd, Dh)
-    q_base = _group_base(pid, H, G, sqb, sqh, sqg)
-    do_base = _group_base(pid, H, G, sdb, sdh, sdg)
-    row_stats = pid.to(tl.int64) * L
+    k = _load(_base(K, b, h, g0, skb, skh, skg), _offs(keys, g_c, i_c, INNER, skg, sko, ski, FLAT), ok_c, cols, skd, Dh)
+    v = _load(_base(V, b, h, g0, svb, svh, svg), _offs(keys, g_c, i_c, INNER, svg, svo, svi, FLAT), ok_c, cols, svd, Dh)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start in range(0, L, BLOCK_M):
+    for start in range(0, GPB * L, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        valid = (keys < L)[:, None] & (rows < L)[None, :]
-        q = _load_rows(Q, q_base, rows, cols, L, INNER, sqo, sqi, sqd, Dh)
-        do = _load_rows(DO, do_base, rows, cols, L, INNER, sdo, sdi, sdd, Dh)
-        lse = tl.load(LSE + row_stats + rows, mask=rows < L, other=0.0)
-        delta = tl.load(DELTA + row_stats + rows, mask=rows < L, other=0.0)
+        g_r, i_r, ok_r = _rows(rows, L, G, g0, GPB)
+        q = _load(Qp, _offs(rows, g_r, i_r, INNER, sqg, sqo, sqi, FLAT), ok_r, cols, sqd, Dh)
+        do = _load(DOp, _offs(rows, g_r, i_r, INNER, sdg, sdo, sdi, FLAT), ok_r, cols, sdd, Dh)
+        lse = tl.load(LSE + row0 + rows, mask=ok_r, other=0.0)
+        delta = tl.load(DELTA + row0 + rows, mask=ok_r, other=0.0)
+        valid = ok_c[:, None] & ok_r[None, :]
+        if PACKED:
+            valid = valid & (g_c[:, None] == g_r[None, :])
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         p_t = tl.where(valid, tl.exp2(s_t - lse[None, :]), 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
@@ -134,46 +169,48 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, H, G, 
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
 
-    mask = (keys < L)[:, None] & (cols < Dh)[None, :]
-    g_offs = _group_base(pid, H, G, sgb, sgh, sgg) + _tok(keys, INNER, sgo, sgi)[:, None] + cols[None, :] * sgd
-    # DK and DV share one layout (both allocated like k).
-    tl.store(DK + g_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + g_offs, dv.to(DV.dtype.element_ty), mask=mask)
+    # DK and DV share one layout (attention_bwd checks).
+    offs = _offs(keys, g_c, i_c, INNER, sgg, sgo, sgi, FLAT)
+    _store(_base(DK, b, h, g0, sgb, sgh, sgg), offs, ok_c, cols, sgd, Dh, dk * sm_scale)
+    _store(_base(DV, b, h, g0, sgb, sgh, sgg), offs, ok_c, cols, sgd, Dh, dv)
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, H, G, L, INNER, Dh,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, H, G, L, INNER, Dh, GPB,
                    sqb, sqh, sqg, sqo, sqi, sqd, skb, skh, skg, sko, ski, skd,
                    svb, svh, svg, svo, svi, svd, sdb, sdh, sdg, sdo, sdi, sdd,
                    sgb, sgh, sgg, sgo, sgi, sgd,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    # One block of queries; loop over all key blocks: dQ = dS K * scale.
-    pid = tl.program_id(0)
+                   PACKED: tl.constexpr, FLAT: tl.constexpr, PRECISION: tl.constexpr):
+    # A tile of queries; loop over the pack's keys: dQ = dS K * scale.
+    b, h, g0 = _program(tl.program_id(0), H, G, GPB)
+    Kp, Vp = _base(K, b, h, g0, skb, skh, skg), _base(V, b, h, g0, svb, svh, svg)
+    row0 = ((b * H + h) * G + g0) * L
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    g_r, i_r, ok_r = _rows(rows, L, G, g0, GPB)
     cols = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q, _group_base(pid, H, G, sqb, sqh, sqg), rows, cols, L, INNER, sqo, sqi, sqd, Dh)
-    do = _load_rows(DO, _group_base(pid, H, G, sdb, sdh, sdg), rows, cols, L, INNER, sdo, sdi, sdd, Dh)
-    row_stats = pid.to(tl.int64) * L
-    lse = tl.load(LSE + row_stats + rows, mask=rows < L, other=0.0)
-    delta = tl.load(DELTA + row_stats + rows, mask=rows < L, other=0.0)
-    k_base = _group_base(pid, H, G, skb, skh, skg)
-    v_base = _group_base(pid, H, G, svb, svh, svg)
+    q = _load(_base(Q, b, h, g0, sqb, sqh, sqg), _offs(rows, g_r, i_r, INNER, sqg, sqo, sqi, FLAT), ok_r, cols, sqd, Dh)
+    do = _load(_base(DO, b, h, g0, sdb, sdh, sdg), _offs(rows, g_r, i_r, INNER, sdg, sdo, sdi, FLAT), ok_r, cols, sdd, Dh)
+    lse = tl.load(LSE + row0 + rows, mask=ok_r, other=0.0)
+    delta = tl.load(DELTA + row0 + rows, mask=ok_r, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, L, BLOCK_N):
+    for start in range(0, GPB * L, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, k_base, keys, cols, L, INNER, sko, ski, skd, Dh)
-        v = _load_rows(V, v_base, keys, cols, L, INNER, svo, svi, svd, Dh)
+        g_c, i_c, ok_c = _rows(keys, L, G, g0, GPB)
+        k = _load(Kp, _offs(keys, g_c, i_c, INNER, skg, sko, ski, FLAT), ok_c, cols, skd, Dh)
+        v = _load(Vp, _offs(keys, g_c, i_c, INNER, svg, svo, svi, FLAT), ok_c, cols, svd, Dh)
+        valid = ok_r[:, None] & ok_c[None, :]
+        if PACKED:
+            valid = valid & (g_r[:, None] == g_c[None, :])
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.where((rows < L)[:, None] & (keys < L)[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
-    mask = (rows < L)[:, None] & (cols < Dh)[None, :]
-    g_offs = _group_base(pid, H, G, sgb, sgh, sgg) + _tok(rows, INNER, sgo, sgi)[:, None] + cols[None, :] * sgd
-    tl.store(DQ + g_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
+    offs = _offs(rows, g_r, i_r, INNER, sgg, sgo, sgi, FLAT)
+    _store(_base(DQ, b, h, g0, sgb, sgh, sgg), offs, ok_r, cols, sgd, Dh, dq * sm_scale)
 
 
 # ---- host side -----------------------------------------------------------------------------
@@ -192,19 +229,45 @@ def _strides(x: torch.Tensor, mode: str) -> tuple[int, ...]:
             "tube": (sb, sh, sk, 0, st, sd)}[mode]
 
 
-def _config(L: int, dh: int, kernel: str) -> dict:
-    """Launch config of kernel "fwd" | "dkdv" | "dq" for groups of L tokens, head dim dh.
+def _config(L: int, G: int, dh: int, kernel: str) -> dict:
+    """Launch config of kernel "fwd" | "dkdv" | "dq" for G groups of L tokens, head dim dh.
 
     Each kernel keeps a *tile* of rows resident (queries for fwd/dq, keys for dkdv) and
-    loops over the group in *steps*: FA2-like large tiles, short steps; whole groups when
-    they are short (tube, slice). benchmarks/kernels.py sweeps the alternatives.
+    loops over its pack in *steps*: FA2-like large tiles and short steps for long groups;
+    groups of <= 32 tokens are packed GPB to a tile of at most 64 rows.
+    benchmarks/kernels.py sweeps the alternatives.
     """
     block_d = max(16, triton.next_power_of_2(dh))
-    wide = block_d > 64  # Dh 128: halve the tile to stay within registers
-    tile, step = (64 if wide else 128), (32 if wide or kernel != "fwd" else 64)
-    tile, step = (min(c, max(16, triton.next_power_of_2(L))) for c in (tile, step))
+    if 2 * L <= 64:
+        gpb = min(G, 64 // L)
+        tile = step = max(16, triton.next_power_of_2(gpb * L))
+    else:
+        gpb = 1
+        wide = block_d > 64  # Dh 128: halve the tile to stay within registers
+        tile, step = (64 if wide else 128), (32 if wide or kernel != "fwd" else 64)
+        tile, step = (min(c, max(16, triton.next_power_of_2(L))) for c in (tile, step))
     block_m, block_n = (step, tile) if kernel == "dkdv" else (tile, step)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8 if tile * block_d >= 8192 else 4)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, GPB=gpb,
+                num_warps=8 if tile * block_d >= 8192 else 4)
+
+
+def _launch(cfg: dict, mode: str, tile: str, *tensors: torch.Tensor) -> tuple[tuple[int, int], int, dict]:
+    """(grid, GPB, meta-parameters) of a kernel config over `tensors` ([B, H, T, K, Dh] each).
+
+    `tile` names the config's resident block. FLAT: every tensor's pack rows are evenly
+    spaced (a contiguous layout), so the kernel skips the div/mod index map.
+    """
+    b, h = tensors[0].shape[:2]
+    groups, length, inner = _geometry(tensors[0].shape, mode)
+    kw = dict(cfg)
+    gpb = kw.pop("GPB", 1)
+    kw["FLAT"] = True
+    for x in tensors:
+        _, _, sg, so, si, _ = _strides(x, mode)
+        kw["FLAT"] &= (inner == length or so == inner * si) and (gpb == 1 or sg == length * si)
+    if "BLOCK_N" in cfg:  # the delta kernel has no key blocks and never packs scores
+        kw["PACKED"] = gpb > 1
+    return (b * h * triton.cdiv(groups, gpb), triton.cdiv(gpb * length, cfg[tile])), gpb, kw
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -218,18 +281,18 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, 
     """q, k, v [B, H, T, K, Dh] (any strides) -> (o [B, H, T, K, Dh], lse fp32 [B*H*G, L] base 2).
 
     out/lse: optional preallocated results; cfg: launch config (BLOCK_M, BLOCK_N, BLOCK_D,
-    num_warps, num_stages) instead of `_config(L, Dh, "fwd")`.
+    GPB, num_warps, num_stages) instead of `_config(L, G, Dh, "fwd")`.
     """
     b, h, _, _, dh = q.shape
     groups, length, inner = _geometry(q.shape, mode)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     if lse is None:
         lse = torch.empty((b * h * groups, length), dtype=torch.float32, device=q.device)
-    cfg = cfg or _config(length, dh, "fwd")
-    grid = (b * h * groups, triton.cdiv(length, cfg["BLOCK_M"]))
-    _fwd_kernel[grid](q, k, v, out, lse, scale * LOG2E, h, groups, length, inner, dh,
+    cfg = cfg or _config(length, groups, dh, "fwd")
+    grid, gpb, kw = _launch(cfg, mode, "BLOCK_M", q, k, v, out)
+    _fwd_kernel[grid](q, k, v, out, lse, scale * LOG2E, h, groups, length, inner, dh, gpb,
                       *_strides(q, mode), *_strides(k, mode), *_strides(v, mode), *_strides(out, mode),
-                      PRECISION=_precision(q), **cfg)
+                      PRECISION=_precision(q), **kw)
     return out, lse
 
 
@@ -248,20 +311,21 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if dk.stride() != dv.stride():
         raise ValueError("attention_bwd: dk and dv must have the same strides")
     delta = torch.empty_like(lse)
-    cfg = {"dkdv": _config(length, dh, "dkdv"), "dq": _config(length, dh, "dq"), **(cfg or {})}
-    rows = b * h * groups
-    pre = _config(length, dh, "dkdv")  # short row blocks: delta is a cheap elementwise pass
-    _bwd_delta_kernel[(rows, triton.cdiv(length, pre["BLOCK_M"]))](
-        o, do, delta, h, groups, length, inner, dh, *_strides(o, mode), *_strides(do, mode),
-        BLOCK_M=pre["BLOCK_M"], BLOCK_D=pre["BLOCK_D"], num_warps=4)
-    common = (scale * LOG2E, scale, h, groups, length, inner, dh,
-              *_strides(q, mode), *_strides(k, mode), *_strides(v, mode), *_strides(do, mode))
-    kv = cfg["dkdv"]
-    _bwd_dkdv_kernel[(rows, triton.cdiv(length, kv["BLOCK_N"]))](
-        q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk, mode), PRECISION=_precision(q), **kv)
-    qc = cfg["dq"]
-    _bwd_dq_kernel[(rows, triton.cdiv(length, qc["BLOCK_M"]))](
-        q, k, v, do, lse, delta, dq, *common, *_strides(dq, mode), PRECISION=_precision(q), **qc)
+    cfg = {"dkdv": _config(length, groups, dh, "dkdv"), "dq": _config(length, groups, dh, "dq"), **(cfg or {})}
+    # delta: a cheap row-wise pass, tiled like the default dq kernel's queries.
+    pre = _config(length, groups, dh, "dq")
+    grid, gpb, kw = _launch({"BLOCK_M": pre["BLOCK_M"], "BLOCK_D": pre["BLOCK_D"], "GPB": pre["GPB"]},
+                            mode, "BLOCK_M", o, do)
+    _bwd_delta_kernel[grid](o, do, delta, h, groups, length, inner, dh, gpb, *_strides(o, mode), *_strides(do, mode),
+                            num_warps=4, **kw)
+    common = (scale * LOG2E, scale, h, groups, length, inner, dh)
+    strides = (*_strides(q, mode), *_strides(k, mode), *_strides(v, mode), *_strides(do, mode))
+    grid, gpb, kw = _launch(cfg["dkdv"], mode, "BLOCK_N", q, k, v, do, dk, dv)
+    _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, *common, gpb, *strides, *_strides(dk, mode),
+                           PRECISION=_precision(q), **kw)
+    grid, gpb, kw = _launch(cfg["dq"], mode, "BLOCK_M", q, k, v, do, dq)
+    _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, *common, gpb, *strides, *_strides(dq, mode),
+                         PRECISION=_precision(q), **kw)
     return dq, dk, dv
 
 

@@ -20,8 +20,13 @@ from .reference import norm_params
 
 
 def _blocks(width: int, budget: int = 4096) -> tuple[int, int]:
-    """(rows, cols) of a 2-D tile: whole rows up to 1024 wide, about `budget` elements."""
-    cols = min(triton.next_power_of_2(width), 1024)
+    """(rows, cols) of a 2-D tile of about `budget` elements.
+
+    cols: a power-of-2 divisor of the row width when there is one >= 128 (768 -> 256,
+    1536 -> 512: no masked-off lanes), else the row width rounded up; at most 1024.
+    """
+    divisor = width & -width
+    cols = min(divisor if divisor >= 128 else triton.next_power_of_2(width), 1024)
     return max(1, budget // cols), cols
 
 

@@ -10,6 +10,12 @@ order, so the shards are the same for any worker count.
 
 Nothing lost, nothing duplicated: a clip that fails goes to `rejects.jsonl` with the reason;
 a re-run skips every source already in a manifest-listed shard (and earlier rejects).
+
+Privacy: patient ids are hashed (`patient_hash`, optionally salted) before anything is
+written; keys are `<dataset>_<patient hash>_<[tag-]source-path hash>`, and the json's
+`source` is a hash of the relative source path (file names often embed patient ids; hash
+your file list to find a sample's file, or match `source_sha256` against the file
+contents). Only `rejects.jsonl`, an operator's file outside the shards, names paths.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import numpy as np
 from .errors import DataError
 from .shards import (ShardWriter, SampleRecord, add_shard, clean_orphans, new_manifest, npy_bytes,
                      pack_nframes, read_manifest, read_sample_records, sha256_file, write_manifest)
+from .sources.base import safe_name
 from .video_io import CODECS
 
 REJECTS = "rejects.jsonl"
@@ -132,6 +139,12 @@ def patient_hash(dataset: str, patient: str, salt: str = "") -> str:
     return hashlib.sha256(f"{salt}{dataset}:{patient}".encode()).hexdigest()[:16]
 
 
+def source_hash(path: str) -> str:
+    """16 hex chars of sha256 of a path: the json's `source` and the resume identity (paths
+    often embed patient ids, so they stay out of the shards)."""
+    return hashlib.sha256(path.encode()).hexdigest()[:16]
+
+
 def hash_split(phash: str, fractions: tuple[float, float, float]) -> str:
     """Deterministic split of a patient from its hash (uniform in [0, 1) -> train/val/test)."""
     u = int(hashlib.sha256(f"split:{phash}".encode()).hexdigest()[:12], 16) / 16**12
@@ -164,9 +177,10 @@ def plan(clips: list, cfg: IngestConfig, existing: list[dict]) -> list[Job]:
             if prev[0] != s:
                 raise DataError(f"patient {ph} is in split {prev[0]!r} ({prev[1]}) and {s!r} "
                                 f"({c.rel_source or c.source}): splits must be by patient")
-        key = f"{ds}_{ph}_{c.clip_id or 'clip'}"
-        if key in keys:  # two sources with one name: disambiguate by the source path
-            key += "-" + hashlib.sha256(c.source.encode()).hexdigest()[:6]
+        tag = (safe_name(c.clip_id) + "-") if c.clip_id else ""
+        key = f"{ds}_{ph}_{tag}{source_hash(c.rel_source or c.source)[:10]}"
+        if key in keys:  # same relative path under two roots: disambiguate by the absolute one
+            key += "-" + source_hash(os.path.abspath(c.source))[:6]
         keys.add(key)
         jobs.append(Job(clip=c, key=key, phash=ph, split=""))
     for j in jobs:
@@ -185,7 +199,7 @@ def plan(clips: list, cfg: IngestConfig, existing: list[dict]) -> list[Job]:
 def resample_fps(n: int, fps_in: float, fps_out: float) -> np.ndarray:
     """Source frame indices (nearest) for a clip of n frames re-timed from fps_in to fps_out."""
     m = max(1, int(np.floor(n * fps_out / fps_in + 1e-6)))
-    return np.minimum(np.round(np.arange(m) * fps_in / fps_out).astype(np.int64), n - 1)
+    return np.minimum(np.floor(np.arange(m) * fps_in / fps_out + 0.5).astype(np.int64), n - 1)
 
 
 def process_clip(job: Job, cfg: IngestConfig) -> dict:
@@ -244,7 +258,7 @@ def process_clip(job: Job, cfg: IngestConfig) -> dict:
         "key": job.key, "frames": n, "fps": round(float(fps), 4), "height": cfg.size,
         "width": cfg.size, "period": None if cyc.period is None else round(cyc.period, 3),
         "ed": cyc.ed, "es": cyc.es, "view": c.view, "labels": c.labels, "patient": job.phash,
-        "split": job.split, "source": c.rel_source or os.path.basename(c.source),
+        "split": job.split, "source": source_hash(c.rel_source or os.path.basename(c.source)),
         "source_sha256": sha, "codec": cfg.codec, "dataset": cfg.dataset or c.dataset,
         "source_size": [int(src_h), int(src_w)],
         "sector_box": list(sector.box) if sector is not None else None,
@@ -306,18 +320,24 @@ def ingest(sources: list[str | Path], out_dir: str | Path, cfg: IngestConfig | N
                 f"{k}={old[k]!r}" for k in diff) + "; this run asks for " + ", ".join(
                 f"{k}={cfg.settings()[k]!r}" for k in diff) + " (use a new --out directory)")
     else:
+        if any(p.suffix in (".tar", ".idx") for p in out_dir.glob("shard-*")):
+            raise DataError(f"{out_dir}: holds shard files but no manifest.json; ingest into an empty "
+                            "directory (or one written by `echofm ingest`)")
         manifest = new_manifest(codec=cfg.codec, video_ext=CODECS[cfg.codec].ext, height=cfg.size,
                                 width=cfg.size, settings=cfg.settings())
+        # Written before any shard: from here on every shard file not listed in it is a
+        # leftover of an interrupted run, safe to remove.
+        write_manifest(out_dir, manifest)
     clean_orphans(out_dir, manifest)
     existing = read_sample_records(out_dir, manifest)
-    done = {r["source"] for r in existing}
-    if not cfg.retry_rejects:
-        done |= _read_rejects(out_dir)
+    done = {r["source"] for r in existing}  # hashed absolute paths
+    rejected = set() if cfg.retry_rejects else _read_rejects(out_dir)
 
     clips = []
     for s in sources:
         clips += discover(s, dataset=cfg.dataset)
-    todo = [c for c in clips if os.path.abspath(c.source) not in done]
+    todo = [c for c in clips if source_hash(os.path.abspath(c.source)) not in done
+            and os.path.abspath(c.source) not in rejected]
     report.skipped = len(clips) - len(todo)
     jobs = plan(todo, cfg, existing)
 
@@ -358,7 +378,7 @@ def ingest(sources: list[str | Path], out_dir: str | Path, cfg: IngestConfig | N
                     if w is None:
                         w = writers[job.split] = ShardWriter(out_dir=out_dir, index=next_index, split=job.split)
                         next_index += 1
-                    rec = SampleRecord(key=job.key, source=os.path.abspath(job.clip.source),
+                    rec = SampleRecord(key=job.key, source=source_hash(os.path.abspath(job.clip.source)),
                                        source_sha256=r["sha256"], patient=job.phash, split=job.split,
                                        frames=r["frames"])
                     try:
@@ -381,8 +401,6 @@ def ingest(sources: list[str | Path], out_dir: str | Path, cfg: IngestConfig | N
                 finish(split)
             else:
                 writers.pop(split).abort()
-        if not manifest["shards"]:
-            write_manifest(out_dir, manifest)
         bar.close()
         if pool is not None:
             pool.terminate()

@@ -1,37 +1,32 @@
-"""The DALI graph of the stream: encoded clip -> in-graph clip selection -> decode -> geometry.
+"""The DALI graph of the stream: encoded clips -> decode the chosen frames -> crop/resize/flip.
 
 One definition serves both backends: `decoder="mixed"` decodes on the GPU (NVDEC) and runs
 the geometric ops there, `decoder="cpu"` runs everything on DALI's CPU threads. Nothing
 else differs, so the CPU tests cover the GPU graph.
 
-Inputs arrive per batch from a Python callable (`fn.external_source`), which owns the
-sample order and every random number (see `stream.py` for why): per sample (roi, flip and
-seg only when the graph uses them, see `GraphSpec.inputs`)
+Inputs arrive per batch from a Python callable (`fn.external_source`) that owns the sample
+order, the clip starts and every random number (see `stream.py` for why): per sample
+(roi, flip and seg only when the graph uses them, see `GraphSpec.inputs`)
 
-    video    uint8 [bytes]    the encoded `.webm`/`.avi`/`.mp4` component
-    nframes  int32 [1]        decoded frame count (the `.nframes` component)
-    select   float32 [2]      (a, b): start = clamp(floor(a * nvalid + b), 0, nvalid - 1)
-    roi      float32 [4]      relative crop window (y0, x0, y1, x1) in the source frame
-    flip     int32 []         1 = mirror horizontally
-    seg      uint8 [F, H, W, 1] (only with masks) label maps of every source frame
+    video    uint8 [bytes]      the encoded video, or its cut to the clip's GOPs (trim.py)
+    frames   int32 [T]          frames to decode, indices into `video` (repeats allowed)
+    roi      float32 [4]        relative crop window (y0, x0, y1, x1) in the source frame
+    flip     int32 []           1 = mirror horizontally
+    seg      uint8 [T, H, W, 1] label maps of the same T frames (host-selected)
 
-Outputs: video uint8 [B, T, size, size, 3], frames_index int32 [B, T], and with masks
-seg uint8 [B, T, size, size, 1] that went through the same crop/resize (nearest) and flip.
+Outputs: video uint8 [B, T, size, size, 3] and, with masks, seg uint8 [B, T, size, size, 1]
+that went through the same crop/resize (nearest) and flip.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
 
 @dataclass(kw_only=True, slots=True)
 class GraphSpec:
     """What the graph does; fixed for the life of a pipeline."""
 
-    num_frames: int
-    stride: int
     size: int
     """Output height = width."""
     in_height: int
@@ -53,7 +48,7 @@ class GraphSpec:
 
     def inputs(self) -> list[str]:
         """Names of the per-sample inputs `source()` returns, in order (unused ones left out)."""
-        return (["video", "nframes", "select"] + (["roi"] if self.crop else [])
+        return (["video", "frames"] + (["roi"] if self.crop else [])
                 + (["flip"] if self.flip else []) + (["seg"] if self.segmentation else []))
 
 
@@ -64,13 +59,10 @@ def build_pipeline(spec: GraphSpec, source: Callable[[], tuple]):
     docstring (seg only when `spec.segmentation`).
     """
     from nvidia.dali import fn, pipeline_def, types
-    import nvidia.dali.math as dmath
 
     names = spec.inputs()
-    kinds = {"video": (types.UINT8, 1, ""), "nframes": (types.INT32, 1, ""),
-             "select": (types.FLOAT, 1, ""), "roi": (types.FLOAT, 1, ""), "flip": (types.INT32, 0, ""),
-             "seg": (types.UINT8, 4, "FHWC")}
-    T, S = spec.num_frames, spec.stride
+    kinds = {"video": (types.UINT8, 1, ""), "frames": (types.INT32, 1, ""), "roi": (types.FLOAT, 1, ""),
+             "flip": (types.INT32, 0, ""), "seg": (types.UINT8, 4, "FHWC")}
     resize = spec.crop or (spec.in_height, spec.in_width) != (spec.size, spec.size)
 
     @pipeline_def(batch_size=spec.batch_size, num_threads=spec.num_threads,
@@ -79,25 +71,13 @@ def build_pipeline(spec: GraphSpec, source: Callable[[], tuple]):
         ins = dict(zip(names, fn.external_source(
             source=source, num_outputs=len(names), batch=True, dtype=[kinds[n][0] for n in names],
             ndim=[kinds[n][1] for n in names], layout=[kinds[n][2] for n in names])))
-        encoded, nframes, select = ins["video"], ins["nframes"], ins["select"]
         roi, flip = ins.get("roi"), ins.get("flip")
-        # Clip selection in-graph: T frames at stride S from a start among the valid ones;
-        # indices wrap modulo the frame count, so a short video loops (never black/edge pad).
-        nf = nframes[0]
-        nvalid = dmath.max(nf - ((T - 1) * S + 1) + 1, 1)
-        start = fn.cast(dmath.floor(select[0] * fn.cast(nvalid, dtype=types.FLOAT) + select[1]),
-                        dtype=types.INT32)
-        start = dmath.min(dmath.max(start, 0), nvalid - 1)
-        # A constant built inside the graph function (module-level ones break DALI checkpoints).
-        offsets = types.Constant(np.arange(T, dtype=np.int32) * S)
-        idx = fn.cast((start + offsets) % nf, dtype=types.INT32)
+        # `frames=` decodes exactly these (repeats and wrap-around order included);
         # pad_mode="none": a frame the decoder cannot produce is an error, never a black frame.
-        video = fn.decoders.video(encoded, device=spec.decoder, frames=idx, pad_mode="none")
-        outs = [_geometry(video, roi, flip, spec, resize, False), idx]
+        video = fn.decoders.video(ins["video"], device=spec.decoder, frames=ins["frames"], pad_mode="none")
+        outs = [_geometry(video, roi, flip, spec, resize, False)]
         if spec.segmentation:
-            seg = fn.sequence_rearrange(ins["seg"], new_order=idx)
-            if spec.decoder == "mixed":
-                seg = seg.gpu()
+            seg = ins["seg"].gpu() if spec.decoder == "mixed" else ins["seg"]
             outs.append(_geometry(seg, roi, flip, spec, resize, True))
         return tuple(outs)
 

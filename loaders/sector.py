@@ -56,11 +56,13 @@ def detect_sector(frames: np.ndarray, cfg: SectorConfig | None = None) -> Sector
     thresh = max(cfg.min_std, cfg.rel_std * float(np.percentile(std, 99)))
     moving = (std > thresh).astype(np.uint8)
     h, w = moving.shape
-    k = max(3, round(min(h, w) / 60)) | 1  # wider than an ECG trace or text stroke
+    # Closing first fills the sparse speckle of dim far-field regions into solid area; then
+    # an opening with a disc wider than an ECG trace, its moving cursor or a text stroke
+    # drops those thin structures (and any bridge the closing made to them).
+    k = max(5, round(min(h, w) / 40)) | 1
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    moving = cv2.morphologyEx(moving, cv2.MORPH_CLOSE, kernel)
     moving = cv2.morphologyEx(moving, cv2.MORPH_OPEN, kernel)
-    moving = cv2.morphologyEx(moving, cv2.MORPH_CLOSE, cv2.getStructuringElement(
-        cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1)))
     n, lab, stats, _ = cv2.connectedComponentsWithStats(moving, connectivity=8)
     if n < 2:
         return None
@@ -76,14 +78,21 @@ def detect_sector(frames: np.ndarray, cfg: SectorConfig | None = None) -> Sector
     return Sector(mask=mask, box=(int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1))
 
 
-def _square(a: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
-    """Crop [F, H, W, ...] to box and zero-pad (centred) to a square."""
+def _square(a: np.ndarray, box: tuple[int, int, int, int], mask: np.ndarray | None = None) -> np.ndarray:
+    """Crop [F, H, W, ...] to box, zero outside `mask` (bool [H, W]) if given, and zero-pad
+    (centred) to a square — one pass, no full-frame temporaries."""
     y0, y1, x0, x1 = box
-    a = a[:, y0:y1, x0:x1]
-    h, w = a.shape[1:3]
+    crop = a[:, y0:y1, x0:x1]
+    h, w = crop.shape[1:3]
     s = max(h, w)
-    pad = [(0, 0), ((s - h) // 2, s - h - (s - h) // 2), ((s - w) // 2, s - w - (s - w) // 2)]
-    return np.pad(a, pad + [(0, 0)] * (a.ndim - 3))
+    out = np.zeros((a.shape[0], s, s) + a.shape[3:], a.dtype)
+    dst = out[:, (s - h) // 2:(s - h) // 2 + h, (s - w) // 2:(s - w) // 2 + w]
+    if mask is None:
+        dst[...] = crop
+    else:
+        m = mask[y0:y1, x0:x1].reshape((1, h, w) + (1,) * (a.ndim - 3))
+        np.multiply(crop, m, out=dst, casting="unsafe")
+    return out
 
 
 def crop_resize(frames: np.ndarray, sector: Sector | None, size: int) -> np.ndarray:
@@ -94,14 +103,13 @@ def crop_resize(frames: np.ndarray, sector: Sector | None, size: int) -> np.ndar
     import cv2
 
     if sector is not None:
-        frames = frames * sector.mask[None, :, :, None].astype(np.uint8)
-        frames = _square(frames, sector.box)
+        frames = _square(frames, sector.box, sector.mask)
     else:
         frames = _square(frames, (0, frames.shape[1], 0, frames.shape[2]))
     interp = cv2.INTER_AREA if frames.shape[1] >= size else cv2.INTER_LINEAR
     out = np.empty((frames.shape[0], size, size, frames.shape[3]), np.uint8)
     for t in range(frames.shape[0]):
-        out[t] = cv2.resize(frames[t], (size, size), interpolation=interp)
+        cv2.resize(frames[t], (size, size), dst=out[t], interpolation=interp)
     return out
 
 

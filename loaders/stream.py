@@ -1,8 +1,12 @@
 """Shards -> device-resident uint8 clip batches (DESIGN §3): the PyTorch-facing `ClipStream`.
 
-The DALI graph (`pipeline.py`) does the heavy work: clip selection, decode (NVDEC with the
-"mixed" backend, libavcodec with "cpu"), crop/resize/flip. This module owns what must be
-exact and cheap to checkpoint: which samples form which batch, and every random number.
+The DALI graph (`pipeline.py`) does the heavy work on its own threads: decode (NVDEC with
+the "mixed" backend, libavcodec with "cpu") of exactly the clip's frames (`frames=`), then
+crop/resize/flip. This module owns what must be exact and cheap to checkpoint: which
+samples form which batch, each clip's frame indices, and every random number. The host
+work per clip is small: a few `os.pread`s at the offsets of the shards' DALI index files,
+a json parse, and cutting the video to the GOPs the clip needs (trim.py: DALI's CPU
+decoder would otherwise decode from frame 0 to the clip start; ~0.2 ms per clip).
 
 Why the order lives here and not in `fn.readers.webdataset`: DALI cannot checkpoint a
 pipeline that contains `fn.decoders.video` (PLATFORM.md), and its reader only shuffles
@@ -11,8 +15,9 @@ a full permutation of the split drawn from (seed, epoch); rank r takes its conti
 part; batch b's random numbers come from (seed, epoch, rank, b). The loader state is then
 just (epoch, next batch position): resume is exact by construction, `set_epoch` can jump
 to any epoch without replaying earlier ones, and there is no second pipeline to run (the
-verified two-pipeline workaround costs ~11%). Component bytes are read with `os.pread` at
-the offsets of the shards' DALI index files, a few syscalls per clip.
+verified two-pipeline workaround costs ~11%). A full permutation also shuffles better
+than a reader's shuffle buffer; the price is random reads within shards (page cache /
+SSD friendly; each read is one clip of tens of KB).
 
 Usage (a trainer):
 
@@ -39,6 +44,7 @@ import numpy as np
 from .errors import DataError
 from .pipeline import GraphSpec, build_pipeline
 from .shards import read_index, read_manifest
+from .trim import NotCuttable, cut_ivf, scan_frames
 
 CPU_CODECS = ("vp9", "vp8", "mjpeg")
 """Codecs DALI's CPU video decoder reads; H.264/HEVC/AV1 need the mixed (GPU) backend."""
@@ -85,6 +91,8 @@ class StreamConfig:
     """A damaged sample: raise naming shard and key, or skip it and count it."""
     prefetch: int = 2
     """Batches DALI decodes ahead of the consumer."""
+    cut_gops: bool = True
+    """Hand the decoder only the GOPs a clip needs (WebM VP8/VP9 shards; trim.py says why)."""
 
     def validate(self) -> None:
         if self.num_frames < 1 or self.stride < 1:
@@ -200,6 +208,10 @@ class _HostBatch:
     meta: list[dict]
     inputs: dict[str, list]
     """Per-input lists, keyed by `GraphSpec.inputs()` names."""
+    index: np.ndarray
+    """int64 [B, T] source frame of every clip frame."""
+    decoded: int = 0
+    """Frames the decoder produces for this batch (decoded fps)."""
     dropped: int = 0
     """Damaged samples left out of this batch (on_error='skip')."""
 
@@ -271,10 +283,11 @@ class ClipStream:
                 f"`echofm ingest ... --codec vp9` (or mjpeg), or run on a CUDA GPU "
                 f"(data.backend=auto or mixed)."
             )
-        self._gop = int(m.get("settings", {}).get("gop") or (1 if codec == "mjpeg" else 0))
+        self._codec = codec
+        self._cuttable = cfg.cut_gops and codec in ("vp9", "vp8") and m["video_ext"] == "webm"
         crop = train and cfg.random_resized_crop is not None
         self._spec = GraphSpec(
-            num_frames=cfg.num_frames, stride=cfg.stride, size=cfg.size,
+            size=cfg.size,
             in_height=int(m["height"]), in_width=int(m["width"]), crop=crop,
             flip=train and cfg.flip, segmentation=cfg.segmentation, decoder=self.backend,
             batch_size=cfg.batch_size, num_threads=cfg.num_threads,
@@ -287,8 +300,9 @@ class ClipStream:
         self._bad: set[int] = set()
         self.stats: dict[str, int] = {"batches": 0, "clips": 0, "frames": 0, "decoded_frames": 0,
                                       "skipped": 0}
-        """clips/frames delivered (sampled), decoded_frames (estimated decoder work: from the
-        keyframe before each run of needed frames), skipped damaged samples."""
+        """clips/frames delivered (sampled), decoded_frames (frames the decoder produced, from
+        the first frame of the stream it was given to the last needed one), skipped damaged
+        samples."""
         if len(self) == 0:
             raise DataError(f"{manifest_path}: split {cfg.split!r} has {len(self._corpus)} samples, "
                             f"too few for {world_size} rank(s) x batch_size {cfg.batch_size}")
@@ -361,50 +375,78 @@ class ClipStream:
         return plan
 
     def _host_batch(self, plan: _Plan, b: int) -> _HostBatch:
-        """Read batch b's components and draw its random numbers (from (seed, epoch, rank, b))."""
-        cfg, spec, corpus = self.cfg, self._spec, self._corpus
+        """Read batch b's components, choose its clips and draw its random numbers (all from
+        (seed, epoch, rank, b), so a batch is the same whenever it is made)."""
+        cfg, spec = self.cfg, self._spec
+        T, S = cfg.num_frames, cfg.stride
         rows = plan.batches[b]
         rng = np.random.default_rng([cfg.seed, self.epoch, self.rank, b])
         u = rng.random(len(rows))
         rois = self._crop_windows(rng, len(rows)) if spec.crop else None
         flips = rng.random(len(rows)) < 0.5
-        hb = _HostBatch(pos=b, items=[], meta=[], inputs={n: [] for n in spec.inputs()})
+        hb = _HostBatch(pos=b, items=[], meta=[], inputs={n: [] for n in spec.inputs()},
+                        index=np.empty((0, T), dtype=np.int64))
+        index = []
         for j, (_, v, clip) in enumerate(rows.tolist()):
             if v in self._bad:
                 hb.dropped += 1
                 continue
             try:
-                sample = self._read_sample(v)
+                video, nframes, meta, seg = self._read_sample(v)
             except DataError:
                 if cfg.on_error == "raise":
                     raise
                 self._bad.add(v)
                 hb.dropped += 1
                 continue
-            video, nframes, meta, seg = sample
+            # Clip selection: T frames at stride S from a start uniform over the valid starts;
+            # indices wrap modulo the frame count, so a short video loops (never pads).
+            nvalid = max(nframes - (T - 1) * S, 1)
             if self.train:
-                select = (u[j], 0.0)  # start = floor(u * nvalid): uniform over valid starts
+                start = min(int(u[j] * nvalid), nvalid - 1)
             else:  # clip k of n evenly spaced over the valid starts (n = 1: the centre)
                 p = 0.5 if cfg.eval_clips == 1 else clip / (cfg.eval_clips - 1)
-                select = (p, 0.5 - p)  # start = round(p * (nvalid - 1))
+                start = int(np.floor(p * (nvalid - 1) + 0.5))
                 meta["clip_index"] = clip
+            idx = (start + S * np.arange(T)) % nframes
+            data, local, decoded = self._cut(v, video, idx, nframes)
             hb.items.append(v)
             hb.meta.append(meta)
+            hb.decoded += decoded
+            index.append(idx)
             ins = hb.inputs
-            ins["video"].append(video)
-            ins["nframes"].append(np.array([nframes], dtype=np.int32))
-            ins["select"].append(np.array(select, dtype=np.float32))
+            ins["video"].append(data)
+            ins["frames"].append(local.astype(np.int32))
             if spec.crop:
                 ins["roi"].append(rois[j])
             if spec.flip:
                 ins["flip"].append(np.array(int(flips[j]), dtype=np.int32))
             if spec.segmentation:
-                ins["seg"].append(seg)
+                ins["seg"].append(seg[idx, ..., None])  # FHWC, C=1: the layout resize/flip take
+        if index:
+            hb.index = np.stack(index)
         return hb
 
-    def _read_sample(self, v: int) -> tuple[np.ndarray, int, dict, np.ndarray | None]:
+    def _cut(self, v: int, video: bytes, idx: np.ndarray, nframes: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """The bytes to decode, the frame indices into them, and the frames the decoder will
+        produce. DALI's CPU decoder decodes from the stream start up to the first requested
+        frame (trim.py), so a non-wrapping clip gets only its GOPs."""
+        monotone = bool(np.all(np.diff(idx) >= 0))
+        if self._cuttable and monotone:
+            try:
+                frames = scan_frames(video)
+                if len(frames) == nframes:
+                    cut, k0 = cut_ivf(video, frames, int(idx[0]), int(idx[-1]), self._codec,
+                                      self._spec.in_height, self._spec.in_width)
+                    return np.frombuffer(cut, dtype=np.uint8), idx - k0, int(idx[-1]) - k0 + 1
+            except NotCuttable:
+                pass  # decode the whole stream; exact, only slower
+        runs = np.split(idx, np.flatnonzero(np.diff(idx) < 0) + 1)
+        return np.frombuffer(video, dtype=np.uint8), idx, int(sum(r[-1] + 1 for r in runs))
+
+    def _read_sample(self, v: int) -> tuple[bytes, int, dict, np.ndarray | None]:
         corpus = self._corpus
-        video = np.frombuffer(corpus.read(v, "video"), dtype=np.uint8)
+        video = corpus.read(v, "video")
         nframes = int(np.frombuffer(corpus.read(v, "nframes"), dtype="<i4")[0])
         try:
             meta = json.loads(corpus.read(v, "json"))
@@ -422,7 +464,6 @@ class ClipStream:
             if seg.ndim != 3 or seg.dtype != np.uint8 or seg.shape[0] < nframes:
                 raise DataError(f"{corpus.where(v)}: .seg.npy is {seg.dtype} {list(seg.shape)}, "
                                 f"expected uint8 [F>={nframes}, H, W]")
-            seg = seg[..., None]  # FHWC with C=1: the layout DALI's resize and flip take
         return video, nframes, meta, seg
 
     def _crop_windows(self, rng: np.random.Generator, n: int) -> list[np.ndarray]:
@@ -520,43 +561,29 @@ class ClipStream:
 
     def _to_torch(self, out, hb: _HostBatch) -> dict:
         import torch
-        from nvidia.dali.plugin.pytorch import feed_ndarray
+        from nvidia.dali.backend import TensorListGPU
+        from nvidia.dali.plugin.pytorch.torch_utils import feed_ndarray, to_torch_type
 
-        def convert(tl, dtype, device) -> torch.Tensor:
-            t = tl.as_tensor()
-            x = torch.empty(t.shape(), dtype=dtype, device=device)
-            stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-            feed_ndarray(t, x, cuda_stream=stream)
-            return x
+        def convert(tl) -> torch.Tensor:
+            t = tl.as_tensor()  # dense view of the batch; DALI reuses its buffer afterwards
+            if isinstance(tl, TensorListGPU):  # torch's caching allocator, async copy on its stream
+                x = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=self.device)
+                feed_ndarray(t, x, cuda_stream=torch.cuda.current_stream(self.device))
+                return x
+            # host: numpy's copy reuses warm memory; a fresh torch.empty page-faults ~5 ms/batch
+            return torch.from_numpy(np.array(t)).to(self.device, non_blocking=True)
 
-        on_gpu = self.backend == "mixed"
-        dev = self.device if on_gpu else torch.device("cpu")
-        video = convert(out[0], torch.uint8, dev).to(self.device, non_blocking=True)
-        index = convert(out[1], torch.int32, torch.device("cpu")).long()
-        batch = {"video": video, "frames_index": index, "meta": hb.meta}
+        batch = {"video": convert(out[0]), "frames_index": torch.from_numpy(hb.index), "meta": hb.meta}
         if self._spec.segmentation:
-            batch["seg"] = convert(out[2], torch.uint8, dev)[..., 0].to(self.device, non_blocking=True)
-        B, T = index.shape
+            batch["seg"] = convert(out[1])[..., 0]
+        B, T = hb.index.shape
         st = self.stats
         st["batches"] += 1
         st["clips"] += B
         st["frames"] += B * T
-        st["decoded_frames"] += self._decoded_estimate(index.numpy())
+        st["decoded_frames"] += hb.decoded
         st["skipped"] += hb.dropped
         return batch
-
-    def _decoded_estimate(self, index: np.ndarray) -> int:
-        """Frames the decoder produced for these clips: each increasing run of indices is
-        decoded from the keyframe at or before its first frame (GOP from the manifest)."""
-        if self._gop <= 1:
-            return int(index.size)
-        total = 0
-        for row in index:
-            starts = np.r_[0, np.nonzero(np.diff(row) < 0)[0] + 1]
-            ends = np.r_[starts[1:], len(row)] - 1
-            first = row[starts] - row[starts] % self._gop
-            total += int(np.sum(row[ends] - first + 1))
-        return total
 
     def _find_bad(self, hb: _HostBatch) -> list[int]:
         """Decode each sample of a failed batch alone; returns the ones that fail."""

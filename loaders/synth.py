@@ -30,7 +30,7 @@ import multiprocessing
 import os
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -155,7 +155,8 @@ class RenderedClip:
     sector: np.ndarray
     """bool [H, W] the ultrasound fan (everything drawn live lies inside it)."""
     overlay: np.ndarray
-    """bool [H, W] burned-in text + ECG band pixels (all outside the fan)."""
+    """bool [H, W] burned-in text + ECG trace pixels, static and all outside the fan (the ECG
+    cursor dot moves along the trace, also outside)."""
     ed: list[int]
     """End-diastole frame indices (LV area maximal)."""
     es: list[int]
@@ -177,7 +178,8 @@ def ef_from_masks(masks: np.ndarray) -> float:
     return float(100.0 * (v.max() - v.min()) / v.max())
 
 
-def cycle(frames: int, period: int, ed_offset: int, systole: int):
+def cycle(frames: int, period: int, ed_offset: int, systole: int
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int], list[int]]:
     """Cycle curve c [F] float64 (1 at ED, 0 at ES), mitral / aortic opening [F] in [0, 1],
     and the ED and ES frame index lists."""
     k = (np.arange(frames) - ed_offset) % period  # frame within the cycle, 0 at ED
@@ -194,11 +196,12 @@ def cycle(frames: int, period: int, ed_offset: int, systole: int):
 def sector_geometry(height: int, width: int) -> tuple[float, float, float, float]:
     """Fan apex (x, y), radius and half-angle (radians) for a frame of this size.
 
-    The fan ends at 0.865 H, leaving the band below for the ECG; the top corners beside the
-    apex hold the text.
+    The fan ends at 0.865 H or above, leaving the band below for the ECG; the top corners
+    beside the apex hold the text. On narrow frames the radius shrinks so that the half-angle
+    stays >= 35 degrees, which the chamber layouts need to lie inside the fan.
     """
     y0 = round(0.04 * height)
-    radius = 0.865 * height - y0
+    radius = min(0.865 * height - y0, 0.46 * width / math.sin(math.radians(35.0)))
     half = min(math.radians(38.0), math.asin(min(1.0, 0.46 * width / radius)))
     return (width - 1) / 2.0, float(y0), radius, half
 
@@ -396,16 +399,20 @@ def _valve(fr: _Frame, cv: _Canvas, center, axis, inflow, half_width: float, ope
 def _fit_area(shape, target: float | None):
     """shape(f) -> region for a size factor f near 1; returns the region whose pixel count
     is nearest `target` (bisection on f), or shape(1) when target is None. This removes the
-    rasterisation error from the LV area, so EF from the masks matches the label."""
+    rasterisation error from the LV area, so the EF recomputed from the masks matches the
+    label to a fraction of a point."""
     if target is None:
         return shape(1.0)
-    count = lambda reg: 0 if reg is None else int(reg[1].sum())  # noqa: E731
-    lo, hi = 0.9, 1.1
-    for _ in range(12):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if count(shape(mid)) < target else (lo, mid)
-    r_lo, r_hi = shape(lo), shape(hi)
-    return r_lo if abs(count(r_lo) - target) < abs(count(r_hi) - target) else r_hi
+
+    def evaluate(f):
+        reg = shape(f)
+        return f, reg, (0 if reg is None else int(reg[1].sum()))
+
+    lo, hi = evaluate(0.9), evaluate(1.1)
+    for _ in range(11):
+        mid = evaluate(0.5 * (lo[0] + hi[0]))
+        lo, hi = (mid, hi) if mid[2] < target else (lo, mid)
+    return lo[1] if abs(lo[2] - target) < abs(hi[2] - target) else hi[1]
 
 
 def _draw_view(fr: _Frame, cv: _Canvas, spec: ClipSpec, c: float, mitral: float, aortic: float,
@@ -572,8 +579,10 @@ def render_clip(spec: ClipSpec) -> RenderedClip:
     depth = np.hypot(*np.mgrid[0:h, 0:w] - np.array([cv.y0, cv.xc])[:, None, None]) / cv.radius
     gain = np.float32(rng.uniform(0.85, 1.15))
     sg = (speckle * (1.0 - 0.35 * depth) * gain * sector).astype(np.float32)
-    # a few noise fields cycled per frame: every fan pixel changes over time, as on a scanner
-    noise = (rng.normal(0.0, 0.035, (3, h, w)) * sector).astype(np.float32)
+    # per-frame noise: a random window of one larger white-noise field (cheap, and no
+    # periodicity that a cycle estimator could lock onto); every fan pixel changes over time
+    noise = rng.normal(0.0, 0.035, (h + 32, w + 32)).astype(np.float32)
+    shifts = rng.integers(0, 33, (n, 2))
     base_level = np.where(sector, np.float32(_LEVEL_TISSUE), np.float32(0)).astype(np.float32)
 
     # LV scales at ES so that (A_es / A_ed)**1.5 = 1 - EF: area ratio r = (1 - EF)**(2/3);
@@ -594,7 +603,8 @@ def render_clip(spec: ClipSpec) -> RenderedClip:
     for f in range(n):
         fr = _Frame(level=base_level.copy(), labels=masks[f], valve=np.zeros((h, w), np.float32))
         _draw_view(fr, cv, spec, float(c[f]), float(mitral[f]), float(aortic[f]), sa_es, sb_es, lv_ed_area)
-        img = sg * fr.level + noise[f % 3]
+        dy, dx = shifts[f]
+        img = sg * fr.level + noise[dy:dy + h, dx:dx + w]
         np.maximum(img, fr.valve * (0.9 + 0.1 * speckle), out=img)
         img *= sector  # nothing live outside the fan
         frame = video[f]
@@ -619,6 +629,8 @@ def write_video(path: str | Path, video: np.ndarray, fps: int, container: str) -
     import av
 
     n, h, w = video.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"{path}: yuv420 needs even frame sizes, got {h}x{w}")
     codec, pix, opts = {
         "mp4": ("libx264", "yuv420p", {"preset": "ultrafast", "crf": "18", "g": "16", "bf": "0"}),
         "avi": ("mjpeg", "yuvj420p", {"qmin": "2", "qmax": "4"}),
@@ -718,7 +730,7 @@ def summarize(rows: list[dict]) -> Iterator[str]:
            f"{sum(frames)} frames (clip length {min(frames)}-{max(frames)}, "
            f"{sum(f < 32 for f in frames)} shorter than 32)")
     yield f"views: {count('view')}"
-    yield f"containers: " + ", ".join(
+    yield "containers: " + ", ".join(
         f"{ext} {sum(r['file'].endswith('.' + ext) for r in rows)}" for ext in CONTAINERS)
     yield f"grades: {count('grade')}; splits: {count('split')}"
     efs = [r["ef"] for r in rows]
@@ -726,8 +738,3 @@ def summarize(rows: list[dict]) -> Iterator[str]:
     fps = [r["fps"] for r in rows]
     yield (f"EF {min(efs):.1f}-{max(efs):.1f}%, period {min(periods)}-{max(periods)} frames, "
            f"fps {min(fps)}-{max(fps)}")
-
-
-def config_dict(cfg: SynthConfig) -> dict:
-    """The config as a plain dict (for logs)."""
-    return asdict(cfg)

@@ -71,16 +71,18 @@ def test_head_dims(dh, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_joint_spans_several_blocks(dtype):
-    # L = 145 tokens: several tiles and steps, ragged last block, online softmax rescaling.
-    shape = (1, 1, 5, 29, 32)
+@pytest.mark.parametrize("mode", ref.MODES)
+def test_many_tiles_and_packs(mode, dtype):
+    # T=5, K=29: joint L=145 spans several tiles and steps with a ragged last block; slice
+    # (L=29) and tube (L=5) pack several groups per tile, the last pack partly empty.
+    shape = (1, 2, 5, 29, 32)
     q, k, v = qkv(shape, dtype)
     q = q * 3  # peaky softmax so the running max actually changes between key blocks
     do = torch.randn(shape, device=DEVICE).to(dtype)
-    o_ref, grads_ref = reference_grads(q, k, v, do, "joint", scale=0.3)
-    o, lse = attention_fwd(q, k, v, "joint", 0.3, out=poisoned(shape, dtype))
+    o_ref, grads_ref = reference_grads(q, k, v, do, mode, scale=0.3)
+    o, lse = attention_fwd(q, k, v, mode, 0.3, out=poisoned(shape, dtype))
     assert rel_err(o, o_ref) < TOL[dtype]
-    for g, g_ref in zip(attention_bwd(do, q, k, v, o, lse, "joint", 0.3), grads_ref):
+    for g, g_ref in zip(attention_bwd(do, q, k, v, o, lse, mode, 0.3), grads_ref):
         assert rel_err(g, g_ref) < TOL[dtype]
 
 

@@ -3,7 +3,6 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from echofm.engine.losses import LossConfig
 from echofm.engine.masking import MaskConfig, full_mask, tube_mask
@@ -12,6 +11,15 @@ from echofm.engine.model import PRESETS, EchoFM, ModelConfig
 # A shrunken tiny model: 4 frames of 32^2, patch 8, tubelet 2 -> 2 x 16 tokens.
 SMALL = dict(preset="echofm_tiny", num_frames=4, img_size=32, patch_size=8, tubelet=2, embed_dim=64, depth=2,
              num_heads=2, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2, pred_t_dim=4)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one intra-op thread is faster and steadier on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _video(b, t, s, seed=0):
@@ -52,9 +60,12 @@ def test_visible_patch_embedding_equals_conv3d_then_gather():
 
 def test_forward_outputs_and_every_parameter_gets_a_gradient():
     torch.manual_seed(0)
-    m = EchoFM(ModelConfig(**SMALL), MaskConfig(ratio=0.75), LossConfig(contrastive_weight=0.5, kl_weight=0.1))
-    video = _video(2, 4, 32)
+    # 8 frames / tubelet 2 = 4 slices, so anchors have non-adjacent negatives.
+    cfg = ModelConfig(**{**SMALL, "num_frames": 8, "pred_t_dim": 8})
+    m = EchoFM(cfg, MaskConfig(ratio=0.75), LossConfig(contrastive_weight=0.5, kl_weight=0.1))
+    video = _video(2, 8, 32)
     out = m(video, generator=torch.Generator().manual_seed(0))
+    assert out["terms"]["active"] > 0
     n, t = m.cfg.t_grid * m.cfg.l_grid, m.cfg.t_grid
     assert out["pred"].shape == out["target"].shape == (2, n, m.cfg.pred_dim)
     assert out["mask"].shape == (2, n) and out["sim"].shape == out["prior"].shape == (2, t, t)
@@ -180,3 +191,14 @@ def test_triton_path_equals_sdpa_path():
     out2["loss"].backward()
     for (n, p), p2 in zip(m.named_parameters(), m2.parameters()):
         assert (p2.grad - p.grad).norm() <= 1e-4 * p.grad.norm() + 1e-7, n
+
+
+def test_reconstruct_keeps_visible_patches_of_the_clip():
+    torch.manual_seed(0)
+    m = EchoFM(ModelConfig(**SMALL))
+    video = _video(1, 4, 32)
+    out = m(video, generator=torch.Generator().manual_seed(0))
+    rec = m.reconstruct(video, out)  # [1, 4, 32, 32, 3] in [0, 1]
+    assert rec.shape == (1, 4, 32, 32, 3)
+    visible = m.unpatchify((1 - out["mask"])[..., None].expand(-1, -1, m.cfg.pred_dim)).bool()
+    torch.testing.assert_close(rec[visible], (video.float() / 255)[visible], rtol=0, atol=1e-5)

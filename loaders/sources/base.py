@@ -7,6 +7,7 @@ so it travels to worker processes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -38,8 +39,9 @@ class Clip:
     """Short dataset name, first part of the sample key ([A-Za-z0-9-])."""
     patient: str
     """Patient id in clear text; ingest hashes it before anything is written."""
-    clip_id: str
-    """Clip name, unique per patient; sanitised into the key."""
+    clip_id: str = ""
+    """Non-identifying tag for the key (e.g. the CAMUS view "2CH"); never a file name, which
+    often embeds patient ids. Ingest appends a hash of the source path."""
     split: str | None = None
     """Source split (train/val/test) if the layout gives one; else ingest hashes the patient."""
     view: str | None = None
@@ -62,8 +64,6 @@ class Decoded:
     seg: np.ndarray | None = None
     """uint8 [F, H, W] label maps (0 on frames without annotation) or None."""
     seg_frames: list[int] = field(default_factory=list)
-    meta: dict = field(default_factory=dict)
-    """Reader extras (e.g. DICOM patient id when the adapter did not know it)."""
 
 
 def load_clip(clip: Clip) -> Decoded:
@@ -127,7 +127,7 @@ def load_seg(spec: SegSpec, shape: tuple[int, int, int], source: str) -> tuple[n
 VIDEO_EXTS = (".mp4", ".avi", ".webm", ".mov", ".mkv", ".m4v")
 
 
-def reader_for(path: str | "os.PathLike") -> Literal["video", "dicom", "nifti"]:
+def reader_for(path: str | Path) -> Literal["video", "dicom", "nifti"]:
     """Pick the decoder from the file name (DICOM files often have no extension)."""
     name = str(path).lower()
     if name.endswith((".nii", ".nii.gz")):

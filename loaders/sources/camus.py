@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .base import Clip, SegSpec, safe_name
+from .base import Clip, SegSpec
 
 VIEWS = {"2CH": "A2C", "4CH": "A4C"}
 
@@ -89,7 +89,7 @@ def discover(root: str | Path, dataset: str | None = None) -> list[Clip]:
         gt = seq.with_name(seq.name.replace("_half_sequence.nii.gz", "_half_sequence_gt.nii.gz"))
         clips.append(Clip(
             source=str(seq), rel_source=str(seq.relative_to(root)), reader="nifti", dataset=ds,
-            patient=patient, clip_id=safe_name(f"{patient}-{ch}"), view=VIEWS[ch], labels=labels,
+            patient=patient, clip_id=ch, view=VIEWS[ch], labels=labels,
             fps=fps, seg=SegSpec(kind="nifti", path=str(gt)) if gt.is_file() else None))
     if not clips:
         raise DataError(f"{root}: no patient*/patient*_{{2CH,4CH}}_half_sequence.nii.gz files")

@@ -76,7 +76,7 @@ def discover(csv_path: str | Path, dataset: str | None = None) -> list[Clip]:
         fps = get("fps")
         clips.append(Clip(
             source=str(src), rel_source=rel, reader=reader_for(src), dataset=ds,
-            patient=get("patient") or Path(rel).stem, clip_id=safe_name(Path(rel).name.split(".")[0]),
+            patient=get("patient") or Path(rel).stem,
             split=get("split").lower() or None, view=get("view") or None, labels=labels,
             fps=float(fps) if fps else None,
             seg=SegSpec(kind="npy", path=str(root / mask)) if mask else None))

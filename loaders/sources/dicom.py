@@ -94,7 +94,7 @@ def discover_files(paths: list[Path], base: Path, dataset: str) -> list[Clip]:
         except Exception:  # damaged header: let the worker reject it with the reason
             pass
         clips.append(Clip(source=str(q), rel_source=str(q.relative_to(base)), reader="dicom",
-                          dataset=dataset, patient=patient, clip_id=safe_name(q.stem) or "dicom",
+                          dataset=dataset, patient=patient,
                           view=view))
     return clips
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .base import Clip, SegSpec, safe_name
+from .base import Clip, SegSpec
 
 
 def _polygon_area(pts: list[tuple[float, float]]) -> float:
@@ -82,6 +82,6 @@ def discover(root: str | Path, dataset: str | None = None) -> list[Clip]:
             seg = SegSpec(kind="polygons", polygons=polys, frames=sorted(polys))
         fps = (r.get("FPS") or "").strip()
         clips.append(Clip(source=str(root / rel), rel_source=rel, reader="video", dataset=ds,
-                          patient=stem, clip_id=safe_name(stem), split=(r.get("Split") or "").strip() or None,
+                          patient=stem, split=(r.get("Split") or "").strip() or None,
                           view="A4C", labels=labels, fps=float(fps) if fps else None, seg=seg))
     return clips

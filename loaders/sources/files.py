@@ -35,7 +35,7 @@ def discover(path: str | Path, dataset: str | None = None) -> list[Clip]:
         if q.suffix.lower() in VIDEO_EXTS:
             rel = str(q.relative_to(base))
             clips.append(Clip(source=str(q), rel_source=rel, reader="video", dataset=ds,
-                              patient=q.stem, clip_id=safe_name(q.stem)))
+                              patient=q.stem))
         elif is_dicom(q):
             dicoms.append(q)
     if dicoms:

@@ -1,0 +1,147 @@
+"""Ingest throughput on the synthetic corpus: clips/s, input MB/s, frames/s, per-stage times.
+
+    python benchmarks/ingest.py [--videos 40] [--sizes 112,224] [--codecs vp9] [--workers 1,2]
+                                [--out benchmarks/results/ingest.json]
+
+Builds a synthetic corpus (loaders/synth: H.264 mp4, MJPEG avi, DICOM; 160-320 px), then
+runs `ingest` end to end once per (size, codec, workers) into a fresh directory and
+reports clips/s, input MB/s (source bytes read), output frames/s and MB written. A stage
+breakdown (one process, same clips) shows where a clip's time goes: decode, sector,
+crop+resize, cycle, encode, decode-back count. Also the period accuracy on the corpus
+(clips spanning >= 2 beats, within 1 frame), and `shards verify` time for one result.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ingest.json"
+
+
+def stage_times(corpus: Path, size: int, codec: str, limit: int) -> dict:
+    """Seconds per clip spent in each ingest stage (single process, `limit` clips)."""
+    from echofm.loaders.cycles import estimate_cycle
+    from echofm.loaders.sector import crop_resize, detect_sector
+    from echofm.loaders.sources import discover, load_clip
+    from echofm.loaders.video_io import count_frames, encode_video
+
+    clips = discover(corpus)[:limit]
+    t = dict.fromkeys(("decode", "sector", "crop_resize", "cycle", "encode", "count"), 0.0)
+    frames = 0
+    for c in clips:
+        t0 = time.perf_counter()
+        dec = load_clip(c)
+        t1 = time.perf_counter()
+        s = detect_sector(dec.frames)
+        t2 = time.perf_counter()
+        out = crop_resize(dec.frames, s, size)
+        t3 = time.perf_counter()
+        estimate_cycle(out, dec.fps)
+        t4 = time.perf_counter()
+        data = encode_video(out, dec.fps or 30.0, codec)
+        t5 = time.perf_counter()
+        count_frames(data)
+        t6 = time.perf_counter()
+        for k, a, b in (("decode", t0, t1), ("sector", t1, t2), ("crop_resize", t2, t3), ("cycle", t3, t4),
+                        ("encode", t4, t5), ("count", t5, t6)):
+            t[k] += b - a
+        frames += len(out)
+    return {"clips": len(clips), "frames": frames, "ms_per_clip": {k: 1e3 * v / len(clips) for k, v in t.items()},
+            "ms_per_frame": {k: 1e3 * v / frames for k, v in t.items()}}
+
+
+def period_accuracy(corpus: Path, shard_dir: Path) -> dict:
+    from echofm.loaders.ingest import source_hash
+    from echofm.loaders.shards import iter_tar_samples, read_manifest
+
+    rows = {source_hash(r["file"]): r for r in csv.DictReader(open(corpus / "labels.csv"))}
+    hits = n = nulls = 0
+    for s in read_manifest(shard_dir)["shards"]:
+        for _, comp in iter_tar_samples(shard_dir / s["tar"]):
+            meta = json.loads(comp["json"])
+            p = int(rows[meta["source"]]["period"])
+            if meta["frames"] >= 2 * p:
+                n += 1
+                hits += meta["period"] is not None and abs(meta["period"] - p) <= 1
+                nulls += meta["period"] is None
+    return {"clips_two_beats": n, "within_1_frame": hits, "fraction": hits / max(n, 1), "null": nulls}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--videos", type=int, default=40)
+    ap.add_argument("--sizes", default="112,224")
+    ap.add_argument("--codecs", default="vp9")
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = ap.parse_args(argv)
+    warnings.simplefilter("ignore")  # size < 128 warning
+
+    from echofm.loaders.ingest import IngestConfig, ingest
+    from echofm.loaders.shards import verify
+    from echofm.loaders.synth import SynthConfig, make_corpus
+
+    tmp = Path(tempfile.mkdtemp(prefix="echofm_ingest_bench_"))
+    try:
+        corpus = tmp / "corpus"
+        t0 = time.perf_counter()
+        make_corpus(corpus, SynthConfig(videos=args.videos, seed=args.seed, min_size=160, max_size=320,
+                                        min_frames=40, max_frames=120, workers=2))
+        in_bytes = sum(p.stat().st_size for p in corpus.rglob("*") if p.is_file() and p.parent.name == "videos")
+        print(f"corpus: {args.videos} videos, {in_bytes / 2**20:.1f} MB, built in {time.perf_counter() - t0:.1f}s")
+        # warm numba's cache and imports so the first configuration is not charged for them
+        ingest([corpus], tmp / "warm", IngestConfig(size=112, progress=False))
+        runs, verify_s, accuracy = [], None, None
+        for size in map(int, args.sizes.split(",")):
+            for codec in args.codecs.split(","):
+                for workers in map(int, args.workers.split(",")):
+                    out = tmp / f"s{size}_{codec}_w{workers}"
+                    r = ingest([corpus], out, IngestConfig(size=size, codec=codec, workers=workers, progress=False))
+                    runs.append({"size": size, "codec": codec, "workers": workers, "clips": r.added,
+                                 "rejected": r.rejected, "seconds": r.seconds, "clips_per_s": r.clips_per_s,
+                                 "input_mb_per_s": r.input_mb_per_s, "frames_per_s": r.frames / r.seconds,
+                                 "output_mb": r.output_bytes / 2**20})
+                    if accuracy is None:
+                        accuracy = period_accuracy(corpus, out)
+                    if verify_s is None:
+                        t0 = time.perf_counter()
+                        rep = verify(out)
+                        verify_s = {"seconds": time.perf_counter() - t0, "ok": rep.ok, "samples": rep.samples,
+                                    "frames": rep.frames, "size": size, "codec": codec}
+        stages = {size: stage_times(corpus, size, args.codecs.split(",")[0], limit=12)
+                  for size in map(int, args.sizes.split(","))}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\n{'size':>5} {'codec':>6} {'workers':>7} {'clips':>6} {'s':>7} {'clips/s':>8} {'in MB/s':>8} "
+          f"{'frames/s':>9} {'out MB':>7}")
+    for r in runs:
+        print(f"{r['size']:>5} {r['codec']:>6} {r['workers']:>7} {r['clips']:>6} {r['seconds']:>7.1f} "
+              f"{r['clips_per_s']:>8.2f} {r['input_mb_per_s']:>8.2f} {r['frames_per_s']:>9.0f} {r['output_mb']:>7.1f}")
+    print("\nstage ms per clip (1 process): " + ", ".join(stages[next(iter(stages))]["ms_per_clip"]))
+    for size, st in stages.items():
+        print(f"  size {size}: " + "  ".join(f"{k} {v:.0f}" for k, v in st["ms_per_clip"].items())
+              + f"  ({st['frames'] / st['clips']:.0f} frames/clip)")
+    print(f"\nperiod within 1 frame: {accuracy['within_1_frame']}/{accuracy['clips_two_beats']} clips spanning "
+          f">= 2 beats ({100 * accuracy['fraction']:.0f}%), {accuracy['null']} null")
+    print(f"shards verify (DALI CPU decode of every video): {verify_s['seconds']:.1f}s for {verify_s['samples']} "
+          f"samples / {verify_s['frames']} frames at {verify_s['size']}, ok={verify_s['ok']}")
+    result = {"corpus": {"videos": args.videos, "seed": args.seed, "input_mb": in_bytes / 2**20},
+              "machine": {"cpus": __import__("os").cpu_count(), "python": sys.version.split()[0]},
+              "runs": runs, "stages": stages, "period_accuracy": accuracy, "verify": verify_s}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

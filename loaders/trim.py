@@ -1,0 +1,88 @@
+"""Cut a WebM (VP8/VP9) video down to the GOPs one clip needs, as an IVF stream, without decoding.
+
+Why: DALI 2.4's CPU video decoder decodes every frame from the start of the stream up to
+the first requested one (measured at 224^2 VP9: frame 80 of 84 costs 19 ms, frame 0 1.3 ms),
+so a random-start clip late in a video pays for the whole video. Handing the decoder only
+the packets from the keyframe at or before the clip's first frame to its last frame makes
+the cost proportional to the clip (ingest writes GOP <= 8). Decoding the cut stream gives
+bit-identical frames (a VP9 keyframe resets all decoder state).
+
+The scan is a flat walk over Matroska elements (EBML ids and sizes only): Segment, Cluster
+and BlockGroup are entered, SimpleBlock/Block payloads become frames, everything else is
+skipped by its size. ~0.1 ms for a 100-frame clip in Python.
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+_ENTER = {0x18538067, 0x1F43B675, 0xA0}  # Segment, Cluster, BlockGroup
+_SIMPLE_BLOCK, _BLOCK, _REFERENCE_BLOCK = 0xA3, 0xA1, 0xFB
+_FOURCC = {"vp9": b"VP90", "vp8": b"VP80"}
+
+
+class NotCuttable(ValueError):
+    """The stream is not a plain one-frame-per-block WebM; feed it whole instead."""
+
+
+def _vint(b: bytes, pos: int, marker: bool) -> tuple[int, int]:
+    """EBML variable-length integer at `pos` -> (value, byte length); ids keep the marker bit."""
+    first = b[pos]
+    if first == 0:
+        raise NotCuttable(f"bad EBML length byte at {pos}")
+    n = 9 - first.bit_length()
+    v = first if marker else first & ((1 << (8 - n)) - 1)
+    for i in range(1, n):
+        v = (v << 8) | b[pos + i]
+    return v, n
+
+
+def scan_frames(data: bytes) -> np.ndarray:
+    """Frames of a WebM in stream order -> int64 [F, 3]: (payload offset, size, is_keyframe)."""
+    out: list[tuple[int, int, int]] = []
+    pos, end = 0, len(data)
+    try:
+        while pos < end:
+            eid, n = _vint(data, pos, True)
+            size, m = _vint(data, pos + n, False)
+            body = pos + n + m
+            unknown = size == (1 << (7 * m)) - 1
+            if eid in _ENTER:
+                pos = body  # walk into the element (also works for unknown sizes)
+                continue
+            if unknown:
+                raise NotCuttable(f"element {eid:#x} of unknown size")
+            if eid in (_SIMPLE_BLOCK, _BLOCK):
+                _, tn = _vint(data, body, False)  # track number
+                flags = data[body + tn + 2]
+                if flags & 0x06:
+                    raise NotCuttable("laced blocks")
+                key = bool(flags & 0x80) if eid == _SIMPLE_BLOCK else True
+                head = tn + 3
+                out.append((body + head, size - head, int(key)))
+            elif eid == _REFERENCE_BLOCK and out:
+                out[-1] = (out[-1][0], out[-1][1], 0)  # a Block that references another: not key
+            pos = body + size
+    except IndexError:
+        raise NotCuttable("truncated stream") from None
+    if pos != end or not out or not out[0][2]:
+        raise NotCuttable("stream does not start with a keyframe or has trailing bytes")
+    return np.asarray(out, dtype=np.int64)
+
+
+def cut_ivf(data: bytes, frames: np.ndarray, first: int, last: int, codec: str, height: int,
+            width: int) -> tuple[bytes, int]:
+    """IVF stream of frames [k0, last], k0 = the keyframe at or before `first` -> (bytes, k0).
+
+    `frames` is `scan_frames(data)`; frame i of the cut stream is frame k0 + i of the video.
+    """
+    keys = np.flatnonzero(frames[: first + 1, 2])
+    k0 = int(keys[-1])
+    sel = frames[k0:last + 1]
+    parts = [b"DKIF", struct.pack("<HH4sHHIIII", 0, 32, _FOURCC[codec], width, height, 30, 1, len(sel), 0)]
+    view = memoryview(data)
+    for i, (off, size, _) in enumerate(sel.tolist()):
+        parts.append(struct.pack("<IQ", size, i))
+        parts.append(view[off:off + size])
+    return b"".join(parts), k0
