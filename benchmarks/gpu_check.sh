@@ -45,12 +45,12 @@ cd "$SHIM" || exit 1
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)  # compiles in parallel: ~60 kernel variants
 echo "== kernel tests (compiled, CUDA tensors)"
-timeout 300 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" --durations=5 \
+timeout 210 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" --durations=5 \
     "$REPO/tests/test_gather.py" "$REPO/tests/test_attention.py"
 TESTS_RC=$?
 
 echo "== benchmarks"
-timeout 300 "$PY" "$REPO/benchmarks/kernels.py" --out "$RESULTS/kernels_gpu.json"
+timeout 270 "$PY" "$REPO/benchmarks/kernels.py" --out "$RESULTS/kernels_gpu.json"
 BENCH_RC=$?
 echo "== gpu_check done: tests rc=$TESTS_RC, benchmarks rc=$BENCH_RC (results in $RESULTS)"
 exit $((TESTS_RC || BENCH_RC))

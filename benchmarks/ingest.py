@@ -6,8 +6,9 @@
 Builds a synthetic corpus (loaders/synth: H.264 mp4, MJPEG avi, DICOM; 160-320 px), then
 runs `ingest` end to end once per (size, codec, workers) into a fresh directory and
 reports clips/s, input MB/s (source bytes read), output frames/s and MB written. A stage
-breakdown (one process, same clips) shows where a clip's time goes: decode, sector,
-crop+resize, cycle, encode, decode-back count. Also the period accuracy on the corpus
+breakdown (one process, same clips, CPU time) shows where a clip's time goes: decode,
+sector, crop+resize, cycle, encode, decode-back count. Wall-clock rates depend on what else
+runs on the machine: the JSON records the load average. Also the period accuracy on the corpus
 (clips spanning >= 2 beats, within 1 frame), and `shards verify` time for one result.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -26,7 +28,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ingest.json"
 
 
 def stage_times(corpus: Path, size: int, codec: str, limit: int) -> dict:
-    """Seconds per clip spent in each ingest stage (single process, `limit` clips)."""
+    """CPU ms per clip spent in each ingest stage (single process, `limit` clips). CPU time
+    (process_time), not wall time, so other load on a shared machine does not inflate it."""
     from echofm.loaders.cycles import estimate_cycle
     from echofm.loaders.sector import crop_resize, detect_sector
     from echofm.loaders.sources import discover, load_clip
@@ -36,19 +39,19 @@ def stage_times(corpus: Path, size: int, codec: str, limit: int) -> dict:
     t = dict.fromkeys(("decode", "sector", "crop_resize", "cycle", "encode", "count"), 0.0)
     frames = 0
     for c in clips:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         dec = load_clip(c)
-        t1 = time.perf_counter()
+        t1 = time.process_time()
         s = detect_sector(dec.frames)
-        t2 = time.perf_counter()
+        t2 = time.process_time()
         out = crop_resize(dec.frames, s, size)
-        t3 = time.perf_counter()
+        t3 = time.process_time()
         estimate_cycle(out, dec.fps)
-        t4 = time.perf_counter()
+        t4 = time.process_time()
         data = encode_video(out, dec.fps or 30.0, codec)
-        t5 = time.perf_counter()
+        t5 = time.process_time()
         count_frames(data)
-        t6 = time.perf_counter()
+        t6 = time.process_time()
         for k, a, b in (("decode", t0, t1), ("sector", t1, t2), ("crop_resize", t2, t3), ("cycle", t3, t4),
                         ("encode", t4, t5), ("count", t5, t6)):
             t[k] += b - a
@@ -63,15 +66,23 @@ def period_accuracy(corpus: Path, shard_dir: Path) -> dict:
 
     rows = {source_hash(r["file"]): r for r in csv.DictReader(open(corpus / "labels.csv"))}
     hits = n = nulls = 0
+    err = {"ed": [], "es": []}
     for s in read_manifest(shard_dir)["shards"]:
         for _, comp in iter_tar_samples(shard_dir / s["tar"]):
             meta = json.loads(comp["json"])
-            p = int(rows[meta["source"]]["period"])
+            row = rows[meta["source"]]
+            p = int(row["period"])
             if meta["frames"] >= 2 * p:
                 n += 1
                 hits += meta["period"] is not None and abs(meta["period"] - p) <= 1
                 nulls += meta["period"] is None
-    return {"clips_two_beats": n, "within_1_frame": hits, "fraction": hits / max(n, 1), "null": nulls}
+            for k in ("ed", "es"):  # cyclic distance of each candidate to the nearest true frame
+                true = [int(x) for x in row[k].split(";") if x]
+                for t in meta[k] if true else []:
+                    err[k] += [min(min(abs(t - u) % p, p - abs(t - u) % p) for u in true)]
+    return {"clips_two_beats": n, "within_1_frame": hits, "fraction": hits / max(n, 1), "null": nulls,
+            "ed_mean_abs_frames": sum(err["ed"]) / max(len(err["ed"]), 1),
+            "es_mean_abs_frames": sum(err["es"]) / max(len(err["es"]), 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,16 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     for r in runs:
         print(f"{r['size']:>5} {r['codec']:>6} {r['workers']:>7} {r['clips']:>6} {r['seconds']:>7.1f} "
               f"{r['clips_per_s']:>8.2f} {r['input_mb_per_s']:>8.2f} {r['frames_per_s']:>9.0f} {r['output_mb']:>7.1f}")
-    print("\nstage ms per clip (1 process): " + ", ".join(stages[next(iter(stages))]["ms_per_clip"]))
+    print("\nstage CPU ms per clip (1 process): " + ", ".join(stages[next(iter(stages))]["ms_per_clip"]))
     for size, st in stages.items():
         print(f"  size {size}: " + "  ".join(f"{k} {v:.0f}" for k, v in st["ms_per_clip"].items())
               + f"  ({st['frames'] / st['clips']:.0f} frames/clip)")
     print(f"\nperiod within 1 frame: {accuracy['within_1_frame']}/{accuracy['clips_two_beats']} clips spanning "
-          f">= 2 beats ({100 * accuracy['fraction']:.0f}%), {accuracy['null']} null")
+          f">= 2 beats ({100 * accuracy['fraction']:.0f}%), {accuracy['null']} null; ED/ES candidates "
+          f"{accuracy['ed_mean_abs_frames']:.1f} / {accuracy['es_mean_abs_frames']:.1f} frames from the truth")
     print(f"shards verify (DALI CPU decode of every video): {verify_s['seconds']:.1f}s for {verify_s['samples']} "
           f"samples / {verify_s['frames']} frames at {verify_s['size']}, ok={verify_s['ok']}")
     result = {"corpus": {"videos": args.videos, "seed": args.seed, "input_mb": in_bytes / 2**20},
-              "machine": {"cpus": __import__("os").cpu_count(), "python": sys.version.split()[0]},
+              "machine": {"cpus": os.cpu_count(), "loadavg_1min": os.getloadavg()[0],
+                          "python": sys.version.split()[0]},
               "runs": runs, "stages": stages, "period_accuracy": accuracy, "verify": verify_s}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

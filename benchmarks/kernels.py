@@ -2,10 +2,7 @@
 
     python benchmarks/kernels.py [--out benchmarks/results/kernels_gpu.json] [--quick]
 
-Without a GPU it says so and exits 0 (`--smoke` instead runs every code path on CPU
-through the Triton interpreter at toy sizes, so the script itself is checked without a
-GPU; its numbers mean nothing). Measures first the two ceilings (a large device
-copy, a bf16 8192^3 matmul), then:
+On a GPU it measures first the two ceilings (a large device copy, a bf16 8192^3 matmul), then:
 - tube_attention forward and forward+backward, bf16, at the EchoFM shapes (ViT-L and ViT-B
   encoders over 8 x 49 visible tubes, the decoder over 8 x 196 tokens) for every backend;
   FLOPs = 4*B*H*G*L^2*Dh forward, 3.5x that forward+backward (FA2 convention: the
@@ -14,6 +11,11 @@ copy, a bf16 8192^3 matmul), then:
 - masking gather/scatter and the uint8 patch gather in GB/s (bytes read + written once)
   against torch.gather / index_select and the measured copy bandwidth.
 Times are medians of triton.testing.do_bench (CUDA events, after warm-up).
+
+Without a GPU it says so and exits 0. Two modes need no GPU: `--smoke` runs every code
+path on CPU through the Triton interpreter at toy sizes (checks this script; its numbers
+mean nothing); `--ptxas` compiles the attention kernels' default configs at these shapes
+for sm_90 with Triton's bundled ptxas and prints registers and spill stack per kernel.
 """
 from __future__ import annotations
 
@@ -193,18 +195,60 @@ def bench_gather(env: Env, copy_gbps: float) -> list[dict]:
     return rows
 
 
+def ptxas_report(dtype: str = "bf16") -> list[dict]:
+    """Registers / stack bytes of each attention kernel's default config, compiled for sm_90.
+
+    FLAT True is the contiguous-rows index path, False the general div/mod one.
+    """
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from echofm.kernels import attention as A
+
+    ptrs = {n: dtype for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")} | {"LSE": "fp32", "DELTA": "fp32"}
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    rows = []
+    for name, b, h, t, k, dh, mode in ATTENTION_SHAPES:
+        groups, length, _ = A._geometry((b, h, t, k, dh), mode)
+        for kernel, fn in (("fwd", A._fwd_kernel), ("dkdv", A._bwd_dkdv_kernel), ("dq", A._bwd_dq_kernel)):
+            for flat in (True, False):
+                cfg = A._config(length, groups, dh, kernel)
+                warps, gpb = cfg.pop("num_warps"), cfg.pop("GPB")
+                consts = dict(cfg, PACKED=gpb > 1, FLAT=flat, PRECISION="tf32")
+                sig = {a: "constexpr" if a in consts else "*" + ptrs[a] if a in ptrs
+                       else "fp32" if a.endswith("scale") else "i32" for a in fn.arg_names}
+                compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                    f.write(compiled.asm["cubin"])
+                    f.flush()
+                    usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
+                                           capture_output=True, text=True, check=True).stdout
+                fields = dict(kv.split(":", 1) for kv in usage.split("REG:", 1)[1].split()[1:3])
+                rows.append({"shape": name, "kernel": kernel, "flat": flat, **cfg, "GPB": gpb, "num_warps": warps,
+                             "regs": int(usage.split("REG:", 1)[1].split()[0]), "stack": int(fields["STACK"]),
+                             "wgmma": compiled.asm["ptx"].count("wgmma.mma_async")})
+    return rows
+
+
 def print_tables(res: dict) -> None:
     c = res["ceilings"]
     print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}")
     print(f"ceilings: copy {c['copy_GBps']:.0f} GB/s, bf16 matmul {c['matmul_bf16_TFLOPs']:.0f} TFLOP/s")
-    print(f"\n{'attention ' + res['dtype']:<16} {'backend':<11} {'fwd TF/s':>9} {'f+b TF/s':>9} {'err':>8}")
+    # "of mm": share of the measured bf16 matmul rate, the ceiling for attention's GEMMs.
+    print(f"\n{'attention ' + res['dtype']:<16} {'backend':<11} {'fwd TF/s':>9} {'f+b TF/s':>9} {'of mm':>6} "
+          f"{'err':>8}")
     for r in res["attention"]:
         if "error" in r:
             print(f"{r['shape']:<16} {r['backend']:<11} {r['error'][:60]}")
         else:
             print(f"{r['shape']:<16} {r['backend']:<11} {r['fwd_TFLOPs']:9.1f} {r['fwdbwd_TFLOPs']:9.1f} "
-                  f"{r['rel_err_vs_sdpa']:8.1e}")
-    for kind in ("fwd", "dkdv", "dq"):
+                  f"{r['fwdbwd_TFLOPs'] / c['matmul_bf16_TFLOPs']:6.0%} {r['rel_err_vs_sdpa']:8.1e}")
+    for kind in ("fwd", "dkdv", "dq") if res["sweep"] else ():
         best = [r for r in res["sweep"] if r["kind"] == kind and "ms" in r][:3]
         print(f"sweep {kind:<4} best (M,N,warps,stages ms): " + "; ".join(
             f"{r['BLOCK_M']},{r['BLOCK_N']},{r['num_warps']},{r['num_stages']} {r['ms']:.3f}" for r in best))
@@ -234,7 +278,15 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"JSON results file (default {DEFAULT_OUT}; none for --smoke)")
     ap.add_argument("--quick", action="store_true", help="encoder joint shape only, no sweep")
     ap.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, toy sizes: checks the code only")
+    ap.add_argument("--ptxas", action="store_true", help="sm_90 registers/spills of the kernels; no GPU needed")
     args = ap.parse_args(argv)
+    if args.ptxas:
+        print(f"{'shape':<16} {'kernel':<5} {'flat':<5} {'M':>4} {'N':>4} {'D':>4} {'GPB':>3} {'warps':>5} "
+              f"{'regs':>4} {'stack':>5} {'wgmma':>5}")
+        for r in ptxas_report():
+            print(f"{r['shape']:<16} {r['kernel']:<5} {r['flat']!s:<5} {r['BLOCK_M']:>4} {r['BLOCK_N']:>4} "
+                  f"{r['BLOCK_D']:>4} {r['GPB']:>3} {r['num_warps']:>5} {r['regs']:>4} {r['stack']:>5} {r['wgmma']:>5}")
+        return 0
     if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
         ap.error("--smoke needs TRITON_INTERPRET=1 in the environment")
     if not args.smoke and not torch.cuda.is_available():

@@ -110,7 +110,9 @@ def _parse_bytes(text: str) -> int:
 
 
 def _add_ingest(sub) -> None:
-    p = sub.add_parser("ingest", help="videos / DICOM / EchoNet / CAMUS / CSV -> WebDataset shards")
+    p = sub.add_parser("ingest", help="videos / DICOM / EchoNet / CAMUS / CSV -> WebDataset shards",
+                       description="Ingest sources into WebDataset shards + DALI indexes + manifest.json. "
+                       "Patient ids are hashed; set ECHOFM_PATIENT_SALT to salt the hashes.")
     p.add_argument("sources", nargs="+", help="files or folders (layout is recognised) or CSV manifests")
     p.add_argument("--out", required=True, help="shard directory (re-running resumes into it)")
     p.add_argument("--size", type=int, default=None, help="output height = width (default 224, or the recipe's)")

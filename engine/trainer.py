@@ -324,9 +324,12 @@ def pretrain(recipe, *, resume: str | None = None) -> dict:
                     f"{tc.steps}, {world} rank(s) on {device.type}, run folder {run_dir}")
 
     # SIGTERM (schedulers, torchrun) and SIGINT: finish the step, checkpoint, return.
+    # A second Ctrl-C interrupts at once.
     stop = {"requested": False}
 
     def _on_signal(signum, _frame):
+        if stop["requested"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         stop["requested"] = True
 
     old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -444,6 +447,7 @@ def pretrain(recipe, *, resume: str | None = None) -> dict:
                "last_checkpoint": str(ckpt.find_checkpoint(ckpt_root)),
                "first_loss": losses[0][1] if losses else None, "last_loss": losses[-1][1] if losses else None,
                "nonfinite_total": nonfinite_total, "wall_s": round(wall, 2),
+               "train_s_all_sessions": round(elapsed_before + wall, 2),
                "steps_per_s": len(losses) / acc.total_time if acc.total_time else None,
                "sampled_fps": acc.total_clips * frames_per_clip * world / acc.total_time
                if acc.total_time else None,

@@ -3,8 +3,8 @@
 Public API (DESIGN §4: masking gather, tube attention); all four are differentiable:
 
 - `gather_tokens(x, ids)`: x [B, N, D], ids int64 [B, K] -> [B, K, D].
-- `scatter_tokens(y, ids, fill, n)`: [B, n, D] with y [B, K, D] at ids, fill ([D] or
-  [B, n, D]) elsewhere (the decoder's unshuffle). Gradients for y and fill.
+- `scatter_tokens(y, ids, fill, n)`: [B, n, D] with y [B, K, D] at ids, fill ([D], or
+  broadcastable to [B, n, D]) elsewhere (the decoder's unshuffle). Gradients for y, fill.
 - `gather_patches(video, ids, patch, mean=None, std=None)`: video [B, T, H, W, C] uint8
   or float, ids over the (T/t)(H/p)(W/p) patch grid in (t, h, w) order -> [B, K, C*t*p*p]
   in (C, t, p, p) order (Conv3d weight order); uint8 -> float32 (x/255 - mean)/std.
@@ -49,8 +49,18 @@ def _use_triton(t: torch.Tensor, backend: str, choices: tuple[str, ...], name: s
     return backend == "triton"
 
 
+def _check_ids(name: str, ids: torch.Tensor, data: torch.Tensor) -> None:
+    """ids must be integer [B, K] on data's device (cheap checks only: no device sync)."""
+    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"{name}: ids must be an integer [B, K] tensor, got {ids.dtype} {tuple(ids.shape)}")
+    if ids.device != data.device or ids.shape[0] != data.shape[0]:
+        raise ValueError(f"{name}: ids {tuple(ids.shape)} on {ids.device} do not match the data "
+                         f"{tuple(data.shape)} on {data.device}")
+
+
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """x [B, N, D] (any float dtype), ids int64 [B, K] -> [B, K, D] rows x[b, ids[b, k]]."""
+    _check_ids("gather_tokens", ids, x)
     if _use_triton(x, backend, GATHER_BACKENDS, "gather_tokens"):
         from .gather import gather_tokens as impl
 
@@ -61,8 +71,12 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor, backend: str = "auto") -> 
 def scatter_tokens(
     y: torch.Tensor, ids: torch.Tensor, fill: torch.Tensor, n: int, backend: str = "auto"
 ) -> torch.Tensor:
-    """y [B, K, D] at rows ids [B, K] of a [B, n, D] tensor that is `fill` ([D] or [B, n, D])
-    elsewhere; dtype of y. Differentiable w.r.t. y and fill."""
+    """y [B, K, D] at rows ids [B, K] of a [B, n, D] tensor that is `fill` elsewhere; dtype of y.
+
+    fill: [D] (the mask token; [1, 1, D] works too) or anything broadcastable to [B, n, D].
+    Differentiable w.r.t. y and fill.
+    """
+    _check_ids("scatter_tokens", ids, y)
     if _use_triton(y, backend, GATHER_BACKENDS, "scatter_tokens"):
         from .gather import scatter_tokens as impl
 
@@ -84,6 +98,9 @@ def gather_patches(
     uint8: (x/255 - mean)/std per channel (mean 0, std 1 if not given); float: unchanged, or
     (x - mean)/std when mean/std are given. Differentiable w.r.t. a float video.
     """
+    _check_ids("gather_patches", ids, video)
+    if video.dim() != 5:
+        raise ValueError(f"gather_patches: video must be [B, T, H, W, C], got {tuple(video.shape)}")
     if _use_triton(video, backend, GATHER_BACKENDS, "gather_patches"):
         from .gather import gather_patches as impl
 

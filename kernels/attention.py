@@ -247,8 +247,10 @@ def _config(L: int, G: int, dh: int, kernel: str) -> dict:
         tile, step = (64 if wide else 128), (32 if wide or kernel != "fwd" else 64)
         tile, step = (min(c, max(16, triton.next_power_of_2(L))) for c in (tile, step))
     block_m, block_n = (step, tile) if kernel == "dkdv" else (tile, step)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, GPB=gpb,
-                num_warps=8 if tile * block_d >= 8192 else 4)
+    # Warps: the fewest that compile without register spills for sm_90 (ptxas -v, triton
+    # 3.7); packed tiles usually take the div/mod index path, which needs more registers.
+    warps = 8 if tile * block_d >= (4096 if gpb > 1 else 8192) else 4
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, GPB=gpb, num_warps=warps)
 
 
 def _launch(cfg: dict, mode: str, tile: str, *tensors: torch.Tensor) -> tuple[tuple[int, int], int, dict]:

@@ -125,7 +125,7 @@ class _ScatterTokens(torch.autograd.Function):
     def forward(ctx, y, ids, fill, n):
         pos = inverse_ids(ids, n)
         ctx.save_for_backward(ids, pos)
-        ctx.fill_shape = fill.shape
+        ctx.fill_shape, ctx.fill_dtype = fill.shape, fill.dtype
         return scatter_rows(y, pos, fill, n)
 
     @staticmethod
@@ -138,7 +138,7 @@ class _ScatterTokens(torch.autograd.Function):
             # that is a sum over them (fp32: thousands of rows).
             masked = dout.masked_fill((pos >= 0)[..., None], 0)
             dfill = masked if len(ctx.fill_shape) == 3 else masked.sum((0, 1), dtype=torch.float32)
-            dfill = dfill.to(dout.dtype)
+            dfill = dfill.to(ctx.fill_dtype)
         return dy, None, dfill, None
 
 
@@ -148,9 +148,13 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def scatter_tokens(y: torch.Tensor, ids: torch.Tensor, fill: torch.Tensor, n: int) -> torch.Tensor:
-    """y [B, K, D] at ids [B, K] of [B, n, D], fill [D] | [B, n, D] elsewhere; differentiable in y, fill."""
-    if fill.dim() not in (1, 3):
-        raise ValueError(f"scatter_tokens: fill must be [D] or [B, n, D], got {tuple(fill.shape)}")
+    """y [B, K, D] at ids [B, K] of [B, n, D], fill elsewhere; differentiable in y and fill.
+
+    fill: one [D] vector (also given as [1, 1, D], the usual mask-token parameter) or a
+    tensor broadcastable to [B, n, D]; autograd sums the gradient back to fill's shape.
+    """
+    b, _, d = y.shape
+    fill = fill.reshape(d) if fill.numel() == d else fill.expand(b, n, d)
     return _ScatterTokens.apply(y, ids, fill, n)
 
 

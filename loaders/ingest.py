@@ -167,7 +167,7 @@ def plan(clips: list, cfg: IngestConfig, existing: list[dict]) -> list[Job]:
     source_split: dict[str, tuple[str, str]] = {}
     jobs, keys = [], {r["key"] for r in existing}
     for c in clips:
-        ds = cfg.dataset or c.dataset
+        ds = safe_name(cfg.dataset or c.dataset) or "data"  # the key's first part: no '_'
         ph = patient_hash(ds, c.patient, cfg.salt)
         if c.split:
             s = SPLIT_ALIASES.get(c.split.lower())
@@ -231,11 +231,15 @@ def process_clip(job: Job, cfg: IngestConfig) -> dict:
         idx = resample_fps(len(frames), fps, cfg.fps)
         frames = frames[idx]
         if seg is not None:
-            inv = {int(t): i for i, t in enumerate(idx)}  # first output frame showing each source frame
-            seg_frames = sorted({inv[t] for t in seg_frames if t in inv})
-            keep = np.zeros(len(idx), bool)
-            keep[seg_frames] = True
-            seg = seg[idx] * keep[:, None, None]
+            # Each annotation moves to the output frame nearest in time (within half an output
+            # frame), so none is lost when resampling drops its source frame.
+            new = np.zeros((len(idx),) + seg.shape[1:], np.uint8)
+            moved = {}
+            for t in seg_frames:
+                moved[min(int(np.floor(t * cfg.fps / fps + 0.5)), len(idx) - 1)] = t
+            for i, t in moved.items():
+                new[i] = seg[t]
+            seg, seg_frames = new, sorted(moved)
         fps = cfg.fps
     if len(frames) < cfg.min_frames:
         return fail(f"too short: {len(frames)} frames < min_frames {cfg.min_frames}")
@@ -259,7 +263,7 @@ def process_clip(job: Job, cfg: IngestConfig) -> dict:
         "width": cfg.size, "period": None if cyc.period is None else round(cyc.period, 3),
         "ed": cyc.ed, "es": cyc.es, "view": c.view, "labels": c.labels, "patient": job.phash,
         "split": job.split, "source": source_hash(c.rel_source or os.path.basename(c.source)),
-        "source_sha256": sha, "codec": cfg.codec, "dataset": cfg.dataset or c.dataset,
+        "source_sha256": sha, "codec": cfg.codec, "dataset": job.key.split("_", 1)[0],
         "source_size": [int(src_h), int(src_w)],
         "sector_box": list(sector.box) if sector is not None else None,
     }
@@ -336,8 +340,12 @@ def ingest(sources: list[str | Path], out_dir: str | Path, cfg: IngestConfig | N
     clips = []
     for s in sources:
         clips += discover(s, dataset=cfg.dataset)
-    todo = [c for c in clips if source_hash(os.path.abspath(c.source)) not in done
-            and os.path.abspath(c.source) not in rejected]
+    todo, seen = [], set()
+    for c in clips:  # a file named twice (a folder and a CSV listing it) is ingested once
+        a = os.path.abspath(c.source)
+        if a not in seen and a not in rejected and source_hash(a) not in done:
+            todo.append(c)
+        seen.add(a)
     report.skipped = len(clips) - len(todo)
     jobs = plan(todo, cfg, existing)
 

@@ -96,7 +96,7 @@ def _square(a: np.ndarray, box: tuple[int, int, int, int], mask: np.ndarray | No
 
 
 def crop_resize(frames: np.ndarray, sector: Sector | None, size: int) -> np.ndarray:
-    """Blank outside the sector, crop to it, pad square, resize: uint8 [F, H, W, 3] -> [F, size, size, 3].
+    """Blank outside the sector, crop to it, pad square, resize: uint8 [F, H, W(, 3)] -> [F, size, size(, 3)].
 
     INTER_AREA when shrinking (an antialiasing box filter), bilinear when enlarging.
     """
@@ -107,7 +107,7 @@ def crop_resize(frames: np.ndarray, sector: Sector | None, size: int) -> np.ndar
     else:
         frames = _square(frames, (0, frames.shape[1], 0, frames.shape[2]))
     interp = cv2.INTER_AREA if frames.shape[1] >= size else cv2.INTER_LINEAR
-    out = np.empty((frames.shape[0], size, size, frames.shape[3]), np.uint8)
+    out = np.empty((frames.shape[0], size, size) + frames.shape[3:], np.uint8)
     for t in range(frames.shape[0]):
         cv2.resize(frames[t], (size, size), dst=out[t], interpolation=interp)
     return out

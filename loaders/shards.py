@@ -412,9 +412,12 @@ def verify(shard_dir: str | Path, *, decode: bool = True, progress: bool = False
         try:
             with tarfile.open(tar, "r:") as tf:
                 members = [mm for mm in tf.getmembers() if mm.isfile()]
-            got = [[(mm.name.split(".", 1)[1], mm.offset_data, mm.size, mm.name) for mm in members
-                    if mm.name.split(".", 1)[0] == k] for k in dict.fromkeys(mm.name.split(".", 1)[0]
-                                                                             for mm in members)]
+            # what the index must say: per key (in tar order) its (ext, data offset, size, name)
+            got: dict[str, list] = {}
+            for mm in members:
+                k, _, ext = mm.name.partition(".")
+                got.setdefault(k, []).append((ext, mm.offset_data, mm.size, mm.name))
+            got = list(got.values())
             if index and got != index:
                 bad(f"index {idx.name} does not match the tar's members (offsets/sizes/order)")
             samples = list(iter_tar_samples(tar))

@@ -291,7 +291,7 @@ class ClipStream:
             in_height=int(m["height"]), in_width=int(m["width"]), crop=crop,
             flip=train and cfg.flip, segmentation=cfg.segmentation, decoder=self.backend,
             batch_size=cfg.batch_size, num_threads=cfg.num_threads,
-            device_id=(self.device.index or 0) if self.backend == "mixed" else None,
+            device_id=self._device_index() if self.backend == "mixed" else None,
             prefetch=cfg.prefetch,
         )
         self.epoch = 0
@@ -303,11 +303,16 @@ class ClipStream:
         """clips/frames delivered (sampled), decoded_frames (frames the decoder produced, from
         the first frame of the stream it was given to the last needed one), skipped damaged
         samples."""
-        if len(self) == 0:
+        if train and len(self) == 0:  # (an evaluation rank may legitimately get nothing)
             raise DataError(f"{manifest_path}: split {cfg.split!r} has {len(self._corpus)} samples, "
                             f"too few for {world_size} rank(s) x batch_size {cfg.batch_size}")
 
     # -- bookkeeping ------------------------------------------------------------------
+
+    def _device_index(self) -> int:
+        import torch
+
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
     def _resolve_backend(self) -> str:
         b = self.cfg.backend

@@ -1,7 +1,9 @@
 """Video decode (any codec PyAV reads) and the shard encode (DESIGN §2: one codec per corpus,
 yuv420p, constant frame rate, no B-frames, GOP <= 8).
 
-Frames are numpy uint8 `[F, H, W, 3]` RGB throughout.
+Frames are numpy uint8 `[F, H, W, 3]` RGB, or `[F, H, W]` for grey clips (most echo is
+grey: one channel through decode, crop, resize and encode is ~3x less work, and the
+encoder's neutral chroma is exact).
 """
 from __future__ import annotations
 
@@ -57,7 +59,8 @@ def encoder_options(codec: str, gop: int, quality: int) -> dict[str, str]:
 
 
 def decode_video(path: str | Path) -> tuple[np.ndarray, float]:
-    """Decode every frame of a video file. Returns (frames uint8 [F, H, W, 3] RGB, fps).
+    """Decode every frame of a video file. Returns (frames, fps): uint8 [F, H, W] when the
+    clip is grey (checked on a few frames spread over it), else [F, H, W, 3] RGB.
 
     Raises DataError naming the file when it cannot be opened or has no video stream.
     """
@@ -69,21 +72,31 @@ def decode_video(path: str | Path) -> tuple[np.ndarray, float]:
                 raise DataError(f"{path}: no video stream")
             st = c.streams.video[0]
             st.thread_type = "AUTO"
-            frames = [f.to_ndarray(format="rgb24") for f in c.decode(st)]
+            raw = list(c.decode(st))
             rate = st.average_rate or st.guessed_rate or st.base_rate
             fps = float(rate) if rate else 0.0
+            if not raw:
+                raise DataError(f"{path}: video has no decodable frames")
+            probe = [raw[i].to_ndarray(format="rgb24") for i in np.linspace(0, len(raw) - 1, min(4, len(raw))).astype(int)]
+            grey = all(is_grey(p) for p in probe)
+            frames = [f.to_ndarray(format="gray" if grey else "rgb24") for f in raw]
     except DataError:
         raise
     except (av.FFmpegError, OSError, ValueError) as e:
         raise DataError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from e
-    if not frames:
-        raise DataError(f"{path}: video has no decodable frames")
     return np.stack(frames), fps
+
+
+def is_grey(rgb: np.ndarray, tol: int = 4) -> bool:
+    """True when the R, G, B channels of uint8 [..., 3] differ by at most `tol` (codec noise)."""
+    a = rgb.astype(np.int16)
+    return bool(np.abs(a[..., 0] - a[..., 1]).max() <= tol and np.abs(a[..., 1] - a[..., 2]).max() <= tol)
 
 
 def encode_video(frames: np.ndarray, fps: float, codec: str = "vp9", *, gop: int = 8,
                  quality: int | None = None) -> bytes:
-    """Encode frames uint8 [F, H, W, 3] RGB (H, W even) as one CFR video; returns the file bytes."""
+    """Encode frames uint8 [F, H, W, 3] RGB or [F, H, W] grey (H, W even) as one CFR video;
+    returns the file bytes."""
     import av
 
     spec = CODECS[codec]
@@ -98,8 +111,9 @@ def encode_video(frames: np.ndarray, fps: float, codec: str = "vp9", *, gop: int
         s = c.add_stream(spec.encoder, rate=rate, options=encoder_options(codec, gop, quality))
         s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], spec.pix_fmt
         s.thread_count = 1  # parallelism comes from ingest workers, one clip each
+        fmt = "gray" if frames.ndim == 3 else "rgb24"
         for f in frames:
-            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format=fmt)):
                 c.mux(p)
         for p in s.encode():
             c.mux(p)

@@ -86,23 +86,43 @@ def test_many_tiles_and_packs(mode, dtype):
         assert rel_err(g, g_ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("mode", ["joint", "tube"])
-def test_autograd_with_strided_views(mode):
-    # q, k, v as views into one fused qkv projection [B, T, K, 3, H, Dh]: non-contiguous,
-    # read in place by the kernel; gradients flow back through autograd into qkv.
-    b, t, n, h, dh = 2, 3, 5, 2, 16
-    qkv_t = torch.randn(b, t, n, 3, h, dh, device=DEVICE, requires_grad=True)
-    q, k, v = (qkv_t[:, :, :, i].permute(0, 3, 1, 2, 4) for i in range(3))
+# Leaf shapes for B=2, T=3, K=5, H=2, Dh=16. "qkv": one fused projection [B, T, K, 3, H, Dh]
+# (T and K still merge: flat rows); "kmajor": [3, B, H, K, T, Dh] (T and K do not merge, so
+# joint mode takes the kernels' div/mod index path).
+LEAVES = {"qkv": (2, 3, 5, 3, 2, 16), "kmajor": (3, 2, 2, 5, 3, 16)}
+
+
+def views(leaf: torch.Tensor, layout: str) -> list[torch.Tensor]:
+    """q, k, v as non-contiguous [B, H, T, K, Dh] views into one leaf tensor."""
+    if layout == "qkv":
+        return [leaf[:, :, :, i].permute(0, 3, 1, 2, 4) for i in range(3)]
+    return [leaf[i].transpose(2, 3) for i in range(3)]
+
+
+@pytest.mark.parametrize("mode,layout", [("joint", "qkv"), ("tube", "qkv"), ("joint", "kmajor"), ("slice", "kmajor")])
+def test_autograd_with_strided_views(mode, layout):
+    # q, k, v are read in place through their strides; gradients flow back into the leaf.
+    leaf = torch.randn(LEAVES[layout], device=DEVICE, requires_grad=True)
+    q, k, v = views(leaf, layout)
     assert not q.is_contiguous()
     o = tube_attention(q, k, v, mode, backend="triton")
     do = torch.randn_like(o)
-    (grad,) = torch.autograd.grad(o, qkv_t, do)
-    qkv_ref = qkv_t.detach().double().requires_grad_()
-    qr, kr, vr = (qkv_ref[:, :, :, i].permute(0, 3, 1, 2, 4) for i in range(3))
-    o_ref = ref.tube_attention(qr, kr, vr, mode)
-    (grad_ref,) = torch.autograd.grad(o_ref, qkv_ref, do.double())
+    (grad,) = torch.autograd.grad(o, leaf, do)
+    leaf_ref = leaf.detach().double().requires_grad_()
+    o_ref = ref.tube_attention(*views(leaf_ref, layout), mode)
+    (grad_ref,) = torch.autograd.grad(o_ref, leaf_ref, do.double())
     assert rel_err(o, o_ref) < 1e-4
     assert rel_err(grad, grad_ref) < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["joint", "tube"])
+def test_backward_of_a_sum(mode):
+    # o.sum() hands backward an expanded dO with all strides 0: read in place like any view.
+    q, k, v = (t.requires_grad_() for t in qkv((1, 2, 3, 5, 16), torch.float32))
+    grads = torch.autograd.grad(tube_attention(q, k, v, mode, backend="triton").sum(), (q, k, v))
+    _, grads_ref = reference_grads(q, k, v, torch.ones_like(q), mode)
+    for g, g_ref in zip(grads, grads_ref):
+        assert rel_err(g, g_ref) < 1e-4
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

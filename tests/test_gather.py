@@ -60,7 +60,7 @@ def test_tokens_autograd_matches_reference(dtype):
     (dx_ref,) = torch.autograd.grad(reference.gather_tokens(xr, ids), xr, dy.double())
     assert torch.equal(dx.double(), dx_ref)
 
-    for fill_shape in ((d,), (b, n, d)):
+    for fill_shape in ((d,), (1, 1, d), (b, n, d), (b, 1, d)):
         yy = torch.randn(b, k, d, device=DEVICE).to(dtype).requires_grad_()
         fill = torch.randn(fill_shape, device=DEVICE).to(dtype).requires_grad_()
         out = scatter_tokens(yy, ids, fill, n, backend="triton")
@@ -70,7 +70,29 @@ def test_tokens_autograd_matches_reference(dtype):
         out_ref = reference.scatter_tokens(leaves[0], ids, leaves[1], n)
         assert torch.equal(out.double(), out_ref)
         for g, g_ref in zip(grads, torch.autograd.grad(out_ref, leaves, dout.double())):
-            assert g.dtype == dtype and rel_err(g, g_ref) < TOL[dtype]
+            assert g.dtype == dtype and g.shape == g_ref.shape and rel_err(g, g_ref) < TOL[dtype]
+
+
+def test_mask_token_keeps_its_dtype():
+    # A float32 mask-token parameter [1, 1, D] with half-precision tokens (autocast-style).
+    b, n, k, d = 2, 9, 4, 32
+    ids = random_ids(b, n, k)
+    y = torch.randn(b, k, d, device=DEVICE).half()
+    token = torch.randn(1, 1, d, device=DEVICE, requires_grad=True)
+    out = scatter_tokens(y, ids, token, n, backend="triton")
+    dout = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, token, dout)
+    masked = torch.ones(b, n, 1, device=DEVICE).scatter(1, ids[..., None], 0.0)
+    assert out.dtype == torch.float16 and grad.dtype == torch.float32 and grad.shape == token.shape
+    assert rel_err(grad, (dout.double() * masked).sum((0, 1), keepdim=True)) < 1e-6
+
+
+def test_bad_ids_name_the_problem():
+    x = torch.randn(2, 5, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="integer"):
+        gather_tokens(x, torch.zeros(2, 3, device=DEVICE))
+    with pytest.raises(ValueError, match="do not match"):
+        gather_tokens(x, torch.zeros(3, 3, dtype=torch.long, device=DEVICE))
 
 
 def test_scatter_is_the_inverse_of_gather():

@@ -73,7 +73,7 @@ def _corpus(d, n_good=4, bad=True):
         _good_clip(d / "v" / f"good{i}.mp4", i)
         rows.append({"path": f"v/good{i}.mp4", "patient": f"P{i // 2}", "ef": 40 + i})
     if bad:
-        (d / "v" / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
+        (d / "v" / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + np.random.default_rng(0).bytes(2000))
         _good_clip(d / "v" / "short.mp4", 9, frames=5)
         write_video(d / "v" / "static.mp4", np.full((20, 64, 72), 90, np.uint8), 25, "mp4")
         rows += [{"path": f"v/{n}.mp4", "patient": f"Q{n}", "ef": 50} for n in ("corrupt", "short", "static")]
@@ -110,9 +110,10 @@ def test_rejects_are_recorded_and_a_second_run_adds_nothing(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(["ingest", str(src), "--out", str(out), "--size", "64"]) == 0  # the CLI resumes too
-    assert "0 added, 7 skipped" in capsys.readouterr().out
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert main(["ingest", str(tmp_path / "nope"), "--out", str(out), "--size", "64"]) == 2
+        assert "0 added, 7 skipped" in capsys.readouterr().out
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        assert main(["ingest", str(tmp_path / "nope"), "--out", str(out), "--size", "64"]) == 2
+    assert "nope: source does not exist" in capsys.readouterr().err
     m, samples = _samples(out)
     assert m["total_samples"] == 4 and len({k for _, k, _ in samples}) == 4
     with pytest.raises(DataError, match="codec='vp9'"):  # resuming with other settings is refused
@@ -197,3 +198,15 @@ def test_foreign_shard_files_without_manifest_are_not_touched(tmp_path):
     with pytest.raises(DataError, match="no manifest.json"):
         _run(tmp_path / "shard-000000.tar", tmp_path)
     assert (tmp_path / "shard-000000.tar").read_bytes() == b"someone else's shard"
+
+
+@pytest.mark.parametrize("codec,ext", [("mjpeg", "avi"), ("h264", "mp4")])
+def test_other_codecs_ingest_and_verify(tmp_path, codec, ext):
+    src = _corpus(tmp_path / "src", n_good=2, bad=False)
+    rep = _run(src, tmp_path / "out", codec=codec)
+    assert rep.added == 2
+    m, samples = _samples(tmp_path / "out")
+    assert (m["codec"], m["video_ext"]) == (codec, ext) and all(ext in c for _, _, c in samples)
+    v = verify(tmp_path / "out")
+    assert v.ok, v.problems
+    assert ("PyAV" in v.decoder) == (codec == "h264")  # DALI's CPU backend has no H.264 decoder

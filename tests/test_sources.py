@@ -1,6 +1,7 @@
 """Source adapters on fixture trees in the real layouts: EchoNet-Dynamic, CAMUS, DICOM
 (pydicom's real A4C cine with burned-in text), video folders, CSV manifests."""
 import csv
+import io
 import json
 import shutil
 import warnings
@@ -89,7 +90,7 @@ def test_echonet_layout_ingests_with_labels_and_lv_masks(tmp_path):
         assert meta["labels"] == {"ef": 60.0 + i, "esv": 30.5, "edv": 76.25, "ed_true": [ed], "es_true": [es]}
         assert meta["seg_frames"] == sorted([ed, es])
         assert name not in json.dumps(meta) and all(name not in k for k in samples)
-        seg = np.load(__import__("io").BytesIO(c["seg.npy"]))
+        seg = np.load(io.BytesIO(c["seg.npy"]))
         assert seg.shape == (meta["frames"], SIZE, SIZE) and set(np.unique(seg)) <= {0, 1}
         # the polygon of the chord ends reproduces the traced LV through the same crop/resize
         for t in (ed, es):
@@ -97,6 +98,19 @@ def test_echonet_layout_ingests_with_labels_and_lv_masks(tmp_path):
             assert _iou(seg[t] == 1, ref == 1) > 0.85
         others = [t for t in range(meta["frames"]) if t not in (ed, es)]
         assert seg[others].max() == 0
+
+    # --fps 25 halves the frames; the traced frames move to the nearest output frame
+    out25 = tmp_path / "shards25"
+    _ingest(root, out25, fps=25.0)
+    _, samples25 = _samples(out25)
+    for c in samples25.values():
+        meta = json.loads(c["json"])
+        r, ed, es, i = truth[next(n for n, v in truth.items() if 60.0 + v[3] == meta["labels"]["ef"])]
+        assert meta["frames"] == 20 and meta["fps"] == 25.0
+        assert meta["seg_frames"] == sorted({int(np.floor(ed / 2 + 0.5)), int(np.floor(es / 2 + 0.5))})
+        seg = np.load(io.BytesIO(c["seg.npy"]))
+        ref = crop_resize_seg((r.masks == 1).astype(np.uint8), _box(meta), SIZE)[ed]
+        assert _iou(seg[int(np.floor(ed / 2 + 0.5))] == 1, ref == 1) > 0.85
 
 
 def _write_nifti(path, vol_fhw):
@@ -134,7 +148,7 @@ def test_camus_layout_axis_order_labels_and_masks(tmp_path):
         assert meta["labels"] == {"ef": 40.5 + p, "image_quality": "Good" if p == 1 else "Poor",
                                   "ed_true": [0], "es_true": [11]}
         assert meta["source_size"] == [96, 80] and meta["fps_assumed"] and meta["frames"] == 18
-        seg = np.load(__import__("io").BytesIO(c["seg.npy"]))
+        seg = np.load(io.BytesIO(c["seg.npy"]))
         np.testing.assert_array_equal(seg, crop_resize_seg(r.masks, _box(meta), SIZE))
         assert meta["seg_frames"] == list(range(18))
         rgb = np.repeat(r.video[..., None], 3, -1)
@@ -202,14 +216,14 @@ def test_video_folder_and_csv_manifest(tmp_path, synth_corpus):
 
 
 def test_dicom_pixel_and_timing_conversions():
-    from echofm.loaders.sources.dicom import dicom_fps, to_rgb8
+    from echofm.loaders.sources.dicom import dicom_fps, to_frames
 
     mono1 = np.arange(2 * 4 * 4, dtype=np.uint16).reshape(2, 4, 4) * 1000  # 16-bit, inverted grey
-    out = to_rgb8(mono1, {"PhotometricInterpretation": "MONOCHROME1", "SamplesPerPixel": 1, "NumberOfFrames": 2})
-    assert out.shape == (2, 4, 4, 3) and out.dtype == np.uint8
-    assert (out[..., 0] == out[..., 2]).all() and out[0, 0, 0, 0] == 255 and out[1, 3, 3, 0] == 0
+    out = to_frames(mono1, {"PhotometricInterpretation": "MONOCHROME1", "SamplesPerPixel": 1, "NumberOfFrames": 2})
+    assert out.shape == (2, 4, 4) and out.dtype == np.uint8
+    assert out[0, 0, 0] == 255 and out[1, 3, 3] == 0 and (np.diff(out.ravel().astype(int)) <= 0).all()
     single_rgb = np.full((4, 5, 3), 7, np.uint8)
-    assert to_rgb8(single_rgb, {"PhotometricInterpretation": "RGB", "SamplesPerPixel": 3}).shape == (1, 4, 5, 3)
+    assert to_frames(single_rgb, {"PhotometricInterpretation": "RGB", "SamplesPerPixel": 3}).shape == (1, 4, 5, 3)
     assert dicom_fps({"FrameTime": "20"}) == 50.0
     assert dicom_fps({"CineRate": 25}) == 25.0 and dicom_fps({"RecommendedDisplayFrameRate": 60}) == 60.0
     assert dicom_fps({"FrameTimeVector": [0, 40, 40, 40]}) == 25.0 and dicom_fps({}) == 0.0

@@ -130,6 +130,18 @@ def test_frames_match_index_and_wrap_around(ramp_shards):
     assert seen_short == sum(n < SPAN16 for n in RAMP_LENGTHS)
 
 
+def test_gop_cut_decodes_the_same_pixels(ramp_shards):
+    # trim.py hands DALI only the GOPs a clip needs; the decoded frames must not change
+    for cfg in (_cfg(ramp_shards, drop_last=False), _cfg(ramp_shards, num_frames=4, eval_clips=3)):
+        train = cfg.eval_clips == 1  # the eval config's last clips start late in each video
+        cut = ClipStream(cfg, train=train)
+        cfg.cut_gops = False
+        whole = ClipStream(cfg, train=train)
+        assert _same(_epoch(cut), _epoch(whole))
+        assert cut.stats["decoded_frames"] <= whole.stats["decoded_frames"]
+    assert cut.stats["decoded_frames"] < 0.8 * whole.stats["decoded_frames"]  # fewer frames decoded
+
+
 def test_deterministic_by_seed_and_epoch(ramp_shards):
     cfg = _cfg(ramp_shards, batch_size=2, size=64, random_resized_crop=(0.5, 1.0), flip=True)
     a, b = ClipStream(cfg), ClipStream(cfg)

@@ -59,7 +59,7 @@ class Decoded:
     """A clip's pixels after decoding (before sector cropping)."""
 
     frames: np.ndarray
-    """uint8 [F, H, W, 3] RGB."""
+    """uint8 [F, H, W, 3] RGB, or [F, H, W] for grey sources."""
     fps: float
     seg: np.ndarray | None = None
     """uint8 [F, H, W] label maps (0 on frames without annotation) or None."""

@@ -38,13 +38,13 @@ def _load(path: str | Path) -> np.ndarray:
 
 
 def read_nifti_frames(path: str | Path) -> np.ndarray:
-    """A CAMUS sequence -> uint8 [F, H, W, 3] (grey in all channels)."""
+    """A CAMUS sequence -> uint8 [F, H, W] grey."""
     a = _load(path)
     if a.dtype != np.uint8:
         a = a.astype(np.float32)
         hi = float(a.max())
         a = np.clip(a * (255.0 / hi) if hi > 255 else a, 0, 255).astype(np.uint8)
-    return np.repeat(a[..., None], 3, axis=-1)
+    return a
 
 
 def read_nifti_labels(path: str | Path) -> np.ndarray:

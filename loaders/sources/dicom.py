@@ -2,7 +2,7 @@
 
 Photometric interpretations: MONOCHROME1/2 (grey -> 3 equal channels; MONOCHROME1 is
 inverted), RGB, YBR_FULL / YBR_FULL_422 (pydicom's `pixel_array` converts YBR to RGB),
-PALETTE COLOR (through its LUT). More than 8 bits are scaled to 8. Frame rate from
+PALETTE COLOR (through its LUT). More than 8 bits are scaled to 8. Grey stays one channel. Frame rate from
 FrameTime (ms), else CineRate, else RecommendedDisplayFrameRate, else FrameTimeVector.
 The patient is PatientID (hashed by ingest; it never reaches a key or json in clear).
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .base import Clip, Decoded, safe_name
+from .base import Clip, Decoded
 
 
 def dicom_fps(ds) -> float:
@@ -36,8 +36,8 @@ def dicom_fps(ds) -> float:
     return 0.0
 
 
-def to_rgb8(arr: np.ndarray, ds) -> np.ndarray:
-    """pixel_array -> uint8 [F, H, W, 3] RGB."""
+def to_frames(arr: np.ndarray, ds) -> np.ndarray:
+    """pixel_array -> uint8 [F, H, W] grey (MONOCHROME) or [F, H, W, 3] RGB."""
     pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     spp = int(ds.get("SamplesPerPixel", 1))
     nframes = int(ds.get("NumberOfFrames", 1) or 1)
@@ -56,8 +56,6 @@ def to_rgb8(arr: np.ndarray, ds) -> np.ndarray:
         arr = np.clip((a - lo) * (255.0 / max(hi - lo, 1e-6)), 0, 255).astype(np.uint8)
     if pi == "MONOCHROME1":
         arr = 255 - arr
-    if arr.ndim == 3:
-        arr = np.repeat(arr[..., None], 3, axis=-1)
     return np.ascontiguousarray(arr)
 
 
@@ -74,11 +72,11 @@ def read_dicom(path: str | Path) -> Decoded:
         raise
     except Exception as e:  # pydicom raises many types on damaged/unsupported files
         raise DataError(f"{path}: cannot decode DICOM pixels ({type(e).__name__}: {e})") from e
-    return Decoded(frames=to_rgb8(arr, ds), fps=dicom_fps(ds))
+    return Decoded(frames=to_frames(arr, ds), fps=dicom_fps(ds))
 
 
 def discover_files(paths: list[Path], base: Path, dataset: str) -> list[Clip]:
-    """Clips for DICOM files (headers only). Files without image rows (DICOMDIR, SR) are
+    """Clips for DICOM files (headers only; `files.discover` finds them in folders). Files without image rows (DICOMDIR, SR) are
     skipped; unreadable headers still become clips, so the worker records them as rejects."""
     import pydicom
 
@@ -94,18 +92,6 @@ def discover_files(paths: list[Path], base: Path, dataset: str) -> list[Clip]:
         except Exception:  # damaged header: let the worker reject it with the reason
             pass
         clips.append(Clip(source=str(q), rel_source=str(q.relative_to(base)), reader="dicom",
-                          dataset=dataset, patient=patient,
-                          view=view))
+                          dataset=dataset, patient=patient, view=view))
     return clips
 
-
-def discover(path: str | Path, dataset: str | None = None) -> list[Clip]:
-    """Clips of a DICOM file or a folder of DICOM files."""
-    from .files import is_dicom
-
-    root = Path(path)
-    if not root.exists():
-        raise DataError(f"{root}: does not exist")
-    paths = [root] if root.is_file() else sorted(q for q in root.rglob("*") if q.is_file() and is_dicom(q))
-    base = root.parent if root.is_file() else root
-    return discover_files(paths, base, dataset or safe_name(base.resolve().name) or "dicom")
