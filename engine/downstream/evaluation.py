@@ -39,11 +39,15 @@ def video_predictions(task: Task, head, fs: FeatureSet, *, batch: int = 4096):
 
 
 def score_video_task(task: Task, head, fs: FeatureSet, *, png: str | Path | None = None,
-                     title: str = "", bootstrap: int | None = None) -> dict:
-    """Metrics of one split for view / grade / ef; writes the split's PNG when `png`."""
+                     title: str = "", bootstrap: int | None = None,
+                     csv_path: str | Path | None = None) -> dict:
+    """Metrics of one split for view / grade / ef; writes the split's PNG when `png` and
+    one row per video (key, patient, label, prediction, scores) when `csv_path`."""
     keys, y, scores, patients = video_predictions(task, head, fs)
     if not keys:
         raise ValueError(f"no labelled videos for task {task.name!r} (label '{task.key}')")
+    if csv_path is not None:
+        write_predictions(csv_path, task, keys, patients, y, scores)
     res = task.evaluate(y, scores, patients, bootstrap=bootstrap)
     res["videos"], res["patients"], res["clips"] = len(keys), len(set(patients)), len(fs.metas)
     if png is not None:
@@ -90,7 +94,24 @@ def score_seg_task(task: SegTask, decoder, fs: FeatureSet, *, png: str | Path | 
     return res
 
 
-def score(task: Task, head, fs: FeatureSet, *, png=None, title: str = "") -> dict:
+def score(task: Task, head, fs: FeatureSet, *, png=None, title: str = "", csv_path=None) -> dict:
     if isinstance(task, SegTask):
         return score_seg_task(task, head, fs, png=png)
-    return score_video_task(task, head, fs, png=png, title=title)
+    return score_video_task(task, head, fs, png=png, title=title, csv_path=csv_path)
+
+
+def write_predictions(path: str | Path, task: Task, keys: list[str], patients: list[str],
+                      y: np.ndarray, scores: np.ndarray) -> None:
+    """CSV: key, patient, true label, prediction (class name or EF), then the scores."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        if task.kind == "classification":
+            w.writerow(["key", "patient", "label", "pred", *[f"p_{c}" for c in task.classes]])
+            for k, p, t, s in zip(keys, patients, y, scores):
+                w.writerow([k, p, task.classes[int(t)], task.classes[int(s.argmax())], *[f"{v:.6f}" for v in s]])
+        else:
+            w.writerow(["key", "patient", "label", "pred"])
+            for k, p, t, s in zip(keys, patients, y, scores):
+                w.writerow([k, p, f"{float(t):.6f}", f"{float(s[0]):.6f}"])

@@ -9,6 +9,7 @@ A run folder (`downstream.out_dir/<recipe name>/`) holds:
     backbone/         fine-tune only: the fine-tuned backbone (EchoFM.save_pretrained)
     recipe.yaml       the resolved recipe
     test_*.png        confusion matrix / EF scatter + Bland-Altman / segmentation overlays
+    test_predictions.csv  one row per video: key, patient, label, prediction (video tasks)
     cache/            probe features, keyed by backbone fingerprint and stream settings
 
 `evaluate` rebuilds backbone + head from that folder, recomputes the features of the same
@@ -106,7 +107,7 @@ def score_splits(task: Task, head, model, recipe, run_dir: Path, device: torch.d
             model, {"fingerprint": B.fingerprint(model)}, recipe.data, split, cfg.test_clips,
             cache_dir=cache_dir, features=cfg.features, grid=grid, device=device, batch=cfg.feature_batch)
         out[split] = E.score(task, head, fs, png=run_dir / _png_name(task, split),
-                             title=f"{recipe.name} {split}")
+                             title=f"{recipe.name} {split}", csv_path=run_dir / f"{split}_predictions.csv")
     return out
 
 
