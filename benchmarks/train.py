@@ -1,6 +1,6 @@
 """Training-step benchmark: our EchoFM step vs the plain way, and the whole trainer on shards.
 
-    python benchmarks/train.py [--steps 20] [--threads 2] [--cache ~/.cache/echofm/bench_train]
+    python benchmarks/train.py [--steps 24] [--threads N] [--cache ~/.cache/echofm/bench_train]
                                [--out benchmarks/results/train_cpu.json]
 
 1. Step (compute only, fed from uint8 tensors already on the device; tiny preset, batch 4,
@@ -13,8 +13,9 @@
                  attention: EchoFM as trained
    All variants must give the same loss (checked) -- they are the same model.
 2. Trainer (CPU): `echofm pretrain` of the tiny recipe on shards of a synthetic corpus (DALI
-   CPU decode, one process, DeepSpeed): steps/s, sampled fps, decoded fps and the data-wait
-   fraction of step time, from the run's metrics.jsonl (first interval = warm-up, dropped).
+   CPU decode with 1 thread, one process, DeepSpeed, torch threads as the trainer picks
+   them): steps/s, sampled fps, decoded fps and the data-wait fraction of step time, from
+   the run's metrics.jsonl (first interval = pipeline start-up, dropped).
 3. GPU (CUDA only): ViT-B and ViT-L steps in bf16 (autocast, fp32 master weights, fused
    AdamW) fed from device tensors: clips/s, sampled fps and MFU against the H200's measured
    bf16 peak (DESIGN §7), plus the plain ViT-B step for the ratio.
@@ -52,7 +53,8 @@ def plain_model_class():
 
         def forward_encoder(self, video, mask):
             c = self.cfg
-            x = self.normalize(video).permute(0, 4, 1, 2, 3).to(self.patch_embed.weight.dtype)  # [B, C, T, H, W]
+            x = self.normalize(video).permute(0, 4, 1, 2, 3)  # [B, C, T, H, W] float32
+            x = x.to(self.patch_embed.weight.dtype)
             w = self.patch_embed.weight.view(c.embed_dim, c.in_chans, c.tubelet, c.patch_size, c.patch_size)
             tok = F.conv3d(x, w, self.patch_embed.bias, stride=(c.tubelet, c.patch_size, c.patch_size))
             tok = tok.flatten(2).transpose(1, 2)  # [B, N, D], (t, h, w) order
@@ -65,7 +67,8 @@ def plain_model_class():
     return PlainEchoFM
 
 
-def build_variants(preset: str, device: torch.device, ratio: float = 0.75):
+def build_variants(preset: str, device: torch.device, ratio: float = 0.75,
+                   names: tuple[str, ...] = ("plain", "+fused attn", "ours")):
     """{name: model} sharing one set of weights; attention backend per variant."""
     import dataclasses
 
@@ -77,9 +80,11 @@ def build_variants(preset: str, device: torch.device, ratio: float = 0.75):
     torch.manual_seed(0)
     ours = EchoFM(dataclasses.replace(cfg, attn_backend=fused), MaskConfig(ratio=ratio)).to(device)
     plain_cls = plain_model_class()
-    variants = {"plain": plain_cls(dataclasses.replace(cfg, attn_backend="math"), MaskConfig(ratio=ratio)),
-                "+fused attn": plain_cls(dataclasses.replace(cfg, attn_backend=fused), MaskConfig(ratio=ratio)),
-                "ours": ours}
+    mask = MaskConfig(ratio=ratio)
+    make = {"plain": lambda: plain_cls(dataclasses.replace(cfg, attn_backend="math"), mask),
+            "+fused attn": lambda: plain_cls(dataclasses.replace(cfg, attn_backend=fused), mask),
+            "ours": lambda: ours}
+    variants = {n: make[n]() for n in names}
     for name, m in variants.items():
         if m is not ours:
             m.load_state_dict(ours.state_dict())
@@ -147,7 +152,7 @@ def build_shards(cache: Path, videos: int, size: int) -> Path:
     return out
 
 
-def run_trainer(shards: Path, cache: Path, steps: int, threads: int) -> dict:
+def run_trainer(shards: Path, cache: Path, steps: int) -> dict:
     """The tiny recipe through `pretrain` (DALI CPU stream, DeepSpeed) in this process."""
     import shutil
 
@@ -160,7 +165,7 @@ def run_trainer(shards: Path, cache: Path, steps: int, threads: int) -> dict:
     recipe = load_recipe(ROOT / "recipes/pretrain/echofm_tiny.yaml", [
         f"data.shards={shards}", f"train.out_dir={out}", "name=bench_tiny", f"train.steps={steps}",
         "train.checkpoint_every=0", f"logging.every={every}", "logging.plot_every=0",
-        "logging.progress=false", "logging.tensorboard=false", f"data.num_threads={max(threads // 2, 1)}"])
+        "logging.progress=false", "logging.tensorboard=false"])
     summary = pretrain(recipe)
     lines = [json.loads(x) for x in (out / "bench_tiny" / "metrics.jsonl").read_text().splitlines()]
     steady = lines[1:] or lines  # the first interval holds pipeline start-up
@@ -179,22 +184,28 @@ def run_trainer(shards: Path, cache: Path, steps: int, threads: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=20, help="trainer steps on shards (CPU)")
+    ap.add_argument("--steps", type=int, default=24, help="trainer steps on shards (CPU)")
     ap.add_argument("--step-iters", type=int, default=4, help="timed steps per repeat (step benchmark)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: what the trainer picks: cores minus 1 decode thread)")
     ap.add_argument("--videos", type=int, default=24)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/echofm/bench_train")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--skip-trainer", action="store_true")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
+    if args.threads is None:
+        from echofm.engine.trainer import TrainConfig, cpu_threads
+
+        args.threads = 8 if cuda else cpu_threads(TrainConfig(), argparse.Namespace(num_threads=1))
+    torch.set_num_threads(args.threads)
     device = torch.device("cuda" if cuda else "cpu")
     res: dict = {"host": platform.node(), "device": torch.cuda.get_device_name() if cuda else "cpu",
                  "threads": args.threads, "torch": torch.__version__}
 
     print("1. tiny step: plain vs ours (batch 4, 16 x 112^2, mask 0.75)", flush=True)
-    res["tiny_step"] = time_steps(build_variants("echofm_tiny", device), 4, args.step_iters, device, bf16=False)
+    variants = build_variants("echofm_tiny", device)
+    res["tiny_step"] = time_steps(variants, 4, args.step_iters, device, bf16=False)
     tiny = res["tiny_step"]
     res["tiny_ratio_ours_vs_plain"] = tiny["plain"]["step_s"] / tiny["ours"]["step_s"]
 
@@ -202,9 +213,10 @@ def main(argv=None) -> int:
         print("2. trainer: echofm_tiny recipe on VP9 shards (DALI CPU, DeepSpeed)", flush=True)
         args.cache.mkdir(parents=True, exist_ok=True)
         shards = build_shards(args.cache, args.videos, 112)
-        res["trainer_tiny"] = run_trainer(shards, args.cache, args.steps, args.threads)
-        res["skipped"] = {"echofm_vit_base": "needs a GPU (CPU step of minutes)",
-                          "echofm_vit_large": "needs a GPU"}
+        res["trainer_tiny"] = run_trainer(shards, args.cache, args.steps)
+        res["skipped"] = {  # train-step FLOPs per clip from flops.model_flops, not timed here
+            "echofm_vit_base": "needs a GPU: ~0.2 TFLOP per clip per step, seconds per clip on 2 cores",
+            "echofm_vit_large": "needs a GPU: ~1 TFLOP per clip per step"}
 
     if cuda:
         from echofm.engine.flops import H200_BF16_PEAK, model_flops
@@ -218,14 +230,15 @@ def main(argv=None) -> int:
         res["peak_bf16_flops"] = peak
         for preset, batch, ratio in (("echofm_vit_base", 32, 0.9), ("echofm_vit_large", 8, 0.75)):
             print(f"3. {preset} bf16 step, batch {batch}, mask {ratio}", flush=True)
-            models = build_variants(preset, device, ratio)
-            if preset == "echofm_vit_large":
-                models = {"ours": models["ours"]}
+            names = ("ours",) if preset == "echofm_vit_large" else ("plain", "+fused attn", "ours")
+            models = build_variants(preset, device, ratio, names)
             r = time_steps(models, batch, 10, device, bf16=True, repeats=2)
             fl = model_flops(ModelConfig(preset=preset), MaskConfig(ratio=ratio))["train_step"]
             for v in r.values():
                 v["mfu"] = fl * v["clips_per_s"] / peak
             res[preset] = r
+            if "plain" in r:
+                res[f"{preset}_ratio_ours_vs_plain"] = r["plain"]["step_s"] / r["ours"]["step_s"]
             del models
             torch.cuda.empty_cache()
 
@@ -237,9 +250,12 @@ def main(argv=None) -> int:
             print(f"{key + ' ' + n:34s} {v['step_s']:8.3f} {v['steps_per_s']:8.2f} {v['sampled_fps']:12,.0f} "
                   f"{mfu:>6s}  loss {v['first_loss']:.5f}")
     print(f"tiny step ours vs plain: {res['tiny_ratio_ours_vs_plain']:.2f}x (bar >= 1.0, goal 1.5)")
+    if "echofm_vit_base_ratio_ours_vs_plain" in res:
+        print(f"ViT-B step ours vs plain: {res['echofm_vit_base_ratio_ours_vs_plain']:.2f}x")
     if "trainer_tiny" in res:
         t = res["trainer_tiny"]
-        print(f"trainer echofm_tiny (B {t['batch']}, {t['num_frames']} x {t['size']}^2): {t['steps_per_s']:.2f} "
+        print(f"trainer echofm_tiny (B {t['batch']}, {t['num_frames']} x {t['size']}^2): "
+              f"{t['steps_per_s']:.2f} "
               f"steps/s, sampled {t['sampled_fps']:,.0f} fps, decoded {t['decoded_fps']:,.0f} fps, "
               f"data wait {t['data_wait_fraction']:.1%} of step time (bar < 10%)")
     out = args.out or RESULTS / ("train_gpu.json" if cuda else "train_cpu.json")

@@ -280,4 +280,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m echofm.engine.cli` (torchrun, deepspeed launcher): run the canonical module,
+    # so errors raised as echofm.engine.cli.UserError are the class main() catches.
+    from echofm.engine.cli import main as _main
+
+    sys.exit(_main())

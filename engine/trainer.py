@@ -36,7 +36,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import yaml
 
 from .cli import UserError
 
@@ -81,6 +80,10 @@ class TrainConfig:
     """torch.use_deterministic_algorithms (warn only): exact resume on CPU; off for GPU speed."""
     peak_tflops: float | None = None
     """Peak bf16 dense TFLOP/s of one device for MFU; None = from the device table."""
+    cpu_threads: int | None = None
+    """torch threads per process on CPU; None = OMP_NUM_THREADS if set, else this process's
+    share of the cores minus the stream's decode threads (data.num_threads), at least 1:
+    oversubscribed OpenMP threads spin and run several times slower."""
     nan_inject: list[int] = field(default_factory=list)
     """Test hook: 1-based micro-batch numbers (counted over the run) whose loss becomes NaN."""
 
@@ -93,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"keep_last must be >= 1, got {self.keep_last}")
         if self.max_nonfinite < 1:
             raise ValueError(f"max_nonfinite must be >= 1, got {self.max_nonfinite}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1 or null, got {self.cpu_threads}")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ValueError(f"peak_tflops must be > 0 or null, got {self.peak_tflops}")
 
@@ -118,7 +123,8 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "RANK" not in os.environ or "MASTER_PORT" not in os.environ:
+    own_port = "MASTER_PORT" not in os.environ
+    if "RANK" not in os.environ or own_port:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.setdefault("RANK", "0")
@@ -137,6 +143,8 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
         device = torch.device("cpu")
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(verbose=False)
+    if own_port:  # used for the rendezvous only; child processes must pick their own
+        os.environ.pop("MASTER_PORT", None)
     return rank, world, local_rank, device
 
 
@@ -237,6 +245,18 @@ def _all_max(values: list[float], device: torch.device, world: int) -> list[floa
     return t.tolist()
 
 
+def cpu_threads(tc: TrainConfig, data) -> int:
+    """torch threads for one CPU process (see TrainConfig.cpu_threads)."""
+    if tc.cpu_threads is not None:
+        return tc.cpu_threads
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # the user's (or launcher's) choice
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    return max(1, cores // local - data.num_threads)
+
+
 def _check_recipe(recipe, model) -> None:
     """Cross-section checks that no single section can make."""
     from .config import ConfigError
@@ -268,14 +288,13 @@ def pretrain(recipe, *, resume: str | None = None) -> dict:
     from echofm.loaders.stream import ClipStream
 
     from . import checkpoint as ckpt
-    from .config import to_dict
+    from .config import dump_yaml, to_dict
     from .flops import model_flops
     from .logging import MetricsLogger
     from .model import EchoFM
     from .optim import WarmupCosine
 
     tc = recipe.train
-    rank, world, _, device = init_distributed()
     run_dir = Path(tc.out_dir) / recipe.name
     ckpt_root = run_dir / "checkpoints"
     recipe_dict = to_dict(recipe)
@@ -291,6 +310,9 @@ def pretrain(recipe, *, resume: str | None = None) -> dict:
         raise UserError(f"{run_dir}: already has checkpoints; continue it with --resume auto, or "
                         "pick another train.out_dir or name")
 
+    rank, world, _, device = init_distributed()
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(tc, recipe.data))
     if tc.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     # Same init on every rank; then a per-rank stream for masking.
@@ -319,7 +341,7 @@ def pretrain(recipe, *, resume: str | None = None) -> dict:
     log = MetricsLogger(recipe.logging, run_dir, total_steps=tc.steps, start_step=step, enabled=rank == 0)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
+        (run_dir / "recipe.yaml").write_text(dump_yaml(recipe))
         log.message(f"[echofm] {'resumed from ' + str(start) if start else 'fresh run'}: step {step}/"
                     f"{tc.steps}, {world} rank(s) on {device.type}, run folder {run_dir}")
 

@@ -201,8 +201,9 @@ class _Corpus:
 class _HostBatch:
     """One batch as handed to DALI, plus what the consumer needs alongside."""
 
+    epoch: int
     pos: int
-    """Position of the batch in the epoch plan."""
+    """Epoch and position of the batch in that epoch's plan."""
     items: list[int]
     """Sample (video) indices in the corpus, in batch order."""
     meta: list[dict]
@@ -241,6 +242,71 @@ class _Plan:
 
     batches: list[np.ndarray] = field(default_factory=list)
     """Each [n, 3] int64: (global position, video index, clip index)."""
+
+
+class _Live:
+    """A running pipeline: batches prepared on the host (`feed`), handed to DALI (`inflight`),
+    and the next (epoch, position) to prepare. Training runs on into the next epochs.
+
+    Holds no reference to its ClipStream (no cycle keeps DALI's threads alive);
+    `release()` drops the pipeline at once."""
+
+    def __init__(self, epoch: int, pos: int) -> None:
+        self.feed: collections.deque[_HostBatch] = collections.deque()
+        self.inflight: collections.deque[_HostBatch] = collections.deque()
+        self.emptied: list[tuple[int, int, int]] = []  # (epoch, pos, dropped) of batches left empty
+        self.next = (epoch, pos)
+        self.expect = (epoch, pos)
+        self.pipe = None
+        self.cuda_stream = None
+
+    def source(self) -> tuple:  # called by DALI's schedule_run, in the consumer's thread
+        if not self.feed:
+            raise StopIteration
+        hb = self.feed.popleft()
+        self.inflight.append(hb)
+        return tuple(hb.inputs.values())
+
+    def prepare(self, s: "ClipStream") -> None:
+        """Read and queue the next batch that has samples left (at most into the next epoch)."""
+        crossed = False
+        while True:
+            epoch, b = self.next
+            if b >= len(s._plan(epoch).batches):
+                if not s.train or crossed:  # evaluation is one pass
+                    return
+                self.next, crossed = (epoch + 1, 0), True
+                continue
+            hb = s._host_batch(epoch, b)
+            self.next = (epoch, b + 1)
+            if hb.items:
+                self.feed.append(hb)
+                return
+            self.emptied.append((epoch, b, hb.dropped))
+
+    def count_emptied(self, s: "ClipStream", before: tuple[int, int]) -> None:
+        """Count the drops of empty batches the consumer has now passed."""
+        while self.emptied and self.emptied[0][:2] < before:
+            s.stats["skipped"] += self.emptied.pop(0)[2]
+
+    def start(self, s: "ClipStream") -> bool:
+        for _ in range(s._spec.prefetch):
+            self.prepare(s)
+        if not self.feed:  # nothing left to decode in this epoch
+            self.count_emptied(s, (self.expect[0] + 1, -1))
+            return False
+        self.pipe = build_pipeline(s._spec, self.source)
+        if s.backend == "mixed":  # outputs bound to torch's stream: no host sync
+            import torch
+
+            self.cuda_stream = torch.cuda.current_stream(s.device)
+        self.pipe.schedule_run()
+        return True
+
+    def release(self) -> None:
+        self.pipe = None  # the pipeline <-> source cycle is broken: DALI's threads stop now
+        self.feed.clear()
+        self.inflight.clear()
 
 
 # ---------------------------------------------------------------- the stream
@@ -296,7 +362,8 @@ class ClipStream:
         )
         self.epoch = 0
         self._pos = 0
-        self._plan_cache: tuple[int, _Plan] | None = None
+        self._plan_cache: dict[int, _Plan] = {}
+        self._live: _Live | None = None
         self._bad: set[int] = set()
         self.stats: dict[str, int] = {"batches": 0, "clips": 0, "frames": 0, "decoded_frames": 0,
                                       "skipped": 0}
@@ -351,17 +418,19 @@ class ClipStream:
         self.stats.update(state.get("stats", {}))
 
     def close(self) -> None:
+        """Stop the pipeline (DALI's threads) and close the shard files; iterating reopens."""
+        self._drop_live()
         self._corpus.close()
 
     def __del__(self) -> None:
         if hasattr(self, "_corpus"):
-            self._corpus.close()
+            self.close()
 
     # -- the epoch plan ---------------------------------------------------------------
 
     def _plan(self, epoch: int) -> _Plan:
-        if self._plan_cache is not None and self._plan_cache[0] == epoch:
-            return self._plan_cache[1]
+        if epoch in self._plan_cache:
+            return self._plan_cache[epoch]
         cfg, n, W, r = self.cfg, len(self._corpus), self.world_size, self.rank
         if self.train:
             order = (np.random.default_rng([cfg.seed, epoch]).permutation(n) if cfg.shuffle
@@ -376,20 +445,20 @@ class ClipStream:
         B = cfg.batch_size
         nb = len(rows) // B if (self.train and cfg.drop_last) else math.ceil(len(rows) / B)
         plan = _Plan(batches=[rows[i * B:(i + 1) * B] for i in range(nb)])
-        self._plan_cache = (epoch, plan)
+        self._plan_cache = {e: p for e, p in self._plan_cache.items() if e == epoch - 1} | {epoch: plan}
         return plan
 
-    def _host_batch(self, plan: _Plan, b: int) -> _HostBatch:
+    def _host_batch(self, epoch: int, b: int) -> _HostBatch:
         """Read batch b's components, choose its clips and draw its random numbers (all from
         (seed, epoch, rank, b), so a batch is the same whenever it is made)."""
         cfg, spec = self.cfg, self._spec
         T, S = cfg.num_frames, cfg.stride
-        rows = plan.batches[b]
-        rng = np.random.default_rng([cfg.seed, self.epoch, self.rank, b])
+        rows = self._plan(epoch).batches[b]
+        rng = np.random.default_rng([cfg.seed, epoch, self.rank, b])
         u = rng.random(len(rows))
         rois = self._crop_windows(rng, len(rows)) if spec.crop else None
         flips = rng.random(len(rows)) < 0.5
-        hb = _HostBatch(pos=b, items=[], meta=[], inputs={n: [] for n in spec.inputs()},
+        hb = _HostBatch(epoch=epoch, pos=b, items=[], meta=[], inputs={n: [] for n in spec.inputs()},
                         index=np.empty((0, T), dtype=np.int64))
         index = []
         for j, (_, v, clip) in enumerate(rows.tolist()):
@@ -492,13 +561,14 @@ class ClipStream:
     # -- iteration --------------------------------------------------------------------
 
     def __iter__(self):
-        plan = self._plan(self.epoch)
-        while self._pos < len(plan.batches):
+        if 0 < len(self) <= self._pos:  # an earlier loop took the epoch's last batch, then stopped
+            self.epoch, self._pos = self.epoch + 1, 0
+        while self._pos < len(self):
             try:
-                for batch, pos in self._run(plan, self._pos):
+                for batch, pos in self._run():
                     self._pos = pos + 1
                     yield batch
-            except _BatchFailed as f:
+            except _BatchFailed as f:  # (DALI invalidates a pipeline after an operator error)
                 bad = self._find_bad(f.batch)
                 if not bad:
                     keys = ", ".join(self._corpus.keys[v] for v in f.batch.items)
@@ -515,54 +585,53 @@ class ClipStream:
             break
         self.epoch, self._pos = self.epoch + 1, 0
 
-    def _run(self, plan: _Plan, start: int):
-        """Run a fresh pipeline over plan batches start..end; yields (batch dict, position).
+    def _run(self):
+        """Yield (batch dict, position) from the current position to the end of the epoch.
 
-        Raises _BatchFailed for a batch DALI could not process (the pipeline is then
-        unusable: DALI invalidates it on an operator error).
+        The pipeline outlives the epoch in training: it is already decoding the next
+        epoch's first batches when this one ends, and a later `for` that continues from
+        the same (epoch, position) reuses it. Anything else (set_epoch to another epoch,
+        load_state_dict elsewhere, an error) starts a fresh one. Raises _BatchFailed for a
+        batch DALI could not process.
         """
-        feed: collections.deque[_HostBatch] = collections.deque()
-        inflight: collections.deque[_HostBatch] = collections.deque()
-        nxt = start
+        live = self._live
+        if live is None or live.expect != (self.epoch, self._pos):
+            self._drop_live()
+            live = _Live(self.epoch, self._pos)
+            if not live.start(self):
+                return
+            self._live = live
+        while True:
+            try:
+                out = live.pipe.outputs(live.cuda_stream)
+            except StopIteration:
+                live.count_emptied(self, (self.epoch + 1, -1))
+                self._drop_live()
+                return
+            except RuntimeError as e:
+                failed = live.inflight[0]
+                self._drop_live()
+                raise _BatchFailed(failed, e) from None
+            hb = live.inflight.popleft()
+            batch = self._to_torch(out, hb)
+            live.count_emptied(self, (hb.epoch, hb.pos))
+            live.prepare(self)
+            live.pipe.schedule_run()
+            nxt = live.inflight[0] if live.inflight else None
+            last = nxt is None or nxt.epoch != hb.epoch  # this is the epoch's last batch
+            if last:
+                live.count_emptied(self, (hb.epoch + 1, -1))
+            live.expect = (hb.epoch + 1, 0) if last else (hb.epoch, hb.pos + 1)
+            if nxt is None:
+                self._drop_live()
+            yield batch, hb.pos
+            if last:
+                return
 
-        def source():  # called by DALI's schedule_run in this thread
-            if not feed:
-                raise StopIteration
-            hb = feed.popleft()
-            inflight.append(hb)
-            return tuple(hb.inputs.values())
-
-        def prepare() -> None:
-            nonlocal nxt
-            while nxt < len(plan.batches):
-                hb = self._host_batch(plan, nxt)
-                nxt += 1
-                if hb.items:
-                    feed.append(hb)
-                    return
-                self.stats["skipped"] += hb.dropped  # a batch with nothing left to decode
-
-        for _ in range(self._spec.prefetch):
-            prepare()
-        if not feed:
-            return
-        pipe = build_pipeline(self._spec, source)
-        try:
-            pipe.schedule_run()
-            while True:
-                try:
-                    out = pipe.outputs()
-                except StopIteration:
-                    return
-                except RuntimeError as e:
-                    raise _BatchFailed(inflight[0], e) from None
-                hb = inflight.popleft()
-                batch = self._to_torch(out, hb)
-                prepare()
-                pipe.schedule_run()
-                yield batch, hb.pos
-        finally:
-            del pipe
+    def _drop_live(self) -> None:
+        if getattr(self, "_live", None) is not None:
+            self._live.release()
+            self._live = None
 
     def _to_torch(self, out, hb: _HostBatch) -> dict:
         import torch

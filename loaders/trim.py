@@ -26,43 +26,40 @@ class NotCuttable(ValueError):
     """The stream is not a plain one-frame-per-block WebM; feed it whole instead."""
 
 
-def _vint(b: bytes, pos: int, marker: bool) -> tuple[int, int]:
-    """EBML variable-length integer at `pos` -> (value, byte length); ids keep the marker bit."""
-    first = b[pos]
+def _vint_len(first: int, pos: int) -> int:
+    """Byte length of the EBML variable-length integer whose first byte is `first`."""
     if first == 0:
         raise NotCuttable(f"bad EBML length byte at {pos}")
-    n = 9 - first.bit_length()
-    v = first if marker else first & ((1 << (8 - n)) - 1)
-    for i in range(1, n):
-        v = (v << 8) | b[pos + i]
-    return v, n
+    return 9 - first.bit_length()
 
 
 def scan_frames(data: bytes) -> np.ndarray:
     """Frames of a WebM in stream order -> int64 [F, 3]: (payload offset, size, is_keyframe)."""
-    out: list[tuple[int, int, int]] = []
+    out: list[list[int]] = []
     pos, end = 0, len(data)
+    from_bytes = int.from_bytes
     try:
         while pos < end:
-            eid, n = _vint(data, pos, True)
-            size, m = _vint(data, pos + n, False)
-            body = pos + n + m
-            unknown = size == (1 << (7 * m)) - 1
+            n = _vint_len(data[pos], pos)  # element id (keeps its marker bit)
+            eid = from_bytes(data[pos:pos + n], "big")
+            pos += n
+            m = _vint_len(data[pos], pos)  # element size (marker bit cleared)
+            size = from_bytes(data[pos:pos + m], "big") & ((1 << (7 * m)) - 1)
+            body = pos + m
             if eid in _ENTER:
                 pos = body  # walk into the element (also works for unknown sizes)
                 continue
-            if unknown:
+            if size == (1 << (7 * m)) - 1:
                 raise NotCuttable(f"element {eid:#x} of unknown size")
-            if eid in (_SIMPLE_BLOCK, _BLOCK):
-                _, tn = _vint(data, body, False)  # track number
+            if eid == _SIMPLE_BLOCK or eid == _BLOCK:
+                tn = _vint_len(data[body], body)  # track number, then int16 timecode, flags
                 flags = data[body + tn + 2]
                 if flags & 0x06:
                     raise NotCuttable("laced blocks")
-                key = bool(flags & 0x80) if eid == _SIMPLE_BLOCK else True
                 head = tn + 3
-                out.append((body + head, size - head, int(key)))
+                out.append([body + head, size - head, 1 if (eid == _BLOCK or flags & 0x80) else 0])
             elif eid == _REFERENCE_BLOCK and out:
-                out[-1] = (out[-1][0], out[-1][1], 0)  # a Block that references another: not key
+                out[-1][2] = 0  # a Block that references another one is not a keyframe
             pos = body + size
     except IndexError:
         raise NotCuttable("truncated stream") from None

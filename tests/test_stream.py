@@ -131,6 +131,20 @@ def test_frames_match_index_and_wrap_around(ramp_shards):
 
 
 def test_gop_cut_decodes_the_same_pixels(ramp_shards):
+    from echofm.loaders.shards import read_index
+    from echofm.loaders.trim import NotCuttable, scan_frames
+
+    # the WebM scan finds every frame and the keyframes ingest put every 8 frames
+    idx = sorted(ramp_shards.glob("*.idx"))[0]
+    tar = idx.with_suffix(".tar").read_bytes()
+    for comps in read_index(idx):
+        c = {ext: (off, size) for ext, off, size, _ in comps}
+        (o, n), (no, _) = c["webm"], c["nframes"]
+        frames = scan_frames(tar[o:o + n])
+        nf = int(np.frombuffer(tar[no:no + 4], "<i4")[0])
+        assert len(frames) == nf and np.flatnonzero(frames[:, 2]).tolist() == list(range(0, nf, 8))
+    with pytest.raises(NotCuttable):
+        scan_frames(b"\x1a\x45\xdf\xa3" + b"\x00" * 60)
     # trim.py hands DALI only the GOPs a clip needs; the decoded frames must not change
     for cfg in (_cfg(ramp_shards, drop_last=False), _cfg(ramp_shards, num_frames=4, eval_clips=3)):
         train = cfg.eval_clips == 1  # the eval config's last clips start late in each video
@@ -152,11 +166,25 @@ def test_deterministic_by_seed_and_epoch(ramp_shards):
     assert a.epoch == 2  # a finished epoch moves on
     c = ClipStream(cfg)
     c.set_epoch(2)
+    ec = _epoch(c)
     keys = lambda e: [m["key"] for x in e for m in x["meta"]]  # noqa: E731
-    assert keys(_epoch(c)) != keys(ea)
+    assert keys(ec) != keys(ea)
+    assert _same(_epoch(a), ec)  # a's pipeline ran on into epoch 2: the same batches
     d = ClipStream(_cfg(ramp_shards, batch_size=2, size=64, seed=1))
     d.set_epoch(1)
     assert keys(_epoch(d)) != keys(ea)
+
+
+def test_epochs_run_on_after_a_loop_stops(ramp_shards):
+    cfg = _cfg(ramp_shards, batch_size=3, num_frames=4, drop_last=False)
+    ref = ClipStream(cfg)
+    e0, e1 = _epoch(ref), _epoch(ref)
+    s = ClipStream(cfg)
+    it = iter(s)
+    head = [next(it) for _ in range(len(e0))]  # every batch of epoch 0, the loop not finished
+    assert s.state_dict()["position"] == len(e0)
+    assert _same(head, e0) and _same(_epoch(s), e1)  # a new loop is epoch 1, not an empty one
+    assert s.epoch == 2
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -299,6 +327,9 @@ def test_damaged_sample_named_or_skipped(damaged_shards):
     assert s.stats["skipped"] == 1 and s.epoch == 1
     got2 = [m["key"] for b in _epoch(s) for m in b["meta"]]  # known bad: dropped again, counted
     assert key not in got2 and s.stats["skipped"] == 2
+    cfg.batch_size = 1  # the damaged sample's batch is left empty: skipped, counted once
+    s = ClipStream(cfg)
+    assert len(_epoch(s)) == len(RAMP_LENGTHS) - 1 and s.stats["skipped"] == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: DALI mixed (NVDEC) backend")

@@ -157,13 +157,21 @@ def test_sigterm_and_sigkill_then_resume_reproduce_losses(reference, tiny_shards
 def test_nonfinite_loss_is_skipped_and_counted(tiny_shards, tmp_path):
     from echofm.engine.trainer import NonFiniteLoss, pretrain
 
+    # Two micro-batches per step (and activation checkpointing on): micro-batch 2 is skipped,
+    # so step 1 = micro-batches 1 and 3, step 2 = 4 and 5, step 3 = 6 and 7.
     recipe = load_recipe(TINY, _overrides(tiny_shards, tmp_path, "train.steps=3", "train.nan_inject=[2]",
-                                          "train.checkpoint_every=0", "name=nan"))
+                                          "train.checkpoint_every=0", "name=nan", "deepspeed.grad_accum=2",
+                                          "deepspeed.activation_checkpointing=true"))
     summary = pretrain(recipe)
     assert summary["steps"] == 3 and summary["nonfinite_total"] == 1
     lines = [json.loads(x) for x in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
-    assert [d["nonfinite_total"] for d in lines] == [0, 1, 1]
+    assert [d["nonfinite_total"] for d in lines] == [1, 1, 1]
     assert all(torch.isfinite(torch.tensor(d["loss"])) for d in lines)
+    # Clips that reached the model: 3 micro-batches of 2 in step 1, then 2 of 2.
+    fps = [d["sampled_fps"] * d["step_time_s"] for d in lines]
+    assert fps == pytest.approx([3 * 2 * 8, 2 * 2 * 8, 2 * 2 * 8], rel=1e-6)
+    state = torch.load(ckpt.find_checkpoint(tmp_path / "nan") / "rank_00000.pt", weights_only=False)
+    assert state["step"] == 3 and state["micro"] == 7
 
     recipe = load_recipe(TINY, _overrides(tiny_shards, tmp_path, "train.steps=3", "train.nan_inject=[2,3]",
                                           "train.max_nonfinite=2", "name=nan_abort"))
@@ -182,6 +190,11 @@ def test_named_errors(tiny_shards, tmp_path, capsys):
     assert err.count("\n") == 1 and "deepspeed" in err and "zero_stage" in err
     with pytest.raises(UserError, match="no complete checkpoint"):
         pretrain(load_recipe(TINY, _overrides(tiny_shards, tmp_path)), resume=str(tmp_path / "none"))
+    # The launchers' entry point (`python -m echofm.engine.cli`) prints the same one line.
+    r = subprocess.run(_cli("pretrain", TINY, "--set", f"data.shards={tiny_shards}", "--resume",
+                            str(tmp_path / "none")), env=_env(), cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("echofm: error: --resume"), r.stderr
 
 
 def test_two_process_zero2_bf16_torchrun(tiny_shards, tmp_path):

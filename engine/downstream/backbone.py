@@ -96,10 +96,14 @@ def grid_shape(model: nn.Module) -> tuple[int, int, int, int]:
 
 def encode(model: nn.Module, video: torch.Tensor, features: str, *, grid: bool = False) -> torch.Tensor:
     """video uint8 [B, T, H, W, C] -> pooled features float [B, F] (`features` joins
-    'tokens' (mean token), 'cls', 'phase' (mean phase embedding) with '+'), or with
-    grid=True the token grid float [B, T', h, w, D]."""
+    'tokens' (mean token), 'cls', 'phase' (mean phase embedding), 'dynamics' (std over the
+    T' slices of each slice's mean token) with '+'), or with grid=True the token grid
+    float [B, T', h, w, D]."""
     tokens, cls, phase = model.encode(video)
+    g = tokens.reshape(tokens.shape[0], *grid_shape(model))              # [B, T', h, w, D]
     if grid:
-        return tokens.reshape(tokens.shape[0], *grid_shape(model))
-    parts = {"tokens": tokens.mean(1), "cls": cls, "phase": phase.mean(1)}
-    return torch.cat([parts[p] for p in features.split("+")], dim=-1).float()
+        return g
+    per_slice = g.mean((2, 3))                                           # [B, T', D]
+    parts = {"tokens": lambda: tokens.mean(1), "cls": lambda: cls, "phase": lambda: phase.mean(1),
+             "dynamics": lambda: per_slice.std(1, unbiased=False)}
+    return torch.cat([parts[p]() for p in features.split("+")], dim=-1).float()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 TASKS = ("view", "ef", "grade", "seg")
+FEATURES = ("tokens", "cls", "phase", "dynamics")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -36,9 +37,10 @@ class DownstreamConfig:
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
-    features: Literal["tokens", "cls", "phase", "tokens+cls", "tokens+cls+phase"] = "tokens+cls+phase"
-    """Pooled backbone features for video-level heads: mean of the encoder tokens, the CLS
-    token, the mean phase embedding; '+' concatenates."""
+    features: str = "tokens+cls+phase+dynamics"
+    """Pooled backbone features for video-level heads, '+'-joined: 'tokens' (mean encoder
+    token), 'cls', 'phase' (mean phase embedding), 'dynamics' (std over time of the
+    per-slice mean token: how much the clip changes over the cycle, what EF needs)."""
     head: Literal["linear", "mlp"] = "linear"
     """Video-level head on the pooled features."""
     hidden: int = 256
@@ -50,9 +52,9 @@ class DownstreamConfig:
     """Names of `seg_labels` in the results."""
     ef_threshold: float = 50.0
     """EF below this (percent) is 'reduced' for the AUROC."""
-    lr: float = 1.0e-3
-    """Head lr (probe) / peak lr of the head in fine-tune; backbone layers get it scaled by
-    `layer_decay`."""
+    lr: float = 1.0e-2
+    """Head lr: the probe's (Adam on standardised features) or the head's peak lr in a
+    fine-tune (recipes use ~1e-3 there)."""
     backbone_lr: float = 1.0e-4
     """Fine-tune: lr of the top encoder layer (lower layers decay from it)."""
     weight_decay: float = 1.0e-4
@@ -85,6 +87,10 @@ class DownstreamConfig:
     """Clips per forward pass when caching probe features."""
 
     def validate(self) -> None:
+        parts = self.features.split("+")
+        bad = [p for p in parts if p not in FEATURES]
+        if bad or len(set(parts)) != len(parts):
+            raise ValueError(f"features {self.features!r}: join distinct parts of {', '.join(FEATURES)} with '+'")
         if not 0.0 < self.label_fraction <= 1.0:
             raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
         if self.layer_decay <= 0 or self.layer_decay > 1:

@@ -125,6 +125,7 @@ def finetune(task: Task, backbone: nn.Module, recipe, device: torch.device, log=
             n_steps, clips, last = n_steps + 1, clips + len(rows), float(loss.detach())
         log(f"finetune epoch {epoch + 1}/{cfg.epochs}: loss {last:.4f}, {clips} clips, "
             f"{time.time() - t0:.1f}s")
-    net = engine.module.to("cpu").eval()
+    # fp32 on the CPU: what `evaluate` reloads, so both score with the same numerics.
+    net = engine.module.float().to("cpu").eval()
     return net, {"train_patients": len(keep), "steps": n_steps, "train_clips_seen": clips,
                  "final_loss": last, "lr_by_layer": lrs, "seconds": time.time() - t0}

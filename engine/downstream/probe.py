@@ -189,3 +189,22 @@ def format_comparison(results: dict[str, dict[str, dict]]) -> str:
             cells.append(f"{m['value']:>10.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]".rjust(28))
         rows.append(f"{n:<12}" + "".join(cells))
     return "\n".join(rows)
+
+
+def beats(results: dict[str, dict[str, dict]], a: str = "pretrained", b: str = "random") -> dict[str, bool]:
+    """Per task: does backbone `a` beat `b` on the headline test metric (accuracy up, MAE down)?"""
+    out = {}
+    for task in results[a]:
+        va, vb = results[a][task][HEADLINE[task]]["value"], results[b][task][HEADLINE[task]]["value"]
+        out[task] = va < vb if HEADLINE[task] == "mae" else va > vb
+    return out
+
+
+def bar_verdict(results: dict[str, dict[str, dict]], a: str = "pretrained", b: str = "random") -> str:
+    """One line: where `a` beats `b`, with both numbers."""
+    parts = []
+    for task, ok in beats(results, a, b).items():
+        m = HEADLINE[task]
+        parts.append(f"{task} {m} {results[a][task][m]['value']:.3f} vs {results[b][task][m]['value']:.3f} "
+                     f"({'better' if ok else 'NOT better'})")
+    return f"{a} vs {b}: " + "; ".join(parts)
