@@ -60,7 +60,7 @@ class DownstreamConfig:
     weight_decay: float = 1.0e-4
     """Probe head weight decay; with `select_wd` the value picked on the val split wins."""
     select_wd: bool = True
-    """Probe: pick the weight decay from {1e-4 .. 1} on the val split (same rule for every backbone)."""
+    """Probe: pick the weight decay from {1e-4 .. 10} on the val split (same rule for every backbone)."""
     epochs: int = 200
     """Probe: full-batch steps over the cached features. Fine-tune: epochs over the stream."""
     batch_size: int = 256

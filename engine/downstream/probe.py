@@ -20,7 +20,7 @@ from .features import FeatureSet
 from .heads import SegDecoder, VideoHead
 from .tasks import SegTask, Task
 
-WD_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+WD_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 def training_rows(task: Task, fs: FeatureSet, cfg: DownstreamConfig) -> tuple[list[int], set[str]]:
