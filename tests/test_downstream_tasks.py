@@ -159,3 +159,50 @@ def test_layer_decay_groups():
     assert wd_of[id(named["blocks.0.mlp.fc1.weight"])] == 0.05 and wd_of[id(named["cls_token"])] == 0.0
     # The MAE decoder is not used by encode: frozen, in no group.
     assert not named["decoder_pred.weight"].requires_grad and id(named["decoder_pred.weight"]) not in lr_of
+
+
+def test_backbone_sources_give_the_same_weights(tmp_path):
+    import dataclasses
+
+    from echofm.engine.adapters import export_official
+    from echofm.engine.config import Recipe
+    from echofm.engine.downstream.backbone import load_backbone, resolve_kind
+    from echofm.engine.model import ModelConfig
+
+    small = ModelConfig(preset="echofm_tiny", depth=1, embed_dim=32, num_heads=2, decoder_embed_dim=16,
+                        decoder_num_heads=2, decoder_depth=1)
+    recipe = dataclasses.replace(Recipe(), model=small)
+    model, info = load_backbone("random", recipe, seed=3)
+    assert info["kind"] == "random" and load_backbone("random", recipe, seed=3)[1]["fingerprint"] == info["fingerprint"]
+    assert load_backbone("random", recipe, seed=4)[1]["fingerprint"] != info["fingerprint"]
+    model.save_pretrained(tmp_path / "export")
+    assert resolve_kind(str(tmp_path / "export")) == ("export", str(tmp_path / "export"))
+    assert load_backbone(str(tmp_path / "export"), recipe)[1]["fingerprint"] == info["fingerprint"]
+    torch.save(export_official(model), tmp_path / "official.pth")
+    loaded, oinfo = load_backbone(str(tmp_path / "official.pth"), recipe)
+    assert oinfo["kind"] == "official" and oinfo["fingerprint"] == info["fingerprint"]
+    (tmp_path / "ckpt").mkdir()
+    assert resolve_kind(str(tmp_path / "ckpt"))[0] == "checkpoint"
+    assert resolve_kind(f"official:{tmp_path / 'x'}") == ("official", str(tmp_path / "x"))
+
+
+def test_paired_gap_by_hand():
+    from echofm.engine.downstream.probe import bar_verdict, paired_gap
+
+    keys, pats = ["a", "b", "c", "d"], ["p1", "p1", "p2", "p3"]
+    y = [0, 1, 2, 1]
+
+    def res(view_pred, ef_pred):
+        return {"view": {"accuracy": {"value": float(np.mean(np.equal(view_pred, y)))},
+                         "per_video": {"key": keys, "patient": pats, "y": y, "pred": view_pred}},
+                "ef": {"mae": {"value": float(np.mean(np.abs(np.subtract(ef_pred, [50, 60, 30, 40]))))},
+                       "per_video": {"key": keys, "patient": pats, "y": [50, 60, 30, 40], "pred": ef_pred}}}
+
+    results = {"pretrained": res([0, 1, 2, 1], [52, 58, 31, 40]), "random": res([0, 0, 0, 1], [55, 65, 35, 45])}
+    g = paired_gap(results, "view", samples=200)
+    assert g["value"] == pytest.approx(1.0 - 0.5)
+    assert g["ci_low"] >= 0.0 and g["ci_high"] <= 1.0
+    e = paired_gap(results, "ef", samples=200)
+    # MAE random 5.0, pretrained 1.25 -> gap 3.75; every video improves, so every resample too.
+    assert e["value"] == pytest.approx(3.75) and e["ci_low"] > 0
+    assert "ef mae 1.250 vs 5.000, gap +3.750" in bar_verdict(results)

@@ -22,6 +22,10 @@ class VideoHead(nn.Module):
         # Regression targets (EF in percent) are standardised too; identity for classifiers.
         self.register_buffer("out_mean", torch.zeros(out_dim))
         self.register_buffer("out_std", torch.ones(out_dim))
+        # Regression outputs stay inside the training label range: with a few labelled
+        # patients a linear head extrapolates far outside it (EF 150 %).
+        self.register_buffer("out_lo", torch.full((out_dim,), -torch.inf))
+        self.register_buffer("out_hi", torch.full((out_dim,), torch.inf))
         if kind == "linear":
             self.net = nn.Linear(in_dim, out_dim)
         elif kind == "mlp":
@@ -30,17 +34,23 @@ class VideoHead(nn.Module):
             raise ValueError(f"unknown head kind {kind!r} (linear, mlp)")
 
     def set_input_stats(self, feats: torch.Tensor) -> None:
-        """Fit the standardisation on training features [N, F] (float)."""
+        """Fit the standardisation on training features [N, F] (float). The std has a floor
+        of a tenth of the median std: with a handful of training clips (1% labels) a
+        nearly constant feature would otherwise blow up on test clips."""
+        std = feats.std(0, unbiased=False)
         self.mean.copy_(feats.mean(0))
-        self.std.copy_(feats.std(0, unbiased=False).clamp_min(1e-6))
+        self.std.copy_(std.clamp_min(max(0.1 * float(std.median()), 1e-6)))
 
     def set_output_stats(self, y: torch.Tensor) -> None:
-        """Regression: predict standardised targets y [N, out]; forward undoes it."""
+        """Regression: predict standardised targets y [N, out]; forward undoes it and
+        clamps to the range of y."""
         self.out_mean.copy_(y.mean(0))
         self.out_std.copy_(y.std(0, unbiased=False).clamp_min(1e-6))
+        self.out_lo.copy_(y.min(0).values)
+        self.out_hi.copy_(y.max(0).values)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.raw(feats) * self.out_std + self.out_mean
+        return torch.clamp(self.raw(feats) * self.out_std + self.out_mean, self.out_lo, self.out_hi)
 
     def raw(self, feats: torch.Tensor) -> torch.Tensor:
         """Output in standardised target units (what the loss sees)."""

@@ -163,6 +163,9 @@ def compare_backbones(backbones: dict[str, str], recipe, *, tasks: tuple[str, ..
             fit.update(feature_seconds=round(t_feat, 2), head_seconds=round(time.time() - t1, 2))
             res = E.score_video_task(task, head, test)
             res["fit"] = fit
+            keys, y, scores, patients = E.video_predictions(task, head, test)
+            pred = scores.argmax(1) if task.kind == "classification" else scores[:, 0]
+            res["per_video"] = {"key": keys, "patient": patients, "y": y.tolist(), "pred": pred.tolist()}
             out[name][task_name] = res
         log(f"probe [{name}] features {t_feat:.1f}s; " + format_row(out[name]))
     return out
@@ -200,11 +203,36 @@ def beats(results: dict[str, dict[str, dict]], a: str = "pretrained", b: str = "
     return out
 
 
+def paired_gap(results: dict[str, dict[str, dict]], task: str, a: str = "pretrained", b: str = "random", *,
+               samples: int = 1000, ci: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """Headline-metric gap of `a` over `b` on the same test videos (positive = `a` better:
+    accuracy a - b, MAE b - a) with a PAIRED patient bootstrap: each resample draws
+    patients once and scores both backbones on them, so the shared test-set noise cancels."""
+    from . import metrics as M
+
+    va, vb = results[a][task]["per_video"], results[b][task]["per_video"]
+    if va["key"] != vb["key"]:
+        raise ValueError(f"{a} and {b} were scored on different videos")
+    y, pa, pb = np.asarray(va["y"]), np.asarray(va["pred"]), np.asarray(vb["pred"])
+    if HEADLINE[task] == "mae":
+        def gap(i):
+            return M.mae(y[i], pb[i]) - M.mae(y[i], pa[i])
+    else:
+        def gap(i):
+            return M.accuracy(y[i], pa[i]) - M.accuracy(y[i], pb[i])
+    lo, hi = M.bootstrap_ci(gap, va["patient"], samples=samples, ci=ci, seed=seed)
+    return {"value": gap(np.arange(len(y))), "ci_low": lo, "ci_high": hi}
+
+
 def bar_verdict(results: dict[str, dict[str, dict]], a: str = "pretrained", b: str = "random") -> str:
-    """One line: where `a` beats `b`, with both numbers."""
+    """One line per task: both numbers, the paired gap with its 95% CI, and whether `a` is
+    better beyond noise (the CI of the gap excludes 0)."""
     parts = []
     for task, ok in beats(results, a, b).items():
         m = HEADLINE[task]
-        parts.append(f"{task} {m} {results[a][task][m]['value']:.3f} vs {results[b][task][m]['value']:.3f} "
-                     f"({'better' if ok else 'NOT better'})")
+        g = paired_gap(results, task, a, b)
+        sure = g["ci_low"] > 0
+        word = "better beyond noise" if sure else ("better, within noise" if ok else "NOT better")
+        parts.append(f"{task} {m} {results[a][task][m]['value']:.3f} vs {results[b][task][m]['value']:.3f}, "
+                     f"gap {g['value']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}] ({word})")
     return f"{a} vs {b}: " + "; ".join(parts)

@@ -124,6 +124,9 @@ def run(recipe, log=print) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(dump_yaml(recipe))
     t0 = time.time()
+    if not recipe.data.shards:
+        raise UserError("data.shards: empty; set it to a shard folder written by `echofm ingest`")
+    present_splits(recipe)  # a missing / bad manifest fails before the backbone is built
     model, info = B.load_backbone(cfg.backbone, recipe, seed=cfg.seed)
     check_shapes(recipe, model)
     grid = cfg.task == "seg"
