@@ -248,11 +248,40 @@ def _run_synth(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- bench
+
+BENCHMARKS = ("synth", "ingest", "loader", "kernels", "train")
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (table + JSON)")
+    p.add_argument("name", choices=BENCHMARKS)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script (see its --help)")
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args) -> int:
+    import runpy
+    from pathlib import Path
+
+    # Benchmarks are scripts beside the code folders, not package modules: they exist in a
+    # source checkout (the editable install the README sets up).
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{args.name}.py"
+    if not script.is_file():
+        raise UserError(f"{script}: not found; `echofm bench` needs a source checkout of the repository")
+    sys.argv = [str(script), *args.args]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 # Each entry adds one subcommand; later features append theirs here.
-SUBCOMMANDS: list[Callable] = [_add_config, _add_pretrain, _add_export, _add_demo, _add_ingest, _add_shards,
-                               _add_finetune, _add_evaluate, _add_synth]
+SUBCOMMANDS: list[Callable] = [_add_synth, _add_ingest, _add_shards, _add_pretrain, _add_export,
+                               _add_finetune, _add_evaluate, _add_bench, _add_demo, _add_config]
 
 
 def build_parser() -> argparse.ArgumentParser:

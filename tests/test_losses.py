@@ -149,3 +149,21 @@ def test_compute_returns_each_term_and_the_weighted_total():
     assert t["kl"] > 0 and out["sim"].shape == (2, 6, 6)
     with pytest.raises(ValueError):
         LossConfig(temperature=0).validate()
+
+
+def test_phase_similarity_ignores_the_shared_component():
+    """Regression: raw cosines of phase embeddings with a large shared part sat at ~1 and
+    gave the triplet hinge no gradient (loss stuck at the margin). S must see only the
+    per-slice deviations, and the loss must push on them."""
+    g = torch.Generator().manual_seed(0)
+    t, d = 8, 16
+    dev = torch.randn(1, t, d, generator=g, dtype=torch.float64)
+    shared = 1.0e3 * torch.randn(1, 1, d, generator=g, dtype=torch.float64)
+    s_big = phase_similarity(shared + dev)
+    s_dev = phase_similarity(dev)
+    assert torch.allclose(s_big, s_dev, atol=1e-9)
+    phase = (shared + dev).requires_grad_()
+    prior = phase_similarity(torch.randn(1, t, d, generator=g, dtype=torch.float64))
+    loss, _ = periodic_contrastive(phase_similarity(phase), prior, 0.3)
+    loss.backward()
+    assert loss.item() > 0 and phase.grad.norm() > 1e-3
