@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import UserError
+from .errors import UserError
 from .losses import LossConfig
 from .masking import MaskConfig
 from .model import EchoFM, ModelConfig

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import UserError
+
 CKPT_RE = re.compile(r"^step_(\d{8})$")
 DS_TAG = "ds"
 META = "meta.json"
@@ -185,8 +187,6 @@ def prune(root: str | Path, keep_last: int) -> None:
 def load(engine, path: str | Path, *, rank: int, world_size: int) -> dict:
     """Restore engine (model, optimizer, scheduler) from checkpoint folder `path`;
     returns this rank's extras (`rank_state` given to `save`). Collective."""
-    from .cli import UserError
-
     path = Path(path)
     meta = _meta(path)
     if meta is None:
@@ -211,7 +211,6 @@ def load_model_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     `path`: a checkpoint folder, a run folder or its `checkpoints/` (newest complete one).
     ZeRO 1-3 checkpoints give the fp32 master weights consolidated from their partitions.
     """
-    from .cli import UserError
 
     ckpt = find_checkpoint(path)
     if ckpt is None:

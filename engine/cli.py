@@ -10,9 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-
-class UserError(Exception):
-    """An error the user can fix; printed as one line, exit status 2."""
+from .errors import UserError
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -309,8 +307,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m echofm.engine.cli` (torchrun, deepspeed launcher): run the canonical module,
-    # so errors raised as echofm.engine.cli.UserError are the class main() catches.
-    from echofm.engine.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -37,7 +37,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .cli import UserError
+from .errors import UserError
 
 
 @dataclass(kw_only=True, slots=True)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from echofm.engine.adapters import (CheckpointError, config_from_official, convert_official, export_official,
                                     load_official, load_videomae, separable_projection, sinusoid_table)
-from echofm.engine.cli import UserError
+from echofm.engine.errors import UserError
 from echofm.engine.model import EchoFM
 
 # tiny official architecture: D 32 (2 heads), depth 2, decoder 16 x 1 (2 heads),

@@ -129,7 +129,7 @@ def test_auto_resume_ignores_partial_and_corrupt(dist, tmp_path):
     assert ckpt.find_checkpoint(tmp_path) == good
     assert [p.name for p in ckpt.complete_checkpoints(root)] == ["step_00000005"]
     assert ckpt.find_checkpoint(tmp_path / "nothing") is None
-    from echofm.engine.cli import UserError
+    from echofm.engine.errors import UserError
 
     with pytest.raises(UserError, match="step_00000007"):
         ckpt.load(engine, root / "step_00000007", rank=0, world_size=1)

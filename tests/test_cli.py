@@ -20,3 +20,12 @@ def test_bench_runs_the_script(capsys, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert main(["bench", "kernels"]) == 0
     assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_user_error_from_another_module_is_one_line_under_python_m(tmp_path):
+    # Regression: with UserError defined in cli.py, `python -m echofm.engine.cli` (how
+    # torchrun launches us) had two UserError classes and printed a traceback instead.
+    res = subprocess.run([sys.executable, "-m", "echofm.engine.cli", "export", str(tmp_path / "nope"),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("echofm: error: ") and "Traceback" not in res.stderr

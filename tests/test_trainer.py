@@ -180,7 +180,8 @@ def test_nonfinite_loss_is_skipped_and_counted(tiny_shards, tmp_path):
 
 
 def test_named_errors(tiny_shards, tmp_path, capsys):
-    from echofm.engine.cli import UserError, main
+    from echofm.engine.cli import main
+    from echofm.engine.errors import UserError
     from echofm.engine.trainer import pretrain
 
     with pytest.raises(ConfigError, match="data.num_frames=16 but the model expects model.num_frames=8"):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..cli import UserError
+from ..errors import UserError
 
 KINDS = ("random", "export", "checkpoint", "official")
 

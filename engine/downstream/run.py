@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import UserError
+from ..errors import UserError
 from . import backbone as B
 from . import evaluation as E
 from .config import DownstreamConfig
