@@ -417,13 +417,15 @@ def pretrain(recipe, *, resume: str | None = None) -> dict:
                     del out, loss
                     continue
                 consecutive = 0
+                # Read the forward's values now, while the host has just synced on it, so
+                # no second sync waits for backward + step to drain.
+                step_loss += float(loss.detach())
+                for k, v in out.get("terms", {}).items():
+                    step_terms[k] = step_terms.get(k, 0.0) + float(v)
                 engine.backward(loss)
                 if own_norm and engine.is_gradient_accumulation_boundary():
                     grad_norm = _grad_norm(engine.module)
                 engine.step()
-                step_loss += float(loss.detach())
-                for k, v in out.get("terms", {}).items():
-                    step_terms[k] = step_terms.get(k, 0.0) + float(v)
                 n_ok += 1
             step += 1
             dt = time.perf_counter() - t_step
