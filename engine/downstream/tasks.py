@@ -6,6 +6,7 @@ outputs into predictions, and measures them with bootstrap CIs over patients.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,7 @@ def _class_name(v: Any) -> str | None:
 
 
 @dataclass(kw_only=True)
-class Task:
+class Task(ABC):
     """Common part; `kind` is classification, regression or segmentation."""
 
     cfg: DownstreamConfig
@@ -58,8 +59,9 @@ class Task:
             return "reduced" if y < self.cfg.ef_threshold else "normal"
         return str(y) if self.kind == "classification" else "seg"
 
+    @abstractmethod
     def target(self, meta: dict) -> Any:
-        raise NotImplementedError
+        """The sample's label in this task's form, or None when it has none."""
 
     def _n(self, bootstrap: int | None) -> int:
         """Bootstrap resamples: the config's unless overridden (0 while selecting a head)."""
