@@ -2,7 +2,7 @@
 # One call on a lent GPU machine (its own image: python3 with torch + triton + pytest, no
 # DALI/deepspeed/av, the project not installed): kernel and model tests compiled on CUDA
 # tensors (fp32/fp16/bf16), then benchmarks/kernels.py and benchmarks/train.py (ViT-B/L bf16
-# MFU fed from device tensors). Under 9 minutes; the short tables are last.
+# MFU fed from device tensors). Under 8 minutes; the short tables are last.
 #
 #   bash benchmarks/gpu_check.sh            # from the repo root (the device tool's cwd)
 #
@@ -46,15 +46,15 @@ cd "$SHIM" || exit 1
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)  # compiles in parallel: ~60 kernel variants
 echo "== kernel tests (compiled, CUDA tensors)"
-timeout 210 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" --durations=5 \
+timeout 170 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" --durations=5 \
     "$REPO/tests/test_gather.py" "$REPO/tests/test_attention.py" \
     "$REPO/tests/test_masking.py" "$REPO/tests/test_model.py" "$REPO/tests/test_losses.py"
 TESTS_RC=$?
 
 echo "== benchmarks"
-timeout 240 "$PY" "$REPO/benchmarks/kernels.py" --out "$RESULTS/kernels_gpu.json"
+timeout 190 "$PY" "$REPO/benchmarks/kernels.py" --out "$RESULTS/kernels_gpu.json"
 BENCH_RC=$?
-timeout 120 "$PY" "$REPO/benchmarks/train.py" --out "$RESULTS/train_gpu.json"
+timeout 110 "$PY" "$REPO/benchmarks/train.py" --out "$RESULTS/train_gpu.json"
 TRAIN_RC=$?
 echo "== gpu_check done: tests rc=$TESTS_RC, kernels rc=$BENCH_RC, train rc=$TRAIN_RC (results in $RESULTS)"
 exit $((TESTS_RC || BENCH_RC || TRAIN_RC))

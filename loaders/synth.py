@@ -83,6 +83,10 @@ class SynthConfig:
     """Fraction of patients in the val split."""
     test_fraction: float = 0.15
     """Fraction of patients in the test split."""
+    nuisance: float = 1.0
+    """Scale of the per-clip acquisition variation (probe tilt up to +-11 deg, depth zoom
+    0.85-1.08, shift, gain, time-gain compensation, contrast, speckle and noise level), as
+    between real scans; 0 gives every clip the same pose and settings."""
     workers: int = 1
     """Processes that render and encode clips (1 = in this process)."""
 
@@ -109,6 +113,8 @@ class SynthConfig:
                 raise ValueError(f"{k} must be in [0, 1], got {getattr(self, k)}")
         if self.avi_fraction + self.dicom_fraction > 1.0 or self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("avi+dicom fractions must be <= 1 and val+test fractions < 1")
+        if not 0.0 <= self.nuisance <= 1.0:
+            raise ValueError(f"nuisance must be in [0, 1], got {self.nuisance}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
 
@@ -142,6 +148,8 @@ class ClipSpec:
     """Per-patient LV size factor."""
     seed: int = 0
     """Seed of this clip's speckle, noise and pose jitter."""
+    nuisance: float = 1.0
+    """Scale of the acquisition variation drawn from `seed` (`SynthConfig.nuisance`)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -280,7 +288,7 @@ def plan_corpus(cfg: SynthConfig) -> list[ClipSpec]:
                 ed_offset=int(rng.integers(period)),
                 systole=max(2, round(period * rng.uniform(0.33, 0.4))),
                 fps=fps, frames=frames, height=height, width=width, container=container,
-                split=str(split_of[p]), lv_scale=float(lv_scales[p]),
+                split=str(split_of[p]), lv_scale=float(lv_scales[p]), nuisance=cfg.nuisance,
                 seed=int(np.random.SeedSequence([cfg.seed, i]).generate_state(1)[0])))
         view_cursor += count
     return specs
@@ -568,20 +576,31 @@ def render_clip(spec: ClipSpec) -> RenderedClip:
     """Draw `spec` (no file I/O): grey video, masks, fan, overlays and ED/ES frames."""
     rng = np.random.default_rng(spec.seed)
     h, w, n = spec.height, spec.width, spec.frames
-    cv = _Canvas(h, w, rot=math.radians(rng.uniform(-3, 3)),
-                 shift=(float(rng.uniform(-0.015, 0.015)), float(rng.uniform(-0.015, 0.015))))
+    # acquisition variation between scans (real scans differ far more in pose and settings
+    # than a random-feature view classifier tolerates): tilt, depth zoom, shift; the ranges
+    # keep the LV inside the fan (other chambers may touch its edge)
+    jit = spec.nuisance
+    cv = _Canvas(h, w, rot=math.radians(rng.uniform(-3, 3) + jit * rng.uniform(-8, 8)),
+                 shift=(float(rng.uniform(-0.015, 0.015) + jit * rng.uniform(-0.015, 0.015)),
+                        float(rng.uniform(-0.015, 0.015) + jit * rng.uniform(-0.015, 0.015))))
+    cv.radius *= 1.0 + jit * rng.uniform(-0.15, 0.08)  # depth setting: scene unit vs fan
     sector = sector_mask(h, w)
     text, ecg, ecg_y, ecg_x0, px_per_frame = _overlays(spec, sector_mask(h, w, margin=3.0))
 
     # static speckle: Rayleigh noise smoothed along the lateral direction, depth attenuation
     speckle = rng.rayleigh(0.8, (h, w + 2)).astype(np.float32)
     speckle = (speckle[:, :-2] + speckle[:, 1:-1] + speckle[:, 2:]) / 3.0
-    depth = np.hypot(*np.mgrid[0:h, 0:w] - np.array([cv.y0, cv.xc])[:, None, None]) / cv.radius
-    gain = np.float32(rng.uniform(0.85, 1.15))
-    sg = (speckle * (1.0 - 0.35 * depth) * gain * sector).astype(np.float32)
+    # gain, depth attenuation (TGC), speckle contrast and noise level differ per scan
+    fan_radius = sector_geometry(h, w)[2]
+    depth = np.hypot(*np.mgrid[0:h, 0:w] - np.array([cv.y0, cv.xc])[:, None, None]) / fan_radius
+    gain = np.float32(rng.uniform(0.85, 1.15) * (1.0 + jit * rng.uniform(-0.2, 0.25)))
+    atten = 0.35 + jit * rng.uniform(-0.2, 0.1)
+    contrast = 1.0 + jit * rng.uniform(-0.3, 0.3)
+    speckle = 1.0 + contrast * (speckle - 1.0)
+    sg = (np.maximum(speckle, 0.05) * (1.0 - atten * depth) * gain * sector).astype(np.float32)
     # per-frame noise: a random window of one larger white-noise field (cheap, and no
     # periodicity that a cycle estimator could lock onto); every fan pixel changes over time
-    noise = rng.normal(0.0, 0.035, (h + 32, w + 32)).astype(np.float32)
+    noise = rng.normal(0.0, 0.035 * (1.0 + jit * rng.uniform(-0.3, 0.6)), (h + 32, w + 32)).astype(np.float32)
     shifts = rng.integers(0, 33, (n, 2))
     base_level = np.where(sector, np.float32(_LEVEL_TISSUE), np.float32(0)).astype(np.float32)
 
@@ -603,6 +622,7 @@ def render_clip(spec: ClipSpec) -> RenderedClip:
     for f in range(n):
         fr = _Frame(level=base_level.copy(), labels=masks[f], valve=np.zeros((h, w), np.float32))
         _draw_view(fr, cv, spec, float(c[f]), float(mitral[f]), float(aortic[f]), sa_es, sb_es, lv_ed_area)
+        masks[f] *= sector  # a tilted wall may leave the fan: label only what is imaged
         dy, dx = shifts[f]
         img = sg * fr.level + noise[dy:dy + h, dx:dx + w]
         np.maximum(img, fr.valve * (0.9 + 0.1 * speckle), out=img)

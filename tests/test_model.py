@@ -175,15 +175,17 @@ def test_bad_video_shape_is_named():
 
 
 def test_triton_path_equals_sdpa_path():
-    """Tiny preset on a tiny clip: Triton kernels (interpreter on CPU) vs SDPA + torch gathers."""
+    """Tiny preset on a tiny clip: Triton kernels (interpreter on CPU, compiled on a GPU)
+    vs SDPA + torch gathers."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     cfg = ModelConfig(preset="echofm_tiny", num_frames=8, img_size=64, attn_backend="sdpa")
-    m = EchoFM(cfg)
-    m2 = EchoFM(dataclasses.replace(cfg, attn_backend="triton"))
+    m = EchoFM(cfg).to(dev)
+    m2 = EchoFM(dataclasses.replace(cfg, attn_backend="triton")).to(dev)
     m2.load_state_dict(m.state_dict())
     assert m2.gather_backend == "triton"
-    video = _video(2, 8, 64)
-    mask = m.draw_mask(2, video.device, torch.Generator().manual_seed(0))
+    video = _video(2, 8, 64).to(dev)
+    mask = m.draw_mask(2, dev, torch.Generator(device=dev).manual_seed(0))
     out, out2 = m(video, mask=mask), m2(video, mask=mask)
     torch.testing.assert_close(out2["pred"], out["pred"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out2["phase"], out["phase"], rtol=1e-4, atol=1e-4)
