@@ -48,3 +48,21 @@ def test_crop_resize_blanks_outside_and_maps_geometry():
     segr = crop_resize_seg(seg, s, 80)  # 2x nearest: a 2x2 label block becomes 4x4, labels kept
     assert segr.shape == (3, 80, 80) and set(np.unique(segr)) == {0, 3}
     assert (segr[0] == 3).sum() == 16 and segr[0, 24:28, 4:8].min() == 3
+
+
+@pytest.mark.parametrize("view,h,w", [("A4C", 138, 146), ("PLAX", 160, 210)])
+def test_mjpeg_artefacts_do_not_pull_overlays_into_the_sector(tmp_path, view, h, w):
+    # Regression: at a 3% relative threshold, MJPEG's flickering blocks around the text and
+    # the ECG trace counted as moving, and the ECG band stayed in AVI clips' crops.
+    import av
+
+    from echofm.loaders.synth import write_video
+
+    _, r = _clip(view, h, w, seed=5)
+    path = tmp_path / "clip.avi"
+    write_video(path, r.video, 30, "avi")
+    with av.open(str(path)) as c:
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    s = detect_sector(frames)
+    assert s is not None and not (s.mask & r.overlay).any()
+    assert (s.mask & r.sector).sum() / (s.mask | r.sector).sum() > 0.9
