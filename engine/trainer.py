@@ -377,7 +377,7 @@ def pretrain(recipe, *, resume: str | None = None) -> dict:
 
     it = iter(stream)
     t_run = time.perf_counter()
-    acc = _Interval(decoded0=_decoded_frames(stream))
+    acc = _Interval(decoded0=stream.stats["decoded_frames"])
     losses: list[tuple[int, float]] = []
     consecutive = 0
     stopped = False
@@ -436,7 +436,7 @@ def pretrain(recipe, *, resume: str | None = None) -> dict:
             last = step == tc.steps
             if last or step % recipe.logging.every == 0:  # collective on every rank
                 gnorm = grad_norm if own_norm else engine.get_global_grad_norm()
-                decoded = _decoded_frames(stream)
+                decoded = stream.stats["decoded_frames"]
                 metrics = acc.summary(decoded, frames_per_clip, device, world)
                 mfu = (flops_clip * metrics["clips_per_s"] / (peak * world)
                        if peak and metrics["clips_per_s"] else None)
@@ -485,12 +485,6 @@ def _grad_norm(module: torch.nn.Module) -> float:
     """Global L2 norm of the gradients (before clipping)."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-
-
-def _decoded_frames(stream) -> int:
-    stats = getattr(stream, "stats", None) or {}
-    value = stats.get("decoded_frames", 0) if isinstance(stats, dict) else getattr(stats, "decoded_frames", 0)
-    return int(value)
 
 
 @dataclass(kw_only=True, slots=True)
