@@ -248,7 +248,7 @@ def _run_synth(args) -> int:
 
 # ---------------------------------------------------------------- bench
 
-BENCHMARKS = ("synth", "ingest", "loader", "kernels", "train")
+BENCHMARKS = ("synth", "ingest", "loader", "kernels", "train", "probe_gap")
 
 
 def _add_bench(sub) -> None:

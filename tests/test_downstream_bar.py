@@ -1,7 +1,13 @@
 """The downstream bar: after a short CPU pretraining, the linear probe on the pretrained
 echofm_tiny beats the same probe on a random-init backbone (view accuracy, EF MAE) on
 held-out patients. Pretraining dominates the cost (minutes on 2 cores), so this test runs
-only with ECHOFM_SLOW=1; the demo (`echofm demo`) reports the same comparison every run."""
+only with ECHOFM_SLOW=1; the demo (`echofm demo`) reports the same comparison every run.
+
+Status: this bar is NOT met, so with ECHOFM_SLOW=1 this test fails, and it is left
+failing on purpose (issue 8 is marked blocked). `benchmarks/probe_gap.py` shows why: after 600
+or 3,000 CPU steps no layer or pooling of the pretrained encoder beats the random init
+beyond noise, and EF sits at the chance floor for both, while a linear head on raw
+pixel statistics does far better (results in benchmarks/results/probe_gap.json)."""
 import os
 import warnings
 
