@@ -74,19 +74,21 @@ def layer_features(model, data, split: str, clips: int, layers: list[int]) -> tu
     return {k: torch.cat(v) for k, v in feats.items()}, metas
 
 
-def pixel_features(data, split: str, clips: int) -> torch.Tensor:
-    """float [N, 49 + 196]: mean frame at 7 x 7 and per-pixel temporal std at 14 x 14."""
+def pixel_features(data, split: str, clips: int) -> tuple[torch.Tensor, list[str]]:
+    """-> (float [N, 49 + 196]: mean frame at 7 x 7 and per-pixel temporal std at 14 x 14,
+    the clips' keys)."""
     from echofm.engine.downstream.features import stream_config
     from echofm.loaders.stream import ClipStream
 
-    out = []
+    out, keys = [], []
     for b in ClipStream(stream_config(data, split, clips, batch=8, seg=False), train=False):
+        keys += [m["key"] for m in b["meta"]]
         v = b["video"].float().mean(-1) / 255.0                       # [B, T, H, W]
         s = v.shape[-1]
         mean = F.adaptive_avg_pool2d(v.mean(1, keepdim=True), 7).flatten(1)
         std = F.adaptive_avg_pool2d(v.std(1, keepdim=True), min(14, s)).flatten(1)
         out.append(torch.cat([mean, std], 1))
-    return torch.cat(out)
+    return torch.cat(out), keys
 
 
 def probe(cfg, task_name: str, feats: dict[str, torch.Tensor], metas: dict[str, list[dict]]) -> dict:
@@ -158,7 +160,11 @@ def main() -> None:
             row.update({t: probe(cfg, t, feats, metas) for t in TASKS})
             rows.append(row)
             print(_fmt(row), flush=True)
-    pix = {s: pixel_features(recipe.data, s, n) for s, n in splits.items()}
+    pix = {}
+    for s, n in splits.items():
+        pix[s], keys = pixel_features(recipe.data, s, n)
+        if keys != [m["key"] for m in metas[s]]:  # the evaluation read is deterministic
+            raise RuntimeError(f"split {s}: the pixel pass read other clips than the backbone pass")
     row = {"backbone": "pixels", "spec": "", "layer": None, "last": False, "pooling": "mean7+std14"}
     row.update({t: probe(cfg, t, pix, metas) for t in TASKS})
     rows.append(row)
