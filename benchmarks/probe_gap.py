@@ -43,8 +43,10 @@ TASKS = ("view", "ef")
 
 
 @torch.no_grad()
-def layer_features(model, data, split: str, clips: int, layers: list[int]) -> tuple[dict, list[dict]]:
-    """-> ({(layer, pooling): float [N, F]}, metas) for every clip of `split`."""
+def layer_features(model, data, split: str, clips: int, layers: list[int], *,
+                   pixels: bool = False) -> tuple[dict, list[dict]]:
+    """-> ({(layer, pooling): float [N, F]}, metas) for every clip of `split`; with
+    pixels=True also {"pixels": float [N, 49 + 196]} from the same decoded clips."""
     from echofm.engine.downstream.features import stream_config
     from echofm.loaders.stream import ClipStream
 
@@ -67,6 +69,8 @@ def layer_features(model, data, split: str, clips: int, layers: list[int]) -> tu
                 feats.setdefault((i, "mean+dyn"), []).append(torch.cat([mean, dyn], 1))
                 feats.setdefault((i, "grid+dyn"), []).append(torch.cat([g.mean(1).flatten(1),
                                                                         g.std(1, unbiased=False).flatten(1)], 1))
+            if pixels:
+                feats.setdefault("pixels", []).append(pixel_stats(b["video"]))
             metas += [dict(m) for m in b["meta"]]
     finally:
         for h in hooks:
@@ -74,21 +78,13 @@ def layer_features(model, data, split: str, clips: int, layers: list[int]) -> tu
     return {k: torch.cat(v) for k, v in feats.items()}, metas
 
 
-def pixel_features(data, split: str, clips: int) -> tuple[torch.Tensor, list[str]]:
-    """-> (float [N, 49 + 196]: mean frame at 7 x 7 and per-pixel temporal std at 14 x 14,
-    the clips' keys)."""
-    from echofm.engine.downstream.features import stream_config
-    from echofm.loaders.stream import ClipStream
-
-    out, keys = [], []
-    for b in ClipStream(stream_config(data, split, clips, batch=8, seg=False), train=False):
-        keys += [m["key"] for m in b["meta"]]
-        v = b["video"].float().mean(-1) / 255.0                       # [B, T, H, W]
-        s = v.shape[-1]
-        mean = F.adaptive_avg_pool2d(v.mean(1, keepdim=True), 7).flatten(1)
-        std = F.adaptive_avg_pool2d(v.std(1, keepdim=True), min(14, s)).flatten(1)
-        out.append(torch.cat([mean, std], 1))
-    return torch.cat(out), keys
+def pixel_stats(video: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, T, H, W, C] -> float [B, 49 + 196]: the mean frame at 7 x 7 and the
+    per-pixel temporal std at 14 x 14 (grey, [0, 1])."""
+    v = video.float().mean(-1) / 255.0                                # [B, T, H, W]
+    mean = F.adaptive_avg_pool2d(v.mean(1, keepdim=True), 7).flatten(1)
+    std = F.adaptive_avg_pool2d(v.std(1, keepdim=True), min(14, v.shape[-1])).flatten(1)
+    return torch.cat([mean, std], 1)
 
 
 def probe(cfg, task_name: str, feats: dict[str, torch.Tensor], metas: dict[str, list[dict]]) -> dict:
@@ -131,20 +127,19 @@ def main() -> None:
 
     from echofm.engine.config import load_recipe
     from echofm.engine.downstream.backbone import load_backbone
+    from echofm.engine.downstream.run import present_splits
 
     recipe = load_recipe(args.recipe, [f"data.shards={args.shards}", f"downstream.bootstrap={args.bootstrap}"])
     cfg = recipe.downstream
     backbones = dict(b.split("=", 1) for b in args.backbone)
     backbones["random"] = "random"
-    from echofm.engine.downstream.run import present_splits
-
     present = present_splits(recipe)
     splits = {s: n for s, n in (("train", cfg.train_clips), ("val", cfg.test_clips), ("test", cfg.test_clips))
               if present.get(s)}
     if "train" not in splits or "test" not in splits:
         raise SystemExit(f"{args.shards}: needs train and test splits, has {sorted(present)}")
     torch.manual_seed(0)
-    rows, arch, metas = [], None, {}
+    rows, arch, metas, pix = [], None, {}, {}
     t0 = time.time()
     for name, spec in backbones.items():
         r = recipe if arch is None or spec != "random" else dataclasses.replace(recipe, model=arch)
@@ -152,19 +147,17 @@ def main() -> None:
         arch = arch or model.cfg
         depth = len(model.blocks)
         layers = [int(x) for x in args.layers.split(",")] if args.layers else list(range(depth))
-        per_split = {s: layer_features(model.eval(), recipe.data, s, n, layers) for s, n in splits.items()}
+        # the first backbone's decode pass also yields the pixel floor's statistics
+        per_split = {s: layer_features(model.eval(), recipe.data, s, n, layers, pixels=not pix)
+                     for s, n in splits.items()}
         metas = {s: v[1] for s, v in per_split.items()}
+        pix = pix or {s: v[0].pop("pixels") for s, v in per_split.items()}
         for key in per_split["train"][0]:
             feats = {s: v[0][key] for s, v in per_split.items()}
             row = {"backbone": name, "spec": spec, "layer": key[0], "last": key[0] == depth - 1, "pooling": key[1]}
             row.update({t: probe(cfg, t, feats, metas) for t in TASKS})
             rows.append(row)
             print(_fmt(row), flush=True)
-    pix = {}
-    for s, n in splits.items():
-        pix[s], keys = pixel_features(recipe.data, s, n)
-        if keys != [m["key"] for m in metas[s]]:  # the evaluation read is deterministic
-            raise RuntimeError(f"split {s}: the pixel pass read other clips than the backbone pass")
     row = {"backbone": "pixels", "spec": "", "layer": None, "last": False, "pooling": "mean7+std14"}
     row.update({t: probe(cfg, t, pix, metas) for t in TASKS})
     rows.append(row)

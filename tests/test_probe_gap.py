@@ -2,7 +2,6 @@
 pooling of a backbone, a pixel floor and the chance floor, and its chance numbers are
 the hand-computed ones."""
 import json
-import tarfile
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import pytest
 
 def test_probe_gap_sweep(tiny_shards, tmp_path):
     from echofm.engine.cli import main
-    from echofm.loaders.shards import read_manifest
+    from echofm.loaders.shards import iter_tar_samples, read_manifest, read_sample_records
 
     out = tmp_path / "gap.json"
     assert main(["bench", "probe_gap", "--shards", str(tiny_shards), "--layers", "0,3",
@@ -28,15 +27,10 @@ def test_probe_gap_sweep(tiny_shards, tmp_path):
         assert r["view"]["ci_low"] <= r["view"]["value"] <= r["view"]["ci_high"]
 
     # Chance floors from the sample json of the shards themselves.
-    samples = [json.loads(line) for sh in read_manifest(tiny_shards)["shards"]
-               for line in (tiny_shards / sh["samples_file"]).read_text().splitlines()]
-    meta = {}
-    for sh in read_manifest(tiny_shards)["shards"]:
-        with tarfile.open(tiny_shards / sh["tar"]) as tar:
-            for m in tar.getmembers():
-                if m.name.endswith(".json"):
-                    j = json.loads(tar.extractfile(m).read())
-                    meta[j["key"]] = j
+    manifest = read_manifest(tiny_shards)
+    samples = read_sample_records(tiny_shards, manifest)
+    meta = {key: json.loads(comp["json"]) for sh in manifest["shards"]
+            for key, comp in iter_tar_samples(tiny_shards / sh["tar"])}
     train = [meta[s["key"]] for s in samples if s["split"] == "train"]
     test = [meta[s["key"]] for s in samples if s["split"] == "test"]
     mu = np.mean([m["labels"]["ef"] for m in train])
