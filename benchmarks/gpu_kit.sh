@@ -66,7 +66,12 @@ die() { echo "gpu_kit: $*" >&2; exit 2; }
 
 PY="${KIT_PY:-}"
 if [[ -z "$PY" ]]; then
-    if [[ -x "$REPO/.venv/bin/python" ]]; then PY="$REPO/.venv/bin/python"; else PY=python3; fi
+    if [[ -x "$REPO/.venv/bin/python" ]]; then
+        PY="$REPO/.venv/bin/python"
+    else
+        PY=python3
+        echo "gpu_kit: warning: no $REPO/.venv (make install): versions are the newest that satisfy setup.py, not the tested ones" >&2
+    fi
 fi
 
 # Bytes of what travels with every upload: tracked + untracked-not-ignored files (and a

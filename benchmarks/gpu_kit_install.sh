@@ -87,6 +87,13 @@ awk '$1 == "wheel" { print $3 "  " $4 }' "$M" > "$STATE/wheels.sha256"
 (cd "$STATE/wheels" && sha256sum --quiet -c ../wheels.sha256) || die "a wheel does not match its sha256 (listed above): delete $STATE and copy the parts again"
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$TARGET" \
     "$STATE"/wheels/*.whl || die "pip install into $TARGET failed (output above)"
+# nvidia.dali is a portion of the `nvidia` namespace. If the image's site-packages has a
+# regular nvidia/__init__.py (some CUDA wheels ship one), it would win over the namespace
+# portion in TARGET and hide nvidia.dali; a pkgutil-style __init__ here (TARGET comes first
+# on PYTHONPATH) merges every nvidia/ folder on sys.path instead.
+if [[ -d "$TARGET/nvidia" ]] && ! grep -q extend_path "$TARGET/nvidia/__init__.py" 2> /dev/null; then
+    echo '__path__ = __import__("pkgutil").extend_path(__path__, __name__)  # gpu_kit_install.sh' >> "$TARGET/nvidia/__init__.py"
+fi
 echo "$KIT" > "$TARGET/.echofm_kit"
 rm -rf "$STATE/wheels"
 echo "gpu_kit_install: kit ${KIT:0:12}: $(awk '$1 == "wheel"' "$M" | wc -l) wheels installed into $TARGET in $(( $(date +%s) - t0 )) s; export PYTHONPATH=$TARGET"

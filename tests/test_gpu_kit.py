@@ -24,14 +24,16 @@ PYVER = "%d.%d" % sys.version_info[:2]
 
 
 def make_wheel(folder: Path, name: str, version: str = "1.0", payload: int = 0,
-               requires: tuple[str, ...] = ()) -> Path:
-    """A minimal valid pure wheel: package `name` with VALUE = '<name> <version>' and
-    `payload` incompressible bytes, METADATA with the given Requires-Dist lines."""
+               requires: tuple[str, ...] = (), package: str = "") -> Path:
+    """A minimal valid pure wheel: package `name` (or the dotted `package`) with
+    VALUE = '<name> <version>' and `payload` incompressible bytes, METADATA with the given
+    Requires-Dist lines."""
     dist = name.replace("-", "_")
     info = f"{dist}-{version}.dist-info"
+    pkg = package.replace(".", "/") or dist
     files = {
-        f"{dist}/__init__.py": f"VALUE = {name + ' ' + version!r}\n".encode(),
-        f"{dist}/blob.bin": random.Random(name).randbytes(payload),
+        f"{pkg}/__init__.py": f"VALUE = {name + ' ' + version!r}\n".encode(),
+        f"{pkg}/blob.bin": random.Random(name).randbytes(payload),
         f"{info}/METADATA": ("Metadata-Version: 2.1\n"
                              f"Name: {name}\nVersion: {version}\n"
                              + "".join(f"Requires-Dist: {r}\n" for r in requires)).encode(),
@@ -182,3 +184,23 @@ def test_resolve_follows_requirements_offline(tmp_path):
     assert m["uses"] == [["kitfake-image", ">=2", "setup.py"]]
     assert m["leave"] == [["kitfake-left", "kitfake-root:", "not", "needed", "here"]]
     assert m["python"] == [["3.12"]] and len(m["wheel"]) == 3 and (kit / "part01" / "kit.part01").is_file()
+
+
+def test_installed_namespace_portion_survives_a_regular_image_package(tmp_path):
+    """nvidia.dali lands in TARGET as a portion of the `nvidia` namespace; an image whose
+    site-packages has a regular nvidia/__init__.py must not hide it (nor lose its own)."""
+    wheels, image = tmp_path / "wheels", tmp_path / "image"
+    wheels.mkdir()
+    make_wheel(wheels, "kitfake-ns", package="nvidia.kitfake_dali")
+    (image / "nvidia" / "imagelib").mkdir(parents=True)
+    (image / "nvidia" / "__init__.py").write_text("")
+    (image / "nvidia" / "imagelib" / "__init__.py").write_text("VALUE = 'image'\n")
+    out, target = tmp_path / "kit", tmp_path / "site"
+    assert sh(KIT, "pack", "--wheels", wheels, "--out", out, "--part-bytes", 1 << 20,
+              "--python", PYVER).returncode == 0
+    r = sh(INSTALL, out / "part01", "--target", target, "--work", tmp_path / "w", env={"PYTHON": sys.executable})
+    assert r.returncode == 0, r.stderr
+    probe = "import nvidia.kitfake_dali as a, nvidia.imagelib as b; print(a.VALUE, '|', b.VALUE)"
+    got = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": f"{target}{os.pathsep}{image}"})
+    assert got.stdout.strip() == "kitfake-ns 1.0 | image", got.stderr
