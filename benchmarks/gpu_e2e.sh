@@ -92,6 +92,6 @@ stage resume 90
 stage replay 120
 BUDGET=$((BUDGET + RESERVE)) stage report 30
 echo "== gpu_e2e done in $((SECONDS - START)) s; log $LOG"
-} 2>&1 | tee "$LOG"
+} 2>&1 | tee ${ONLY:+-a} "$LOG"   # a partial rerun appends to the log of the full run
 failed=$(grep -L '^0$' "$WORK"/stages/rc_* 2> /dev/null | wc -l)
 exit $((failed > 0))

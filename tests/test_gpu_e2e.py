@@ -119,8 +119,29 @@ def test_read_run_and_report_numbers(e2e, tmp_path):
                                         "stream": stream, "pretrain": full, "replay": replay})
     assert goals["stream_clips_s"] == 1600.0 and goals["stream_vs_1500"] == pytest.approx(1600 / 1500, abs=1e-3)
     assert goals["stream_goal_met"] and goals["data_wait_goal_met"]
-    assert goals["loader_cost"] == pytest.approx(1 - 10.0 / 12.5)  # 0.1 s vs 0.08 s steps
+    assert goals["stream_vs_replay_steps"] == pytest.approx(10.0 / 12.5)  # 0.1 s vs 0.08 s steps
     assert any("NVDEC stream >= 1,500 clips/s: 1600.0 (mixed vp9 stride 2) = 1.07x MET" in x for x in lines)
     # Without NVDEC the goal cannot be met by the cpu backend, however fast.
     goals, _ = e2e.summarize(plan, {"stream": {"runs": stream["runs"][1:]}, "pretrain": full})
     assert not goals["stream_goal_met"] and goals["stream_config"] == "cpu vp9 stride 2"
+
+
+def test_driver_runs_stages_under_budget_and_writes_out(tmp_path):
+    """gpu_e2e.sh itself: the shim, per-stage limits cut to the budget, rc bookkeeping, the
+    report and log under $OUT (--only report: no corpus, no training)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+    cmd = ["bash", str(ROOT / "benchmarks" / "gpu_e2e.sh"), "--cpu", "--work", str(tmp_path / "w"), "--only", "report"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    log = (tmp_path / "out" / "gpu_e2e_cpu.log").read_text()
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "dlopen libnvcuvid.so.1" in log and "== stage preflight done" in log and "goals (same run):" in log
+    saved = json.loads((tmp_path / "out" / "gpu_e2e_cpu.json").read_text())
+    assert saved["stage_rc"] == {"preflight": 0} and saved["stages"]["preflight"]["versions"]["nvidia.dali"]
+    # A budget too small for any stage but the report: preflight is skipped and counted.
+    r = subprocess.run(cmd[:-2] + ["--only", "report", "--budget", "25"], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and "stage preflight skipped" in r.stdout
+    assert "preflight (timed out)" in r.stdout
