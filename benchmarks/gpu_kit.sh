@@ -95,7 +95,7 @@ resolve() {  # PYVER GLIBC WHEELS HAVE_FILE FULL
     [[ "$5" == 1 ]] || leave=("${LEAVE_OUT[@]}")
     leave+=("${EXTRA_LEAVE[@]}")
     "$PY" - "$SETUP" "$1" "$2" "$3" "$4" "${leave[@]}" <<'PYEOF'
-import ast, email.parser, importlib.metadata, re, shlex, shutil, subprocess, sys, tempfile, zipfile
+import ast, email.parser, importlib.metadata, os, re, shlex, shutil, subprocess, sys, tempfile, zipfile
 from pathlib import Path
 try:
     from packaging.requirements import Requirement
@@ -103,7 +103,6 @@ try:
 except ImportError:  # pip always carries a copy
     from pip._vendor.packaging.requirements import Requirement
     from pip._vendor.packaging.utils import parse_wheel_filename
-import os
 
 setup_py, pyver, glibc, wheels, have_file, *leave_args = sys.argv[1:]
 wheels = Path(wheels)

@@ -118,8 +118,8 @@ class StreamConfig:
 
 def require_nvdec(lib: str = NVCUVID) -> None:
     """Raise DataError unless `lib` loads. A GPU machine can have CUDA but not the driver's
-    video libraries (containers without the 'video' capability); DALI would only fail at
-    the first decode, with a message about Docker."""
+    video libraries (containers without the 'video' capability); DALI then fails inside its
+    pipeline, with a message about Docker."""
     import ctypes
 
     try:
