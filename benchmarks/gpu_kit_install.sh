@@ -10,7 +10,7 @@
 # arrival: a damaged part is refused and not kept); the call that completes the set checks the
 # whole stream and every wheel's sha256, then runs
 # `pip install --no-index --no-deps --no-compile --target TARGET`. Parts live in
-# WORK/<kit id>/, so a rebuilt kit never mixes with an older one.
+# WORK/<build>/ (the manifest's hash), so parts of two builds never mix.
 # Exit: 0 installed (or already installed), 10 parts kept but some still to come, 2 refused.
 # PYTHON (default python3) is the interpreter the wheels are for.
 set -euo pipefail
@@ -28,14 +28,17 @@ die() { echo "gpu_kit_install: $*" >&2; exit 2; }
 [[ ${#DIRS[@]} -gt 0 ]] || die "give at least one part folder (see --help)"
 field() { awk -v k="$1" '$1 == k { print $2; exit }' "$2"; }
 
-KIT="" STATE=""
+KIT="" BUILD="" STATE=""
 for d in "${DIRS[@]}"; do
     m="$d/kit-manifest.txt"
     [[ -f "$m" ]] || die "$d: no kit-manifest.txt (is this a partKK folder from gpu_kit.sh?)"
     kit=$(field kit "$m")
     [[ "$kit" =~ ^[0-9a-f]{64}$ ]] || die "$m: no 'kit <sha256>' line"
-    [[ -z "$KIT" || "$KIT" == "$kit" ]] || die "$d belongs to kit ${kit:0:12}, $(dirname "$m") to ${KIT:0:12}: carry parts of one kit"
-    KIT="$kit" STATE="$WORK/$kit"
+    # Parts are kept per build (the manifest's hash), not per kit id: the same wheels cut at
+    # another part size have the same kit id but other parts.
+    build=$(sha256sum "$m" | cut -c1-16)
+    [[ -z "$BUILD" || "$BUILD" == "$build" ]] || die "$d is from another build of the kit than ${DIRS[0]}: carry parts of one build"
+    KIT="$kit" BUILD="$build" STATE="$WORK/$build"
     mkdir -p "$STATE"
     [[ -f "$STATE/kit-manifest.txt" ]] || cp "$m" "$STATE/kit-manifest.txt"
     found=0

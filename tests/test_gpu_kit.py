@@ -129,7 +129,7 @@ def test_install_is_resumable_and_refuses_damaged_parts(kit, tmp_path):
     damaged.write_bytes(bytes(data[:-10]))
     r = sh(INSTALL, bad, *opts, env={"PYTHON": sys.executable})
     assert r.returncode == 2 and "bytes" in r.stderr, r.stderr
-    (state,) = work.iterdir()
+    (state,) = work.iterdir()  # one build
     assert sorted(p.name for p in state.glob("kit.part*")) == [next(parts[0].glob("kit.part*")).name]
     assert not target.exists()
     # The rest in one call (several folders): complete -> checked -> installed.
@@ -204,3 +204,23 @@ def test_installed_namespace_portion_survives_a_regular_image_package(tmp_path):
     got = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": f"{target}{os.pathsep}{image}"})
     assert got.stdout.strip() == "kitfake-ns 1.0 | image", got.stderr
+
+
+def test_parts_of_two_builds_do_not_mix(kit, tmp_path):
+    """The same wheels cut at another part size: same kit id, other parts. Parts kept from
+    one build must not complete the other."""
+    wheels, out = kit
+    other = tmp_path / "other"
+    assert sh(KIT, "pack", "--wheels", wheels, "--out", other, "--part-bytes", 30_000,
+              "--python", PYVER).returncode == 0
+    assert manifest(other / "kit-manifest.txt")["kit"] == manifest(out / "kit-manifest.txt")["kit"]
+    opts = ("--target", tmp_path / "site", "--work", tmp_path / "work")
+    env = {"PYTHON": sys.executable}
+    assert sh(INSTALL, out / "part01", *opts, env=env).returncode == 10
+    r = sh(INSTALL, out / "part01", other / "part02", *opts, env=env)
+    assert r.returncode == 2 and "another build" in r.stderr
+    rest = sorted(other.glob("part*"))[1:]
+    r = sh(INSTALL, *rest, *opts, env=env)  # other's part01 is still missing
+    assert r.returncode == 10 and "still to come: kit.part01" in r.stdout, r.stdout + r.stderr
+    r = sh(INSTALL, other / "part01", *opts, env=env)
+    assert r.returncode == 0 and "3 wheels installed" in r.stdout, r.stdout + r.stderr
