@@ -277,13 +277,15 @@ def _check_recipe(recipe, model) -> None:
 # ---------------------------------------------------------------- the loop
 
 
-def pretrain(recipe, *, resume: str | None = None) -> dict:
+def pretrain(recipe, *, resume: str | None = None, stream=None) -> dict:
     """Run (or continue) pretraining for `recipe`; returns the run summary (also written
     to `<run>/summary.json` by rank 0).
 
     resume: None = fresh run (refuses a run folder that already has checkpoints),
     "auto" = newest complete checkpoint of this run if any, else fresh; a path = that
     checkpoint (a checkpoint, checkpoints/ or run folder).
+    stream: used instead of a ClipStream of `recipe.data` when given (ClipStream's interface:
+    __iter__, state_dict, load_state_dict, stats, epoch), e.g. clips replayed from GPU memory.
     """
     from echofm.loaders.stream import ClipStream
 
@@ -323,7 +325,8 @@ def pretrain(recipe, *, resume: str | None = None) -> dict:
     torch.manual_seed(tc.seed + 1 + rank)
     random.seed(tc.seed + rank)
     np.random.seed(tc.seed + rank)
-    stream = ClipStream(recipe.data, train=True, rank=rank, world_size=world, device=device)
+    if stream is None:
+        stream = ClipStream(recipe.data, train=True, rank=rank, world_size=world, device=device)
 
     step, micro, nonfinite_total, elapsed_before = 0, 0, 0, 0.0
     if start is not None:

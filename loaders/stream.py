@@ -49,6 +49,9 @@ from .trim import NotCuttable, cut_ivf, scan_frames
 CPU_CODECS = ("vp9", "vp8", "mjpeg")
 """Codecs DALI's CPU video decoder reads; H.264/HEVC/AV1 need the mixed (GPU) backend."""
 
+NVCUVID = "libnvcuvid.so.1"
+"""The NVIDIA driver's video-decode library, which DALI's mixed decoder loads (NVDEC)."""
+
 _CROP_RATIO = (3 / 4, 4 / 3)
 _CROP_TRIES = 10
 
@@ -111,6 +114,21 @@ class StreamConfig:
             raise ValueError(f"backend must be auto, cpu or mixed, got {self.backend!r}")
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be raise or skip, got {self.on_error!r}")
+
+
+def require_nvdec(lib: str = NVCUVID) -> None:
+    """Raise DataError unless `lib` loads. A GPU machine can have CUDA but not the driver's
+    video libraries (containers without the 'video' capability); DALI then fails inside its
+    pipeline, with a message about Docker."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(lib)
+    except OSError as e:
+        raise DataError(f"data.backend=mixed (NVDEC) needs the NVIDIA driver's {lib}, which does not "
+                        f"load here ({e}): set data.backend=cpu (vp9/vp8/mjpeg shards), or run where "
+                        "the driver's video libraries are present (containers: "
+                        "NVIDIA_DRIVER_CAPABILITIES must include 'video')") from None
 
 
 # ---------------------------------------------------------------- the sample table
@@ -384,10 +402,12 @@ class ClipStream:
     def _resolve_backend(self) -> str:
         b = self.cfg.backend
         if b == "auto":
-            return "mixed" if self.device.type == "cuda" else "cpu"
-        if b == "mixed" and self.device.type != "cuda":
+            b = "mixed" if self.device.type == "cuda" else "cpu"
+        elif b == "mixed" and self.device.type != "cuda":
             raise DataError("data.backend=mixed decodes on the GPU: give the stream a CUDA device, "
                             "or set data.backend=cpu (or auto)")
+        if b == "mixed":
+            require_nvdec()
         return b
 
     def __len__(self) -> int:
