@@ -3,8 +3,9 @@
     python benchmarks/integrity.py [--shards-112 DIR] [--shards-224 DIR] [--videos 24]
                                    [--cache ~/.cache/echofm/bench_integrity] [--steps 5]
 
-1. Sample check (`data.verify`): the stream hashes every member it reads (video, json,
-   .nframes) and compares 16 bytes of the sha256 with the one ingest recorded. Timed over
+1. Sample check (`data.verify`): the first time a process reads a sample, the stream hashes
+   its members (video, json, .nframes) and compares 16 bytes of each sha256 with the one
+   ingest recorded (later epochs pay nothing). Timed over
    every sample of VP9 shards at 112^2 and 224^2 (best of 3 passes over bytes already in
    memory, so the cost is the hashing, not the disk), as ms per sample, and as a share of
    one tiny-recipe training step (echofm_tiny, batch 4, 16 x 112^2, forward + backward +

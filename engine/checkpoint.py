@@ -141,8 +141,9 @@ def verify(path: str | Path) -> dict:
                               f"this one reads {FORMAT}): its files carry no sha256 and its RNG state "
                               f"is pickled; {_convert_hint(path)}")
     for rel, want in meta["files"].items():
-        got = sha256_file(path / rel)
-        if got != want["sha256"]:
+        if not isinstance(want, dict) or not isinstance(want.get("sha256"), str):
+            raise CheckpointError(f"{path / META}: no sha256 recorded for {rel} (damaged {META})")
+        if sha256_file(path / rel) != want["sha256"]:
             raise CheckpointError(f"{path / rel}: sha256 differs from {META} (the file was damaged or "
                                   "changed after it was written); do not load it, use another checkpoint")
     return meta
@@ -172,7 +173,7 @@ def find_checkpoint(path: str | Path, *, check: bool = False,
                 verify(cand)
                 return cand
             except CheckpointError as e:
-                if _meta(cand)["format"] != FORMAT:
+                if (_meta(cand) or {}).get("format", FORMAT) != FORMAT:
                     raise  # an old checkpoint is not damaged: say how to convert it
                 if log is not None:
                     log(f"[echofm] skipping damaged checkpoint: {e}")
@@ -549,11 +550,11 @@ def to_plain(obj: Any, where: str = "") -> Any:
                      "has no plain-data form")
 
 
-def _convert_file(src: Path, dst: Path) -> bool:
-    """Copy one file; a .pt that needs pickle is unpickled (trusted) and re-saved as plain
-    data. True when it was rewritten."""
+def _convert_file(src: Path, dst: Path, torch_file: bool) -> bool:
+    """Copy one file; a torch file that needs pickle is unpickled (trusted) and re-saved as
+    plain data. True when it was rewritten."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if src.suffix != ".pt" or not unsafe_globals(src):
+    if not torch_file or not unsafe_globals(src):
         shutil.copy2(src, dst)
         return False
     obj = torch.load(src, map_location="cpu", weights_only=False)  # noqa: S614 (the user trusts it)
@@ -580,14 +581,14 @@ def convert(src: str | Path, out: str | Path) -> tuple[Path, list[str]]:
         raise CheckpointError(f"{out}: already exists; pick a new --out")
     if src.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        return out, [str(src)] if _convert_file(src, out) else []
+        return out, [str(src)] if _convert_file(src, out, torch_file=True) else []
     ckpt = find_checkpoint(src)
     if ckpt is None:
         raise CheckpointError(f"{src}: no complete checkpoint here (a step_* folder with {META}, or a file)")
     meta = _meta(ckpt)
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    rewritten = [rel for rel in sorted(meta["files"]) if _convert_file(ckpt / rel, tmp / rel)]
+    rewritten = [rel for rel in sorted(meta["files"]) if _convert_file(ckpt / rel, tmp / rel, rel.endswith(".pt"))]
     meta.update(format=FORMAT, files=_hash_files(tmp), converted_from=str(ckpt.resolve()))
     _fsync_write(tmp / META, json.dumps(meta, indent=1))
     os.rename(tmp, out)

@@ -3,9 +3,9 @@
 Only rank 0 logs. `metrics.jsonl` is appended to, so a resumed run continues the same
 file; the lines of steps after the checkpoint it resumes from (written by the session that
 was interrupted, and about to be run again) are removed first, so each step appears once.
-Figures: input / masked /
-reconstructed frames of one clip, and the temporal self-similarity matrix S next to the
-cycle prior P (DESIGN §4), every `plot_every` steps under `figures/`.
+Figures: input / masked / reconstructed frames of one clip, and the temporal
+self-similarity matrix S next to the cycle prior P (DESIGN §4), every `plot_every` steps
+under `figures/`.
 """
 from __future__ import annotations
 

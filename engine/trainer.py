@@ -443,6 +443,8 @@ def pretrain(recipe, *, resume: str | None = None) -> dict:
             step_loss /= n_ok
             acc.add(dt, data_wait, clips, step_loss, {k: v / n_ok for k, v in step_terms.items()})
             losses.append((step, step_loss))
+            # One small all-reduce per step: the stop request and the dropped-sample counts.
+            requested = drops.step([1.0 if stop["requested"] else 0.0], device, world)
 
             last = step == tc.steps
             if last or step % recipe.logging.every == 0:  # collective on every rank
@@ -460,8 +462,6 @@ def pretrain(recipe, *, resume: str | None = None) -> dict:
                 _plot(log, step, engine.module, batch["video"], out)
             log.progress(step, loss=step_loss, fps=clips * frames_per_clip * world / dt)
 
-            # One small all-reduce per step: the stop request and the dropped-sample counts.
-            requested = drops.step([1.0 if stop["requested"] else 0.0], device, world)
             if requested:
                 path = save()
                 log.message(f"[echofm] stop requested: saved {path} at step {step}; "
