@@ -510,7 +510,11 @@ def _resume_point(resume: str | None, run_dir: Path) -> Path | None:
     ckpt_root = run_dir / "checkpoints"
     say = print if os.environ.get("RANK", "0") == "0" else (lambda _m: None)
     if resume == "auto":
-        return ckpt.find_checkpoint(ckpt_root, check=True, log=say)
+        start = ckpt.find_checkpoint(ckpt_root, check=True, log=say)
+        if start is None and ckpt.complete_checkpoints(ckpt_root):
+            raise UserError(f"{ckpt_root}: every checkpoint is damaged (see above); move them away to "
+                            "start afresh, or resume from a copy with --resume PATH")
+        return start
     if resume:
         start = ckpt.find_checkpoint(resume, check=True, log=say)
         if start is None:

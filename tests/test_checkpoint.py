@@ -165,6 +165,14 @@ def test_flipped_bytes_are_an_error_and_auto_resume_takes_the_previous(dist, tmp
     assert ckpt.find_checkpoint(tmp_path, check=True, log=said.append) == prev  # searched: skipped
     assert len(said) == 1 and "skipping damaged checkpoint" in said[0] and "step_00000002" in said[0]
     assert ckpt.verify(prev)["step"] == 1
+    # --resume auto with nothing intact left: an error, not a silent fresh start.
+    from echofm.engine.errors import UserError
+    from echofm.engine.trainer import _resume_point
+
+    assert _resume_point("auto", tmp_path) == prev
+    (prev / "recipe.yaml").write_text((prev / "recipe.yaml").read_text().replace("a", "b"))
+    with pytest.raises(UserError, match="every checkpoint is damaged"):
+        _resume_point("auto", tmp_path)
 
 
 @pytest.mark.parametrize("victim, error, cause", [
