@@ -41,7 +41,6 @@ import os
 import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -55,21 +54,16 @@ VITB_NEED_CLIPS_S = 1500.0  # DESIGN §7: ViT-B video MAE at 40% MFU on one H200
 
 
 def build_corpus(cache: Path, size: int, videos: int) -> Path:
-    """Synthetic corpus -> VP9 shards at `size` (cached by size and count) -> shard dir."""
-    from echofm.loaders.ingest import IngestConfig, ingest
-    from echofm.loaders.synth import SynthConfig, make_corpus
+    """Synthetic corpus -> VP9 shards at `size` (cached by content: corpus_cache.py) -> shard dir."""
+    from echofm.loaders.ingest import IngestConfig
+    from echofm.loaders.synth import SynthConfig
 
-    src = cache / f"synth_{videos}"
-    out = cache / f"shards_{size}_{videos}"
-    if not (src / "labels.csv").exists():
-        print(f"  synth: {videos} videos -> {src}", flush=True)
-        make_corpus(src, SynthConfig(videos=videos, seed=0, dicom_fraction=0.0, workers=2))
-    if not (out / "manifest.json").exists():
-        print(f"  ingest: {src} -> {out} (vp9, {size}^2)", flush=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ingest([src], out, IngestConfig(size=size, codec="vp9", progress=False, workers=2))
-    return out
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # `echofm bench` runs this file by path
+    from corpus_cache import cached_shards
+
+    return cached_shards(cache, SynthConfig(videos=videos, seed=0, dicom_fraction=0.0, workers=2),
+                         IngestConfig(size=size, codec="vp9", progress=False, workers=2),
+                         log=lambda m: print(m, flush=True))
 
 
 def extract_videos(shards: Path) -> list[tuple[str, int]]:

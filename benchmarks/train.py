@@ -30,7 +30,6 @@ import platform
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -139,17 +138,15 @@ def time_steps(models: dict, batch: int, steps: int, device: torch.device, bf16:
 
 
 def build_shards(cache: Path, videos: int, size: int) -> Path:
-    from echofm.loaders.ingest import IngestConfig, ingest
-    from echofm.loaders.synth import SynthConfig, make_corpus
+    """Synthetic corpus -> VP9 shards (cached by content: corpus_cache.py) -> shard dir."""
+    from echofm.loaders.ingest import IngestConfig
+    from echofm.loaders.synth import SynthConfig
 
-    src, out = cache / f"synth_{videos}", cache / f"shards_{size}_{videos}"
-    if not (src / "labels.csv").exists():
-        make_corpus(src, SynthConfig(videos=videos, seed=0, min_size=128, max_size=192, max_frames=90))
-    if not (out / "manifest.json").exists():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ingest([src], out, IngestConfig(size=size, codec="vp9", progress=False))
-    return out
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # `echofm bench` runs this file by path
+    from corpus_cache import cached_shards
+
+    return cached_shards(cache, SynthConfig(videos=videos, seed=0, min_size=128, max_size=192, max_frames=90),
+                         IngestConfig(size=size, codec="vp9", progress=False), log=lambda m: None)
 
 
 def run_trainer(shards: Path, cache: Path, steps: int) -> dict:

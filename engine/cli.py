@@ -58,7 +58,9 @@ def _run_pretrain(args) -> int:
 
     summary = pretrain(load_recipe(args.recipe, args.overrides), resume=args.resume)
     if os.environ.get("RANK", "0") == "0":
-        print(f"echofm: {summary['steps']} steps, last loss {summary['last_loss']}, "
+        dropped = (f", {summary['damaged_samples']} damaged sample(s) skipped"
+                   if summary.get("damaged_samples") else "")
+        print(f"echofm: {summary['steps']} steps, last loss {summary['last_loss']}{dropped}, "
               f"checkpoint {summary['last_checkpoint']}")
     return 0
 
@@ -74,6 +76,29 @@ def _run_export(args) -> int:
     from .checkpoint import export
 
     print(f"echofm: exported to {export(args.checkpoint, args.out)}")
+    return 0
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="rewrite a TRUSTED older or pickled checkpoint into the safe "
+                       "format (this command unpickles it: only for files you trust)",
+                       description="echofm loads checkpoints without unpickling (weights only), so "
+                       "checkpoints of an older format, or files with pickled objects, are refused. "
+                       "This command unpickles SRC, which can run code hidden in it: use it only on "
+                       "files whose origin you trust. It writes plain-data files and a meta.json "
+                       "with the sha256 of every file to OUT.")
+    p.add_argument("src", help="a checkpoint folder, a run folder (newest checkpoint), or one .pt/.pth file")
+    p.add_argument("--out", required=True, help="new folder (or file, for a file) to write")
+    p.set_defaults(run=_run_convert)
+
+
+def _run_convert(args) -> int:
+    from .checkpoint import convert
+
+    print(f"echofm convert: unpickling {args.src} (trusted by you)", flush=True)
+    out, rewritten = convert(args.src, args.out)
+    print(f"echofm: wrote {out} ({len(rewritten)} file(s) rewritten as plain data"
+          + (f": {', '.join(rewritten)}" if rewritten else "") + ")")
     return 0
 
 
@@ -248,7 +273,7 @@ def _run_synth(args) -> int:
 
 # ---------------------------------------------------------------- bench
 
-BENCHMARKS = ("synth", "ingest", "loader", "kernels", "train", "probe_gap")
+BENCHMARKS = ("synth", "ingest", "loader", "kernels", "train", "probe_gap", "integrity")
 
 
 def _add_bench(sub) -> None:
@@ -279,7 +304,8 @@ def _run_bench(args) -> int:
 
 # Each entry adds one subcommand; later features append theirs here.
 SUBCOMMANDS: list[Callable] = [_add_synth, _add_ingest, _add_shards, _add_pretrain, _add_export,
-                               _add_finetune, _add_evaluate, _add_bench, _add_demo, _add_config]
+                               _add_convert, _add_finetune, _add_evaluate, _add_bench, _add_demo,
+                               _add_config]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,11 +8,13 @@ can print one line instead of a traceback.
 
 YAML features: `include: base.yaml` (or a list; paths relative to the including file,
 later files and the including file win, mappings merge deeply) and command-line
-overrides `--set model.depth=6` (values parsed as YAML scalars).
+overrides `--set model.depth=6` (values parsed as YAML scalars). Numbers follow YAML 1.2:
+`1e-4` and `1.0e5` are floats (PyYAML's YAML 1.1 reads them as strings).
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -57,6 +59,23 @@ class Recipe:
 # ---------------------------------------------------------------- YAML -> dict
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2 floats without a dot or exponent sign (`1e-4`,
+    `1.0e5`, `-2E+3`): YAML 1.1, which PyYAML follows, makes them strings, so a learning
+    rate written the usual way would be refused as "expected float, got str"."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
+
+
+def parse_yaml(text: str):
+    """YAML text -> data, safe (no objects) and with YAML 1.2 numbers (see `_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def _deep_merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for k, v in top.items():
@@ -75,8 +94,8 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+        data = parse_yaml(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping, got {type(data).__name__}")
@@ -101,7 +120,11 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> 
             child = node.get(p)
             node[p] = dict(child) if isinstance(child, dict) else {}
             node = node[p]
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = parse_yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: {key.strip()}: value {raw!r} is not valid YAML "
+                              f"({str(e).splitlines()[0]})") from None
     return data
 
 

@@ -1,9 +1,11 @@
 """Training metrics: JSONL + TensorBoard, a progress bar with fps and ETA, PNG figures.
 
 Only rank 0 logs. `metrics.jsonl` is appended to, so a resumed run continues the same
-file (a resumed step may appear twice: the later line wins). Figures: input / masked /
-reconstructed frames of one clip, and the temporal self-similarity matrix S next to the
-cycle prior P (DESIGN §4), every `plot_every` steps under `figures/`.
+file; the lines of steps after the checkpoint it resumes from (written by the session that
+was interrupted, and about to be run again) are removed first, so each step appears once.
+Figures: input / masked / reconstructed frames of one clip, and the temporal
+self-similarity matrix S next to the cycle prior P (DESIGN §4), every `plot_every` steps
+under `figures/`.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        drop_steps_after(self.run_dir / "metrics.jsonl", start_step)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -115,6 +118,26 @@ class MetricsLogger:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def drop_steps_after(path: Path, step: int) -> None:
+    """Keep only the JSONL lines of steps <= `step` (and drop a line cut off by a kill);
+    rewritten atomically. A missing file is left missing."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a half-written last line of a killed run
+    if len(keep) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(x + "\n" for x in keep))
+        tmp.replace(path)
 
 
 def _flatten(d: dict, prefix: str = ""):

@@ -20,9 +20,17 @@ micro-batches per rank. A micro-batch whose loss is non-finite on any rank is sk
 every rank (no backward, no update), counted, and `train.max_nonfinite` of them in a row
 abort the run with `NonFiniteLoss`. SIGTERM / SIGINT finish the current step, save a
 checkpoint and return.
+
+Failures are bounded and named: the process group times out after
+`train.collective_timeout_s`; with several ranks a heartbeat (heartbeat.py) names a stalled
+rank within `train.heartbeat_timeout_s` and ends the run. Damaged samples skipped by the
+stream (data.on_error=skip) are printed as they are found, counted in metrics.jsonl and
+summary.json, and stop the run beyond `data.max_dropped`. Resume hashes the checkpoint
+first; auto-resume skips a damaged one for the previous complete one.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -84,6 +92,12 @@ class TrainConfig:
     """torch threads per process on CPU; None = OMP_NUM_THREADS if set, else this process's
     share of the cores minus the stream's decode threads (data.num_threads), at least 1:
     oversubscribed OpenMP threads spin and run several times slower."""
+    collective_timeout_s: float = 600.0
+    """Process-group timeout: a collective (all-reduce, barrier) that waits longer fails the run.
+    Long enough for the slowest checkpoint write, during which the other ranks wait."""
+    heartbeat_timeout_s: float = 60.0
+    """Several ranks: a rank whose heartbeat is silent this long is named and the run ends
+    (keep it below collective_timeout_s, so the stalled rank is named before the timeout)."""
     nan_inject: list[int] = field(default_factory=list)
     """Test hook: 1-based micro-batch numbers (counted over the run) whose loss becomes NaN."""
 
@@ -100,6 +114,9 @@ class TrainConfig:
             raise ValueError(f"cpu_threads must be >= 1 or null, got {self.cpu_threads}")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ValueError(f"peak_tflops must be > 0 or null, got {self.peak_tflops}")
+        if not (self.collective_timeout_s > 0 and self.heartbeat_timeout_s > 0):
+            raise ValueError("collective_timeout_s and heartbeat_timeout_s must be > 0, got "
+                             f"{self.collective_timeout_s}, {self.heartbeat_timeout_s}")
 
 
 class NonFiniteLoss(UserError):
@@ -115,11 +132,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int, int, torch.device]:
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int, int, torch.device]:
     """Join (or create) the process group; returns (rank, world_size, local_rank, device).
 
     Launchers (torchrun, deepspeed) set RANK/WORLD_SIZE/...; a lone process gets rank 0
     of 1 on a free local port. Without CUDA, DeepSpeed runs on its CPU accelerator (gloo).
+    timeout_s: the process group's collective timeout (None: DeepSpeed's default).
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -142,7 +160,8 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
     else:
         device = torch.device("cpu")
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(verbose=False)
+        kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        deepspeed.init_distributed(verbose=False, **kw)
     if own_port:  # used for the rendezvous only; child processes must pick their own
         os.environ.pop("MASTER_PORT", None)
     return rank, world, local_rank, device
@@ -301,18 +320,9 @@ def pretrain(recipe, *, resume: str | None = None, stream=None) -> dict:
     ckpt_root = run_dir / "checkpoints"
     recipe_dict = to_dict(recipe)
 
-    start = None
-    if resume == "auto":
-        start = ckpt.find_checkpoint(ckpt_root)
-    elif resume:
-        start = ckpt.find_checkpoint(resume)
-        if start is None:
-            raise UserError(f"--resume {resume}: no complete checkpoint there")
-    elif ckpt.complete_checkpoints(ckpt_root):
-        raise UserError(f"{run_dir}: already has checkpoints; continue it with --resume auto, or "
-                        "pick another train.out_dir or name")
-
-    rank, world, _, device = init_distributed()
+    start = _resume_point(resume, run_dir)
+    rank, world, _, device = init_distributed(tc.collective_timeout_s)
+    beat = _start_heartbeat(tc, run_dir, rank, world)
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(tc, recipe.data))
     if tc.deterministic:
@@ -330,7 +340,7 @@ def pretrain(recipe, *, resume: str | None = None, stream=None) -> dict:
 
     step, micro, nonfinite_total, elapsed_before = 0, 0, 0, 0.0
     if start is not None:
-        state = ckpt.load(engine, start, rank=rank, world_size=world)
+        state = ckpt.load(engine, start, rank=rank, world_size=world, recipe=recipe_dict, verified=True)
         step, micro = state["step"], state["micro"]
         nonfinite_total, elapsed_before = state["nonfinite_total"], state["elapsed"]
         stream.load_state_dict(state["stream"])  # epoch and position: the same next batch
@@ -379,6 +389,7 @@ def pretrain(recipe, *, resume: str | None = None, stream=None) -> dict:
         return path
 
     it = iter(stream)
+    drops = _Drops(stream, rank, log)
     t_run = time.perf_counter()
     acc = _Interval(decoded0=stream.stats["decoded_frames"])
     losses: list[tuple[int, float]] = []
@@ -435,6 +446,8 @@ def pretrain(recipe, *, resume: str | None = None, stream=None) -> dict:
             step_loss /= n_ok
             acc.add(dt, data_wait, clips, step_loss, {k: v / n_ok for k, v in step_terms.items()})
             losses.append((step, step_loss))
+            # One small all-reduce per step: the stop request and the dropped-sample counts.
+            requested = drops.step([1.0 if stop["requested"] else 0.0], device, world)
 
             last = step == tc.steps
             if last or step % recipe.logging.every == 0:  # collective on every rank
@@ -445,14 +458,13 @@ def pretrain(recipe, *, resume: str | None = None, stream=None) -> dict:
                        if peak and metrics["clips_per_s"] else None)
                 metrics.update(lr=lr, grad_norm=None if gnorm is None else float(gnorm), mfu=mfu,
                                mfu_peak=peak_src, epoch=stream.epoch, nonfinite_total=nonfinite_total,
-                               memory_gib=round(memory_gib(device), 3))
+                               **drops.counts, memory_gib=round(memory_gib(device), 3))
                 log.log(step, metrics)
                 acc.reset(decoded)
             if log.should_plot(step):
                 _plot(log, step, engine.module, batch["video"], out)
             log.progress(step, loss=step_loss, fps=clips * frames_per_clip * world / dt)
 
-            requested, = _all_max([1.0 if stop["requested"] else 0.0], device, world)
             if requested:
                 path = save()
                 log.message(f"[echofm] stop requested: saved {path} at step {step}; "
@@ -463,17 +475,21 @@ def pretrain(recipe, *, resume: str | None = None, stream=None) -> dict:
                 save()
         if not stopped and last_saved != step:
             save()
+    except RuntimeError as e:
+        raise _collective_error(e, tc) or e
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
         log.close()
+        if beat is not None:
+            beat.stop()
 
     wall = time.perf_counter() - t_run
     summary = {"run_dir": str(run_dir), "steps": step, "stopped": stopped, "world_size": world,
                "resumed_from": str(start) if start else None,
                "last_checkpoint": str(ckpt.find_checkpoint(ckpt_root)),
                "first_loss": losses[0][1] if losses else None, "last_loss": losses[-1][1] if losses else None,
-               "nonfinite_total": nonfinite_total, "wall_s": round(wall, 2),
+               "nonfinite_total": nonfinite_total, **drops.counts, "wall_s": round(wall, 2),
                "train_s_all_sessions": round(elapsed_before + wall, 2),
                "steps_per_s": len(losses) / acc.total_time if acc.total_time else None,
                "sampled_fps": acc.total_clips * frames_per_clip * world / acc.total_time
@@ -481,7 +497,89 @@ def pretrain(recipe, *, resume: str | None = None, stream=None) -> dict:
                "data_wait_fraction": acc.total_wait / acc.total_time if acc.total_time else None}
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if drops.counts["damaged_samples"]:
+            print(drops.summary_line(), flush=True)
     return summary
+
+
+# ---------------------------------------------------------------- failure handling helpers
+
+
+def _resume_point(resume: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from (hashed: damaged ones are skipped with a message when
+    searching a folder, an error when named directly), or None for a fresh run."""
+    from . import checkpoint as ckpt
+
+    ckpt_root = run_dir / "checkpoints"
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda _m: None)
+    if resume == "auto":
+        start = ckpt.find_checkpoint(ckpt_root, check=True, log=say)
+        if start is None and ckpt.complete_checkpoints(ckpt_root):
+            raise UserError(f"{ckpt_root}: every checkpoint is damaged (see above); move them away to "
+                            "start afresh, or resume from a copy with --resume PATH")
+        return start
+    if resume:
+        start = ckpt.find_checkpoint(resume, check=True, log=say)
+        if start is None:
+            raise UserError(f"--resume {resume}: no complete checkpoint there")
+        return start
+    if ckpt.complete_checkpoints(ckpt_root):
+        raise UserError(f"{run_dir}: already has checkpoints; continue it with --resume auto, or "
+                        "pick another train.out_dir or name")
+    return None
+
+
+def _start_heartbeat(tc: TrainConfig, run_dir: Path, rank: int, world: int):
+    """Several ranks: beat and watch (heartbeat.py); None for a lone process."""
+    if world == 1:
+        return None
+    from . import checkpoint as ckpt
+    from .heartbeat import Heartbeat
+
+    def hint() -> str:
+        last = ckpt.complete_checkpoints(run_dir / "checkpoints")
+        return f"last complete checkpoint: {last[-1] if last else 'none'} (continue with --resume auto)"
+
+    return Heartbeat(run_dir / "heartbeat", rank=rank, world_size=world, timeout_s=tc.heartbeat_timeout_s,
+                     hint=hint).start()
+
+
+def _collective_error(e: RuntimeError, tc: TrainConfig) -> UserError | None:
+    """A process-group timeout as one line (the heartbeat usually names the rank first)."""
+    text = str(e)
+    if "timed out" not in text.lower() and "timeout" not in text.lower():
+        return None
+    first = next((ln.strip() for ln in text.splitlines() if "imed out" in ln or "imeout" in ln), text)
+    return UserError(f"a collective did not complete within train.collective_timeout_s="
+                     f"{tc.collective_timeout_s:g} s: another rank is stalled or died ({first[:200]})")
+
+
+class _Drops:
+    """Damaged samples the stream skipped (data.on_error=skip): each rank prints its own as
+    they are found; every step all ranks sum the counts (in the all-reduce that also carries
+    the stop request) and stop together beyond data.max_dropped."""
+
+    def __init__(self, stream, rank: int, log) -> None:
+        self.stream, self.rank, self.log = stream, rank, log
+        self.announced = set(stream.damaged)  # a resumed run reported these already
+        self.counts = {"dropped_total": 0, "damaged_samples": 0}
+
+    def step(self, extra: list[float], device: torch.device, world: int) -> float:
+        """All-reduce `extra` (summed) with the drop counts; returns the summed extra[0]."""
+        damaged = self.stream.damaged
+        for key in [k for k in damaged if k not in self.announced]:
+            line = f"[echofm] rank {self.rank}: skipped damaged sample: {damaged[key]}"
+            self.log.message(line) if self.rank == 0 else print(line, flush=True)
+            self.announced.add(key)
+        vals = _all_sum(extra + [float(len(damaged)), float(self.stream.stats["skipped"])], device, world)
+        self.counts = {"dropped_total": int(vals[-1]), "damaged_samples": int(vals[-2])}
+        self.stream.check_dropped(self.counts["damaged_samples"])
+        return vals[0]
+
+    def summary_line(self) -> str:
+        c = self.counts
+        return (f"[echofm] data.on_error=skip: {c['damaged_samples']} damaged sample(s) skipped "
+                f"({c['dropped_total']} reads dropped); `echofm shards verify` names them all")
 
 
 def _grad_norm(module: torch.nn.Module) -> float:

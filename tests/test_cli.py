@@ -4,7 +4,8 @@ import sys
 
 from echofm.engine.cli import SUBCOMMANDS, build_parser, main
 
-EXPECTED = {"synth", "ingest", "shards", "pretrain", "export", "finetune", "evaluate", "bench", "demo", "config"}
+EXPECTED = {"synth", "ingest", "shards", "pretrain", "export", "convert", "finetune", "evaluate", "bench", "demo",
+            "config"}
 
 
 def test_help_lists_every_subcommand():

@@ -317,7 +317,9 @@ def damaged_shards(ramp_shards, tmp_path):
 
 def test_damaged_sample_named_or_skipped(damaged_shards):
     shards, tar, key = damaged_shards
-    cfg = _cfg(shards, batch_size=3, num_frames=4, drop_last=False)
+    # The decoder's own failure path (the member-hash check, on by default, would name the
+    # sample before decoding: see test_integrity.py).
+    cfg = _cfg(shards, batch_size=3, num_frames=4, drop_last=False, verify=False)
     with pytest.raises(DataError, match=rf"{tar}: sample {key}: the video cannot be decoded"):
         _epoch(ClipStream(cfg))
     cfg.on_error = "skip"
@@ -325,6 +327,7 @@ def test_damaged_sample_named_or_skipped(damaged_shards):
     got = [m["key"] for b in _epoch(s) for m in b["meta"]]
     assert key not in got and len(got) == len(RAMP_LENGTHS) - 1
     assert s.stats["skipped"] == 1 and s.epoch == 1
+    assert list(s.damaged) == [key] and "cannot be decoded" in s.damaged[key]
     got2 = [m["key"] for b in _epoch(s) for m in b["meta"]]  # known bad: dropped again, counted
     assert key not in got2 and s.stats["skipped"] == 2
     cfg.batch_size = 1  # the damaged sample's batch is left empty: skipped, counted once

@@ -10,7 +10,8 @@ A run folder (`downstream.out_dir/<recipe name>/`) holds:
     recipe.yaml       the resolved recipe
     test_*.png        confusion matrix / EF scatter + Bland-Altman / segmentation overlays
     test_predictions.csv  one row per video: key, patient, label, prediction (video tasks)
-    cache/            probe features, keyed by backbone fingerprint and stream settings
+    cache/            probe features, keyed by the shards' content (manifest sha256), the
+                      backbone fingerprint and the stream settings (never by the shard path)
 
 `evaluate` rebuilds backbone + head from that folder, recomputes the features of the same
 splits with the same stream settings and writes evaluate.json: the same numbers.
