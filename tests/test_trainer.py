@@ -293,7 +293,7 @@ def test_stalled_rank_is_named_and_the_run_ends(tiny_shards, tmp_path):
            "-m", "echofm.engine.cli", "pretrain", TINY,
            *sum((["--set", o] for o in _overrides(tiny_shards, tmp_path, "train.steps=200", "name=stall",
                                                    "train.checkpoint_every=2", "train.heartbeat_timeout_s=3",
-                                                   "train.collective_timeout_s=120")), [])]
+                                                   "train.collective_timeout_s=300")), [])]
     run = tmp_path / "stall"
     p = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -305,7 +305,7 @@ def test_stalled_rank_is_named_and_the_run_ends(tiny_shards, tmp_path):
         os.kill(ranks[1]["pid"], signal.SIGSTOP)
         t_stop = time.time()
         while _alive(ranks[0]["pid"]):
-            assert time.time() - t_stop < 60, "rank 0 did not end"
+            assert time.time() - t_stop < 200, "rank 0 did not end"
             time.sleep(0.05)
         waited = time.time() - t_stop
     finally:
@@ -316,7 +316,9 @@ def test_stalled_rank_is_named_and_the_run_ends(tiny_shards, tmp_path):
     assert p.returncode != 0
     assert f"rank 1 (pid {ranks[1]['pid']} on" in out and "sent no heartbeat" in out, out[-3000:]
     assert "last complete checkpoint: " in out and re.search(rf"exitcode\s*:\s*{EXIT_STALLED}\b", out), out[-3000:]
-    assert 3 <= waited < 20, waited  # heartbeat timeout + a poll interval, not a collective timeout
+    # heartbeat timeout + a poll interval, well before the collective timeout (300 s); loose
+    # upper bound: a loaded 2-core CI machine can take tens of seconds to schedule the exit
+    assert 3 <= waited < 150, waited
     last = ckpt.find_checkpoint(run, check=True)
     assert last is not None and ckpt.verify(last)["step"] >= 2
 
