@@ -121,12 +121,13 @@ def test_encode_is_the_official_unmasked_encoder_and_projector(prj_norm):
     sd = _weights(seed=1, prj_norm=prj_norm)
     model = load_official({"model": sd, "model_args": ARCH}).double().eval()
     imgs = _clip(n=1)
-    ref = official_forward(sd, imgs, A, torch.rand(1, A["lg"]), 0.0, prj="prj_norm" if prj_norm else "norm")
+    prj = "prj_norm" if prj_norm else "norm"
+    ref = official_forward(sd, imgs, A, torch.rand(1, A["lg"]), 0.0, prj=prj)
     tokens, _, phase = model.encode(imgs.permute(0, 2, 3, 4, 1))
     assert _rel(tokens, ref["latent"]) < TOL and _rel(phase, ref["phase"]) < TOL
     # the loader's uint8 clips: the same features up to float32 arithmetic
     u8 = (imgs * 255).round().to(torch.uint8)
-    ref8 = official_forward(sd, u8.double() / 255, A, torch.rand(1, A["lg"]), 0.0, prj="prj_norm" if prj_norm else "norm")
+    ref8 = official_forward(sd, u8.double() / 255, A, torch.rand(1, A["lg"]), 0.0, prj=prj)
     assert _rel(model.encode(u8.permute(0, 2, 3, 4, 1))[0], ref8["latent"]) < 1e-5
 
 

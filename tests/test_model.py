@@ -131,7 +131,8 @@ def test_grad_checkpointing_gives_same_gradients():
         torch.testing.assert_close(p.grad, g[n], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mean,std", [((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+@pytest.mark.parametrize("mean,std", [((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+                                      ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
 def test_unpatchify_inverts_target_and_picks_the_official_frames(mean, std):
     m = EchoFM(ModelConfig(**{**SMALL, "num_frames": 8, "tubelet": 4, "pred_t_dim": 4}, mean=mean, std=std))
     video = _video(2, 8, 32)
