@@ -11,11 +11,12 @@ SMALL = dict(preset="echofm_tiny", num_frames=8, img_size=32, patch_size=8, tube
              num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, pred_t_dim=4)
 
 
-@pytest.mark.parametrize("kind,attention", [("tube", "joint"), ("random", "joint"), ("frame", "joint"),
-                                            ("tube", "divided")])
-def test_analytic_flops_match_flop_counter(kind, attention):
+@pytest.mark.parametrize("kind,attention,cls_embed", [("tube", "joint", True), ("random", "joint", True),
+                                                      ("frame", "joint", True), ("tube", "divided", True),
+                                                      ("tube", "joint", False)])
+def test_analytic_flops_match_flop_counter(kind, attention, cls_embed):
     # math backend: attention as explicit matmuls, which FlopCounterMode counts
-    cfg = ModelConfig(**SMALL, attn_backend="math", attention=attention)
+    cfg = ModelConfig(**SMALL, attn_backend="math", attention=attention, cls_embed=cls_embed)
     mask_cfg = MaskConfig(kind=kind, ratio=0.75)
     model = EchoFM(cfg, mask_cfg)
     video = torch.randint(0, 256, (1, 8, 32, 32, 3), dtype=torch.uint8)
@@ -32,6 +33,8 @@ def test_analytic_flops_match_flop_counter(kind, attention):
 def test_videomae_b_reference_figure():
     """DESIGN §7: VideoMAE-B (16 x 224^2, tubelet 2, 90% mask, decoder 384 x 4) ~71 GFLOPs forward."""
     f = model_flops(ModelConfig(preset="echofm_vit_base"), MaskConfig(kind="tube", ratio=0.9))
+    # 8 slices x int(196 * 0.1) = 19 kept positions (the official count; round() gives 20)
+    assert f["parts"]["patch_embed"] == 2 * 8 * 19 * 1536 * 768
     assert abs(f["forward"] / 71e9 - 1) < 0.15, f["forward"] / 1e9
     assert f["train_step"] == 3 * f["forward"]
     assert abs(f["train_step"] / 213e9 - 1) < 0.15

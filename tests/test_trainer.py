@@ -72,11 +72,11 @@ def test_run_logs_metrics_figures_checkpoints_and_exports(reference, tmp_path):
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [d["step"] for d in lines] == [1, 2, 3, 4, 5, 6]
     for d in lines:
-        for key in ("loss", "loss_rec", "loss_contrastive", "lr", "grad_norm", "sampled_fps",
+        for key in ("loss", "loss_rec", "loss_triplet", "loss_cycle", "lr", "grad_norm", "sampled_fps",
                     "decoded_fps", "step_time_s", "data_wait_s", "compute_s", "memory_gib"):
             assert isinstance(d[key], float) and d[key] >= 0, (key, d)
         assert d["mfu"] is None and d["nonfinite_total"] == 0
-        assert d["loss"] == pytest.approx(d["loss_rec"] + 0.1 * d["loss_contrastive"], rel=1e-5)
+        assert d["loss"] == pytest.approx(d["loss_rec"] + d["loss_triplet"] + d["loss_cycle"], rel=1e-5)
         assert d["sampled_fps"] == pytest.approx(2 * 8 / d["step_time_s"], rel=1e-6)
         assert d["step_time_s"] == pytest.approx(d["data_wait_s"] + d["compute_s"], rel=1e-6)
     # lr used at step s is the schedule's value at 0-based step s - 1 (peak 2e-3, 2 warmup steps).
