@@ -361,13 +361,14 @@ def stage_resume(plan: Plan, work: Path) -> dict:
 
 class ReplayStream:
     """Batches decoded once, kept in device memory and replayed in order: ClipStream's
-    interface (iteration, state_dict, load_state_dict, stats, epoch) at no decode cost, so
-    the trainer's step time with it is the step without the loader."""
+    interface (iteration, state_dict, load_state_dict, stats, epoch, damaged, check_dropped)
+    at no decode cost, so the trainer's step time with it is the step without the loader."""
 
     def __init__(self, batches: list[dict]) -> None:
         self.batches = batches
         self.epoch, self._pos = 0, 0
         self.stats = {"batches": 0, "clips": 0, "frames": 0, "decoded_frames": 0, "skipped": 0}
+        self.damaged: dict[str, str] = {}  # nothing is decoded here, so nothing is found damaged
 
     @classmethod
     def fill(cls, stream, n: int) -> "ReplayStream":
@@ -395,6 +396,9 @@ class ReplayStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self._pos = int(state["epoch"]), int(state["position"])
+
+    def check_dropped(self, damaged: int | None = None) -> None:
+        """Nothing to check: replayed batches were whole when they were decoded."""
 
 
 def stage_replay(plan: Plan, work: Path) -> dict:

@@ -318,7 +318,7 @@ def test_stalled_rank_is_named_and_the_run_ends(tiny_shards, tmp_path):
     assert "last complete checkpoint: " in out and re.search(rf"exitcode\s*:\s*{EXIT_STALLED}\b", out), out[-3000:]
     # heartbeat timeout + a poll interval, well before the collective timeout (300 s); loose
     # upper bound: a loaded 2-core CI machine can take tens of seconds to schedule the exit
-    assert 3 <= waited < 150, waited
+    assert waited < 150, waited
     last = ckpt.find_checkpoint(run, check=True)
     assert last is not None and ckpt.verify(last)["step"] >= 2
 
