@@ -24,6 +24,7 @@
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # the stages run from elsewhere
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET="${TRITON_INTERPRET:-0}"
 if [ "$TRITON_INTERPRET" = "1" ]; then
     RESULTS="${OUT:-$(mktemp -d)/gpu_check_cpu}"

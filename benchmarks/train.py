@@ -365,6 +365,8 @@ def measure(run: dict, variant: str, batch: int, model_fn, target_s: float) -> d
         if graphs:
             step = C.GraphedStep(step, *inputs[0], warmup=2)
             row["graphed"] = step.captured
+        # Compile or capture unavailable (CPU) or failed: eager numbers, not this variant's.
+        row["fell_back"] = (mode is not None and not row["compiled"]) or (graphs and not row["graphed"])
         row["step_s"], row["timed_steps"] = timed(step, inputs, device, target_s)
         row.update(clips_per_s=batch / row["step_s"], sampled_fps=batch * run["frames"] / row["step_s"])
         if run["peak"]:
@@ -440,6 +442,7 @@ def run_preset(res: dict, preset: str, ratio: float, batches, device, peak, dead
            "compile_backend": args.compile_backend}
     target = 0.05 if args.smoke else 1.0
     res.update(mask_ratio=ratio, train_flops_per_clip=flops,
+               attention_dispatch=dispatch_decisions(base, run["inputs"](1)[0][1], device),
                sweep=sweep_batches(run, batches, lambda: copy.deepcopy(base), deadline, target))
     save()
     ok = [r for r in res["sweep"] if "step_s" in r]
@@ -473,9 +476,25 @@ def run_preset(res: dict, preset: str, ratio: float, batches, device, peak, dead
         save()
 
 
+def dispatch_decisions(model, mask, device: torch.device) -> dict:
+    """Which kernel `auto` runs for each attention call of this model's training forward."""
+    from echofm.kernels import attention_backend
+
+    c, (t, k) = model.cfg, mask.grid
+    calls = {"encoder joint": (c.num_heads, 1, 1 + t * k, c.embed_dim, "joint"),
+             "phase slice": (c.num_heads, t, 1 + k, c.embed_dim, "slice"),
+             "decoder joint": (c.decoder_num_heads, 1, 1 + t * c.l_grid, c.decoder_embed_dim, "joint")}
+    out = {}
+    for name, (h, tt, kk, d, mode) in calls.items():
+        q = torch.empty(1, h, tt, kk, d // h, device=device, dtype=torch.bfloat16)
+        out[name] = {"tokens": tt * kk if mode == "joint" else kk, "Dh": d // h,
+                     "backend": attention_backend(q, mode, train=True)}
+    return out
+
+
 def summarise(res: dict) -> None:
     """Winner (most clips/s), its MFU, and ours / plain-with-SDPA at the same batch."""
-    done = {n: r for n, r in res["variants"].items() if "step_s" in r}
+    done = {n: r for n, r in res["variants"].items() if "step_s" in r and not r.get("fell_back")}
     win = max(done, key=lambda n: done[n]["clips_per_s"])
     res["winner"] = win
     res["winner_batch"] = done[win]["batch"]
@@ -545,8 +564,11 @@ def print_gpu(out: dict) -> None:
                 print(f"{head}  {r.get('error') or r.get('skipped')}")
                 continue
             mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+            note = " (sweep)" if name == "sweep" else " (fell back to eager)" if r.get("fell_back") else ""
             print(f"{head} {r['step_s']:8.4f} {r['clips_per_s']:9.1f} {mfu:>6s} {r.get('peak_memory_gib', 0):8.1f} "
-                  f"{r['first_step_s']:8.1f}  loss {r['first_loss']:.4f}{' (sweep)' if name == 'sweep' else ''}")
+                  f"{r['first_step_s']:8.1f}  loss {r['first_loss']:.4f}{note}")
+        print(f"{preset}: attention " + ", ".join(f"{n} ({d['tokens']} tokens, Dh {d['Dh']}) -> {d['backend']}"
+                                                  for n, d in res.get("attention_dispatch", {}).items()))
         if "winner" in res:
             ratio = res.get("ratio_vs_plain_sdpa")
             print(f"{preset}: winner {res['winner']} at batch {res['winner_batch']}"
