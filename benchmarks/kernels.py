@@ -62,7 +62,8 @@ def model_shapes() -> list[tuple[str, int, int, int, int, int, str]]:
         c = ModelConfig(preset=preset).resolved()
         t, k = c.t_grid, keep_count(c.l_grid, ratio)
         dh, ddh = c.embed_dim // c.num_heads, c.decoder_embed_dim // c.decoder_num_heads
-        shapes += [(f"{tag}-enc joint", batch, c.num_heads, 1, 1 + t * k, dh, "joint"),  # [CLS, visible]
+        cls = int(getattr(c, "cls_embed", True))  # the encoder CLS is optional (VideoMAE has none)
+        shapes += [(f"{tag}-enc joint", batch, c.num_heads, 1, cls + t * k, dh, "joint"),  # [CLS, visible]
                    (f"{tag}-phase slice", batch, c.num_heads, t, 1 + k, dh, "slice"),  # [slice CLS, slice]
                    (f"{tag}-dec joint", batch, c.decoder_num_heads, 1, 1 + t * c.l_grid, ddh, "joint")]
         if tag == "vitl":  # attention "divided": slice and tube groups of the visible tubes

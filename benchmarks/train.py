@@ -481,7 +481,8 @@ def dispatch_decisions(model, mask, device: torch.device) -> dict:
     from echofm.kernels import attention_backend
 
     c, (t, k) = model.cfg, mask.grid
-    calls = {"encoder joint": (c.num_heads, 1, 1 + t * k, c.embed_dim, "joint"),
+    cls = int(getattr(c, "cls_embed", True))  # the encoder CLS is optional (VideoMAE has none)
+    calls = {"encoder joint": (c.num_heads, 1, cls + t * k, c.embed_dim, "joint"),
              "phase slice": (c.num_heads, t, 1 + k, c.embed_dim, "slice"),
              "decoder joint": (c.decoder_num_heads, 1, 1 + t * c.l_grid, c.decoder_embed_dim, "joint")}
     out = {}
