@@ -26,7 +26,8 @@ every measurement, so a killed run keeps what it measured):
   The winner is the variant with the most clips/s; MFU = train-step FLOPs per clip
   (engine/flops.py, docs/mfu.md) x clips/s / the device's dense bf16 peak (790 TFLOP/s on
   an H200, DESIGN §7); ratio = ours (best variant at that batch) / plain with SDPA (eager).
-  Peak memory is reset before and read after every measurement.
+  Peak memory is reset before and read after every measurement (it includes the fp32 copy
+  of the weights every variant starts from: 1.2 GiB for ViT-L).
 
 The step ("bf16-master", `master_step`) is what DeepSpeed 0.19's engine does for the
 recipes' `precision: bf16, zero_stage: 0` with the trainer's client torch AdamW: the module
@@ -413,10 +414,10 @@ def preset_inputs(model, device: torch.device, count: int = 3):
 
     def inputs(batch: int) -> list:
         if batch not in cache:
-            g = torch.Generator(device="cpu").manual_seed(batch)
-            video = torch.randint(0, 256, (batch, c.num_frames, c.img_size, c.img_size, c.in_chans),
-                                  generator=g, dtype=torch.uint8).to(device)
             cache.clear()  # one batch size at a time: ViT-B at 512 holds 1.2 GB of clips
+            g = torch.Generator(device=device).manual_seed(batch)  # drawn on the device: seconds on a CPU
+            video = torch.randint(0, 256, (batch, c.num_frames, c.img_size, c.img_size, c.in_chans),
+                                  generator=g, dtype=torch.uint8, device=device)
             cache[batch] = [(video, model.draw_mask(batch, device)) for _ in range(count)]
         return cache[batch]
 
