@@ -145,3 +145,52 @@ def test_each_choosable_backend_matches_float64(backend, mode):
     grads_ref = torch.autograd.grad(o_ref, leaves, do.double())
     for got, want in zip((o, *grads), (o_ref, *grads_ref)):
         assert ((got.double() - want).norm() / want.norm()).item() < 5e-3
+
+
+def load_bench():
+    """benchmarks/kernels.py as a module (it is a script, not a package member)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def result(shape, backend, fwd, both, L=50, mode="slice", dh=64, err=1e-3):
+    r = {"shape": shape, "backend": backend, "mode": mode, "Dh": dh, "L": L}
+    if fwd is None:
+        r["error"] = "RuntimeError: no such kernel"
+    else:
+        r.update(fwd_ms=fwd, fwdbwd_ms=both, rel_err_vs_sdpa=err)
+    return r
+
+
+def test_benchmark_picks_winners_by_summed_time_over_a_key():
+    bench = load_bench()
+    results = [  # two shapes share (slice, 64, bucket 64): 49 and 50 tokens
+        result("phase", "triton", 1.0, 4.0), result("phase", "sdpa-flash", 0.8, 5.0),
+        result("div", "triton", 1.0, 4.0, L=49), result("div", "sdpa-flash", 0.9, 2.5, L=49),
+        result("phase", "sdpa-cudnn", 0.1, 0.1), result("div", "sdpa-cudnn", None, None, L=49),  # fails at one
+        result("phase", "sdpa", 0.05, 0.05, err=0.5), result("div", "sdpa", 0.05, 0.05, L=49, err=0.5),  # wrong
+        result("enc", "triton", 2.0, 8.0, L=393, mode="joint"), result("enc", "sdpa", 1.5, 6.0, L=393, mode="joint")]
+    rows = bench.table_rows(results, "bfloat16", "9.0", {"device": "test"})
+    by_key = {(r["mode"], r["bucket"]): r for r in rows}
+    assert by_key["slice", 64]["train"] == "sdpa-flash"  # 7.5 ms vs triton 8.0
+    assert by_key["slice", 64]["infer"] == "sdpa-flash"  # 1.7 ms vs 2.0
+    assert by_key["joint", 512]["train"] == "sdpa"
+    assert by_key["slice", 64]["measured"]["L"] == [49, 50]
+
+
+def test_benchmark_merges_rows_into_the_table(tmp_path):
+    bench = load_bench()
+    path = tmp_path / "table.json"
+    other_gpu = dict(GOOD, capability="8.0")
+    path.write_text(json.dumps({"schema": 1, "rows": [other_gpu, GOOD]}))
+    new = dict(GOOD, train="triton", infer="triton")
+    bench.merge_table(path, [new], note="test")
+    t = load_table(path)
+    assert len(t.rows) == 2
+    assert pick(t) == "triton" and pick(t, cap="8.0") == "sdpa"
