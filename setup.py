@@ -26,6 +26,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
+    package_data={"echofm.kernels": ["attention_table.json"]},  # the measured attention dispatch table
     install_requires=[
         "torch>=2.4,<2.15",
         "triton>=3.0",

@@ -1,4 +1,5 @@
-"""Analytic matmul FLOPs of one EchoFM clip, for MFU (DESIGN §4, §7).
+"""Analytic matmul FLOPs of one EchoFM clip, for MFU (DESIGN §4, §7; docs/mfu.md says which
+FLOPs count, the peak, and gives the ViT-L numbers).
 
 Counts 2 * m * n * k for every matrix product the model runs, following model.py term by
 term (the masked 75-90% of patches are never embedded, the encoder sees only visible

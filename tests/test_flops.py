@@ -48,3 +48,20 @@ def test_preset_flops_order_and_mfu():
     # ~12 * 1024^2 parameters dominate: 2 * 393 * 24 * 12.6M ~ 238 GFLOPs, decoder ~131.
     assert 300e9 < fl["echofm_vit_large"] < 450e9
     assert mfu(790e12 * 0.4, 1.0) == pytest.approx(0.4)
+
+
+def test_mfu_doc_table_matches_the_analytic_count():
+    """docs/mfu.md, the one place MFU counting is documented: its parts are model_flops' parts
+    and its ViT-L numbers are model_flops' (GFLOPs to 2 decimals)."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "mfu.md").read_text()
+    f = model_flops(ModelConfig(preset="echofm_vit_large"), MaskConfig(kind="tube", ratio=0.75))
+    listed = set(re.findall(r"^\| `(\w+)` \|", doc, flags=re.M))
+    assert listed == set(f["parts"]), listed ^ set(f["parts"])
+    table = dict(re.findall(r"^\| ([\w ()]+?) \| ([\d.]+) \|$", doc, flags=re.M))
+    want = {**f["parts"], "forward": f["forward"], "train step (3 x forward)": f["train_step"]}
+    assert set(table) == set(want)
+    for name, gflops in table.items():
+        assert float(gflops) == pytest.approx(want[name] / 1e9, abs=0.006), name

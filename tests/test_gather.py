@@ -159,3 +159,17 @@ def test_patches_backward_scatters_into_the_video(dtype):
     scale = _norm(dtype, MEAN, STD)[0]
     full = patches_bwd(dp, inverse_ids(ids, 12), video.shape, patch, scale, dtype, out=poisoned(video.shape, dtype))
     assert torch.equal(full, dv)
+
+
+def test_norm_constants_reach_the_device_once():
+    # Regression: gather_patches copied mean/std to the device on every call, a host-to-device
+    # copy that CUDA graph capture refuses. Config tuples are now converted once per device.
+    from echofm.kernels.reference import device_norm
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    a = device_norm(3, True, mean, std, DEVICE, torch.float32)
+    b = device_norm(3, True, list(mean), list(std), DEVICE, torch.float32)
+    assert a[0] is b[0] and a[1] is b[1]
+    torch.testing.assert_close(a[0], torch.tensor([1 / (255 * s) for s in std], device=DEVICE))
+    torch.testing.assert_close(a[1], torch.tensor([-m / s for m, s in zip(mean, std)], device=DEVICE))
+    assert device_norm(3, False, None, None, DEVICE, torch.float32) is None
