@@ -13,9 +13,9 @@ DALI (the stream, `shards verify`) comes as an extra that matches the CUDA drive
 machines need one too: DALI's CPU pipeline ships in both wheels; `make` installs cuda13,
 the smaller one.
 
-Upper bounds are the next release after the one tested (PLATFORM facts, 2026-11): a newer
-DALI, DeepSpeed or PyAV gets tested before the bound moves. tests/test_packaging.py
-checks that every requirement has one.
+Every requirement has an upper bound below the next release nobody has tested (the tested
+versions are in the comments): a newer DALI, DeepSpeed or PyAV gets tested before its bound
+moves. tests/test_packaging.py checks the bounds, the extras and the Makefile.
 """
 from setuptools import find_packages, setup
 
@@ -56,7 +56,7 @@ setup(
     ],
     extras_require={
         # DALI by CUDA major version (pick the driver's; either serves a CPU-only machine).
-        "cuda13": ["nvidia-dali-cuda130>=2.4,<2.5"],  # tested: 2.4.0 (CPU pipeline; H200 kit)
+        "cuda13": ["nvidia-dali-cuda130>=2.4,<2.5"],  # tested: 2.4.0 (the CPU pipeline)
         "cuda12": ["nvidia-dali-cuda120>=2.4,<2.5"],  # same release, CUDA 12 build
         # Tests: pytest, and webdataset to prove the shards are plain WebDataset (test_packaging).
         "dev": ["pytest>=8,<10", "webdataset>=0.2.100,<2"],
