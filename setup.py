@@ -13,9 +13,11 @@ DALI (the stream, `shards verify`) comes as an extra that matches the CUDA drive
 machines need one too: DALI's CPU pipeline ships in both wheels; `make` installs cuda13,
 the smaller one.
 
-Every requirement has an upper bound below the next release nobody has tested (the tested
-versions are in the comments): a newer DALI, DeepSpeed or PyAV gets tested before its bound
-moves. tests/test_packaging.py checks the bounds, the extras and the Makefile.
+Every requirement has an upper bound (tested versions in the comments): the next minor
+release for the packages whose internals the engine leans on (torch, triton, DALI,
+DeepSpeed, numba), the next major release for the rest (PyAV: the next after 18), so a new
+release is tested before its bound moves. tests/test_packaging.py checks the bounds, the
+extras and the Makefile.
 """
 from setuptools import find_packages, setup
 
