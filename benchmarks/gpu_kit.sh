@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_kit.sh pack --wheels DIR --out DIR --part-bytes N [--python X.Y] [--glibc X.Y]
 #
 # build (the default):
-#   1. resolve: setup.py's install_requires, then each wheel's Requires-Dist (markers evaluated
+#   1. resolve: setup.py's install_requires and its `cuda13` extra (DALI; KIT_EXTRAS=a,b picks
+#      other extras), then each wheel's Requires-Dist (markers evaluated
 #      for the target Python on x86-64 Linux), minus what the target image already has
 #      (IMAGE_PACKAGES below, or --have FILE: one name per line, e.g. `pip list --format=freeze`
 #      there) and minus LEAVE_OUT (each with its reason; --full keeps them, --leave adds one).
@@ -57,7 +58,6 @@ xxhash yarl zipp"
 # Required on paper, not needed by anything this project runs: left out (with their own
 # requirements, unless something else needs those). --full keeps them.
 LEAVE_OUT=(
-    "webdataset=setup.py lists it for the shard format, but no module imports it (the stream reads tar offsets itself)"
     "nvidia-nvimgcodec-cu13=DALI dlopens it for its image decoders only; the video graph needs the driver's libnvcuvid instead"
     "nvidia-libnvcomp-cu13=DALI dlopens it for fn.experimental.inflate only"
 )
@@ -123,10 +123,14 @@ pip_extra = shlex.split(os.environ.get("KIT_PIP_ARGS", ""))
 
 
 def roots():
-    for node in ast.walk(ast.parse(Path(setup_py).read_text())):
-        if isinstance(node, ast.keyword) and node.arg == "install_requires":
-            return [Requirement(r) for r in ast.literal_eval(node.value)]
-    sys.exit(f"gpu_kit: {setup_py}: no install_requires=[...] list literal")
+    """install_requires plus the DALI extra for the GPU image's CUDA 13 driver (KIT_EXTRAS)."""
+    kw = {n.arg: ast.literal_eval(n.value) for n in ast.walk(ast.parse(Path(setup_py).read_text()))
+          if isinstance(n, ast.keyword) and n.arg in ("install_requires", "extras_require")}
+    if "install_requires" not in kw:
+        sys.exit(f"gpu_kit: {setup_py}: no install_requires=[...] list literal")
+    extra = [r for e in os.environ.get("KIT_EXTRAS", "cuda13").split(",") if e
+             for r in kw.get("extras_require", {}).get(e, [])]
+    return [Requirement(r) for r in kw["install_requires"] + extra]
 
 
 def wanted(req, extras):
