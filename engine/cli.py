@@ -73,7 +73,7 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args) -> int:
-    from .checkpoint import export
+    from .export import export
 
     print(f"echofm: exported to {export(args.checkpoint, args.out)}")
     return 0
@@ -321,11 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from echofm.loaders.errors import DataError
 
-    from .config import ConfigError
-
     try:
         return int(args.run(args) or 0)
-    except (ConfigError, UserError, DataError) as e:
+    except (UserError, DataError) as e:
         print(f"echofm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

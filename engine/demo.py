@@ -48,7 +48,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from echofm.loaders.ingest import IngestConfig, ingest
     from echofm.loaders.synth import SynthConfig, make_corpus
 
-    from .checkpoint import export
+    from .export import export
     from .config import load_recipe
     from .trainer import pretrain
 

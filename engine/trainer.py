@@ -45,7 +45,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import NonFiniteLoss, UserError
 
 
 @dataclass(kw_only=True, slots=True)
@@ -117,10 +117,6 @@ class TrainConfig:
         if not (self.collective_timeout_s > 0 and self.heartbeat_timeout_s > 0):
             raise ValueError("collective_timeout_s and heartbeat_timeout_s must be > 0, got "
                              f"{self.collective_timeout_s}, {self.heartbeat_timeout_s}")
-
-
-class NonFiniteLoss(UserError):
-    """The loss stayed non-finite for `train.max_nonfinite` micro-batches in a row."""
 
 
 # ---------------------------------------------------------------- distributed setup
@@ -276,23 +272,6 @@ def cpu_threads(tc: TrainConfig, data) -> int:
     return max(1, cores // local - data.num_threads)
 
 
-def _check_recipe(recipe, model) -> None:
-    """Cross-section checks that no single section can make."""
-    from .config import ConfigError
-
-    mcfg = getattr(model, "cfg", None)
-    frames = getattr(mcfg, "num_frames", None)
-    size = getattr(mcfg, "img_size", None)
-    if frames is not None and frames != recipe.data.num_frames:
-        raise ConfigError(f"data.num_frames={recipe.data.num_frames} but the model expects "
-                          f"model.num_frames={frames}; set both to the same value")
-    if size is not None and size != recipe.data.size:
-        raise ConfigError(f"data.size={recipe.data.size} but the model expects model.img_size={size}; "
-                          "set both to the same value")
-    if not recipe.data.shards:
-        raise ConfigError("data.shards: empty; set it to a shard folder written by `echofm ingest`")
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -309,12 +288,13 @@ def pretrain(recipe, *, resume: str | None = None, stream=None) -> dict:
     from echofm.loaders.stream import ClipStream
 
     from . import checkpoint as ckpt
-    from .config import dump_yaml, to_dict
+    from .yaml_io import dump_yaml, to_dict
     from .flops import model_flops
     from .logging import MetricsLogger
     from .model import EchoFM
     from .optim import WarmupCosine
 
+    recipe.validate()
     tc = recipe.train
     run_dir = Path(tc.out_dir) / recipe.name
     ckpt_root = run_dir / "checkpoints"
@@ -330,7 +310,6 @@ def pretrain(recipe, *, resume: str | None = None, stream=None) -> dict:
     # Same init on every rank; then a per-rank stream for masking.
     torch.manual_seed(tc.seed)
     model = EchoFM(recipe.model, recipe.mask, recipe.loss)
-    _check_recipe(recipe, model)
     engine, _, scheduler = build_engine(model, recipe, world_size=world, total_steps=tc.steps)
     torch.manual_seed(tc.seed + 1 + rank)
     random.seed(tc.seed + rank)

@@ -21,7 +21,7 @@ VIDEOS, STEPS, SEED = 160, 600, 11
 
 @SLOW
 def test_pretrained_probe_beats_random_init(tmp_path):
-    from echofm.engine.checkpoint import export
+    from echofm.engine.export import export
     from echofm.engine.config import load_recipe
     from echofm.engine.downstream.probe import bar_verdict, compare_backbones, format_comparison, paired_gap
     from echofm.engine.trainer import pretrain

@@ -105,7 +105,7 @@ def cache_key(info: dict, data, split: str, clips: int, kw: dict) -> str:
     """16 hex digits of the sha256 of everything `extract`'s result depends on."""
     from echofm.loaders.shards import manifest_sha256
 
-    from ..config import to_dict
+    from ..yaml_io import to_dict
 
     settings = {k: v for k, v in to_dict(data).items() if k != "shards"}  # the content, not the path
     key = json.dumps({"manifest": manifest_sha256(data.shards), "backbone": info["fingerprint"],
