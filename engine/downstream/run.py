@@ -7,6 +7,8 @@ A run folder (`downstream.out_dir/<recipe name>/`) holds:
                       fingerprint), the label-fraction draw, timings and the full recipe
     head.safetensors  the trained head (video head or segmentation decoder)
     backbone/         fine-tune only: the fine-tuned backbone (EchoFM.save_pretrained)
+    finetune/         fine-tune only: the training run (checkpoints/, metrics.jsonl, summary.json;
+                      `echofm finetune R --resume auto` continues it)
     recipe.yaml       the resolved recipe
     test_*.png        confusion matrix / EF scatter + Bland-Altman / segmentation overlays
     test_predictions.csv  one row per video: key, patient, label, prediction (video tasks)
@@ -37,7 +39,7 @@ from .features import cached_extract, extract
 from .heads import SegDecoder, VideoHead
 from .tasks import SegTask, Task, make_task
 
-RESULTS, HEAD, BACKBONE_DIR = "results.json", "head.safetensors", "backbone"
+RESULTS, HEAD, BACKBONE_DIR, FINETUNE_DIR = "results.json", "head.safetensors", "backbone", "finetune"
 
 
 def head_spec(head: torch.nn.Module, task: Task, model) -> dict:
@@ -90,9 +92,13 @@ def score_splits(task: Task, head, model, recipe, run_dir: Path, device: torch.d
     return out
 
 
-def run(recipe, log=print) -> dict:
+def run(recipe, log=print, *, resume: str | None = None) -> dict:
     """`echofm finetune RECIPE`: train the head (probe) or everything (finetune), score
-    val and test, write the run folder. Returns the results dict."""
+    val and test, write the run folder. Returns the results dict.
+
+    resume (mode finetune): continue the training in `<run>/finetune/` ("auto" or a
+    checkpoint path). Under several ranks only rank 0 scores and writes the results (the
+    others return {} after training)."""
     from safetensors.torch import save_file
 
     cfg: DownstreamConfig = recipe.downstream
@@ -135,7 +141,9 @@ def run(recipe, log=print) -> dict:
         from .finetune import finetune
 
         task = make_task(cfg, list_samples(recipe.data.shards, cfg.train_split))
-        net, fit = finetune(task, model, recipe, device, log=log)
+        net, fit = finetune(task, model, recipe, run_dir=run_dir / FINETUNE_DIR, resume=resume, log=log)
+        if fit["rank"] != 0:
+            return {}
         model, head = net.backbone, net.head
         model.save_pretrained(run_dir / BACKBONE_DIR)
         info = dict(info, fingerprint=B.fingerprint(model), finetuned=str(run_dir / BACKBONE_DIR))
