@@ -107,10 +107,9 @@ def run(recipe, log=print, *, resume: str | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(dump_yaml(recipe))
     t0 = time.time()
-    recipe.validate()
-    present_splits(recipe.data.shards)  # a missing / bad manifest fails before the backbone is built
     model, info = B.load_backbone(cfg.backbone, recipe, seed=cfg.seed)
-    recipe.validate(model.cfg, what=f"the backbone '{cfg.backbone}'")
+    recipe.validate(model.cfg, what=f"the backbone '{cfg.backbone}'")  # the clips must fit it
+    present_splits(recipe.data.shards)  # a missing / bad manifest fails before any feature is computed
     grid = cfg.task == "seg"
     cache_dir = run_dir / "cache"
     kw = dict(features=cfg.features, grid=grid, device=device, batch=cfg.feature_batch)
