@@ -421,6 +421,7 @@ class ClipStream:
             prefetch=cfg.prefetch,
         )
         self._items = self._select(keys)
+        self._items_digest = items_digest([self._corpus.keys[i] for i in self._items])
         self._sampling = Sampling(seed=cfg.seed, train=train, rank=rank, world_size=world_size,
                                   batch_size=cfg.batch_size, num_frames=cfg.num_frames, stride=cfg.stride,
                                   shuffle=cfg.shuffle, drop_last=cfg.drop_last, eval_clips=cfg.eval_clips,
@@ -482,8 +483,7 @@ class ClipStream:
 
     def _position(self) -> Position:
         return Position(epoch=self.epoch, position=self._pos, seed=self.cfg.seed, rank=self.rank,
-                        world_size=self.world_size, train=self.train,
-                        items=items_digest([self._corpus.keys[i] for i in self._items]))
+                        world_size=self.world_size, train=self.train, items=self._items_digest)
 
     def state_dict(self) -> dict:
         """Picklable loader state: the next batch is batch `position` of `epoch` (sampling.py
