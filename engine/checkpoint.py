@@ -4,7 +4,7 @@ Layout of one run (`train.out_dir/<recipe name>/`):
 
     checkpoints/
       step_00000100/            a COMPLETE checkpoint (renamed into place last)
-        ds/                     DeepSpeed's part: model, (ZeRO-partitioned) optimizer, scheduler
+        ds/                     DeepSpeed's part: model, (ZeRO-partitioned) optimizer (the lr follows from the step)
         rank_00000.pt ...       per rank: step, epoch, RNG states, the stream's state
         recipe.yaml             the resolved recipe, for humans
         meta.json               written last: step, world size, recipe, every file's size and sha256
