@@ -1,9 +1,10 @@
 """Ingest throughput on the synthetic corpus: clips/s, input MB/s, frames/s, per-stage times.
 
     python benchmarks/ingest.py [--videos 40] [--sizes 112,224] [--codecs vp9] [--workers 1,2]
-                                [--out benchmarks/results/ingest.json]
+                                [--cache ~/.cache/echofm/bench_ingest] [--out benchmarks/results/ingest.json]
 
-Builds a synthetic corpus (loaders/synth: H.264 mp4, MJPEG avi, DICOM; 160-320 px), then
+Builds a synthetic corpus (loaders/synth: H.264 mp4, MJPEG avi, DICOM; 160-320 px; cached by
+its settings and code, loaders/corpus.py), then
 runs `ingest` end to end once per (size, codec, workers) into a fresh directory and
 reports clips/s, input MB/s (source bytes read), output frames/s and MB written. A stage
 breakdown (one process, same clips, CPU time) shows where a clip's time goes: decode,
@@ -92,22 +93,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--codecs", default="vp9")
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/echofm/bench_ingest",
+                    help="where the synthetic corpus is kept (rebuilt when its settings or code change)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")  # size < 128 warning
 
+    from echofm.loaders.corpus import cached_synth
     from echofm.loaders.ingest import IngestConfig, ingest
     from echofm.loaders.shards import verify
-    from echofm.loaders.synth import SynthConfig, make_corpus
+    from echofm.loaders.synth import SynthConfig
 
     tmp = Path(tempfile.mkdtemp(prefix="echofm_ingest_bench_"))
     try:
-        corpus = tmp / "corpus"
         t0 = time.perf_counter()
-        make_corpus(corpus, SynthConfig(videos=args.videos, seed=args.seed, min_size=160, max_size=320,
-                                        min_frames=40, max_frames=120, workers=2))
+        corpus = cached_synth(SynthConfig(videos=args.videos, seed=args.seed, min_size=160, max_size=320,
+                                          min_frames=40, max_frames=120, workers=2), args.cache)
         in_bytes = sum(p.stat().st_size for p in corpus.rglob("*") if p.is_file() and p.parent.name == "videos")
-        print(f"corpus: {args.videos} videos, {in_bytes / 2**20:.1f} MB, built in {time.perf_counter() - t0:.1f}s")
+        print(f"corpus: {args.videos} videos, {in_bytes / 2**20:.1f} MB, ready in {time.perf_counter() - t0:.1f}s")
         # warm numba's cache and imports so the first configuration is not charged for them
         ingest([corpus], tmp / "warm", IngestConfig(size=112, progress=False))
         runs, verify_s, accuracy = [], None, None

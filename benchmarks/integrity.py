@@ -120,18 +120,16 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "integrity.json")
     args = ap.parse_args()
 
+    from echofm.loaders.corpus import cached_corpus
     from echofm.loaders.ingest import IngestConfig
     from echofm.loaders.synth import SynthConfig
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # `echofm bench` runs this file by path
-    from corpus_cache import cached_shards
 
     res = {"machine": platform.processor() or platform.machine(), "samples": {}}
     step = tiny_step_s(args.steps)
     res["tiny_step_s"] = round(step, 4)
     for size, given in ((112, args.shards_112), (224, args.shards_224)):
-        shards = given or cached_shards(args.cache, SynthConfig(videos=args.videos, seed=0, dicom_fraction=0.0),
-                                        IngestConfig(size=size, codec="vp9", progress=False),
+        shards = given or cached_corpus(SynthConfig(videos=args.videos, seed=0, dicom_fraction=0.0),
+                                        IngestConfig(size=size, codec="vp9", progress=False), args.cache,
                                         log=lambda m: print(m, flush=True))
         r = sample_check_ms(shards)
         r["share_of_tiny_step_pct"] = round(100 * r["ms_per_sample"] * 4 / (1e3 * step), 3)  # batch 4

@@ -54,15 +54,13 @@ VITB_NEED_CLIPS_S = 1500.0  # DESIGN §7: ViT-B video MAE at 40% MFU on one H200
 
 
 def build_corpus(cache: Path, size: int, videos: int) -> Path:
-    """Synthetic corpus -> VP9 shards at `size` (cached by content: corpus_cache.py) -> shard dir."""
+    """Synthetic corpus -> VP9 shards at `size` (cached by content: loaders/corpus.py) -> shard dir."""
+    from echofm.loaders.corpus import cached_corpus
     from echofm.loaders.ingest import IngestConfig
     from echofm.loaders.synth import SynthConfig
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # `echofm bench` runs this file by path
-    from corpus_cache import cached_shards
-
-    return cached_shards(cache, SynthConfig(videos=videos, seed=0, dicom_fraction=0.0, workers=2),
-                         IngestConfig(size=size, codec="vp9", progress=False, workers=2),
+    return cached_corpus(SynthConfig(videos=videos, seed=0, dicom_fraction=0.0, workers=2),
+                         IngestConfig(size=size, codec="vp9", progress=False, workers=2), cache,
                          log=lambda m: print(m, flush=True))
 
 

@@ -127,13 +127,13 @@ def main() -> None:
 
     from echofm.engine.config import load_recipe
     from echofm.engine.downstream.backbone import load_backbone
-    from echofm.engine.downstream.run import present_splits
+    from echofm.engine.downstream.data import present_splits
 
     recipe = load_recipe(args.recipe, [f"data.shards={args.shards}", f"downstream.bootstrap={args.bootstrap}"])
     cfg = recipe.downstream
     backbones = dict(b.split("=", 1) for b in args.backbone)
     backbones["random"] = "random"
-    present = present_splits(recipe)
+    present = present_splits(recipe.data.shards)
     splits = {s: n for s, n in (("train", cfg.train_clips), ("val", cfg.test_clips), ("test", cfg.test_clips))
               if present.get(s)}
     if "train" not in splits or "test" not in splits:

@@ -169,15 +169,13 @@ def time_steps(models: dict, batch: int, steps: int, device: torch.device, bf16:
 
 
 def build_shards(cache: Path, videos: int, size: int) -> Path:
-    """Synthetic corpus -> VP9 shards (cached by content: corpus_cache.py) -> shard dir."""
+    """Synthetic corpus -> VP9 shards (cached by their full config: echofm.loaders.corpus) -> shard dir."""
+    from echofm.loaders.corpus import cached_corpus
     from echofm.loaders.ingest import IngestConfig
     from echofm.loaders.synth import SynthConfig
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # `echofm bench` runs this file by path
-    from corpus_cache import cached_shards
-
-    return cached_shards(cache, SynthConfig(videos=videos, seed=0, min_size=128, max_size=192, max_frames=90),
-                         IngestConfig(size=size, codec="vp9", progress=False), log=lambda m: None)
+    return cached_corpus(SynthConfig(videos=videos, seed=0, min_size=128, max_size=192, max_frames=90),
+                         IngestConfig(size=size, codec="vp9", progress=False), cache, log=lambda m: None)
 
 
 def run_trainer(shards: Path, cache: Path, steps: int) -> dict:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import CheckpointError
 from .losses import LossConfig
 from .masking import MaskConfig
 from .model import EchoFM, ModelConfig
@@ -66,10 +66,6 @@ EXTRA_KEY = "echofm"
 """model_args key for what the official code has no key for (input mean / std, loss
 variant, ...): written by export_official, read by load_official; the official
 MaskedAutoencoderViT(**model_args) swallows it in **kwargs."""
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that does not fit the model; the message names the file and the keys."""
 
 
 def _read(source: str | Path | Mapping) -> tuple[dict, str]:

@@ -4,7 +4,7 @@ Layout of one run (`train.out_dir/<recipe name>/`):
 
     checkpoints/
       step_00000100/            a COMPLETE checkpoint (renamed into place last)
-        ds/                     DeepSpeed's part: model, (ZeRO-partitioned) optimizer, scheduler
+        ds/                     DeepSpeed's part: model, (ZeRO-partitioned) optimizer (the lr follows from the step)
         rank_00000.pt ...       per rank: step, epoch, RNG states, the stream's state
         recipe.yaml             the resolved recipe, for humans
         meta.json               written last: step, world size, recipe, every file's size and sha256
@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import CheckpointError
 
 CKPT_RE = re.compile(r"^step_(\d{8})$")
 DS_TAG = "ds"
@@ -57,10 +57,6 @@ FORMAT = 2
 2: sizes + sha256 per file, plain data only."""
 KNOWN_FORMATS = (1, 2)
 _FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be used: damaged, unsafe, of another format or model, or not written."""
 
 
 def _convert_hint(path: Path | str) -> str:
@@ -501,21 +497,6 @@ def load_model_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     except pickle.UnpicklingError as e:
         raise _refused(ckpt, e) from None
     return {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in state.items()}, recipe
-
-
-def export(path: str | Path, out_dir: str | Path) -> Path:
-    """Checkpoint -> `out_dir` with model.safetensors + config.json (EchoFM.save_pretrained),
-    loadable with `EchoFM.from_pretrained(out_dir)`."""
-    from .config import recipe_from_data
-    from .model import EchoFM
-
-    state, recipe_dict = load_model_state(path)
-    recipe = recipe_from_data(recipe_dict, file=f"{path} (stored recipe)")
-    model = EchoFM(recipe.model, recipe.mask, recipe.loss)
-    model.load_state_dict(state)
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    return out_dir
 
 
 # ---------------------------------------------------------------- convert (trusted files only)

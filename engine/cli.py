@@ -73,7 +73,7 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args) -> int:
-    from .checkpoint import export
+    from .export import export
 
     print(f"echofm: exported to {export(args.checkpoint, args.out)}")
     return 0
@@ -200,9 +200,12 @@ def _run_shards_verify(args) -> int:
 
 
 def _add_finetune(sub) -> None:
-    p = sub.add_parser("finetune", help="downstream run: linear probe or full fine-tune of a backbone")
+    p = sub.add_parser("finetune", help="downstream run: linear probe or full fine-tune of a backbone "
+                       "(fine-tune: 1 process, torchrun or the deepspeed launcher)")
     p.add_argument("recipe", help="downstream recipe, e.g. recipes/downstream/ef_regression.yaml")
     _add_set(p)
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="mode finetune: auto = continue the run's newest checkpoint; or a checkpoint folder")
     p.set_defaults(run=_run_finetune)
 
 
@@ -210,7 +213,7 @@ def _run_finetune(args) -> int:
     from .config import load_recipe
     from .downstream.run import run
 
-    run(load_recipe(args.recipe, args.overrides))
+    run(load_recipe(args.recipe, args.overrides), resume=args.resume)
     return 0
 
 
@@ -321,11 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from echofm.loaders.errors import DataError
 
-    from .config import ConfigError
-
     try:
         return int(args.run(args) or 0)
-    except (ConfigError, UserError, DataError) as e:
+    except (UserError, DataError) as e:
         print(f"echofm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

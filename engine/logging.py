@@ -41,7 +41,7 @@ class MetricsLogger:
     """Rank-0 sink for step metrics. A no-op object on other ranks (`enabled=False`)."""
 
     def __init__(self, cfg: LoggingConfig, run_dir: str | Path, *, total_steps: int, start_step: int,
-                 enabled: bool) -> None:
+                 enabled: bool, desc: str = "pretrain") -> None:
         self.cfg = cfg
         self.enabled = enabled
         self.run_dir = Path(run_dir)
@@ -61,10 +61,7 @@ class MetricsLogger:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                             desc="pretrain", smoothing=0.1)
-
-    def should_log(self, step: int, last: bool) -> bool:
-        return self.enabled and (last or step % self.cfg.every == 0)
+                             desc=desc, smoothing=0.1)
 
     def should_plot(self, step: int) -> bool:
         return self.enabled and self.cfg.plot_every > 0 and step % self.cfg.plot_every == 0

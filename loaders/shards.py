@@ -22,10 +22,12 @@ import struct
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from .errors import DataError
+from .pipeline import decoder_reason
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -364,16 +366,40 @@ def iter_tar_samples(path: str | Path):
 # ---------------------------------------------------------------- verify
 
 
+ProblemKind = Literal["missing_file", "shard_size", "shard_sha256", "index", "tar", "member_hashes",
+                      "sample_count", "frame_total", "dali_reader", "component", "member_sha256",
+                      "duplicate_key", "json", "split", "patient_split", "seg", "undecodable",
+                      "frame_count", "frame_size"]
+"""What a verify problem is about: the shard file as a whole (missing_file ... dali_reader)
+or one sample (component ... frame_size)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One finding of `verify`."""
+
+    shard: str
+    """The shard's tar file name."""
+    key: str | None
+    """The sample key; None for the shard as a whole."""
+    kind: ProblemKind
+    detail: str
+    """What is wrong, in words (with the decoder's own message for undecodable videos)."""
+
+    def __str__(self) -> str:
+        return f"{self.shard}{' ' + self.key if self.key else ''}: {self.detail}"
+
+
 @dataclass(kw_only=True, slots=True)
 class VerifyReport:
-    """Outcome of `verify`: totals and one line per problem ('shard key: what')."""
+    """Outcome of `verify`: totals and every problem found (str(problem): 'shard key: what')."""
 
     shards: int = 0
     samples: int = 0
     frames: int = 0
     splits: dict = field(default_factory=dict)
     decoder: str = ""
-    problems: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -484,30 +510,33 @@ def verify(shard_dir: str | Path, *, decode: bool = True, progress: bool = False
 def _verify_shard(shard_dir: Path, s: dict, m: dict, rep: VerifyReport, seen: _Seen, decode: bool,
                   dali: _DaliDecoder | None) -> None:
     name, tar, idx = s["tar"], shard_dir / s["tar"], shard_dir / s["idx"]
-    bad = lambda msg, key=None: rep.problems.append(f"{name}{' ' + key if key else ''}: {msg}")  # noqa: E731
+
+    def bad(kind: ProblemKind, detail: str, key: str | None = None) -> None:
+        rep.problems.append(Problem(shard=name, key=key, kind=kind, detail=detail))
+
     rep.shards += 1
     if not tar.is_file() or not idx.is_file():
-        bad(f"missing file {tar.name if not tar.is_file() else idx.name}")
+        bad("missing_file", f"missing file {tar.name if not tar.is_file() else idx.name}")
         return
     n_problems = len(rep.problems)
     if tar.stat().st_size != s["bytes"]:
-        bad(f"size {tar.stat().st_size} bytes, manifest says {s['bytes']}")
+        bad("shard_size", f"size {tar.stat().st_size} bytes, manifest says {s['bytes']}")
     shard_changed = sha256_file(tar) != s["sha256"]
     try:
         index = read_index(idx)
     except (OSError, ValueError) as e:
-        bad(f"bad index {idx.name}: {e}")
+        bad("index", f"bad index {idx.name}: {e}")
         index = []
     try:
         hashes = read_member_hashes(shard_dir, s)
     except DataError as e:
-        bad(str(e))
+        bad("member_hashes", str(e))
         hashes = {}
     samples = _tar_samples(tar, index, bad)
     if samples is None:
         return
     if len(samples) != s["samples"]:
-        bad(f"{len(samples)} samples, manifest says {s['samples']}")
+        bad("sample_count", f"{len(samples)} samples, manifest says {s['samples']}")
     members_bad = 0
     frames = 0
     for key, comp in samples:
@@ -515,24 +544,24 @@ def _verify_shard(shard_dir: Path, s: dict, m: dict, rep: VerifyReport, seen: _S
         damaged = [e for e, h in hashes.get(key, {}).items()
                    if comp.get(e) is not None and hashlib.sha256(comp[e]).hexdigest() != h]
         for e in damaged:
-            bad(f".{e} differs from the sha256 recorded at ingest (damaged after ingest)", key)
+            bad("member_sha256", f".{e} differs from the sha256 recorded at ingest (damaged after ingest)", key)
         members_bad += len(damaged) + sum(v is None for v in comp.values())  # None: truncated
         frames += _verify_sample(key, comp, s, m, seen, bad, decode, dali)
     if shard_changed:
-        bad("sha256 differs from the manifest (file changed or damaged)"
+        bad("shard_sha256", "sha256 differs from the manifest (file changed or damaged)"
             + ("" if members_bad or not hashes else "; every sample's members match their own "
                "sha256, so the damage is in tar headers or padding"))
     rep.frames += frames
     if frames != s["frames"]:
-        bad(f"{frames} frames in samples, manifest says {s['frames']}")
+        bad("frame_total", f"{frames} frames in samples, manifest says {s['frames']}")
     rep.splits[s["split"]] = rep.splits.get(s["split"], 0) + len(samples)
     if decode and index and len(rep.problems) == n_problems:
         try:  # the DALI reader itself must walk the shard with this index
             keys = _dali_index_keys(tar, idx)
             if keys != [k for k, _ in samples]:
-                bad("DALI reader with this index yields other keys than the tar holds")
+                bad("dali_reader", "DALI reader with this index yields other keys than the tar holds")
         except Exception as e:
-            bad(f"DALI webdataset reader fails with {idx.name} ({str(e).splitlines()[0]})")
+            bad("dali_reader", f"DALI webdataset reader fails with {idx.name} ({str(e).splitlines()[0]})")
 
 
 def _tar_samples(tar: Path, index: list, bad) -> list[tuple[str, dict]] | None:
@@ -548,13 +577,13 @@ def _tar_samples(tar: Path, index: list, bad) -> list[tuple[str, dict]] | None:
             k, _, ext = mm.name.partition(".")
             got.setdefault(k, []).append((ext, mm.offset_data, mm.size, mm.name))
         if index and list(got.values()) != index:
-            bad(f"index {tar.with_suffix('.idx').name} does not match the tar's members (offsets/sizes/order)")
+            bad("index", f"index {tar.with_suffix('.idx').name} does not match the tar's members (offsets/sizes/order)")
         return list(iter_tar_samples(tar))
     except (tarfile.TarError, OSError) as e:
         if not index:
-            bad(f"unreadable tar ({e})")
+            bad("tar", f"unreadable tar ({e})")
             return None
-        bad(f"unreadable tar ({e}); its samples were read at the index's offsets")
+        bad("tar", f"unreadable tar ({e}); its samples were read at the index's offsets")
     out = []
     with open(tar, "rb") as f:
         for comps in index:
@@ -572,34 +601,34 @@ def _verify_sample(key: str, comp: dict, s: dict, m: dict, seen: _Seen, bad, dec
     vext = m["video_ext"]
     miss = [e for e in (vext, "json", "nframes") if comp.get(e) is None]
     if miss:
-        bad(f"missing or truncated component(s) {', '.join(miss)}", key)
+        bad("component", f"missing or truncated component(s) {', '.join(miss)}", key)
         return 0
     if key in seen.keys:
-        bad(f"duplicate key (also in {seen.keys[key]})", key)
+        bad("duplicate_key", f"duplicate key (also in {seen.keys[key]})", key)
     seen.keys[key] = s["tar"]
     try:
         meta = json.loads(comp["json"])
         nf = unpack_nframes(comp["nframes"])
     except (ValueError, UnicodeDecodeError) as e:
-        bad(f"bad json / nframes ({e})", key)
+        bad("json", f"bad json / nframes ({e})", key)
         return 0
     if not isinstance(meta, dict):
-        bad("json is not an object", key)
+        bad("json", "json is not an object", key)
         return nf
     if meta.get("frames") != nf:
-        bad(f"json frames {meta.get('frames')} != .nframes {nf}", key)
+        bad("frame_count", f"json frames {meta.get('frames')} != .nframes {nf}", key)
     if meta.get("split") != s["split"]:
-        bad(f"json split {meta.get('split')!r} in a {s['split']!r} shard", key)
+        bad("split", f"json split {meta.get('split')!r} in a {s['split']!r} shard", key)
     pt = meta.get("patient")
     if pt is not None and seen.patient_split.setdefault(pt, s["split"]) != s["split"]:
-        bad(f"patient {pt} is in splits {seen.patient_split[pt]!r} and {s['split']!r}", key)
+        bad("patient_split", f"patient {pt} is in splits {seen.patient_split[pt]!r} and {s['split']!r}", key)
     if comp.get("seg.npy") is not None:
         try:
             seg = np.load(io.BytesIO(comp["seg.npy"]), allow_pickle=False)
             if seg.dtype != np.uint8 or seg.shape != (nf, m["height"], m["width"]):
-                bad(f"seg.npy {seg.dtype} {seg.shape}, expected uint8 {(nf, m['height'], m['width'])}", key)
+                bad("seg", f"seg.npy {seg.dtype} {seg.shape}, expected uint8 {(nf, m['height'], m['width'])}", key)
         except ValueError as e:
-            bad(f"unreadable seg.npy ({e})", key)
+            bad("seg", f"unreadable seg.npy ({e})", key)
     if decode:
         _verify_decode(key, comp[vext], nf, m, bad, dali)
     return nf
@@ -609,11 +638,9 @@ def _verify_decode(key: str, video: bytes, nf: int, m: dict, bad, dali: _DaliDec
     try:
         shape = dali.frames_shape(video) if dali else _pyav_shape(video)
     except Exception as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        msg = next((ln for ln in lines if "ailed" in ln), lines[-1] if lines else type(e).__name__)
-        bad(f"video does not decode ({msg})", key)
+        bad("undecodable", f"video does not decode ({decoder_reason(e)})", key)
         return
     if shape[0] != nf:
-        bad(f"video decodes to {shape[0]} frames, .nframes/json say {nf}", key)
+        bad("frame_count", f"video decodes to {shape[0]} frames, .nframes/json say {nf}", key)
     if shape[1:3] != (m["height"], m["width"]):
-        bad(f"video is {shape[1]}x{shape[2]}, manifest says {m['height']}x{m['width']}", key)
+        bad("frame_size", f"video is {shape[1]}x{shape[2]}, manifest says {m['height']}x{m['width']}", key)

@@ -17,7 +17,8 @@ just (epoch, next batch position): resume is exact by construction, `set_epoch` 
 to any epoch without replaying earlier ones, and there is no second pipeline to run (the
 verified two-pipeline workaround costs ~11%). A full permutation also shuffles better
 than a reader's shuffle buffer; the price is random reads within shards (page cache /
-SSD friendly; each read is one clip of tens of KB).
+SSD friendly; each read is one clip of tens of KB). Those decisions are pure functions in
+`sampling.py` (tested without DALI); this module reads the bytes and runs the graph.
 
 Usage (a trainer):
 
@@ -34,17 +35,18 @@ import collections
 import hashlib
 import io
 import json
-import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from .errors import DataError
-from .pipeline import GraphSpec, build_pipeline
+from .pipeline import GraphSpec, build_pipeline, decoder_reason
+from .sampling import Position, Sampling, batch_draws, clip_frames, epoch_plan, items_digest
 from .shards import read_index, read_manifest, read_member_hashes
 from .trim import NotCuttable, cut_ivf, scan_frames
 
@@ -53,9 +55,6 @@ CPU_CODECS = ("vp9", "vp8", "mjpeg")
 
 NVCUVID = "libnvcuvid.so.1"
 """The NVIDIA driver's video-decode library, which DALI's mixed decoder loads (NVDEC)."""
-
-_CROP_RATIO = (3 / 4, 4 / 3)
-_CROP_TRIES = 10
 
 
 @dataclass(kw_only=True, slots=True)
@@ -303,14 +302,6 @@ class _BatchFailed(Exception):
         self.batch, self.err = batch, err
 
 
-@dataclass(slots=True)
-class _Plan:
-    """One epoch of one rank: per batch the (item, video, clip) rows."""
-
-    batches: list[np.ndarray] = field(default_factory=list)
-    """Each [n, 3] int64: (global position, video index, clip index)."""
-
-
 class _Live:
     """A running pipeline: batches prepared on the host (`feed`), handed to DALI (`inflight`),
     and the next (epoch, position) to prepare. Training runs on into the next epochs.
@@ -339,7 +330,7 @@ class _Live:
         crossed = False
         while True:
             epoch, b = self.next
-            if b >= len(s._plan(epoch).batches):
+            if b >= len(s._plan(epoch)):
                 if not s.train or crossed:  # evaluation is one pass
                     return
                 self.next, crossed = (epoch + 1, 0), True
@@ -394,7 +385,9 @@ class ClipStream:
     """
 
     def __init__(self, cfg: StreamConfig, *, train: bool = True, rank: int = 0, world_size: int = 1,
-                 device: Any = None) -> None:
+                 device: Any = None, keys: Collection[str] | None = None) -> None:
+        """keys: read only these samples of the split (e.g. a fine-tune's labelled patients);
+        None: every sample. Ranks and epochs are planned over them."""
         import torch
 
         cfg.validate()
@@ -427,9 +420,16 @@ class ClipStream:
             device_id=self._device_index() if self.backend == "mixed" else None,
             prefetch=cfg.prefetch,
         )
+        self._items = self._select(keys)
+        self._items_digest = items_digest([self._corpus.keys[i] for i in self._items])
+        self._sampling = Sampling(seed=cfg.seed, train=train, rank=rank, world_size=world_size,
+                                  batch_size=cfg.batch_size, num_frames=cfg.num_frames, stride=cfg.stride,
+                                  shuffle=cfg.shuffle, drop_last=cfg.drop_last, eval_clips=cfg.eval_clips,
+                                  crop_scale=cfg.random_resized_crop if crop else None,
+                                  frame=(self._spec.in_height, self._spec.in_width))
         self.epoch = 0
         self._pos = 0
-        self._plan_cache: dict[int, _Plan] = {}
+        self._plan_cache: dict[int, list[np.ndarray]] = {}
         self._live: _Live | None = None
         self._bad: dict[int, str] = {}  # sample -> why it was skipped
         self.stats: dict[str, int] = {"batches": 0, "clips": 0, "frames": 0, "decoded_frames": 0,
@@ -438,8 +438,20 @@ class ClipStream:
         the first frame of the stream it was given to the last needed one), skipped damaged
         samples."""
         if train and len(self) == 0:  # (an evaluation rank may legitimately get nothing)
-            raise DataError(f"{manifest_path}: split {cfg.split!r} has {len(self._corpus)} samples, "
-                            f"too few for {world_size} rank(s) x batch_size {cfg.batch_size}")
+            raise DataError(f"{manifest_path}: split {cfg.split!r} has {len(self._items)} samples"
+                            f"{'' if keys is None else ' selected'}, too few for {world_size} rank(s) x "
+                            f"batch_size {cfg.batch_size}")
+
+    def _select(self, keys: Collection[str] | None) -> np.ndarray:
+        """int64 [n]: corpus indices of the samples to read, in corpus order."""
+        if keys is None:
+            return np.arange(len(self._corpus))
+        index = {k: i for i, k in enumerate(self._corpus.keys)}
+        missing = sorted(set(keys) - set(index))
+        if missing:
+            raise DataError(f"{self.cfg.shards}: {len(missing)} selected sample(s) are not in split "
+                            f"{self.cfg.split!r}, e.g. {missing[0]}")
+        return np.asarray(sorted(index[k] for k in keys), dtype=np.int64)
 
     # -- bookkeeping ------------------------------------------------------------------
 
@@ -461,7 +473,7 @@ class ClipStream:
 
     def __len__(self) -> int:
         """Batches per epoch for this rank."""
-        return len(self._plan(self.epoch).batches)
+        return len(self._plan(self.epoch))
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch `epoch` from its first batch; a no-op when already in that epoch, so a
@@ -469,19 +481,20 @@ class ClipStream:
         if epoch != self.epoch:
             self.epoch, self._pos = int(epoch), 0
 
+    def _position(self) -> Position:
+        return Position(epoch=self.epoch, position=self._pos, seed=self.cfg.seed, rank=self.rank,
+                        world_size=self.world_size, train=self.train, items=self._items_digest)
+
     def state_dict(self) -> dict:
-        """Picklable loader state: the next batch is batch `position` of `epoch`."""
-        return {"epoch": self.epoch, "position": self._pos, "seed": self.cfg.seed, "rank": self.rank,
-                "world_size": self.world_size, "train": self.train,
-                "bad_keys": sorted(self.damaged), "bad_reasons": self.damaged, "stats": dict(self.stats)}
+        """Picklable loader state: the next batch is batch `position` of `epoch` (sampling.py
+        makes that the same batch after a resume), plus the damaged samples and counters."""
+        return {**self._position().state_dict(), "bad_keys": sorted(self.damaged), "bad_reasons": self.damaged,
+                "stats": dict(self.stats)}
 
     def load_state_dict(self, state: dict) -> None:
-        for k in ("seed", "world_size", "rank", "train"):
-            mine = getattr(self.cfg, k) if k == "seed" else getattr(self, k)
-            if state.get(k, mine) != mine:
-                raise DataError(f"loader state was saved with {k}={state[k]}, this stream has {k}={mine}: "
-                                "an exact resume needs the same seed, ranks and mode")
-        self.epoch, self._pos = int(state["epoch"]), int(state["position"])
+        at = self._position()
+        at.load_state_dict(state)
+        self.epoch, self._pos = at.epoch, at.position
         index = {k: i for i, k in enumerate(self._corpus.keys)}
         reasons = state.get("bad_reasons", {})
         self._bad = {index[k]: reasons.get(k, "damaged") for k in state.get("bad_keys", []) if k in index}
@@ -497,7 +510,7 @@ class ClipStream:
 
         damaged: the count over all ranks (the trainer sums them); default this stream's."""
         n = len(self._bad) if damaged is None else damaged
-        total = len(self._corpus)
+        total = len(self._items)
         if n > self.cfg.max_dropped * total:
             raise DataError(f"{self.cfg.shards}: {n} of the {total} samples of split {self.cfg.split!r} "
                             f"were damaged and skipped ({n / total:.0%}), more than data.max_dropped="
@@ -515,38 +528,24 @@ class ClipStream:
 
     # -- the epoch plan ---------------------------------------------------------------
 
-    def _plan(self, epoch: int) -> _Plan:
+    def _plan(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches of `epoch`: int64 [b, 3] rows (position, corpus index, clip)."""
         if epoch in self._plan_cache:
             return self._plan_cache[epoch]
-        cfg, n, W, r = self.cfg, len(self._corpus), self.world_size, self.rank
-        if self.train:
-            order = (np.random.default_rng([cfg.seed, epoch]).permutation(n) if cfg.shuffle
-                     else np.arange(n))
-            per_rank = n // W  # equal shares: every rank runs the same number of steps
-            pos = np.arange(r * per_rank, (r + 1) * per_rank)
-            rows = np.stack([pos, order[pos], np.zeros_like(pos)], axis=1)
-        else:
-            m = n * cfg.eval_clips  # every clip of every video, in order, contiguous per rank
-            pos = np.arange(r * m // W, (r + 1) * m // W)
-            rows = np.stack([pos, pos // cfg.eval_clips, pos % cfg.eval_clips], axis=1)
-        B = cfg.batch_size
-        nb = len(rows) // B if (self.train and cfg.drop_last) else math.ceil(len(rows) / B)
-        plan = _Plan(batches=[rows[i * B:(i + 1) * B] for i in range(nb)])
+        plan = epoch_plan(len(self._items), epoch, self._sampling)
+        for rows in plan:
+            rows[:, 1] = self._items[rows[:, 1]]
         self._plan_cache = {e: p for e, p in self._plan_cache.items() if e == epoch - 1} | {epoch: plan}
         return plan
 
     def _host_batch(self, epoch: int, b: int) -> _HostBatch:
         """Read batch b's components, choose its clips and draw its random numbers (all from
-        (seed, epoch, rank, b), so a batch is the same whenever it is made)."""
+        (seed, epoch, rank, b): sampling.py, so a batch is the same whenever it is made)."""
         cfg, spec = self.cfg, self._spec
-        T, S = cfg.num_frames, cfg.stride
-        rows = self._plan(epoch).batches[b]
-        rng = np.random.default_rng([cfg.seed, epoch, self.rank, b])
-        u = rng.random(len(rows))
-        rois = self._crop_windows(rng, len(rows)) if spec.crop else None
-        flips = rng.random(len(rows)) < 0.5
+        rows = self._plan(epoch)[b]
+        draws = batch_draws(self._sampling, epoch, b, len(rows))
         hb = _HostBatch(epoch=epoch, pos=b, items=[], meta=[], inputs={n: [] for n in spec.inputs()},
-                        index=np.empty((0, T), dtype=np.int64))
+                        index=np.empty((0, cfg.num_frames), dtype=np.int64))
         index = []
         for j, (_, v, clip) in enumerate(rows.tolist()):
             if v in self._bad:
@@ -561,16 +560,9 @@ class ClipStream:
                 self._bad[v] = str(e)
                 hb.dropped += 1
                 continue
-            # Clip selection: T frames at stride S from a start uniform over the valid starts;
-            # indices wrap modulo the frame count, so a short video loops (never pads).
-            nvalid = max(nframes - (T - 1) * S, 1)
-            if self.train:
-                start = min(int(u[j] * nvalid), nvalid - 1)
-            else:  # clip k of n evenly spaced over the valid starts (n = 1: the centre)
-                p = 0.5 if cfg.eval_clips == 1 else clip / (cfg.eval_clips - 1)
-                start = int(np.floor(p * (nvalid - 1) + 0.5))
+            idx = clip_frames(nframes, self._sampling, u=draws.u[j], clip=clip)  # wraps: a short video loops
+            if not self.train:
                 meta["clip_index"] = clip
-            idx = (start + S * np.arange(T)) % nframes
             data, local, decoded = self._cut(video, scanned, idx, nframes)
             hb.items.append(v)
             hb.meta.append(meta)
@@ -580,9 +572,9 @@ class ClipStream:
             ins["video"].append(data)
             ins["frames"].append(local.astype(np.int32))
             if spec.crop:
-                ins["roi"].append(rois[j])
+                ins["roi"].append(draws.rois[j])
             if spec.flip:
-                ins["flip"].append(np.array(int(flips[j]), dtype=np.int32))
+                ins["flip"].append(np.array(int(draws.flips[j]), dtype=np.int32))
             if spec.segmentation:
                 ins["seg"].append(seg[idx, ..., None])  # FHWC, C=1: the layout resize/flip take
         if index:
@@ -649,24 +641,6 @@ class ClipStream:
                 raise DataError(f"{corpus.where(v)}: .seg.npy is {seg.dtype} {list(seg.shape)}, "
                                 f"expected uint8 [F>={nframes}, H, W]")
         return video, nframes, meta, seg
-
-    def _crop_windows(self, rng: np.random.Generator, n: int) -> list[np.ndarray]:
-        """Random-resized-crop windows, relative (y0, x0, y1, x1); torchvision's rule: up to 10
-        draws of (area scale, log aspect) until the window fits, else the whole frame."""
-        lo, hi = self.cfg.random_resized_crop
-        H, W = self._spec.in_height, self._spec.in_width
-        scale = rng.uniform(lo, hi, size=(n, _CROP_TRIES))
-        ratio = np.exp(rng.uniform(*np.log(_CROP_RATIO), size=(n, _CROP_TRIES)))
-        w = np.sqrt(scale * ratio * H / W)  # relative width:  sqrt(s*H*W*r) / W
-        h = np.sqrt(scale / ratio * W / H)  # relative height: sqrt(s*H*W/r) / H
-        where = rng.random((n, 2))
-        out = []
-        for i in range(n):
-            ok = np.nonzero((w[i] <= 1) & (h[i] <= 1))[0]
-            wi, hi_ = (w[i, ok[0]], h[i, ok[0]]) if len(ok) else (1.0, 1.0)
-            y0, x0 = where[i, 0] * (1 - hi_), where[i, 1] * (1 - wi)
-            out.append(np.array([y0, x0, y0 + hi_, x0 + wi], dtype=np.float32))
-        return out
 
     # -- iteration --------------------------------------------------------------------
 
@@ -780,7 +754,6 @@ class ClipStream:
                 pipe.schedule_run()
                 pipe.outputs()
             except RuntimeError as e:
-                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-                bad[v] = next((ln for ln in lines if "ailed" in ln), lines[0] if lines else "decoder error")[:200]
+                bad[v] = decoder_reason(e)
             del pipe
         return bad

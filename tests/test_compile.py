@@ -130,7 +130,7 @@ def test_static_inputs_must_keep_their_shapes():
         C._fill(static[0], video[:1], "argument 0")
 
 
-@pytest.mark.skipif(not GPU, reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.gpu(reason="CUDA graphs need a CUDA GPU")
 def test_graphed_step_replays_like_eager_steps():
     model, video, mask = model_and_batch()
     twin = copy.deepcopy(model)

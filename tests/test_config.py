@@ -86,3 +86,25 @@ def test_yaml_12_numbers_in_set_and_files(tmp_path, capsys):
     # What is not a number stays a string (and is named when a number is expected).
     with pytest.raises(ConfigError, match=r"optim\.lr: expected .*float.*got str '1e'"):
         load_recipe(tmp_path / "r.yaml", ["optim.lr=1e"])
+
+
+def test_recipe_validate_checks_across_sections(tmp_path):
+    """One place for the checks no section can make (every entry point runs it); loading
+    checks each section only, so a partial recipe loads and can be completed with --set."""
+    from echofm.engine.model import ModelConfig
+
+    p = write(tmp_path, "r.yaml", "data:\n  num_frames: 32\n  size: 224\n")
+    r = load_recipe(p)  # tiny model (16 x 112^2) and no shards: loads
+    with pytest.raises(ConfigError) as e:
+        r.validate()
+    msg = str(e.value)
+    assert "data.num_frames=32 but the model expects model.num_frames=16" in msg
+    assert "data.size=224 but the model expects model.img_size=112" in msg
+    r = load_recipe(p, ["model.preset=echofm_vit_large"])  # 32 x 224^2
+    with pytest.raises(ConfigError, match="data.shards: empty"):
+        r.validate()
+    r = load_recipe(p, ["model.preset=echofm_vit_large", "data.shards=somewhere"])
+    r.validate()
+    # a downstream run checks the clips against the backbone it loaded
+    with pytest.raises(ConfigError, match="data.num_frames=32 but the backbone 'x' expects model.num_frames=16"):
+        r.validate(ModelConfig(preset="echofm_tiny"), what="the backbone 'x'")

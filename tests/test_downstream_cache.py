@@ -1,10 +1,9 @@
 """Caches are keyed by content, never by a path alone.
 
 Regression: the probe's feature cache was keyed by the shard path, so after more data was
-ingested into the same folder a re-run scored the old test videos. Also the benchmarks'
-corpus caches (benchmarks/corpus_cache.py) change key with the settings and the code."""
+ingested into the same folder a re-run scored the old test videos. (The synthetic corpus
+cache: test_corpus.py.)"""
 import dataclasses
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -72,27 +71,3 @@ def test_feature_cache_follows_the_shards_content(tmp_path, monkeypatch):
             F.cache_key({"fingerprint": "other"}, recipe.data, "test", 1, kw),
             F.cache_key(info, dataclasses.replace(recipe.data, stride=1), "test", 1, kw)}
     assert len(keys) == 3
-
-
-def test_benchmark_corpus_cache_is_keyed_by_content(tmp_path):
-    spec = importlib.util.spec_from_file_location("corpus_cache", ROOT / "benchmarks/corpus_cache.py")
-    cc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cc)
-    from echofm.loaders.ingest import IngestConfig
-    from echofm.loaders.synth import SynthConfig
-
-    a = cc.spec_of(SynthConfig(videos=4, seed=0, workers=1))
-    assert cc.spec_of(SynthConfig(videos=4, seed=0, workers=2)) == a  # speed settings: same corpus
-    assert cc.key_of(cc.spec_of(SynthConfig(videos=4, seed=1))) != cc.key_of(a)
-    assert cc.key_of(cc.spec_of(IngestConfig(size=112))) != cc.key_of(cc.spec_of(IngestConfig(size=128)))
-    assert len(cc.code_digest(cc.INGEST_CODE)) == 64
-
-    # A folder is reused only when the spec it records is the one asked for now.
-    synth_spec = {"synth": a, "code": cc.code_digest(cc.SYNTH_CODE)}
-    src = tmp_path / f"synth_4_{cc.key_of(synth_spec)}"
-    src.mkdir()
-    (src / "labels.csv").write_text("x")
-    assert not cc._ready(src, synth_spec, "labels.csv")  # built before specs were recorded
-    (src / cc.SPEC).write_text(json.dumps(synth_spec))
-    assert cc._ready(src, synth_spec, "labels.csv")
-    assert not cc._ready(src, dict(synth_spec, code="changed"), "labels.csv")

@@ -11,8 +11,7 @@ from echofm.kernels import gather_patches, gather_tokens, reference, scatter_tok
 from echofm.kernels.gather import gather_rows, inverse_ids, patches_bwd, patches_fwd, scatter_rows
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-needs_gpu = pytest.mark.skipif(DEVICE.type != "cuda",
-                               reason="needs a CUDA GPU: bf16 is broken in the Triton interpreter")
+needs_gpu = pytest.mark.gpu(reason="bf16 is broken in the Triton interpreter")
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16", marks=needs_gpu)]
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}

@@ -207,6 +207,21 @@ def test_ranks_disjoint_and_cover(ramp_shards, world):
     assert len(everything) == n and ev == everything
 
 
+def test_selected_samples_split_across_ranks(ramp_shards):
+    """keys= (a fine-tune's labelled patients): only those samples, disjoint per rank, and a
+    resume refuses a state planned over another sample set."""
+    cfg = _cfg(ramp_shards, batch_size=1, num_frames=4)
+    keys = [m["key"] for b in ClipStream(cfg, train=False) for m in b["meta"]]
+    chosen = set(keys[::2])
+    parts = [[m["key"] for b in _epoch(ClipStream(cfg, rank=r, world_size=2, keys=chosen)) for m in b["meta"]]
+             for r in range(2)]
+    assert sorted(parts[0] + parts[1]) == sorted(chosen) and not set(parts[0]) & set(parts[1])
+    with pytest.raises(DataError, match="1 selected sample.* not in split 'train', e.g. nope"):
+        ClipStream(cfg, keys={"nope"})
+    with pytest.raises(DataError, match="items="):
+        ClipStream(cfg).load_state_dict(ClipStream(cfg, keys=chosen).state_dict())
+
+
 def test_flip_and_crop_are_per_clip_geometry(ramp_shards):
     plain = _epoch(ClipStream(_cfg(ramp_shards, batch_size=4)))
     flipped = _epoch(ClipStream(_cfg(ramp_shards, batch_size=4, flip=True)))
@@ -335,7 +350,7 @@ def test_damaged_sample_named_or_skipped(damaged_shards):
     assert len(_epoch(s)) == len(RAMP_LENGTHS) - 1 and s.stats["skipped"] == 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: DALI mixed (NVDEC) backend")
+@pytest.mark.gpu(reason="DALI mixed (NVDEC) backend")
 def test_mixed_backend_matches_contract(ramp_shards):
     dev = torch.device("cuda", 0)
     s = ClipStream(_cfg(ramp_shards, backend="mixed", drop_last=False), device=dev)

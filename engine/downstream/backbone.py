@@ -18,6 +18,15 @@ from ..errors import UserError
 KINDS = ("random", "export", "checkpoint", "official")
 
 
+def pick_device(spec: str) -> torch.device:
+    """downstream.device ('auto', 'cpu', 'cuda', 'cuda:1', ...) -> the torch device."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"downstream.device: {spec!r} but no CUDA GPU is visible; use 'cpu' or 'auto'")
+    return torch.device(spec)
+
+
 def resolve_kind(spec: str) -> tuple[str, str]:
     """'random' | '[kind:]path' -> (kind, path). Without a prefix: a directory with
     config.json is an export, another directory a training checkpoint, a file the

@@ -33,12 +33,6 @@ class FeatureSet:
     frames: torch.Tensor | None = None
     """uint8 [n, T, H, W, C]: the first few clips, for overlay figures (seg only)."""
 
-    def select(self, rows: list[int]) -> FeatureSet:
-        idx = torch.as_tensor(rows, dtype=torch.long)
-        return FeatureSet(feats=self.feats[idx], metas=[self.metas[i] for i in rows],
-                          seg=None if self.seg is None else self.seg[idx],
-                          valid=None if self.valid is None else self.valid[idx], frames=None)
-
 
 def stream_config(data, split: str, clips: int, *, batch: int, seg: bool):
     """The recipe's StreamConfig turned into a deterministic evaluation read of `split`."""
@@ -105,7 +99,7 @@ def cache_key(info: dict, data, split: str, clips: int, kw: dict) -> str:
     """16 hex digits of the sha256 of everything `extract`'s result depends on."""
     from echofm.loaders.shards import manifest_sha256
 
-    from ..config import to_dict
+    from ..yaml_io import to_dict
 
     settings = {k: v for k, v in to_dict(data).items() if k != "shards"}  # the content, not the path
     key = json.dumps({"manifest": manifest_sha256(data.shards), "backbone": info["fingerprint"],

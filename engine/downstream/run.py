@@ -7,6 +7,8 @@ A run folder (`downstream.out_dir/<recipe name>/`) holds:
                       fingerprint), the label-fraction draw, timings and the full recipe
     head.safetensors  the trained head (video head or segmentation decoder)
     backbone/         fine-tune only: the fine-tuned backbone (EchoFM.save_pretrained)
+    finetune/         fine-tune only: the training run (checkpoints/, metrics.jsonl, summary.json;
+                      `echofm finetune R --resume auto` continues it)
     recipe.yaml       the resolved recipe
     test_*.png        confusion matrix / EF scatter + Bland-Altman / segmentation overlays
     test_predictions.csv  one row per video: key, patient, label, prediction (video tasks)
@@ -27,39 +29,17 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..yaml_io import dump_yaml, to_dict
 from . import backbone as B
 from . import evaluation as E
+from .backbone import pick_device
 from .config import DownstreamConfig
+from .data import present_splits
 from .features import cached_extract, extract
 from .heads import SegDecoder, VideoHead
 from .tasks import SegTask, Task, make_task
 
-RESULTS, HEAD, BACKBONE_DIR = "results.json", "head.safetensors", "backbone"
-
-
-def pick_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"downstream.device: {spec!r} but no CUDA GPU is visible; use 'cpu' or 'auto'")
-    return torch.device(spec)
-
-
-def check_shapes(recipe, model) -> None:
-    """The stream must cut clips of the backbone's input shape."""
-    c = model.cfg
-    if recipe.data.num_frames != c.num_frames or recipe.data.size != c.img_size:
-        raise UserError(f"data.num_frames={recipe.data.num_frames}, data.size={recipe.data.size} but the "
-                        f"backbone '{recipe.downstream.backbone}' takes {c.num_frames} frames of "
-                        f"{c.img_size}x{c.img_size}; set data.num_frames and data.size to match")
-    if not recipe.data.shards:
-        raise UserError("data.shards: empty; set it to a shard folder written by `echofm ingest`")
-
-
-def present_splits(recipe) -> dict[str, int]:
-    from echofm.loaders.shards import read_manifest
-
-    return {k: int(v) for k, v in read_manifest(recipe.data.shards)["splits"].items()}
+RESULTS, HEAD, BACKBONE_DIR, FINETUNE_DIR = "results.json", "head.safetensors", "backbone", "finetune"
 
 
 def head_spec(head: torch.nn.Module, task: Task, model) -> dict:
@@ -98,7 +78,7 @@ def score_splits(task: Task, head, model, recipe, run_dir: Path, device: torch.d
                  cached: dict | None = None, cache_dir: Path | None = None) -> dict:
     """Metrics of the val and test splits (those present in the manifest)."""
     cfg: DownstreamConfig = recipe.downstream
-    splits = present_splits(recipe)
+    splits = present_splits(recipe.data.shards)
     grid = isinstance(task, SegTask)
     out = {}
     for split in dict.fromkeys((cfg.val_split, cfg.test_split)):
@@ -112,12 +92,14 @@ def score_splits(task: Task, head, model, recipe, run_dir: Path, device: torch.d
     return out
 
 
-def run(recipe, log=print) -> dict:
+def run(recipe, log=print, *, resume: str | None = None) -> dict:
     """`echofm finetune RECIPE`: train the head (probe) or everything (finetune), score
-    val and test, write the run folder. Returns the results dict."""
-    from safetensors.torch import save_file
+    val and test, write the run folder. Returns the results dict.
 
-    from ..config import dump_yaml, to_dict
+    resume (mode finetune): continue the training in `<run>/finetune/` ("auto" or a
+    checkpoint path). Under several ranks only rank 0 scores and writes the results (the
+    others return {} after training)."""
+    from safetensors.torch import save_file
 
     cfg: DownstreamConfig = recipe.downstream
     device = pick_device(cfg.device)
@@ -125,11 +107,9 @@ def run(recipe, log=print) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(dump_yaml(recipe))
     t0 = time.time()
-    if not recipe.data.shards:
-        raise UserError("data.shards: empty; set it to a shard folder written by `echofm ingest`")
-    present_splits(recipe)  # a missing / bad manifest fails before the backbone is built
     model, info = B.load_backbone(cfg.backbone, recipe, seed=cfg.seed)
-    check_shapes(recipe, model)
+    recipe.validate(model.cfg, what=f"the backbone '{cfg.backbone}'")  # the clips must fit it
+    present_splits(recipe.data.shards)  # a missing / bad manifest fails before any feature is computed
     grid = cfg.task == "seg"
     cache_dir = run_dir / "cache"
     kw = dict(features=cfg.features, grid=grid, device=device, batch=cfg.feature_batch)
@@ -145,7 +125,7 @@ def run(recipe, log=print) -> dict:
         if grid:
             head, fit = fit_seg_probe(task, train_fs, cfg, tubelet=model.cfg.tubelet, frame_size=model.cfg.img_size)
         else:
-            splits = present_splits(recipe)
+            splits = present_splits(recipe.data.shards)
             val_fs = None
             if splits.get(cfg.val_split):
                 val_fs = cached[cfg.val_split] = cached_extract(model, info, recipe.data, cfg.val_split,
@@ -160,7 +140,9 @@ def run(recipe, log=print) -> dict:
         from .finetune import finetune
 
         task = make_task(cfg, list_samples(recipe.data.shards, cfg.train_split))
-        net, fit = finetune(task, model, recipe, device, log=log)
+        net, fit = finetune(task, model, recipe, run_dir=run_dir / FINETUNE_DIR, resume=resume, log=log)
+        if fit["rank"] != 0:
+            return {}
         model, head = net.backbone, net.head
         model.save_pretrained(run_dir / BACKBONE_DIR)
         info = dict(info, fingerprint=B.fingerprint(model), finetuned=str(run_dir / BACKBONE_DIR))
@@ -200,12 +182,12 @@ def evaluate(recipe, checkpoint: str | Path, log=print) -> dict:
         raise UserError(f"{run_dir}: the backbone now loaded from '{info['spec']}' (weights "
                         f"{info['fingerprint']}) is not the one the head was trained on "
                         f"({saved['backbone']['fingerprint']})")
-    check_shapes(recipe, model)
+    recipe.validate(model.cfg, what=f"the backbone '{info['spec']}'")
     task = make_task(dataclasses.replace(cfg, classes=list(saved["task"]["classes"])), [])
     head = build_head(saved["head"])
     head.load_state_dict(load_file(str(run_dir / HEAD)))
     metrics = {}
-    splits = present_splits(recipe)
+    splits = present_splits(recipe.data.shards)
     for split in saved["metrics"]:
         if not splits.get(split):
             raise UserError(f"{recipe.data.shards}: split {split!r} (scored by the run) is not in the shards")
