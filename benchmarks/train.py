@@ -1,61 +1,70 @@
 """Training-step benchmark: the step `echofm pretrain` runs, on a GPU (MFU, batch sweep, variants)
 and on this CPU (tiny step vs the plain way, the whole trainer on shards).
 
-    python benchmarks/train.py [--budget 220] [--presets echofm_vit_large,echofm_vit_base]
+    python benchmarks/train.py [--budget 200] [--presets echofm_vit_large,echofm_vit_base]
                                [--variants eager,compile,...] [--out benchmarks/results/train_gpu.json]
     python benchmarks/train.py --smoke            # the GPU section's code on CPU, tiny preset
     python benchmarks/train.py [--steps 24] [--threads N] [--skip-trainer]     # CPU machine
 
+Every timed step is the trainer's own: `engine.trainer.micro_step` (forward and loss, the one
+host read of the loss and its terms, backward, the engine's optimizer step) on a model
+prepared by `engine.trainer.prepare_model` (the recipe's train.compile and
+deepspeed.activation_checkpointing), with the optimizer `engine.optim.build_optimizer` (torch
+AdamW, fused on CUDA) over `engine.optim.param_groups`. Each measurement's options are recipe
+overrides of the preset's recipe (`VARIANTS`), so the winner is a recipe line.
+
+The engine: DeepSpeed's (`engine.trainer.build_engine`, the recipe's ZeRO stage, bf16) when
+`deepspeed` imports, which is exactly what `echofm pretrain` runs. The GPU image has no
+DeepSpeed unless its wheels are carried (benchmarks/gpu_check.sh); without it the engine is
+`StandInEngine`, the arithmetic of DeepSpeed 0.19's bf16 step: the module in bf16 (forward
+and backward in bf16, no autocast), fp32 master weights, the bf16 gradients copied to fp32,
+clipped by global norm (optim.clip_grad), the client AdamW on the masters, the masters copied
+back to bf16 (at ZeRO 0 also DeepSpeed's AdamW step on zero gradients at init); fp32 recipes:
+AdamW on the weights after the clip. That is what DeepSpeed does at ZeRO 0
+(FP16_UnfusedOptimizer) and, on one rank, at ZeRO 1 (the ZeRO optimizer), minus its
+per-parameter Python loops and host reads (overflow flag, gradient norm): three steps of
+both give the same losses (tests/test_trainer.py). With DeepSpeed there, the stand-in runs
+too (`standin` variants), to show what those cost.
+
 GPU (CUDA; issue 14), per preset (ViT-L mask 0.75 and ViT-B mask 0.9, as their recipes),
-bf16, fed from uint8 clips already on the device with pre-drawn tube masks (the same for
-every variant), within --budget seconds (each preset an equal share; JSON rewritten after
-every measurement, so a killed run keeps what it measured):
+bf16, fed from uint8 clips already on the device, masks drawn by the model as in training
+(seeded alike for every variant), within --budget seconds (each preset an equal share; JSON
+rewritten after every measurement, so a killed run keeps what it measured):
   1. batch sweep of the eager step (ViT-L 8..128, ViT-B 32..512): stops at out-of-memory or
      when clips/s grows < 5%; the fastest batch is the "best batch";
   2. the plain model WITH SDPA at the best batch, same step (Conv3d over every patch, torch
      gathers, torch SDPA attention: mae_st / official style with fused attention);
-  3. variants of our step at the best batch, each measured (`VARIANTS`): eager; compile
-     (engine/compile.py: regional torch.compile of every Block, inductor); compile+graphs
-     (plus the whole step captured in one CUDA graph: GraphedStep); graphs (eager kernels,
-     captured); ckpt (grad checkpointing on; also at 2x the batch when the sweep ended in
-     out-of-memory); autocast (fp32 weights + bf16 autocast instead of bf16 weights);
-     foreach (AdamW foreach instead of fused); deepspeed (the trainer's DeepSpeed engine via
-     engine.trainer.build_engine, when `deepspeed` imports: it is not on the GPU image
-     unless its wheels are carried); compile-ro (torch.compile mode="reduce-overhead",
-     torch's own CUDA graphs per block).
-  The winner is the variant with the most clips/s; MFU = train-step FLOPs per clip
-  (engine/flops.py, docs/mfu.md) x clips/s / the device's dense bf16 peak (790 TFLOP/s on
-  an H200, DESIGN §7); ratio = ours (best variant at that batch) / plain with SDPA (eager).
-  Peak memory is reset before and read after every measurement (it includes the fp32 copy
-  of the weights every variant starts from: 1.2 GiB for ViT-L).
-
-The step ("bf16-master", `master_step`) is what DeepSpeed 0.19's engine does for the
-recipes' `precision: bf16, zero_stage: 0` with the trainer's client torch AdamW: the module
-is cast to bf16 (forward and backward in bf16, no autocast), DeepSpeed wraps the optimizer
-in its FP16_UnfusedOptimizer for bf16, which keeps fp32 master weights, copies the bf16
-gradients to fp32, clips them by global norm (optim.clip_grad 1.0) and runs the client
-AdamW (fused, betas 0.9/0.95, decay groups of engine.optim) on the masters, then copies
-them back to bf16. Here the same arithmetic runs with foreach copies instead of
-DeepSpeed's per-parameter Python loop, without its single-rank gradient all-reduce and
-without the trainer's per-micro-batch host syncs (issue 14 removes those from the trainer).
-It is an equivalent rather than the engine itself because the GPU image has no DeepSpeed
-and because a CUDA graph cannot capture the engine's step; the `deepspeed` variant
-measures the real engine where it imports, to show the difference.
+  3. the variants at the best batch (`VARIANTS`, in run order): compile (train.compile
+     blocks + loss, inductor), compile-ro (the same with mode reduce-overhead: CUDA graphs
+     of each compiled region's forward and backward), standin / standin+compile (the
+     stand-in engine, when DeepSpeed is the engine), graphs / compile+graphs (the whole step
+     captured in one CUDA graph, GraphedStep: NOT a step the trainer can run, see
+     engine/compile.py; an upper bound), ckpt (activation checkpointing; also at 2x the batch
+     when the sweep ended in out-of-memory).
+  The winner is the trainer-runnable variant on the trainer's engine with the most clips/s;
+  MFU = engine.flops.mfu (docs/mfu.md: train-step FLOPs per clip x clips/s / the device's
+  dense bf16 peak, 790 TFLOP/s on an H200); ratio = the best such variant at the plain
+  model's batch / plain with SDPA. Peak memory is reset before and read after every
+  measurement (it includes the fp32 copy of the weights every variant starts from).
 
 CPU (no CUDA, no --smoke):
-1. Tiny step (batch 4, 16 x 112^2, tube mask 0.75): forward + backward + AdamW, the same
-   weights and masks for: plain (Conv3d over all patches, math attention), +fused attn (the
-   plain embedding with our attention), ours (masking gather first, fused attention);
-   all must give the same loss. Best of interleaved repeats.
+1. Tiny step (batch 4, 16 x 112^2, tube mask 0.75, the tiny recipe: fp32): the trainer's
+   micro-batch on the stand-in engine, the same weights and masks for: plain (Conv3d over
+   all patches, math attention), +fused attn (the plain embedding with our attention), ours
+   (masking gather first, fused attention); all must give the same loss. Best of
+   interleaved repeats.
 2. Trainer: `echofm pretrain` of the tiny recipe on shards of a synthetic corpus (DALI CPU
    decode, DeepSpeed): steps/s, sampled / decoded fps, data-wait fraction of step time.
 
 Writes benchmarks/results/train_gpu.json (CUDA) or train_cpu.json (CPU; --smoke writes
-only to an explicit --out) and prints a table; the GPU table ends with the issue's bar.
+only to an explicit --out) and prints a table; the GPU table ends with the issue's bar and
+the recipe line of each preset's winner.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import platform
 import statistics
@@ -70,7 +79,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# ---------------------------------------------------------------- the plain step
+# ---------------------------------------------------------------- the plain model
 
 
 def plain_model_class():
@@ -97,11 +106,122 @@ def plain_model_class():
     return PlainEchoFM
 
 
+# ---------------------------------------------------------------- the trainer's step
+
+
+def bench_recipe(preset: str, batch: int, overrides=(), *, ratio: float | None = None, precision: str | None = None):
+    """The preset's recipe (recipes/pretrain/<preset>.yaml) at this batch, one micro-batch per
+    step, with `overrides` (--set syntax) and optionally another mask ratio / precision."""
+    from echofm.engine.config import load_recipe
+
+    sets = [f"data.batch_size={batch}", "deepspeed.grad_accum=1"]
+    sets += [f"mask.ratio={ratio}"] if ratio is not None else []
+    sets += [f"deepspeed.precision={precision}"] if precision else []
+    return load_recipe(ROOT / f"recipes/pretrain/{preset}.yaml", sets + list(overrides))
+
+
+class StandInEngine:
+    """DeepSpeed 0.19's step arithmetic without DeepSpeed (module docstring), with the interface
+    `engine.trainer.micro_step` uses: module, __call__, backward, step, optimizer, global_steps.
+
+    bf16 recipes: the module is cast to bf16 and AdamW (engine.optim.build_optimizer over
+    param_groups, at the recipe's peak lr) steps fp32 masters; fp32: AdamW on the weights."""
+
+    def __init__(self, model: torch.nn.Module, recipe, *, capturable: bool = False):
+        from echofm.engine.optim import build_optimizer, param_groups, peak_lr
+
+        if recipe.deepspeed.precision not in ("bf16", "fp32"):
+            raise ValueError(f"StandInEngine: precision {recipe.deepspeed.precision!r} (bf16 or fp32 only)")
+        self.module, self.clip, self.global_steps = model, recipe.optim.clip_grad or 0.0, 0
+        groups = param_groups(model, recipe.optim.weight_decay)
+        self.params = [p for g in groups for p in g["params"]]
+        self.masters = None
+        if recipe.deepspeed.precision == "bf16":
+            model.to(torch.bfloat16)  # first, as DeepSpeed: the masters start from the bf16 weights
+            self.masters = [p.detach().float() for p in self.params]
+            for m in self.masters:
+                m.grad = torch.zeros_like(m)  # fixed fp32 gradient buffers (a CUDA graph reuses them)
+            index = {id(p): m for p, m in zip(self.params, self.masters)}
+            groups = [{**g, "params": [index[id(p)] for p in g["params"]]} for g in groups]
+        self.optimizer = build_optimizer(groups, recipe.optim, peak_lr(recipe.optim, recipe.data.batch_size),
+                                         capturable=capturable)
+        if self.masters is not None and recipe.deepspeed.zero_stage == 0:
+            # As DeepSpeed's FP16_UnfusedOptimizer (bf16 at ZeRO 0) at init: one AdamW step on zero
+            # gradients (its state starts at step 1; the masters get one weight-decay step).
+            for m in self.masters:
+                m.grad.zero_()
+            self.optimizer.step()
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        weights = self.params if self.masters is None else self.masters
+        if self.masters is not None:  # bf16 gradients -> fp32
+            torch._foreach_copy_([m.grad for m in self.masters], [p.grad for p in self.params])
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(weights, self.clip, foreach=True)
+        self.optimizer.step()
+        if self.masters is not None:  # fp32 -> bf16
+            torch._foreach_copy_([p.data for p in self.params], self.masters)
+        for p in self.params:
+            p.grad = None
+        self.global_steps += 1
+
+
+def deepspeed_available() -> str | None:
+    """None when DeepSpeed imports, else why not (one line)."""
+    try:
+        import deepspeed  # noqa: F401
+    except Exception as e:  # noqa: BLE001 -- ImportError, or a broken install's own error
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+    return None
+
+
+def make_engine(kind: str, model: torch.nn.Module, recipe, *, capturable: bool = False):
+    """The trainer's engine for `model` and `recipe`: "deepspeed" (engine.trainer.build_engine:
+    prepare_model + DeepSpeed), or "standin" (prepare_model + StandInEngine)."""
+    from echofm.engine.trainer import build_engine, init_distributed, prepare_model, step_device
+
+    if kind == "deepspeed":
+        init_distributed()
+        engine, _, _ = build_engine(model, recipe, world_size=1, total_steps=1000)
+        return engine
+    return StandInEngine(prepare_model(model, recipe, step_device()), recipe, capturable=capturable)
+
+
+def trainer_step(engine):
+    """(video, mask) -> the loss: `engine.trainer.micro_step` on {"video": video}, the model
+    drawing its own mask as in training (the mask argument is for GraphedStep's steps)."""
+    from echofm.engine.trainer import micro_step
+
+    def step(video, _mask=None):
+        return micro_step(engine, {"video": video})[0].loss
+
+    return step
+
+
+def captured_step(engine):
+    """The step without the host read, for GraphedStep (an upper bound: see engine/compile.py):
+    forward with a given mask, backward, the stand-in's optimizer step."""
+    def step(video, mask):
+        loss = engine(video, mask=mask)["loss"]
+        engine.backward(loss)
+        engine.step()
+        return loss.detach()
+
+    return step
+
+
+# ---------------------------------------------------------------- CPU: the tiny step
+
+
 def build_variants(preset: str, device: torch.device, ratio: float = 0.75,
                    names: tuple[str, ...] = ("plain", "+fused attn", "ours")):
     """{name: model} sharing one set of weights; attention backend per variant."""
-    import dataclasses
-
     from echofm.engine.masking import MaskConfig
     from echofm.engine.model import EchoFM, ModelConfig
 
@@ -122,37 +242,29 @@ def build_variants(preset: str, device: torch.device, ratio: float = 0.75,
     return variants
 
 
-def time_steps(models: dict, batch: int, steps: int, device: torch.device, bf16: bool,
-               repeats: int = 5) -> dict:
-    """Best-of-repeats fwd+bwd+AdamW step time per variant (interleaved repeats, same masks;
-    the best run counts: the machine is shared, contention only ever adds time)."""
-    c = next(iter(models.values())).cfg
+def time_steps(models: dict, recipe, steps: int, device: torch.device, repeats: int = 5) -> dict:
+    """Best-of-repeats time of the trainer's micro-batch (stand-in engine, `recipe`'s precision and
+    optimizer) per variant: interleaved repeats, the same masks (seeded) for every variant; the
+    best run counts: the machine is shared, contention only ever adds time."""
+    c, batch = next(iter(models.values())).cfg, recipe.data.batch_size
     g = torch.Generator(device="cpu").manual_seed(1)
     video = torch.randint(0, 256, (batch, c.num_frames, c.img_size, c.img_size, c.in_chans),
                           generator=g, dtype=torch.uint8).to(device)
-    masks = [next(iter(models.values())).draw_mask(batch, device) for _ in range(steps)]
-    opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
-            for n, m in models.items()}
+    steps_of = {n: trainer_step(make_engine("standin", m, recipe)) for n, m in models.items()}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def step(name, mask):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = models[name](video, mask=mask)
-        out["loss"].backward()
-        opts[name].step()
-        opts[name].zero_grad(set_to_none=True)
-        return out["loss"].detach()
-
-    # Same model, same masks: the first losses agree (before any update).
-    first = {n: float(step(n, masks[0])) for n in models}
+    first = {}
+    for n, step in steps_of.items():  # same weights, same mask: the first losses agree
+        torch.manual_seed(0)
+        first[n] = step(video)
     times = {n: [] for n in models}
-    for _ in range(repeats):
-        for n in models:
-            step(n, masks[0])  # warm-up of this round
+    for r in range(repeats):
+        for n, step in steps_of.items():
+            step(video)  # warm-up of this round
+            torch.manual_seed(1 + r)
             sync()
             t0 = time.perf_counter()
-            for mk in masks:
-                step(n, mk)
+            for _ in range(steps):
+                step(video)
             sync()
             times[n].append((time.perf_counter() - t0) / steps)
     out = {}
@@ -160,8 +272,6 @@ def time_steps(models: dict, batch: int, steps: int, device: torch.device, bf16:
         t = min(times[n])
         out[n] = {"step_s": t, "steps_per_s": 1 / t, "clips_per_s": batch / t,
                   "sampled_fps": batch * c.num_frames / t, "first_loss": first[n]}
-        if device.type == "cuda":
-            out[n]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
 
 
@@ -212,116 +322,40 @@ SWEEPS = {"echofm_vit_large": (0.75, (8, 16, 32, 64, 128)),
           "echofm_vit_base": (0.9, (32, 64, 128, 256, 512))}
 SMOKE_SWEEPS = {"echofm_tiny": (0.75, (1, 2))}
 GROWTH = 1.05  # the sweep stops when clips/s grows less than this from one batch to the next
-CLIP, LR = 1.0, 1e-4
-# name: (precision, optimizer, compile mode, CUDA graph, grad checkpointing), in run order:
-# the most informative first, since a tight budget skips the tail.
+COMPILE = ("train.compile.blocks=true", "train.compile.loss=true")
+RO = ("train.compile.mode=reduce-overhead",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One measured setting: recipe overrides on the preset's recipe, the engine ("trainer": the
+    trainer's, DeepSpeed when it imports, else the stand-in; "standin"), and whether the whole
+    step is captured in one CUDA graph (GraphedStep: not a step the trainer can run)."""
+
+    overrides: tuple[str, ...] = ()
+    engine: str = "trainer"
+    graphs: bool = False
+
+
+# In run order: the most informative first, since a tight budget skips the tail.
 VARIANTS = {
-    "eager": ("bf16-master", "fused", None, False, False),
-    "compile": ("bf16-master", "fused", "default", False, False),
-    "compile+graphs": ("bf16-master", "fused", "default", True, False),
-    "graphs": ("bf16-master", "fused", None, True, False),
-    "ckpt": ("bf16-master", "fused", None, False, True),
-    "autocast": ("autocast", "fused", None, False, False),
-    "foreach": ("bf16-master", "foreach", None, False, False),
-    "deepspeed": ("deepspeed", "fused", None, False, False),
-    "compile-ro": ("bf16-master", "fused", "reduce-overhead", False, False),
+    "eager": Variant(),
+    "compile": Variant(COMPILE),
+    "compile-ro": Variant(COMPILE + RO),
+    "standin": Variant((), "standin"),
+    "standin+compile": Variant(COMPILE, "standin"),
+    "graphs": Variant((), "standin", graphs=True),
+    "compile+graphs": Variant(COMPILE, "standin", graphs=True),
+    "ckpt": Variant(("deepspeed.activation_checkpointing=true",)),
 }
-STEP = ("bf16-master: bf16 module, fp32 master weights + fp32 grads, global-norm clip 1.0, AdamW "
-        "(0.9, 0.95) on the masters, bf16 copy back: DeepSpeed 0.19 bf16 / ZeRO 0 with the client AdamW "
-        "(benchmarks/train.py docstring)")
 BAR = {"echofm_vit_large": 0.45, "echofm_vit_base": 0.35, "ratio": 1.3}
 COMPILE_NEED_S = 45.0  # a compile variant starts only with this much of its preset's budget left
 
 
-def master_step(model: torch.nn.Module, fused: bool, capturable: bool):
-    """The DeepSpeed-equivalent bf16 step (see the module docstring): bf16 module, fp32 master
-    weights, fp32 gradients, global-norm clip, AdamW on the masters, bf16 copy back."""
-    from echofm.engine.optim import param_groups
-
-    groups = param_groups(model, 0.05)
-    params = [p for g in groups for p in g["params"]]
-    masters = [p.detach().float().clone() for p in params]
-    for m in masters:
-        m.grad = torch.zeros_like(m)
-    index = {id(p): m for p, m in zip(params, masters)}
-    opt = torch.optim.AdamW([{**g, "params": [index[id(p)] for p in g["params"]]} for g in groups], lr=LR,
-                            betas=(0.9, 0.95), fused=fused or None, foreach=None if fused else True,
-                            capturable=capturable)
-    model.to(torch.bfloat16)
-    mgrads = [m.grad for m in masters]
-
-    def step(video, mask):
-        for p in params:
-            p.grad = None
-        loss = model(video, mask=mask)["loss"]
-        loss.backward()
-        torch._foreach_copy_(mgrads, [p.grad for p in params])  # bf16 -> fp32
-        torch.nn.utils.clip_grad_norm_(masters, CLIP, foreach=True)
-        opt.step()
-        torch._foreach_copy_([p.data for p in params], masters)  # fp32 -> bf16
-        return loss.detach()
-
-    return step
-
-
-def autocast_step(model: torch.nn.Module, fused: bool, capturable: bool):
-    """fp32 weights, bf16 autocast, AdamW straight on the weights (the old benchmark's step)."""
-    from echofm.engine.optim import param_groups
-
-    groups = param_groups(model, 0.05)
-    params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), fused=fused or None, foreach=None if fused else True,
-                            capturable=capturable)
-    dev = params[0].device.type
-
-    def step(video, mask):
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev, dtype=torch.bfloat16):
-            loss = model(video, mask=mask)["loss"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, CLIP, foreach=True)
-        opt.step()
-        return loss.detach()
-
-    return step
-
-
-def deepspeed_step(model: torch.nn.Module, preset: str, ratio: float, batch: int):
-    """The trainer's own engine: engine.trainer.build_engine for the preset's recipe at this batch
-    (bf16, ZeRO 0, the client fused AdamW). Needs `deepspeed` (not on the GPU image by default)."""
-    import deepspeed  # noqa: F401  ImportError -> the variant is reported as skipped
-
-    from echofm.engine.config import load_recipe
-    from echofm.engine.trainer import build_engine, init_distributed
-
-    init_distributed()
-    recipe = load_recipe(ROOT / f"recipes/pretrain/{preset}.yaml", [
-        f"data.batch_size={batch}", "deepspeed.precision=bf16", "deepspeed.zero_stage=0",
-        "deepspeed.grad_accum=1", "deepspeed.activation_checkpointing=false", f"mask.ratio={ratio}"])
-    engine, _, _ = build_engine(model, recipe, world_size=1, total_steps=1000)
-
-    def step(video, mask):
-        loss = engine(video, mask=mask)["loss"]
-        engine.backward(loss)
-        engine.step()
-        return loss.detach()
-
-    return step
-
-
-def make_step(variant: str, model, run: dict, capturable: bool):
-    precision, optimizer, _, _, ckpt = VARIANTS[variant]
-    model.set_grad_checkpointing(ckpt)
-    cuda = next(model.parameters()).is_cuda
-    fused, capturable = optimizer == "fused" and cuda, capturable and cuda  # CPU: GraphedStep runs eager
-    if precision == "deepspeed":
-        return deepspeed_step(model, run["preset"], run["ratio"], run["batch"])
-    return (autocast_step if precision == "autocast" else master_step)(model, fused, capturable)
-
-
 def timed(step, inputs: list, device: torch.device, target_s: float) -> tuple[float, int]:
-    """Seconds per step over a window of about target_s (after 2 warm steps), host-synced only
-    at the window's ends; inputs cycle through pre-drawn (video, mask) pairs."""
+    """Seconds per step over a window of about target_s (after 2 warm steps); inputs cycle
+    through pre-drawn (video, mask) pairs. The trainer's step reads the host once per micro-batch
+    (as in training); a graphed step syncs only at the window's ends."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i in range(2):
         step(*inputs[i % len(inputs)])
@@ -337,45 +371,60 @@ def timed(step, inputs: list, device: torch.device, target_s: float) -> tuple[fl
     return (time.perf_counter() - t0) / n, n
 
 
-def measure(run: dict, variant: str, batch: int, model_fn, target_s: float) -> dict:
-    """One variant at one batch: build, first (compiling) step, timed window, peak memory."""
-    from echofm.engine import compile as C
+def _compiles(v: Variant) -> bool:
+    return any(o.startswith("train.compile.") for o in v.overrides)
 
-    device, row = run["device"], {"variant": variant, "batch": batch}
-    _, _, mode, graphs, _ = VARIANTS[variant]
+
+def _variant_recipe(run: dict, v: Variant, batch: int):
+    """The preset's recipe for variant v at `batch`, or a reason to skip it."""
+    if any(o.startswith("train.compile.mode=") for o in v.overrides) and run["compile_backend"] != "inductor":
+        return None, f"mode needs inductor (--compile-backend {run['compile_backend']})"
+    backend = (f"train.compile.backend={run['compile_backend']}",) if _compiles(v) else ()
+    return bench_recipe(run["recipe"], batch, v.overrides + backend, ratio=run["ratio"], precision="bf16"), None
+
+
+def measure(run: dict, variant: str, batch: int, model_fn, target_s: float) -> dict:
+    """One variant at one batch: recipe, engine, first (compiling) step, timed window, peak memory."""
+    from echofm.engine import compile as C
+    from echofm.engine.flops import mfu
+
+    device, v = run["device"], VARIANTS[variant]
+    engine_kind = run["engine"] if v.engine == "trainer" else v.engine
+    row = {"variant": variant, "batch": batch, "engine": engine_kind, "trainer_step": not v.graphs}
+    recipe, why = _variant_recipe(run, v, batch)
+    if why:
+        return {**row, "skipped": why}
+    row["recipe"] = [f"data.batch_size={batch}", *v.overrides]
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    model, step = None, None
+    engine = step = None
     try:
-        model = model_fn()
-        step = make_step(variant, model, dict(run, batch=batch), capturable=graphs)
-        if mode is not None:
-            C.compile_regions(model, mode, backend=run["compile_backend"])
-        inputs = run["inputs"](batch)
+        engine = make_engine(engine_kind, model_fn(), recipe, capturable=v.graphs and cuda)
+        model, inputs = engine.module, run["inputs"](batch)
+        step = (captured_step if v.graphs else trainer_step)(engine)
+        torch.manual_seed(batch)  # the same masks for every variant at this batch
         t0 = time.perf_counter()
         row["first_loss"] = float(C.first_step_or_eager(step, model, *inputs[0]))
         row["first_step_s"] = time.perf_counter() - t0
         row["compiled"] = C.is_compiled(model)
-        if graphs:
+        if v.graphs:
             step = C.GraphedStep(step, *inputs[0], warmup=2)
             row["graphed"] = step.captured
         # Compile or capture unavailable (CPU) or failed: eager numbers, not this variant's.
-        row["fell_back"] = (mode is not None and not row["compiled"]) or (graphs and not row["graphed"])
+        row["fell_back"] = (recipe.train.compile.enabled and not row["compiled"]) or (v.graphs and not row["graphed"])
         row["step_s"], row["timed_steps"] = timed(step, inputs, device, target_s)
         row.update(clips_per_s=batch / row["step_s"], sampled_fps=batch * run["frames"] / row["step_s"])
         if run["peak"]:
-            row["mfu"] = run["flops"] * row["clips_per_s"] / run["peak"]
+            row["mfu"] = mfu(run["flops"], row["clips_per_s"], run["peak"])
     except torch.cuda.OutOfMemoryError:
         row["error"] = "out of memory"
-    except ImportError as e:
-        row["skipped"] = f"{type(e).__name__}: {e}"
     except Exception as e:  # noqa: BLE001 -- one variant failing must not end the run
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
     if cuda:
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    del model, step
+    del engine, step
     if cuda:
         import gc
 
@@ -403,7 +452,8 @@ def sweep_batches(run: dict, batches, model_fn, deadline: float, target_s: float
 
 
 def preset_inputs(model, device: torch.device, count: int = 3):
-    """batch -> [(uint8 video, mask)] * count, drawn once per batch (the same for every variant)."""
+    """batch -> [(uint8 video, mask)] * count, drawn once per batch (the same for every variant;
+    the trainer's step draws its own masks, the graphed one takes these)."""
     cache: dict[int, list] = {}
     c = model.cfg
 
@@ -413,32 +463,27 @@ def preset_inputs(model, device: torch.device, count: int = 3):
             g = torch.Generator(device=device).manual_seed(batch)  # drawn on the device: seconds on a CPU
             video = torch.randint(0, 256, (batch, c.num_frames, c.img_size, c.img_size, c.in_chans),
                                   generator=g, dtype=torch.uint8, device=device)
-            cache[batch] = [(video, model.draw_mask(batch, device)) for _ in range(count)]
+            cache[batch] = [(video, model.draw_mask(batch, device, g)) for _ in range(count)]
         return cache[batch]
 
     return inputs
 
 
-def run_preset(res: dict, preset: str, ratio: float, batches, device, peak, deadline: float, args, save) -> None:
+def run_preset(res: dict, preset: str, ratio: float, batches, run: dict, deadline: float, args, save) -> None:
     """Sweep, then the plain model with SDPA and each variant at the best batch; fills `res`
     in place and calls save() after each measurement (a killed run keeps what it measured)."""
-    import copy
-    import dataclasses
-
     from echofm.engine.flops import model_flops
-    from echofm.engine.masking import MaskConfig
-    from echofm.engine.model import EchoFM, ModelConfig
+    from echofm.engine.model import EchoFM
 
+    recipe = bench_recipe(preset, batches[0], ratio=ratio)
     torch.manual_seed(0)
-    cfg, mask_cfg = ModelConfig(preset=preset), MaskConfig(ratio=ratio)
-    base = EchoFM(cfg, mask_cfg).to(device)  # fp32 weights; every variant starts from a copy
-    flops = model_flops(cfg, mask_cfg)["train_step"]
-    run = {"preset": preset, "ratio": ratio, "device": device, "peak": peak, "flops": flops,
-           "frames": base.cfg.num_frames, "inputs": preset_inputs(base, device),
-           "compile_backend": args.compile_backend}
+    base = EchoFM(recipe.model, recipe.mask, recipe.loss).to(run["device"])  # fp32; each variant copies it
+    run = dict(run, recipe=preset, ratio=ratio, flops=model_flops(recipe.model, recipe.mask, recipe.loss)["train_step"],
+               frames=base.cfg.num_frames, inputs=preset_inputs(base, run["device"]))
     target = 0.05 if args.smoke else 1.0
-    res.update(mask_ratio=ratio, train_flops_per_clip=flops,
-               attention_dispatch=dispatch_decisions(base, run["inputs"](1)[0][1], device),
+    res.update(mask_ratio=ratio, engine=run["engine"], train_flops_per_clip=run["flops"],
+               zero_stage=recipe.deepspeed.zero_stage,
+               attention_dispatch=dispatch_decisions(base, run["inputs"](1)[0][1], run["device"]),
                sweep=sweep_batches(run, batches, lambda: copy.deepcopy(base), deadline, target))
     save()
     ok = [r for r in res["sweep"] if "step_s" in r]
@@ -450,18 +495,19 @@ def run_preset(res: dict, preset: str, ratio: float, batches, device, peak, dead
     plain_cls = plain_model_class()
 
     def plain():
-        m = plain_cls(dataclasses.replace(cfg, attn_backend="sdpa"), mask_cfg).to(device)
+        m = plain_cls(dataclasses.replace(recipe.model, attn_backend="sdpa"), recipe.mask, recipe.loss)
         m.load_state_dict(base.state_dict())
-        return m
+        return m.to(run["device"])
 
     res["plain_sdpa"] = measure(run, "eager", b, plain, target)
     summarise(res)
     save()
-    todo = [(n, n, b) for n in args.variants if n != "eager"]
+    todo = [(n, n, b) for n in args.variants if n != "eager"
+            and not (VARIANTS[n].engine == "standin" and not VARIANTS[n].graphs and run["engine"] == "standin")]
     if best["batch"] == ok[-1]["batch"] and "error" in res["sweep"][-1] and "ckpt" in args.variants:
         todo.append(("ckpt@2x", "ckpt", 2 * b))  # memory-bound sweep: checkpointing may fit more
     for key, name, batch in todo:
-        need = COMPILE_NEED_S if VARIANTS[name][2] and not args.smoke else 0.0
+        need = COMPILE_NEED_S if _compiles(VARIANTS[name]) and not args.smoke else 0.0
         if deadline - time.perf_counter() < need or time.perf_counter() > deadline:
             res["variants"][key] = {"variant": name, "batch": batch, "skipped": "time budget"}
             continue
@@ -490,15 +536,25 @@ def dispatch_decisions(model, mask, device: torch.device) -> dict:
 
 
 def summarise(res: dict) -> None:
-    """Winner (most clips/s), its MFU, and ours / plain-with-SDPA at the same batch."""
+    """Winner (most clips/s among the trainer-runnable variants on the trainer's engine), its MFU
+    and recipe line; the best of the other engine and of the whole-step graphs (upper bound);
+    ours / plain-with-SDPA at the plain model's batch."""
     done = {n: r for n, r in res["variants"].items() if "step_s" in r and not r.get("fell_back")}
-    win = max(done, key=lambda n: done[n]["clips_per_s"])
-    res["winner"] = win
-    res["winner_batch"] = done[win]["batch"]
-    res["mfu"] = done[win].get("mfu")
+    ours = {n: r for n, r in done.items() if r["trainer_step"] and r["engine"] == res["engine"]}
+    if not ours:
+        return
+    win = max(ours, key=lambda n: ours[n]["clips_per_s"])
+    res.update(winner=win, winner_batch=ours[win]["batch"], mfu=ours[win].get("mfu"),
+               winner_recipe=" ".join(ours[win]["recipe"]))
+    for key, pick in (("best_other_engine", lambda r: r["trainer_step"] and r["engine"] != res["engine"]),
+                      ("upper_bound", lambda r: not r["trainer_step"])):
+        rows = {n: r for n, r in done.items() if pick(r)}
+        top = max(rows, key=lambda n: rows[n]["clips_per_s"], default=None)
+        res[key] = ({"variant": top, "engine": rows[top]["engine"], "clips_per_s": rows[top]["clips_per_s"],
+                     "mfu": rows[top].get("mfu")} if top else None)
     plain = res.get("plain_sdpa", {})
     if "step_s" in plain:
-        same = {n: r for n, r in done.items() if r["batch"] == plain["batch"]}
+        same = {n: r for n, r in ours.items() if r["batch"] == plain["batch"]}
         top = max(same, key=lambda n: same[n]["clips_per_s"])
         res["ratio_vs_plain_sdpa"] = same[top]["clips_per_s"] / plain["clips_per_s"]
         res["ratio_vs_plain_sdpa_variant"] = top
@@ -507,18 +563,16 @@ def summarise(res: dict) -> None:
 
 def gpu_section(args, device: torch.device, save_json) -> dict:
     """Every preset within args.budget seconds (each gets an equal share of what is left)."""
-    try:
-        from echofm.engine.trainer import PEAK_BF16_TFLOPS
-    except ImportError:
-        PEAK_BF16_TFLOPS = {}
-    from echofm.engine.flops import H200_BF16_PEAK
+    from echofm.engine.flops import H200_BF16_PEAK, device_peak
 
-    peak = None
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = next((tf * 1e12 for k, tf in PEAK_BF16_TFLOPS.items() if k in name), H200_BF16_PEAK)
+    peak = (device_peak(torch.cuda.get_device_name()) or H200_BF16_PEAK) if device.type == "cuda" else None
+    no_ds = deepspeed_available()
+    engine = "standin" if no_ds else "deepspeed"
     sweeps = SMOKE_SWEEPS if args.smoke else {p: SWEEPS[p] for p in args.presets}
-    out = {"peak_bf16_flops": peak, "budget_s": args.budget, "variants_run": list(args.variants), "presets": {}}
+    out = {"peak_bf16_flops": peak, "budget_s": args.budget, "variants_run": list(args.variants), "engine": engine,
+           "deepspeed": no_ds or "imports", "presets": {}}
+    print(f"engine: {engine}" + (f" (deepspeed: {no_ds})" if no_ds else ""), flush=True)
+    run = {"device": device, "peak": peak, "engine": engine, "compile_backend": args.compile_backend}
 
     def save():
         out["bar"] = bar(out)
@@ -531,7 +585,7 @@ def gpu_section(args, device: torch.device, save_json) -> dict:
         print(f"3. {preset} bf16 train step, mask {ratio}: batch sweep {batches}, then variants "
               f"({left:.0f} s left)", flush=True)
         res = out["presets"][preset] = {}
-        run_preset(res, preset, ratio, batches, device, peak, deadline, args, save)
+        run_preset(res, preset, ratio, batches, run, deadline, args, save)
     save()
     return out
 
@@ -542,44 +596,51 @@ def bar(out: dict) -> dict:
     line = {"vit_l_mfu": p.get("echofm_vit_large", {}).get("mfu"),
             "vit_b_mfu": p.get("echofm_vit_base", {}).get("mfu"),
             "ratio_vit_b": p.get("echofm_vit_base", {}).get("ratio_vs_plain_sdpa"),
-            "ratio_vit_l": p.get("echofm_vit_large", {}).get("ratio_vs_plain_sdpa")}
+            "ratio_vit_l": p.get("echofm_vit_large", {}).get("ratio_vs_plain_sdpa"),
+            "engine": out.get("engine")}
     checks = [(line["vit_l_mfu"], BAR["echofm_vit_large"]), (line["vit_b_mfu"], BAR["echofm_vit_base"]),
               (line["ratio_vit_b"], BAR["ratio"]), (line["ratio_vit_l"], BAR["ratio"])]
     line["pass"] = all(v is not None and v >= goal for v, goal in checks)
     return line
 
 
+def _fmt(v, pct=True) -> str:
+    return "n/a" if v is None else (f"{v:.1%}" if pct else f"{v:.2f}x")
+
+
 def print_gpu(out: dict) -> None:
-    print(f"\n{'preset':18s} {'variant':15s} {'batch':>5s} {'step s':>8s} {'clips/s':>9s} {'MFU':>6s} "
+    print(f"\n{'preset':18s} {'variant':15s} {'engine':9s} {'batch':>5s} {'step s':>8s} {'clips/s':>9s} {'MFU':>6s} "
           f"{'peak GiB':>8s} {'first s':>8s}  note")
     for preset, res in out["presets"].items():
         rows = [("sweep", r) for r in res["sweep"]] + [(n, r) for n, r in res.get("variants", {}).items()]
         rows += [("plain+sdpa", res["plain_sdpa"])] if "plain_sdpa" in res else []
         for name, r in rows:
-            head = f"{preset:18s} {(r['variant'] if name == 'sweep' else name):15s} {r['batch']:5d}"
+            head = (f"{preset:18s} {(r['variant'] if name == 'sweep' else name):15s} {r.get('engine', ''):9s} "
+                    f"{r['batch']:5d}")
             if "step_s" not in r:
                 print(f"{head}  {r.get('error') or r.get('skipped')}")
                 continue
-            mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
-            note = " (sweep)" if name == "sweep" else " (fell back to eager)" if r.get("fell_back") else ""
-            print(f"{head} {r['step_s']:8.4f} {r['clips_per_s']:9.1f} {mfu:>6s} {r.get('peak_memory_gib', 0):8.1f} "
-                  f"{r['first_step_s']:8.1f}  loss {r['first_loss']:.4f}{note}")
+            note = (" (sweep)" if name == "sweep" else " (fell back to eager)" if r.get("fell_back")
+                    else " (upper bound: not the trainer's step)" if not r.get("trainer_step", True) else "")
+            print(f"{head} {r['step_s']:8.4f} {r['clips_per_s']:9.1f} {_fmt(r.get('mfu')):>6s} "
+                  f"{r.get('peak_memory_gib', 0):8.1f} {r['first_step_s']:8.1f}  loss {r['first_loss']:.4f}{note}")
         print(f"{preset}: attention " + ", ".join(f"{n} ({d['tokens']} tokens, Dh {d['Dh']}) -> {d['backend']}"
                                                   for n, d in res.get("attention_dispatch", {}).items()))
         if "winner" in res:
             ratio = res.get("ratio_vs_plain_sdpa")
-            print(f"{preset}: winner {res['winner']} at batch {res['winner_batch']}"
-                  + (f", MFU {res['mfu']:.1%}" if res.get("mfu") is not None else "")
-                  + (f"; ours ({res['ratio_vs_plain_sdpa_variant']}) / plain+sdpa at batch "
-                     f"{res['plain_sdpa']['batch']}: {ratio:.2f}x (eager/eager "
-                     f"{res['ratio_eager_vs_plain_sdpa']:.2f}x)" if ratio else ""))
+            print(f"{preset}: winner {res['winner']} ({res['engine']}) at batch {res['winner_batch']}, MFU "
+                  f"{_fmt(res['mfu'])}" + (f"; ours ({res['ratio_vs_plain_sdpa_variant']}) / plain+sdpa at batch "
+                                           f"{res['plain_sdpa']['batch']}: {ratio:.2f}x (eager/eager "
+                                           f"{res['ratio_eager_vs_plain_sdpa']:.2f}x)" if ratio else ""))
+            for key, what in (("best_other_engine", "other engine"), ("upper_bound", "whole-step graph")):
+                if res.get(key):
+                    o = res[key]
+                    print(f"{preset}: best {what}: {o['variant']} ({o['engine']}) {o['clips_per_s']:.1f} clips/s, "
+                          f"MFU {_fmt(o['mfu'])}")
+            print(f"{preset}: recipe: {res['winner_recipe']}")
     b = out["bar"]
-
-    def fmt(v, pct=True):
-        return "n/a" if v is None else (f"{v:.1%}" if pct else f"{v:.2f}x")
-
-    print(f"bar: ViT-L MFU {fmt(b['vit_l_mfu'])} (>= 45%), ViT-B MFU {fmt(b['vit_b_mfu'])} (>= 35%), "
-          f"ours / plain+sdpa ViT-B {fmt(b['ratio_vit_b'], False)}, ViT-L {fmt(b['ratio_vit_l'], False)} "
+    print(f"bar ({b['engine']} engine): ViT-L MFU {_fmt(b['vit_l_mfu'])} (>= 45%), ViT-B MFU {_fmt(b['vit_b_mfu'])} "
+          f"(>= 35%), ours / plain+sdpa ViT-B {_fmt(b['ratio_vit_b'], False)}, ViT-L {_fmt(b['ratio_vit_l'], False)} "
           f"(>= 1.3x): {'PASS' if b['pass'] else 'not met'}")
 
 
@@ -598,7 +659,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-trainer", action="store_true")
     ap.add_argument("--smoke", action="store_true",
                     help="the GPU section on CPU: tiny preset, batches 1-2 (checks the code; numbers mean nothing)")
-    ap.add_argument("--budget", type=float, default=220.0, help="seconds for the GPU section, all presets")
+    ap.add_argument("--budget", type=float, default=200.0, help="seconds for the GPU section, all presets")
     ap.add_argument("--presets", default=",".join(SWEEPS), help="GPU section presets (comma list)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"GPU step variants, from {list(VARIANTS)}")
     ap.add_argument("--compile-backend", default=None,
@@ -631,7 +692,7 @@ def main(argv=None) -> int:
     if cuda or args.smoke:
         import triton
 
-        res.update(triton=triton.__version__, step=STEP)
+        res.update(triton=triton.__version__, step="engine.trainer.micro_step (benchmarks/train.py docstring)")
         print_gpu(gpu_section(args, device, save_json))
     else:
         cpu_section(args, device, res)
@@ -645,7 +706,7 @@ def cpu_section(args, device: torch.device, res: dict) -> None:
     """The tiny step (plain vs ours) and the trainer on shards, on this CPU."""
     print("1. tiny step: plain vs ours (batch 4, 16 x 112^2, mask 0.75)", flush=True)
     variants = build_variants("echofm_tiny", device)
-    res["tiny_step"] = time_steps(variants, 4, args.step_iters, device, bf16=False)
+    res["tiny_step"] = time_steps(variants, bench_recipe("echofm_tiny", 4), args.step_iters, device)
     tiny = res["tiny_step"]
     res["tiny_ratio_ours_vs_plain"] = tiny["plain"]["step_s"] / tiny["ours"]["step_s"]
     if not args.skip_trainer:

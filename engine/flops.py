@@ -1,5 +1,6 @@
-"""Analytic matmul FLOPs of one EchoFM clip, for MFU (DESIGN §4, §7; docs/mfu.md says which
-FLOPs count, the peak, and gives the ViT-L numbers).
+"""Analytic matmul FLOPs of one EchoFM clip and MFU: the one place both are computed
+(docs/mfu.md says which FLOPs count, the peak, and gives the ViT-L numbers; the trainer's
+`mfu` metric and benchmarks/train.py both call `mfu` here).
 
 Counts 2 * m * n * k for every matrix product the model runs, following model.py term by
 term (the masked 75-90% of patches are never embedded, the encoder sees only visible
@@ -18,6 +19,16 @@ from .model import ModelConfig
 
 H200_BF16_PEAK = 790e12
 """Dense bf16 FLOP/s measured on an H200 (DESIGN §7)."""
+
+PEAK_BF16_TFLOPS = {"GH200": 989.0, "H200": H200_BF16_PEAK / 1e12, "H100": 989.0, "B200": 2250.0, "A100": 312.0,
+                    "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "4090": 165.0, "3090": 71.0}
+"""Dense bf16 peak TFLOP/s per device, by a substring of the device name (first match wins, so
+"GH200" comes before "H200"): the H200 as measured on random data, the others vendor figures."""
+
+
+def device_peak(name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of the device called `name` (torch.cuda.get_device_name), or None."""
+    return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
 def _block(n: int, d: int, hidden: int) -> int:
@@ -44,11 +55,11 @@ def visible_layout(model_cfg: ModelConfig, mask_cfg: MaskConfig) -> tuple[int, t
     return keep_count(t, mask_cfg.ratio) * l, None
 
 
-def model_flops(model_cfg: ModelConfig, mask_cfg: MaskConfig | None = None, prior_grid: int | None = None) -> dict:
-    """Per-clip FLOPs: {"forward", "train_step" (= 3 x forward), "parts": {name: forward FLOPs}}.
-    prior_grid: the loss's pixel-prior grid (default LossConfig().prior_grid)."""
-    mask_cfg = mask_cfg or MaskConfig()
-    prior_grid = LossConfig().prior_grid if prior_grid is None else prior_grid
+def model_flops(model_cfg: ModelConfig, mask_cfg: MaskConfig | None = None, loss_cfg: LossConfig | None = None) -> dict:
+    """Per-clip FLOPs at this mask and loss (defaults: MaskConfig(), LossConfig()):
+    {"forward", "train_step" (= 3 x forward), "parts": {name: forward FLOPs}}."""
+    mask_cfg, loss_cfg = mask_cfg or MaskConfig(), loss_cfg or LossConfig()
+    prior_grid = loss_cfg.prior_grid if loss_cfg.phase_prior == "pixel" else 0  # "embed": no pixel prior
     c = model_cfg.resolved()
     d, dd = c.embed_dim, c.decoder_embed_dim
     hid, dhid = int(d * c.mlp_ratio), int(dd * c.mlp_ratio)
@@ -91,6 +102,9 @@ def model_flops(model_cfg: ModelConfig, mask_cfg: MaskConfig | None = None, prio
     return {"forward": fwd, "train_step": 3 * fwd, "parts": parts}
 
 
-def mfu(flops_per_step: float, step_seconds: float, peak_flops: float = H200_BF16_PEAK) -> float:
-    """Model FLOPs utilisation: achieved model FLOP/s over the device peak."""
-    return flops_per_step / (step_seconds * peak_flops)
+def mfu(train_flops_per_clip: float, clips_per_s: float, peak_flops: float = H200_BF16_PEAK,
+        devices: int = 1) -> float:
+    """Model FLOPs utilisation (docs/mfu.md): train-step FLOPs per clip (`model_flops(...)
+    ["train_step"]`) x clips per second trained on `devices` devices together / (their dense
+    bf16 peak, each `peak_flops`, x devices)."""
+    return train_flops_per_clip * clips_per_s / (peak_flops * devices)

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from echofm.kernels import gather_patches, scatter_tokens, tube_attention
+from echofm.kernels import ATTENTION_BACKENDS, gather_patches, scatter_tokens, tube_attention
 
 from . import losses
 from .losses import LossConfig
@@ -110,8 +110,12 @@ class ModelConfig:
     attention: Literal["joint", "divided"] = "joint"
     """Encoder attention: joint over all tokens, or divided (slice then tube, alternating
     blocks) for long clips; divided needs tube masks."""
-    attn_backend: Literal["auto", "triton", "sdpa", "xformers", "math"] = "auto"
-    """tube_attention backend (auto = Triton on CUDA, SDPA elsewhere)."""
+    attn_backend: Literal["auto", "triton", "sdpa", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "xformers",
+                          "math"] = "auto"
+    """tube_attention backend: auto = per call the kernel measured fastest for its shape on this GPU
+    (kernels/attention_table.json; SDPA on CPU); sdpa = torch picks; sdpa-cudnn / sdpa-flash /
+    sdpa-efficient pin one SDPA kernel; triton, xformers, math force that one. Only auto and
+    triton run the masking gathers in Triton (the others: torch)."""
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     """Per-channel mean subtracted from [0, 1] pixels inside the patch gather (encoder input
     and reconstruction target). 0 = the official EchoFM input (raw [0, 1] pixels)."""
@@ -142,6 +146,8 @@ class ModelConfig:
                              f"and divide num_frames {c.num_frames}")
         if c.attention == "divided" and not c.cls_embed:
             raise ValueError("attention 'divided' needs cls_embed (its CLS row is attended separately)")
+        if self.attn_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attn_backend must be one of {ATTENTION_BACKENDS}, got {self.attn_backend!r}")
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
             raise ValueError(f"mean/std need in_chans={self.in_chans} values")
 
@@ -257,6 +263,8 @@ class EchoFM(nn.Module):
             raise ValueError(f"attention 'divided' needs mask.kind 'tube' (visible tubes), got {self.mask_cfg.kind!r}")
         self.gather_backend = {"auto": "auto", "triton": "triton"}.get(c.attn_backend, "torch")
         self.grad_checkpointing = False
+        # The loss as a hook, so that engine/compile.py can swap in a compiled twin (train.compile.loss).
+        self.loss_fn = losses.compute
         d, dd = c.embed_dim, c.decoder_embed_dim
 
         # Encoder.
@@ -422,7 +430,7 @@ class EchoFM(nn.Module):
         lc = self.loss_cfg
         prior = (losses.cycle_prior(video, self.cfg.t_grid, lc.prior_grid, lc.prior_center_alpha)
                  if lc.phase_prior == "pixel" else None)
-        out = losses.compute(lc, losses.work_dtype(pred), self.target(video), mask.mask, losses.work_dtype(phase),
+        out = self.loss_fn(lc, losses.work_dtype(pred), self.target(video), mask.mask, losses.work_dtype(phase),
                              prior, valid=None if mask.grid is not None else mask.slice_valid())
         out.update(pred=pred, mask=mask.mask, phase=phase, ids_keep=mask.ids_keep, ids_restore=mask.ids_restore)
         return out

@@ -91,11 +91,13 @@ def peak_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch / 256
 
 
-def build_optimizer(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.AdamW:
+def build_optimizer(groups: list[dict], cfg: OptimConfig, lr: float, *, capturable: bool = False) -> torch.optim.AdamW:
     """torch AdamW over `groups` (`param_groups`, or groups with their own "lr"; the others
-    get `lr`), fused when CUDA is there (the trainer moves the model to the GPU first)."""
+    get `lr`), fused when CUDA is there (one kernel per dtype and device for the whole update;
+    the trainer moves the model to the GPU first); on CPU torch's default (foreach).
+    capturable: its step can be captured in a CUDA graph (benchmarks/train.py's upper bound)."""
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             fused=torch.cuda.is_available() or None)
+                             fused=torch.cuda.is_available() or None, capturable=capturable)
 
 
 def lr_factor(step: int, cfg: ScheduleConfig, *, total: int, floor: float) -> float:

@@ -20,10 +20,13 @@ no CUDA, DeepSpeed's CPU accelerator (gloo), so `echofm pretrain R` just works. 
 streams its own part of the shards (`ClipStream(rank=, world_size=)`).
 
 Step semantics: `train.steps` counts optimizer steps; one step = `grad_accum` finite
-micro-batches per rank. A micro-batch whose loss is non-finite on any rank is skipped on
-every rank (no backward, no update), counted, and `train.max_nonfinite` of them in a row
-abort the run with `NonFiniteLoss`. SIGTERM / SIGINT finish the current step, save a
-checkpoint and return.
+micro-batches per rank. A micro-batch (`micro_step`: forward and loss, one host read, backward,
+the engine's step; benchmarks/train.py times this same function) whose loss is non-finite on
+any rank is skipped on every rank (no backward, no update), counted, and
+`train.max_nonfinite` of them in a row abort the run with `NonFiniteLoss`. SIGTERM / SIGINT
+finish the current step, save a checkpoint and return. `train.compile` compiles the blocks
+and the loss (engine/compile.py: why the DeepSpeed step itself is not put in a CUDA graph);
+a compile that fails on the first step falls back to eager with a warning.
 
 Failures are bounded and named: the process group times out after
 `train.collective_timeout_s`; with several ranks a heartbeat (heartbeat.py) names a stalled
@@ -42,7 +45,9 @@ import random
 import signal
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -52,17 +57,19 @@ import torch
 from echofm.loaders.stream import ClipStream
 
 from . import checkpoint as ckpt
+from . import compile as C
 from .errors import NonFiniteLoss, UserError
-from .flops import mfu, model_flops
+from .flops import device_peak, mfu, model_flops
 from .heartbeat import Heartbeat
 from .logging import MetricsLogger, reconstruction_rows
+from .compile import CompileConfig
 from .model import EchoFM
 from .optim import LrSchedule, build_optimizer, peak_lr
 from .optim import param_groups as default_groups
 from .yaml_io import dump_yaml, to_dict
 
 __all__ = ["DeepSpeedConfig", "Dist", "NonFiniteLoss", "TrainConfig", "Trainer", "build_engine",
-           "init_distributed", "pretrain"]
+           "init_distributed", "micro_step", "pretrain", "prepare_model"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -76,7 +83,8 @@ class DeepSpeedConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step and rank."""
     activation_checkpointing: bool = False
-    """Recompute encoder/decoder block activations in backward (model.set_grad_checkpointing)."""
+    """Recompute encoder/decoder block activations in backward (model.set_grad_checkpointing):
+    less memory, about a third more compute; off wherever the batch fits without it."""
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -117,6 +125,8 @@ class TrainConfig:
     (keep it below collective_timeout_s, so the stalled rank is named before the timeout)."""
     nan_inject: list[int] = field(default_factory=list)
     """Test hook: 1-based micro-batch numbers (counted over the run) whose loss becomes NaN."""
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    """torch.compile of the blocks and of the loss (engine/compile.py); off by default."""
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -210,6 +220,27 @@ def deepspeed_config(recipe, world_size: int) -> dict:
     }
 
 
+def step_device() -> torch.device:
+    """Where this process's step runs: its current CUDA device, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def prepare_model(model: torch.nn.Module, recipe, device: torch.device) -> torch.nn.Module:
+    """The model as the recipe's step runs it, on `device`: activation checkpointing
+    (deepspeed.activation_checkpointing) and torch.compile of its blocks and loss
+    (train.compile, engine/compile.py). `build_engine` calls it; so does benchmarks/train.py
+    where it runs the trainer's step without DeepSpeed."""
+    mode = recipe.train.compile.mode
+    if recipe.train.compile.enabled and mode in C.GRAPH_MODES and recipe.deepspeed.grad_accum > 1:
+        raise UserError(f"train.compile.mode={mode!r} (CUDA graphs) needs deepspeed.grad_accum=1, got "
+                        f"{recipe.deepspeed.grad_accum}: a replay reuses the memory of the last one's "
+                        "gradients, which accumulation still holds; use mode 'default'")
+    if hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(recipe.deepspeed.activation_checkpointing)
+    model = model.to(device)
+    return C.compile_for_training(model, recipe.train.compile, device)
+
+
 def build_engine(model: torch.nn.Module, recipe, *, world_size: int, total_steps: int | None = None,
                  param_groups: list[dict] | None = None) -> tuple[Any, torch.optim.Optimizer, LrSchedule]:
     """DeepSpeed engine + client AdamW + the lr schedule for `model`.
@@ -217,17 +248,15 @@ def build_engine(model: torch.nn.Module, recipe, *, world_size: int, total_steps
     Returns (engine, optimizer, schedule); `schedule.apply(engine.optimizer, step)` sets the
     lr before optimizer step `step` (the trainer does). `param_groups` overrides the default
     decay / no-decay groups (e.g. layer-wise lr decay in fine-tuning, each group with its
-    own "lr"). Call `init_distributed()` first. The model is moved to the rank's device
-    before the optimizer is built (fused AdamW needs CUDA parameters).
+    own "lr"). Call `init_distributed()` first. The model is prepared (`prepare_model`: the
+    rank's device, checkpointing, compile) before the optimizer is built (fused AdamW needs
+    CUDA parameters).
     """
     import deepspeed
 
     if recipe.deepspeed.precision == "fp16" and not torch.cuda.is_available():
         raise UserError("deepspeed.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
-    if hasattr(model, "set_grad_checkpointing"):
-        model.set_grad_checkpointing(recipe.deepspeed.activation_checkpointing)
-    if torch.cuda.is_available():
-        model = model.to(torch.device("cuda", torch.cuda.current_device()))
+    model = prepare_model(model, recipe, step_device())
     cfg = deepspeed_config(recipe, world_size)
     lr = peak_lr(recipe.optim, cfg["train_batch_size"])
     groups = param_groups if param_groups is not None else default_groups(model, recipe.optim.weight_decay)
@@ -240,29 +269,25 @@ def build_engine(model: torch.nn.Module, recipe, *, world_size: int, total_steps
 
 # ---------------------------------------------------------------- metrics helpers
 
-# Dense bf16 peak TFLOP/s per device, by a substring of the device name (first match wins):
-# H200 as measured on random data (DESIGN §7, = flops.H200_BF16_PEAK), the others vendor figures.
-PEAK_BF16_TFLOPS = {"H200": 790.0, "GH200": 989.0, "H100": 989.0, "B200": 2250.0, "A100": 312.0,
-                    "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "4090": 165.0, "3090": 71.0}
-
-
 def peak_flops(cfg: TrainConfig) -> tuple[float | None, str]:
-    """(peak bf16 FLOP/s of one device, where the figure came from); None on CPU."""
+    """(peak bf16 FLOP/s of one device, where the figure came from: train.peak_tflops, else
+    flops.PEAK_BF16_TFLOPS by device name); None on CPU or an unknown device."""
     if cfg.peak_tflops is not None:
         return cfg.peak_tflops * 1e12, "train.peak_tflops"
     if not torch.cuda.is_available():
         return None, "cpu"
     name = torch.cuda.get_device_name()
-    for key, tf in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return tf * 1e12, f"table:{key}"
-    return None, f"unknown device {name!r}: set train.peak_tflops"
+    peak = device_peak(name)
+    return (peak, f"table:{name}") if peak else (None, f"unknown device {name!r}: set train.peak_tflops")
 
 
 def memory_gib(device: torch.device) -> float:
-    """Peak accelerator memory (CUDA) or the process's resident memory (CPU), GiB."""
+    """CUDA: the peak allocated memory since the last call (or the run's start), GiB: each call
+    reads the peak, then resets it. CPU: the process's resident memory now, GiB."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
     import psutil
 
     return psutil.Process().memory_info().rss / 2**30
@@ -298,6 +323,54 @@ def model_loss(engine, batch: dict) -> tuple[torch.Tensor, dict, dict]:
     return out["loss"], out.get("terms", {}), out
 
 
+class MicroRead(NamedTuple):
+    """One micro-batch's numbers from the host read, summed over ranks."""
+
+    loss: float
+    terms: dict[str, float]
+    finite: bool
+    """The loss was finite on every rank."""
+    extra: list[float]
+    """The caller's extra values, summed over ranks."""
+
+
+def host_read(loss: torch.Tensor, terms: dict, extra: Sequence[float], world: int) -> MicroRead:
+    """The micro-batch's one device-to-host transfer: [loss, *terms, non-finite, *extra] as one
+    float64 tensor, summed over ranks in one all-reduce (every rank must agree to skip a
+    micro-batch before the collective backward)."""
+    local = torch.tensor(list(extra), dtype=torch.float64)
+    vals = torch.cat([torch.stack([t.detach().double() for t in (loss, *terms.values())]),
+                      (~torch.isfinite(loss.detach())).double().reshape(1), local.to(loss.device, non_blocking=True)])
+    if world > 1:
+        torch.distributed.all_reduce(vals)
+    v = vals.tolist()
+    n = len(terms) + 1
+    return MicroRead(loss=v[0], terms=dict(zip(terms, v[1:n])), finite=v[n] == 0, extra=v[n + 1:])
+
+
+def micro_step(engine, batch: dict, loss_fn=model_loss, *, world: int = 1, extra=lambda: (), poison: bool = False,
+               before_step=None) -> tuple[MicroRead, dict | None]:
+    """The trainer's work on one micro-batch (MAE's train_one_epoch body), and what
+    benchmarks/train.py times: forward and loss (`loss_fn(engine, batch) -> (loss, terms,
+    out)`), the one host read (`host_read` of the loss, its terms and `extra()`), then, only
+    when the loss was finite on every rank, `engine.backward(loss)`, `before_step()` and
+    `engine.step()` (DeepSpeed updates at the accumulation boundary). poison: the loss becomes
+    NaN (train.nan_inject). `engine`: a DeepSpeed engine, or anything with its `module`,
+    `__call__`, `backward` and `step`. Returns (the read, the forward's output; None if skipped)."""
+    C.step_begin(engine.module)  # a new iteration for CUDA-graph modes
+    loss, terms, out = loss_fn(engine, batch)
+    if poison:
+        loss = loss * float("nan")
+    read = host_read(loss, terms, extra(), world)
+    if not read.finite:
+        return read, None
+    engine.backward(loss)
+    if before_step is not None:
+        before_step()
+    engine.step()
+    return read, out
+
+
 class Trainer:
     """One DeepSpeed run of `model` on `stream`, pretraining or fine-tuning alike:
 
@@ -322,6 +395,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.engine, _, self.schedule = build_engine(model, recipe, world_size=dist.world, total_steps=steps,
                                                      param_groups=param_groups)
+        # Compiled regions: the steps up to the first compiled backward fall back to eager on failure.
+        self.compile_guard = C.is_compiled(self.engine.module)
         # From here on each rank draws its own random numbers (masks).
         torch.manual_seed(seed + 1 + dist.rank)
         random.seed(seed + dist.rank)
@@ -380,8 +455,8 @@ class Trainer:
         return self.summary()
 
     def train_step(self) -> _Step:
-        """One optimizer step: micro-batches until `grad_accum` of them had a finite loss on
-        every rank (MAE's train_one_epoch body). Each micro-batch costs one host read."""
+        """One optimizer step: micro-batches (`micro_step`) until `grad_accum` of them had a
+        finite loss on every rank. Each micro-batch costs one host read."""
         t0 = time.perf_counter()
         s = _Step(lr=self.schedule.apply(self.engine.optimizer, self.step))  # a function of the step
         target = self.engine.global_steps + 1
@@ -390,20 +465,15 @@ class Trainer:
             self.micro += 1
             s.wait += wait
             s.clips += batch["video"].shape[0]
-            loss, terms, out = self.loss_fn(self.engine, batch)
-            if self.micro in self.tc.nan_inject:
-                loss = loss * float("nan")
-            read = self._read(loss, terms)
+            self.drops.announce(self.logger)
+            read, out = self._micro_step(batch)
+            self.stop_requested = self.stop_requested or read.extra[0] > 0
+            self.drops.update(damaged=int(read.extra[1]), dropped=int(read.extra[2]))
             if not read.finite:
                 self._skip_nonfinite()
-                del out, loss
                 continue
             self.consecutive = 0
-            s.add(read)
-            self.engine.backward(loss)
-            if self.own_norm and self.engine.is_gradient_accumulation_boundary() and self._logs(self.step + 1):
-                self.grad_norm = _grad_norm(self.engine.module)  # a tensor: read when logged
-            self.engine.step()
+            s.add(read, batch["video"].shape[0])
         self.step += 1
         s.time = time.perf_counter() - t0
         s.batch, s.out = batch, out
@@ -419,23 +489,22 @@ class Trainer:
             batch = next(self._it)
         return batch, time.perf_counter() - t0
 
-    def _read(self, loss: torch.Tensor, terms: dict) -> _Read:
-        """The micro-batch's one device-to-host transfer: [loss, *terms, non-finite, stop
-        request, damaged samples, dropped reads], summed over ranks in one all-reduce (every
-        rank must agree to skip a micro-batch before the collective backward)."""
-        self.drops.announce(self.logger)
-        device = loss.device
-        local = torch.tensor([float(self._signalled), *self.drops.local()], dtype=torch.float64)
-        vals = torch.cat([torch.stack([t.detach().double() for t in (loss, *terms.values())]),
-                          (~torch.isfinite(loss.detach())).double().reshape(1), local.to(device, non_blocking=True)])
-        if self.dist.world > 1:
-            torch.distributed.all_reduce(vals)
-        v = vals.tolist()
-        n = len(terms) + 1
-        read = _Read(loss=v[0], terms=dict(zip(terms, v[1:n])), finite=v[n] == 0)
-        self.stop_requested = self.stop_requested or v[n + 1] > 0
-        self.drops.update(damaged=int(v[n + 2]), dropped=int(v[n + 3]))
-        return read
+    def _micro_step(self, batch: dict) -> tuple[MicroRead, dict | None]:
+        """`micro_step` with this run's loss, ranks, extra read values ([stop request, damaged
+        samples, dropped reads]), NaN injection and grad-norm hook; while `compile_guard`
+        holds, a compile failure reverts to eager and reruns (engine/compile.py)."""
+        step = partial(micro_step, self.engine, batch, self.loss_fn, world=self.dist.world,
+                       extra=lambda: [float(self._signalled), *self.drops.local()],
+                       poison=self.micro in self.tc.nan_inject, before_step=self._before_step)
+        if not self.compile_guard:
+            return step()
+        read, out = C.first_step_or_eager(step, self.engine.module)
+        self.compile_guard = not read.finite  # until one compiled backward and step have run
+        return read, out
+
+    def _before_step(self) -> None:
+        if self.own_norm and self.engine.is_gradient_accumulation_boundary() and self._logs(self.step + 1):
+            self.grad_norm = _grad_norm(self.engine.module)  # a tensor: read when logged
 
     def _skip_nonfinite(self) -> None:
         self.nonfinite_total += 1
@@ -463,11 +532,9 @@ class Trainer:
         if self._logs(self.step):
             gnorm = self.grad_norm if self.own_norm else self.engine.get_global_grad_norm()
             decoded = self.stream.stats["decoded_frames"]
-            m = self.interval.summary(decoded, frames, self.dist.device, world)
-            # achieved model FLOP/s of all ranks over `world` devices' peak
-            util = (mfu(self.flops_per_clip * m["clips_per_s"], float(world), self.peak)
-                    if self.flops_per_clip and self.peak and m["clips_per_s"] else None)
-            m.update(lr=s.lr, grad_norm=None if gnorm is None else float(gnorm), mfu=util, mfu_peak=self.peak_src,
+            m = self.interval.summary(decoded, frames, self.dist.device, world, flops_per_clip=self.flops_per_clip,
+                                      peak=self.peak)
+            m.update(lr=s.lr, grad_norm=None if gnorm is None else float(gnorm), mfu_peak=self.peak_src,
                      epoch=self.stream.epoch, nonfinite_total=self.nonfinite_total, **self.drops.counts,
                      memory_gib=round(memory_gib(self.dist.device), 3))
             self.logger.log(self.step, m)
@@ -524,6 +591,8 @@ class Trainer:
         # A second Ctrl-C interrupts at once.
         self._handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         self._it = iter(self.stream)
+        if d.device.type == "cuda":  # memory_gib: the peak since the last log line, this run's only
+            torch.cuda.reset_peak_memory_stats(d.device)
         self.t_run = time.perf_counter()
         self.interval = _Interval(decoded0=self.stream.stats["decoded_frames"])
 
@@ -561,7 +630,8 @@ def pretrain(recipe, *, resume: str | None = None, stream=None) -> dict:
     if stream is None:
         stream = ClipStream(recipe.data, train=True, rank=dist.rank, world_size=dist.world, device=dist.device)
     trainer = Trainer(recipe, model, stream, dist=dist, run_dir=run_dir, steps=tc.steps, seed=tc.seed,
-                      figures=plot_reconstruction, flops_per_clip=model_flops(recipe.model, recipe.mask)["train_step"])
+                      figures=plot_reconstruction,
+                      flops_per_clip=model_flops(recipe.model, recipe.mask, recipe.loss)["train_step"])
     trainer.resume(start)
     return trainer.fit()
 
@@ -569,31 +639,25 @@ def pretrain(recipe, *, resume: str | None = None, stream=None) -> dict:
 # ---------------------------------------------------------------- step bookkeeping
 
 
-@dataclass(slots=True)
-class _Read:
-    """One micro-batch's numbers from the host read, summed over ranks."""
-
-    loss: float
-    terms: dict[str, float]
-    finite: bool
-
-
 @dataclass(kw_only=True, slots=True)
 class _Step:
-    """One optimizer step: its lr, times, clips and loss sums (rank sums) over finite micro-batches."""
+    """One optimizer step: its lr, times, clips (delivered; trained: of finite micro-batches)
+    and loss sums (rank sums) over finite micro-batches."""
 
     lr: float
     time: float = 0.0
     wait: float = 0.0
     clips: int = 0
+    trained: int = 0
     n: int = 0
     loss: float = 0.0
     terms: dict = field(default_factory=dict)
     batch: dict | None = None
     out: dict | None = None
 
-    def add(self, read: _Read) -> None:
+    def add(self, read: MicroRead, clips: int) -> None:
         self.n += 1
+        self.trained += clips
         self.loss += read.loss
         for k, v in read.terms.items():
             self.terms[k] = self.terms.get(k, 0.0) + v
@@ -608,6 +672,7 @@ class _Interval:
     time: float = 0.0
     wait: float = 0.0
     clips: int = 0
+    trained: int = 0
     loss: float = 0.0
     terms: dict = field(default_factory=dict)
     decoded0: int = 0
@@ -620,6 +685,7 @@ class _Interval:
         self.time += s.time
         self.wait += s.wait
         self.clips += s.clips
+        self.trained += s.trained
         self.loss += s.loss / s.n
         for k, v in s.terms.items():
             self.terms[k] = self.terms.get(k, 0.0) + v / s.n
@@ -627,10 +693,14 @@ class _Interval:
         self.total_wait += s.wait
         self.total_clips += s.clips
 
-    def summary(self, decoded: int, frames: int, device: torch.device, world: int) -> dict:
-        """Interval metrics: clips and frames summed over ranks, losses and times averaged."""
-        vals = _all_sum([self.time, self.wait, float(self.clips), float(decoded - self.decoded0)], device, world)
-        t, wait, clips, dec = vals[0] / world, vals[1] / world, vals[2], vals[3]
+    def summary(self, decoded: int, frames: int, device: torch.device, world: int, *,
+                flops_per_clip: float | None = None, peak: float | None = None) -> dict:
+        """Interval metrics: clips and frames summed over ranks, losses and times averaged; MFU
+        (flops.mfu, docs/mfu.md) from the clips that completed a training step, all ranks together,
+        over `world` devices of `peak` FLOP/s (None without both)."""
+        vals = _all_sum([self.time, self.wait, float(self.clips), float(self.trained), float(decoded - self.decoded0)],
+                        device, world)
+        t, wait, clips, trained, dec = vals[0] / world, vals[1] / world, vals[2], vals[3], vals[4]
         n = max(self.steps, 1)
         return {"loss": self.loss / world / n,
                 **{f"loss_{k}": self.terms[k] / world / n for k in sorted(self.terms)},
@@ -638,10 +708,11 @@ class _Interval:
                 "data_wait_fraction": wait / t if t else None,
                 "clips_per_s": clips / t if t else None,
                 "sampled_fps": clips * frames / t if t else None,
-                "decoded_fps": dec / t if t else None}
+                "decoded_fps": dec / t if t else None,
+                "mfu": mfu(flops_per_clip, trained / t, peak, world) if flops_per_clip and peak and t else None}
 
     def reset(self, decoded: int) -> None:
-        self.steps, self.time, self.wait, self.clips, self.loss = 0, 0.0, 0.0, 0, 0.0
+        self.steps, self.time, self.wait, self.clips, self.trained, self.loss = 0, 0.0, 0.0, 0, 0, 0.0
         self.terms = {}
         self.decoded0 = decoded
 

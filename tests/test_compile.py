@@ -1,5 +1,6 @@
 """Regional compile and whole-step CUDA graphs (engine/compile.py): same numbers as eager, and
-clean fallbacks where they cannot run (CPU without a compiler, no CUDA, a failing compile)."""
+clean fallbacks where they cannot run (CPU without a compiler, no CUDA, a failing compile); the
+recipe's train.compile section. The trainer's compiled runs: tests/test_trainer.py."""
 import copy
 import os
 import warnings
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 from echofm.engine import compile as C
+from echofm.engine import losses
+from echofm.engine.compile import CompileConfig
 from echofm.engine.masking import MaskConfig
 from echofm.engine.model import EchoFM, ModelConfig
 
@@ -51,13 +54,88 @@ def check_same(model, compiled, video, mask, tol):
 
 @pytest.mark.parametrize("attn", ["auto", "triton"])
 def test_regional_compile_matches_eager(attn):
-    # aot_eager: dynamo + AOTAutograd through the blocks (and the Triton custom op), without
-    # inductor's code generation; parameter names stay those of the eager model.
+    # aot_eager: dynamo + AOTAutograd through the blocks (and the Triton custom op) and the
+    # loss, without inductor's code generation; parameter names stay those of the eager model.
     model, video, mask = model_and_batch(attn)
     compiled = C.compile_regions(copy.deepcopy(model), backend="aot_eager")
     assert compiled.state_dict().keys() == model.state_dict().keys()
     assert len(C.regions(compiled)) == 2 + 1 + 1  # encoder blocks, decoder block, phase block
+    assert compiled.loss_fn is not losses.compute and model.loss_fn is losses.compute
     check_same(model, compiled, video, mask, tol=1e-5)
+
+
+def test_blocks_and_loss_compile_separately_and_revert():
+    model, video, mask = model_and_batch()
+    C.compile_regions(model, backend="aot_eager", blocks=False)
+    assert C.is_compiled(model) and all(b._compiled_call_impl is None for b in C.regions(model))
+    loss_c, _ = loss_and_grads(model, video, mask)
+    C.uncompile_regions(model)
+    assert model.loss_fn is losses.compute and not C.is_compiled(model)
+    C.compile_regions(model, backend="aot_eager", loss=False)
+    assert model.loss_fn is losses.compute and C.is_compiled(model)
+    C.uncompile_regions(model)
+    loss, _ = loss_and_grads(model, video, mask)
+    assert loss_c.item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_compile_config_is_checked_where_the_recipe_sets_it():
+    from pathlib import Path
+
+    from echofm.engine.config import ConfigError, load_recipe
+
+    assert not CompileConfig().enabled and CompileConfig(loss=True).enabled
+    with pytest.raises(ValueError, match="inductor mode; backend 'aot_eager' takes mode 'default'"):
+        CompileConfig(backend="aot_eager", mode="reduce-overhead").validate()
+    tiny = Path(__file__).resolve().parents[1] / "recipes/pretrain/echofm_tiny.yaml"
+    r = load_recipe(tiny, ["train.compile.blocks=true", "train.compile.mode=reduce-overhead"])
+    assert r.train.compile == CompileConfig(blocks=True, mode="reduce-overhead")
+    with pytest.raises(ConfigError, match="train.compile.mode: expected 'default'"):
+        load_recipe(tiny, ["train.compile.mode=fastest"])
+    with pytest.raises(ConfigError, match="train.compile: backend must name"):
+        load_recipe(tiny, ["train.compile.backend="])
+
+
+def test_graph_mode_needs_cuda_and_one_micro_batch_per_step(monkeypatch):
+    """reduce-overhead without CUDA: one warning, then the graph-less mode; with gradient
+    accumulation: a named error before anything is built."""
+    from pathlib import Path
+
+    from echofm.engine.config import load_recipe
+    from echofm.engine.errors import UserError
+    from echofm.engine.trainer import prepare_model
+
+    seen = []
+    monkeypatch.setattr(C, "compile_regions", lambda model, mode, **kw: seen.append((mode, kw)) or model)
+    model, _, _ = model_and_batch()
+    cfg = CompileConfig(blocks=True, mode="reduce-overhead")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        C.compile_for_training(model, cfg, torch.device("cpu"))
+    assert [str(w.message) for w in caught] == ["train.compile.mode='reduce-overhead': CUDA graphs need a CUDA "
+                                               "device; compiling with mode 'default' on cpu"]
+    assert seen == [("default", dict(backend="inductor", blocks=True, loss=False))]
+    C.compile_for_training(model, CompileConfig(), torch.device("cpu"))  # nothing to compile: no call
+    assert len(seen) == 1
+    tiny = Path(__file__).resolve().parents[1] / "recipes/pretrain/echofm_tiny.yaml"
+    recipe = load_recipe(tiny, ["train.compile.blocks=true", "train.compile.mode=reduce-overhead",
+                                "deepspeed.grad_accum=2"])
+    with pytest.raises(UserError, match="needs deepspeed.grad_accum=1, got 2"):
+        prepare_model(model, recipe, torch.device("cpu"))
+
+
+def test_step_begin_marks_an_iteration_only_for_graph_modes(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
+    model, _, _ = model_and_batch()
+    C.compile_regions(model, "default", backend="aot_eager")
+    C.step_begin(model)
+    assert calls == []
+    C.compile_regions(model, "reduce-overhead")  # lazy: nothing compiles until called
+    C.step_begin(model)
+    assert calls == [1]
+    C.uncompile_regions(model)
+    C.step_begin(model)
+    assert calls == [1]
 
 
 @slow_inductor

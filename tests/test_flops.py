@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from echofm.engine.flops import mfu, model_flops
+from echofm.engine.flops import device_peak, mfu, model_flops
+from echofm.engine.losses import LossConfig
 from echofm.engine.masking import MaskConfig
 from echofm.engine.model import EchoFM, ModelConfig
 
@@ -23,7 +24,7 @@ def test_analytic_flops_match_flop_counter(kind, attention, cls_embed):
     with FlopCounterMode(display=False) as counter:
         model(video)
     measured = counter.get_total_flops()
-    analytic = model_flops(cfg, mask_cfg, prior_grid=model.loss_cfg.prior_grid)["forward"]
+    analytic = model_flops(cfg, mask_cfg, model.loss_cfg)["forward"]
     if attention == "joint":
         assert measured == analytic
     else:  # the CLS row's small SDPA call is not seen by the counter on CPU
@@ -68,6 +69,22 @@ def test_mfu_of_the_design_target():
     """The ViT-B sizing target: a ViT-B video MAE training at ~1,500 clips/s on one H200 (790 TFLOP/s bf16)
     is at ~40% MFU; the same clips/s over 8 devices is an eighth of that per device."""
     step = model_flops(ModelConfig(preset="echofm_vit_base"), MaskConfig(kind="tube", ratio=0.9))["train_step"]
-    assert mfu(step * 1500, 1.0) == pytest.approx(0.40, abs=0.03)
-    assert mfu(step * 1500, 8.0) == pytest.approx(mfu(step * 1500, 1.0) / 8)
-    assert mfu(step * 1500, 1.0, peak_flops=989e12) < mfu(step * 1500, 1.0)  # an H100's peak
+    assert mfu(step, 1500) == pytest.approx(0.40, abs=0.03)
+    assert mfu(step, 1500, devices=8) == pytest.approx(mfu(step, 1500) / 8)
+    assert mfu(step, 1500, peak_flops=989e12) < mfu(step, 1500)  # an H100's peak
+
+
+def test_the_loss_settings_count_where_they_change_the_products():
+    """The pixel prior's pooled products follow loss.prior_grid, and phase_prior "embed" has none."""
+    cfg, mask = ModelConfig(**SMALL), MaskConfig(ratio=0.75)
+    t, d = 4, 64
+    for loss, prior in ((LossConfig(prior_grid=16), 16), (LossConfig(), 32), (LossConfig(phase_prior="embed"), 0)):
+        assert model_flops(cfg, mask, loss)["parts"]["loss"] == 2 * t * t * d + 2 * t * t * prior**2
+    assert model_flops(cfg, mask) == model_flops(cfg, mask, LossConfig())
+
+
+def test_device_peaks_by_name():
+    assert device_peak("NVIDIA H200") == 790e12
+    assert device_peak("NVIDIA GH200 480GB") == 989e12  # not the H200's: "GH200" contains "H200"
+    assert device_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert device_peak("Some Other GPU") is None

@@ -1,6 +1,7 @@
 """EchoFM model: patch embedding, attention paths, gradients, overfitting, persistence."""
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,3 +260,54 @@ def test_reconstruct_keeps_visible_patches_of_the_clip():
     assert rec.shape == (1, 4, 32, 32, 3)
     visible = m.unpatchify((1 - out["mask"])[..., None].expand(-1, -1, m.cfg.pred_dim)).bool()
     torch.testing.assert_close(rec[visible], (video.float() / 255)[visible], rtol=0, atol=1e-5)
+
+
+def test_attn_backend_names_are_the_kernels_and_pinned_sdpa_runs():
+    """ModelConfig.attn_backend takes exactly the kernels' backend names (the pinned SDPA ones
+    included), from a recipe too; an unknown one is named. sdpa-flash has a CPU kernel: the
+    same loss as sdpa; cuDNN / efficient are CUDA kernels (a named error on CPU)."""
+    import typing
+
+    from echofm.engine.config import ConfigError, load_recipe
+    from echofm.kernels import ATTENTION_BACKENDS
+
+    hints = typing.get_type_hints(ModelConfig)
+    assert typing.get_args(hints["attn_backend"]) == ATTENTION_BACKENDS
+    tiny = Path(__file__).resolve().parents[1] / "recipes/pretrain/echofm_tiny.yaml"
+    assert load_recipe(tiny, ["model.attn_backend=sdpa-cudnn"]).model.attn_backend == "sdpa-cudnn"
+    with pytest.raises(ConfigError, match="model.attn_backend: expected 'auto' .* 'sdpa-cudnn' .*got str 'sdpa-fast'"):
+        load_recipe(tiny, ["model.attn_backend=sdpa-fast"])
+    with pytest.raises(ValueError, match="attn_backend must be one of"):
+        ModelConfig(**SMALL, attn_backend="cudnn").validate()
+    video = _video(2, 4, 32)
+    losses = {}
+    for backend in ("sdpa", "sdpa-flash"):
+        torch.manual_seed(0)
+        m = EchoFM(ModelConfig(**SMALL, attn_backend=backend))
+        assert m.gather_backend == "torch"
+        losses[backend] = m(video, generator=torch.Generator().manual_seed(1))["loss"].item()
+    assert losses["sdpa-flash"] == pytest.approx(losses["sdpa"], rel=1e-6)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="'sdpa-cudnn': torch has no such SDPA kernel for cpu"):
+            EchoFM(ModelConfig(**SMALL, attn_backend="sdpa-cudnn"))(video)
+
+
+def test_forward_takes_its_loss_from_the_loss_hook():
+    """model.loss_fn (losses.compute by default) is what forward calls: the hook compile swaps."""
+    from echofm.engine import losses
+
+    torch.manual_seed(0)
+    m = EchoFM(ModelConfig(**SMALL))
+    assert m.loss_fn is losses.compute
+    seen = []
+
+    def spy(*args, **kw):
+        seen.append(args[0])
+        return losses.compute(*args, **kw)
+
+    m.loss_fn = spy
+    video, g = _video(2, 4, 32), torch.Generator()
+    out = m(video, generator=g.manual_seed(0))
+    assert seen == [m.loss_cfg]
+    m.loss_fn = losses.compute
+    assert m(video, generator=g.manual_seed(0))["loss"].item() == out["loss"].item()

@@ -1,8 +1,9 @@
 """The pretraining loop end to end: real EchoFM on real shards (tiny shapes), DeepSpeed on CPU.
 
-One process in-process (metrics, figures, lr schedule, export, NaN skip), SIGTERM + SIGKILL +
-`--resume auto` in subprocesses (identical losses to the uninterrupted run, corrupt newer
-checkpoint ignored), 2-process ZeRO-2 via torchrun, named recipe errors.
+One process in-process (metrics and MFU, figures, lr schedule, export, NaN skip, compiled
+steps), SIGTERM + SIGKILL + `--resume auto` in subprocesses (identical losses to the
+uninterrupted run, corrupt newer checkpoint ignored), 2-process ZeRO-2 via torchrun, named
+recipe errors.
 """
 import json
 import os
@@ -22,13 +23,15 @@ from echofm.engine.optim import ScheduleConfig, lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes/pretrain/echofm_tiny.yaml")
+PEAK_TFLOPS = 0.001  # a made-up peak, so that the CPU runs log an MFU too
 # A few-second model: 8 frames of 32^2, patch 8, tubelet 2 -> 4 x 16 tokens, 4 kept per slice.
 SMALL = ["model.num_frames=8", "model.img_size=32", "model.patch_size=8", "model.tubelet=2",
          "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder_embed_dim=32",
          "model.decoder_depth=1", "model.decoder_num_heads=2", "model.pred_t_dim=4",
          "data.num_frames=8", "data.size=32", "data.batch_size=2", "data.num_threads=1",
          "schedule.warmup_steps=2", "optim.lr=0.002", "logging.every=1", "logging.progress=false",
-         "logging.tensorboard=false"]
+         "logging.tensorboard=false", f"train.peak_tflops={PEAK_TFLOPS}"]
+COMPILE = ["train.compile.blocks=true", "train.compile.loss=true"]
 
 
 def _overrides(shards, out, *extra):
@@ -67,15 +70,24 @@ def reference(tiny_shards, tmp_path_factory):
     return out / "echofm_tiny"
 
 
-def test_run_logs_metrics_figures_checkpoints_and_exports(reference, tmp_path):
+def _flops_per_clip(recipe) -> float:
+    from echofm.engine.flops import model_flops
+
+    return model_flops(recipe.model, recipe.mask, recipe.loss)["train_step"]
+
+
+def test_run_logs_metrics_figures_checkpoints_and_exports(reference, tiny_shards, tmp_path):
     run = reference
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [d["step"] for d in lines] == [1, 2, 3, 4, 5, 6]
+    per_clip = _flops_per_clip(load_recipe(TINY, _overrides(tiny_shards, tmp_path)))
     for d in lines:
         for key in ("loss", "loss_rec", "loss_triplet", "loss_cycle", "lr", "grad_norm", "sampled_fps",
                     "decoded_fps", "step_time_s", "data_wait_s", "compute_s", "memory_gib"):
             assert isinstance(d[key], float) and d[key] >= 0, (key, d)
-        assert d["mfu"] is None and d["nonfinite_total"] == 0
+        assert d["nonfinite_total"] == 0 and d["mfu_peak"] == "train.peak_tflops"
+        # docs/mfu.md: train-step FLOPs per clip x clips per second / peak (2 clips per step here)
+        assert d["mfu"] == pytest.approx(per_clip * 2 / d["step_time_s"] / (PEAK_TFLOPS * 1e12), rel=1e-9)
         assert d["loss"] == pytest.approx(d["loss_rec"] + d["loss_triplet"] + d["loss_cycle"], rel=1e-5)
         assert d["sampled_fps"] == pytest.approx(2 * 8 / d["step_time_s"], rel=1e-6)
         assert d["step_time_s"] == pytest.approx(d["data_wait_s"] + d["compute_s"], rel=1e-6)
@@ -174,6 +186,9 @@ def test_nonfinite_loss_is_skipped_and_counted(tiny_shards, tmp_path):
     # Clips that reached the model: 3 micro-batches of 2 in step 1, then 2 of 2.
     fps = [d["sampled_fps"] * d["step_time_s"] for d in lines]
     assert fps == pytest.approx([3 * 2 * 8, 2 * 2 * 8, 2 * 2 * 8], rel=1e-6)
+    # MFU counts the clips that completed a training step: 2 micro-batches of 2 in each step.
+    trained = [d["mfu"] * d["step_time_s"] * PEAK_TFLOPS * 1e12 / _flops_per_clip(recipe) for d in lines]
+    assert trained == pytest.approx([4, 4, 4], rel=1e-9)
     state = torch.load(ckpt.find_checkpoint(tmp_path / "nan") / "rank_00000.pt", weights_only=True)
     assert state["step"] == 3 and state["micro"] == 7
 
@@ -181,6 +196,108 @@ def test_nonfinite_loss_is_skipped_and_counted(tiny_shards, tmp_path):
                                           "train.max_nonfinite=2", "name=nan_abort"))
     with pytest.raises(NonFiniteLoss, match="non-finite for 2 micro-batches in a row"):
         pretrain(recipe)
+
+
+def _compiled_run(tiny_shards, tmp_path, name, *extra):
+    from echofm.engine.trainer import pretrain
+
+    pretrain(load_recipe(TINY, _overrides(tiny_shards, tmp_path, "train.steps=3", "train.checkpoint_every=0",
+                                          "logging.plot_every=0", f"name={name}", *extra)))
+    return _losses(tmp_path / name)
+
+
+def test_compiled_step_gives_the_eager_losses(tiny_shards, tmp_path):
+    """train.compile (blocks + loss) with aot_eager (dynamo + AOTAutograd, no code generation):
+    the eager run's losses. A backend that fails falls back to eager on the first step, with one
+    warning, and gives exactly the eager losses (the failed try's random draws are undone)."""
+    from torch._dynamo import list_backends, register_backend
+    from torch._dynamo.utils import counters
+
+    eager = _compiled_run(tiny_shards, tmp_path, "eager")
+    counters.clear()
+    compiled = _compiled_run(tiny_shards, tmp_path, "compiled", *COMPILE, "train.compile.backend=aot_eager")
+    assert counters["aot_autograd"]["ok"] >= 3  # the encoder block, the decoder block, the loss
+    assert list(compiled.values()) == pytest.approx(list(eager.values()), rel=1e-5)
+
+    if "echofm_broken" not in list_backends(exclude_tags=()):
+        def broken(gm, example_inputs):
+            raise RuntimeError("backend exploded")
+
+        register_backend(broken, name="echofm_broken")
+    with pytest.warns(UserWarning, match="compiled step failed .*backend exploded.*running eager"):
+        fell_back = _compiled_run(tiny_shards, tmp_path, "broken", *COMPILE, "train.compile.backend=echofm_broken")
+    assert fell_back == eager
+
+
+@pytest.mark.slow(reason="inductor compiles C++ kernels for the CPU: minutes on 2 cores")
+def test_inductor_compiled_step_gives_the_eager_losses(tiny_shards, tmp_path):
+    eager = _compiled_run(tiny_shards, tmp_path, "eager")
+    compiled = _compiled_run(tiny_shards, tmp_path, "inductor", *COMPILE)
+    assert list(compiled.values()) == pytest.approx(list(eager.values()), rel=1e-3)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_benchmark_stand_in_engine_steps_like_deepspeed(zero_stage):
+    """benchmarks/train.py times `micro_step` on DeepSpeed's engine or, on a GPU image without
+    DeepSpeed, on its StandInEngine: DeepSpeed's bf16 step arithmetic (fp32 masters, clip,
+    AdamW, DeepSpeed's zero-gradient AdamW step at init). From the same weights and masks, three
+    steps of each give the same losses and weights, bit for bit (CPU)."""
+    import copy
+    import importlib.util
+
+    from echofm.engine.model import EchoFM
+    from echofm.engine.trainer import micro_step
+
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "train.py")
+    bench = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
+    spec.loader.exec_module(bench)
+    # warmup 0: the lr stays at its peak (the stand-in has no schedule); the clip acts (grad norm > 0.01)
+    recipe = bench.bench_recipe("echofm_tiny", 2, [o for o in SMALL if o.startswith(("model.", "data."))]
+                                + ["optim.lr=0.002", "schedule.warmup_steps=0", "optim.clip_grad=0.01",
+                                   f"deepspeed.zero_stage={zero_stage}"],
+                                precision="bf16")
+    torch.manual_seed(0)
+    model = EchoFM(recipe.model, recipe.mask, recipe.loss)
+    engines = {"deepspeed": bench.make_engine("deepspeed", copy.deepcopy(model), recipe),
+               "standin": bench.make_engine("standin", model, recipe)}
+    wrapper = {0: "FP16_UnfusedOptimizer", 1: "DeepSpeedZeroOptimizer"}[zero_stage]  # bf16 at ZeRO 0 / 1
+    assert type(engines["deepspeed"].optimizer).__name__ == wrapper
+    video = torch.randint(0, 256, (2, 8, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    losses = {k: [] for k in engines}
+    for i in range(3):
+        for name, engine in engines.items():
+            torch.manual_seed(i)  # the same masks
+            losses[name].append(micro_step(engine, {"video": video})[0].loss)
+    assert losses["standin"] == losses["deepspeed"] and len(set(losses["standin"])) == 3
+    ds, si = engines["deepspeed"].module.state_dict(), engines["standin"].module.state_dict()
+    assert all(ds[k].dtype == torch.bfloat16 and torch.equal(ds[k], si[k]) for k in ds)
+
+
+def test_memory_gib_is_the_peak_since_the_last_read(monkeypatch):
+    """CUDA: each metrics line's memory_gib is the peak since the previous line (read, then
+    reset), not the process's all-time peak (which read the same 24 GiB for every run)."""
+    from echofm.engine.trainer import memory_gib
+
+    allocated = {"peak": 0}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: allocated.update(peak=2**30))
+    cuda = torch.device("cuda", 0)
+    allocated["peak"] = 24 * 2**30
+    assert memory_gib(cuda) == 24.0
+    assert memory_gib(cuda) == 1.0  # reset to what is allocated now
+    assert memory_gib(torch.device("cpu")) > 0  # CPU: resident memory
+
+
+@pytest.mark.gpu(reason="reads the CUDA allocator")
+def test_memory_gib_resets_on_the_gpu():
+    from echofm.engine.trainer import memory_gib
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    memory_gib(dev)
+    big = torch.empty(2**30, dtype=torch.uint8, device=dev)
+    del big
+    assert memory_gib(dev) >= 1.0
+    assert memory_gib(dev) < 1.0
 
 
 def test_named_errors(tiny_shards, tmp_path, capsys):
