@@ -7,11 +7,18 @@
 #   2. benchmarks/kernels.py: tube attention per backend at the models' attention shapes
 #      -> kernels_gpu.json, and the winners merged into kernels/attention_table.json (the
 #      dispatch table the next stage already uses; copied to the results)      (<= 110 s)
-#   3. benchmarks/train.py: ViT-L / ViT-B bf16 train step: batch sweep, plain model with
-#      SDPA, variants (compile, CUDA graphs, ...) -> train_gpu.json and the bar
-#      (ViT-L MFU >= 0.45, ViT-B MFU >= 0.35, ours / plain+SDPA >= 1.3)       (<= 230 s)
+#   3. benchmarks/train.py: ViT-L / ViT-B bf16, the trainer's own step (engine.trainer.micro_step
+#      on DeepSpeed's engine when its wheels came in .whl/, else on the documented stand-in):
+#      batch sweep, plain model with SDPA, variants (train.compile blocks + loss, reduce-overhead,
+#      the other engine, whole-step CUDA graphs as an upper bound, ...) -> train_gpu.json, the
+#      bar (ViT-L MFU >= 0.45, ViT-B MFU >= 0.35, ours / plain+SDPA >= 1.3) and each preset's
+#      winning recipe line                                                     (<= 230 s)
 #
 #   bash benchmarks/gpu_check.sh            # from the repo root (the device tool's cwd)
+#   bash benchmarks/gpu_check.sh wheels     # here, with a network, before the GPU call: .whl/
+#                                           # gets DeepSpeed 0.19.8 + what the GPU image lacks
+#                                           # of its requirements (cp312, ~5 MiB; untracked:
+#                                           # it travels with the tree; do not commit it)
 #
 # Results: $OUT (the device tool returns it) or else benchmarks/results/: gpu_check.log,
 # kernels_gpu.json, attention_table.json (commit it as kernels/attention_table.json),
@@ -20,11 +27,25 @@
 # bash benchmarks/gpu_check.sh runs the same stages through the Triton interpreter at toy
 # sizes (--smoke), writing to $OUT or a fresh temporary folder, never over benchmarks/results.
 # Wheels for missing packages, if any, go in .whl/ (carried): installed to /tmp/site first
-# (deepspeed's wheels there add train.py's `deepspeed` variant).
+# (DeepSpeed's there make train.py time the trainer's step on the real DeepSpeed engine).
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
 case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # the stages run from elsewhere
+if [ "${1:-}" = "wheels" ]; then
+    # DeepSpeed is a pure wheel built from its sdist; of its requirements the GPU image
+    # (benchmarks/gpu_kit.sh IMAGE_PACKAGES) lacks hjson and pydantic (with its own three).
+    # Versions: this environment's where installed (pydantic pins its pydantic-core).
+    set -e
+    pin() { "$PY" -m pip show "$1" 2>/dev/null | awk -v n="$1" '/^Version:/ {v = $2} END {print (v ? n "==" v : n)}'; }
+    mkdir -p "$REPO/.whl"
+    "$PY" -m pip wheel -q --no-deps -w "$REPO/.whl" deepspeed==0.19.8
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d "$REPO/.whl" \
+        $(for p in hjson pydantic pydantic-core annotated-types typing-inspection; do pin "$p"; done)
+    ls -l "$REPO/.whl"
+    exit 0
+fi
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET="${TRITON_INTERPRET:-0}"
 if [ "$TRITON_INTERPRET" = "1" ]; then
     RESULTS="${OUT:-$(mktemp -d)/gpu_check_cpu}"
@@ -78,7 +99,7 @@ BENCH_RC=$?
 [ "$TABLE" != "$RESULTS/attention_table.json" ] && [ -f "$TABLE" ] && cp "$TABLE" "$RESULTS/attention_table.json"
 
 echo "== 3. benchmarks/train.py (batch sweep, plain + SDPA, variants; bar)"
-timeout $((230 * SLOW)) "$PY" "$REPO/benchmarks/train.py" "${SMOKE[@]}" --budget 200 --out "$RESULTS/train_gpu.json"
+timeout $((230 * SLOW)) "$PY" "$REPO/benchmarks/train.py" "${SMOKE[@]}" --budget $((200 * SLOW)) --out "$RESULTS/train_gpu.json"
 TRAIN_RC=$?
 
 echo "== gpu_check done: tests rc=$TESTS_RC, kernels rc=$BENCH_RC, train rc=$TRAIN_RC (results in $RESULTS)"
@@ -90,9 +111,13 @@ try:
 except (OSError, KeyError, ValueError) as e:
     sys.exit(f"bar: no train results ({e})")
 f = lambda v, pct=True: "n/a" if v is None else (f"{v:.1%}" if pct else f"{v:.2f}x")
-print(f"== bar: ViT-L MFU {f(b['vit_l_mfu'])} (>= 45%), ViT-B MFU {f(b['vit_b_mfu'])} (>= 35%), "
-      f"ours / plain+SDPA ViT-B {f(b['ratio_vit_b'], False)}, ViT-L {f(b['ratio_vit_l'], False)} (>= 1.3x): "
+print(f"== bar ({b.get('engine')} engine): ViT-L MFU {f(b['vit_l_mfu'])} (>= 45%), ViT-B MFU {f(b['vit_b_mfu'])} "
+      f"(>= 35%), ours / plain+SDPA ViT-B {f(b['ratio_vit_b'], False)}, ViT-L {f(b['ratio_vit_l'], False)} (>= 1.3x): "
       + ("PASS" if b["pass"] else "not met"))
+for name, p in json.load(open(sys.argv[1]))["presets"].items():
+    if "winner" in p:
+        print(f"== {name}: winner {p['winner']} at batch {p['winner_batch']}, MFU {f(p.get('mfu'))}; recipe: "
+              f"{p['winner_recipe']}")
 EOF
 exit $((TESTS_RC || BENCH_RC || TRAIN_RC))
 } 2>&1 | tee "$LOG"
