@@ -58,11 +58,11 @@ from echofm.loaders.stream import ClipStream
 
 from . import checkpoint as ckpt
 from . import compile as C
+from .compile import CompileConfig
 from .errors import NonFiniteLoss, UserError
 from .flops import device_peak, mfu, model_flops
 from .heartbeat import Heartbeat
 from .logging import MetricsLogger, reconstruction_rows
-from .compile import CompileConfig
 from .model import EchoFM
 from .optim import LrSchedule, build_optimizer, peak_lr
 from .optim import param_groups as default_groups

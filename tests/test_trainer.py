@@ -300,6 +300,21 @@ def test_memory_gib_resets_on_the_gpu():
     assert memory_gib(dev) < 1.0
 
 
+def test_the_trainers_adamw_is_fused_on_cuda_only():
+    """build_optimizer (the trainer's client optimizer, which DeepSpeed steps): fused AdamW on
+    CUDA (one kernel for the whole update), torch's default on CPU (the CPU losses unchanged)."""
+    from echofm.engine.model import EchoFM, ModelConfig
+    from echofm.engine.optim import OptimConfig, build_optimizer, param_groups
+
+    cuda = torch.cuda.is_available()
+    model = EchoFM(ModelConfig(preset="echofm_tiny", num_frames=8, img_size=32, patch_size=8, embed_dim=32,
+                               depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
+                               pred_t_dim=4)).to("cuda" if cuda else "cpu")
+    opt = build_optimizer(param_groups(model, 0.05), OptimConfig(), 1e-3)
+    assert opt.defaults["fused"] is (True if cuda else None)
+    assert opt.defaults["betas"] == (0.9, 0.95) and not opt.defaults["capturable"]
+
+
 def test_named_errors(tiny_shards, tmp_path, capsys):
     from echofm.engine.cli import main
     from echofm.engine.errors import UserError
