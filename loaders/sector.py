@@ -1,24 +1,26 @@
 """Ultrasound sector detection and cropping.
 
 The imaging sector (the fan) is where the picture lives: every pixel of it is lit in some
-frame and most of it changes over time. Burned-in text, calipers, depth marks, logos and
-the UI are static or thin, an ECG trace is a thin moving line. So, over the whole clip (the
-union over time, not one frame and not one statistic):
+frame and it keeps changing (speckle, noise, moving walls). Burned-in text, calipers, depth
+marks and logos are frozen; an ECG trace is a thin line (often coloured). So, over the whole
+clip - the union over time, not one frame and not one threshold on one statistic:
 
-1. per pixel, after a 3x3 blur (codec noise): the brightest value (lit: above the black
-   background) and the temporal std (moving: above a low floor);
-2. candidate = lit and moving; a closing fills speckle gaps and the dark blood pools, an
-   opening with a disc wider than an ECG trace, a text stroke or a caliper drops those;
-   the largest connected component is the fan's core;
-3. the fan's geometry is fitted to the core's outline: two straight edges (robust line fits
-   to the left and right boundary, rows where the fan leaves the frame ignored), their
-   apex, and an arc (the radius that holds the core). The mask is that fan, grown by a
-   margin; when the outline is not a fan (a linear probe, a fan cut on both sides) or the fit
-   would leave moving core pixels out, the mask is the core's convex hull instead.
+1. per pixel (3x3-blurred: codec noise): lit = its brightest value stands above the black
+   background; frozen = lit but never changing (overlays, and the codec ringing around them);
+   coloured pixels of a grey clip are overlays too;
+2. the lit map, closed (speckle gaps, blood pools) and opened with a disc wider than a text
+   stroke or an ECG trace; the component with the most moving pixels is the fan's core;
+3. the fan's geometry is fitted to the core's convex hull: two straight edges (robust line
+   fits to the hull's left and right outline, rows where the fan leaves the frame ignored),
+   their apex, and an arc (along rays from the apex: the radius most rays end at; none when
+   the arc is below the frame). The mask is that fan grown by a margin; what sticks out of it
+   is an overlay fused to the fan and is left out. When the outline is not a fan (a linear
+   probe) or a thick part of the core would be left out, the mask is the core's hull;
+4. small frozen blobs beside the fan (an orientation dot at the apex) are blanked.
 
-The fit uses the outline of the union over time, so it does not move with codec noise; the
-box (and so the crop) is the mask's bounding box. Everything outside the mask is blanked,
-the frame is cropped to the box, padded to a square and resized.
+The box (the crop) is the mask's bounding box: it comes from the edges and the arc, so codec
+noise does not move it. Everything outside the mask is blanked, the frame is cropped to the
+box, padded to a square and resized.
 """
 from __future__ import annotations
 
@@ -58,8 +60,9 @@ class SectorConfig:
     close_size: int = 5
     """The closing disc (pixels): small, so it fills speckle gaps but does not bridge the few
     black pixels between the arc and an ECG trace drawn just below it."""
-    min_moving: float = 0.2
-    """A lit component is the fan only if at least this fraction of it moves."""
+    min_moving: float = 0.05
+    """A lit component can be the fan only if at least this fraction of it moves; the fan is
+    the one with the most moving pixels (text and marks hardly move)."""
     margin: float = 1.0
     """Pixels (at detection size) the mask is grown by beyond the fitted edges and arc."""
     max_outside: float = 0.015
@@ -95,7 +98,7 @@ def detect_sector(frames: np.ndarray, cfg: SectorConfig | None = None) -> Sector
     cfg = cfg or SectorConfig()
     h, w = frames.shape[1:3]
     scale = min(1.0, cfg.detect_side / max(h, w))
-    lit, moving = _time_union(frames, scale, cfg)
+    lit, moving, frozen = _time_union(frames, scale, cfg)
     core = _fan_core(lit, moving, cfg)
     if core is None or core.mean() < cfg.min_area:
         return None
@@ -105,6 +108,7 @@ def detect_sector(frames: np.ndarray, cfg: SectorConfig | None = None) -> Sector
     if shape == "hull" and cfg.margin > 0:
         r = max(1, int(np.ceil(cfg.margin)))
         small = cv2.dilate(small.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2)) > 0
+    small &= ~_marks(frozen & ~hull, core.sum())
     mask = small if scale == 1.0 else cv2.resize(small.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
     if mask.mean() < cfg.min_area:
         return None
@@ -112,9 +116,10 @@ def detect_sector(frames: np.ndarray, cfg: SectorConfig | None = None) -> Sector
     return Sector(mask=mask, box=(int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1), shape=shape)
 
 
-def _time_union(frames: np.ndarray, scale: float, cfg: SectorConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(lit, moving) bool [h, w] at detection size over all frames: brightest value above the
-    background + min_level, temporal std above max(min_std, rel_std * p99)."""
+def _time_union(frames: np.ndarray, scale: float, cfg: SectorConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lit, moving, frozen) bool [h, w] at detection size over all frames: lit = brightest value
+    above the background + min_level and not frozen; moving = temporal std above
+    max(min_std, rel_std * p99); frozen = lit with a temporal std below static_std (overlays)."""
     import cv2
 
     from .video_io import to_gray
@@ -143,6 +148,9 @@ def _time_union(frames: np.ndarray, scale: float, cfg: SectorConfig) -> tuple[np
     std = np.sqrt(np.maximum(s2 / f - np.square(s1 / f), 0.0))
     background = float(np.percentile(hi, 2))
     lit = hi > background + cfg.min_level
+    # lit but frozen: burned-in text, marks (and the codec ringing around them) - not fan
+    frozen = lit & (std <= cfg.static_std)
+    lit &= ~frozen
     if tint is not None:
         coloured = tint > cfg.colour_spread
         # a grey fan with a few coloured pixels: those are overlays (ECG traces, markers); a
@@ -150,15 +158,13 @@ def _time_union(frames: np.ndarray, scale: float, cfg: SectorConfig) -> tuple[np
         if coloured.sum() < cfg.max_overlay_colour * max(lit.sum(), 1):
             lit &= ~cv2.dilate(coloured.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     moving = std > max(cfg.min_std, cfg.rel_std * float(np.percentile(std, 99)))
-    # lit but frozen: burned-in text, marks (and the codec ringing around them) - not fan
-    lit &= std > cfg.static_std
-    return lit, moving
+    return lit, moving, frozen
 
 
 def _fan_core(lit: np.ndarray, moving: np.ndarray, cfg: SectorConfig) -> np.ndarray | None:
     """Close the lit map (fill speckle gaps, blood pools), open it with a disc wider than thin
-    overlays, and keep the largest connected component that moves (static ones are text,
-    logos, marks) -> bool [h, w] or None."""
+    overlays, and keep the connected component with the most moving pixels (static ones are
+    text, logos, marks) -> bool [h, w] or None."""
     import cv2
 
     h, w = lit.shape
@@ -177,7 +183,27 @@ def _fan_core(lit: np.ndarray, moving: np.ndarray, cfg: SectorConfig) -> np.ndar
     live = [i for i in range(1, n) if moved[i] >= cfg.min_moving * stats[i, cv2.CC_STAT_AREA]]
     if not live:
         return None
-    return lab == max(live, key=lambda i: stats[i, cv2.CC_STAT_AREA])
+    return lab == max(live, key=lambda i: moved[i])
+
+
+def _marks(frozen: np.ndarray, fan_area: int, max_frac: float = 0.01) -> np.ndarray:
+    """Burned-in marks beside the fan (an orientation dot at the apex, depth marks): the small
+    frozen blobs of `frozen` (pass those outside the fan's hull) -> bool. A large frozen
+    region is left alone (a dim, barely changing part of the fan)."""
+    import cv2
+
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(frozen.astype(np.uint8), connectivity=8)
+    small = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] <= max_frac * fan_area)
+    return np.isin(lab, small[small > 0])
+
+
+def _fill_holes(region: np.ndarray) -> np.ndarray:
+    """region with its enclosed holes (blood pools) filled -> bool."""
+    import cv2
+
+    flood = np.pad(1 - region.astype(np.uint8), 1)
+    cv2.floodFill(flood, None, (0, 0), 2)
+    return region | (flood[1:-1, 1:-1] == 0)
 
 
 def _hull_mask(region: np.ndarray) -> np.ndarray:
@@ -241,10 +267,7 @@ def _arc_radius(core: np.ndarray, ya: float, xa: float, a_l: float, a_r: float, 
     import cv2
 
     h, w = core.shape
-    solid = core.astype(np.uint8)
-    flood = np.pad(1 - solid, 1)
-    cv2.floodFill(flood, None, (0, 0), 2)
-    solid = (solid | (flood[1:-1, 1:-1] == 0)).astype(bool)  # enclosed holes (blood pools) filled
+    solid = _fill_holes(core)  # enclosed holes (blood pools) filled
     # angles from the downward axis: x = xa + r sin(t), y = ya + r cos(t)
     theta = np.linspace(np.arctan(a_l), np.arctan(a_r), n_rays)[1:-1]
     step = 0.5
