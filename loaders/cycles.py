@@ -17,7 +17,7 @@ ES are its prominent minima (one per beat, any rhythm), ED the end of filling be
 (the last frame within `ed_level` of the beat's top). `ed_es_confidence` says how much of
 the proxy the dominant motion explains and how regular its beats are; below
 `min_ed_es_confidence` ED/ES are left empty (never a guess presented as a label).
-Irregular rhythms (atrial fibrillation): the period is the median beat-to-beat interval.
+Irregular rhythms (atrial fibrillation): the period is the mean beat (first to last ES).
 """
 from __future__ import annotations
 
@@ -72,6 +72,9 @@ class CycleConfig:
     agree_s: float = 0.1
     """...and so is one that the dominant motion component does not place within this (s)."""
     min_ed_es_confidence: float = 0.8
+    min_event_explained: float = 0.85
+    """The beats (ES) time the period (irregular rhythm, harmonics) only when the proxy is
+    this well explained by the motion; else the autocorrelation's period stands."""
     """Below this, ED / ES are left out (the confidence is still recorded)."""
 
 
@@ -322,7 +325,7 @@ def estimate_cycle(frames: np.ndarray, fps: float = 0.0, cfg: CycleConfig | None
     dark = highpass(dark, cfg.proxy_highpass_s * rate)
     v, u0, explained = volume_proxy(xp, dark[:, 0], cfg.components)
     ed, es = beat_events(v, p, rate, cfg)
-    period, cv = _beat_period(p, es)
+    period, cv = _beat_period(p, es) if explained >= cfg.min_event_explained else (p, None)
     # a second witness: the dominant motion component, oriented like the proxy; an event it
     # does not see within the tolerance is left out (the proxy's region held something else)
     tol = cfg.agree_s * rate
@@ -422,14 +425,19 @@ def _run_width(s: np.ndarray, t: int, level: float, above: bool) -> int:
     return b - a + 1
 
 
+IRREGULAR_CV = 0.15
+"""Beat-to-beat intervals varying more than this (coefficient of variation) are irregular."""
+
+
 def _beat_period(p: float, es: list[int]) -> tuple[float, float | None]:
     """The reported period: the autocorrelation's p, or its 1/k when ES spacing shows it spans k
-    beats; the median ES interval when beats are irregular. Also the intervals' CV (None if < 2)."""
+    beats; when beats are irregular (no such k), the mean beat (first to last ES over the beats
+    between: per-event jitter cancels). Also the intervals' CV (None if < 2 intervals)."""
     if len(es) < 3:
         return p, None
     d = np.diff(es).astype(np.float64)
-    med, cv = float(np.median(d)), float(d.std() / d.mean())
+    med, cv = float(np.median(d)), round(float(d.std() / d.mean()), 3)
     for k in (1, 2, 3):
-        if abs(p / k - med) <= 0.15 * med:
-            return p / k, round(cv, 3)
-    return med, round(cv, 3)
+        if cv <= IRREGULAR_CV and abs(p / k - med) <= 0.15 * med:
+            return p / k, cv
+    return (es[-1] - es[0]) / (len(es) - 1), cv

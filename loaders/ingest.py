@@ -364,7 +364,8 @@ def _process(job: Job, cfg: IngestConfig) -> ClipResult:
         return fail(Kind.SHORT, f"too short: {len(frames)} frames < min_frames {cfg.min_frames}")
     sector = detect_sector(frames) if cfg.sector else None
     if cfg.sector and sector is None:
-        return fail(Kind.NO_SECTOR, "no ultrasound sector found (no region of pixels changes over time)")
+        return fail(Kind.NO_SECTOR, "no ultrasound sector found (no region of pixels changes over time, or "
+                    "several: a figure of clips, a dual view)")
     out = crop_resize(frames, sector, cfg.size)
     del frames
     cyc = estimate_cycle(out, fps, view=job.clip.view)

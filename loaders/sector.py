@@ -63,6 +63,9 @@ class SectorConfig:
     min_moving: float = 0.05
     """A lit component can be the fan only if at least this fraction of it moves; the fan is
     the one with the most moving pixels (text and marks hardly move)."""
+    max_rival: float = 0.5
+    """A second moving region with this fraction of the fan's moving pixels means several fans
+    (a figure of clips, a dual view): no single sector."""
     margin: float = 1.0
     """Pixels (at detection size) the mask is grown by beyond the fitted edges and arc."""
     max_outside: float = 0.015
@@ -180,10 +183,11 @@ def _fan_core(lit: np.ndarray, moving: np.ndarray, cfg: SectorConfig) -> np.ndar
     if n < 2:
         return None
     moved = np.bincount(lab[moving], minlength=n)
-    live = [i for i in range(1, n) if moved[i] >= cfg.min_moving * stats[i, cv2.CC_STAT_AREA]]
-    if not live:
-        return None
-    return lab == max(live, key=lambda i: moved[i])
+    live = sorted((i for i in range(1, n) if moved[i] >= cfg.min_moving * stats[i, cv2.CC_STAT_AREA]),
+                  key=lambda i: -moved[i])
+    if not live or (len(live) > 1 and moved[live[1]] >= cfg.max_rival * moved[live[0]]):
+        return None  # nothing moves, or two fans (a figure, a dual view): not one clip
+    return lab == live[0]
 
 
 def _marks(frozen: np.ndarray, fan_area: int, max_frac: float = 0.01) -> np.ndarray:

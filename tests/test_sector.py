@@ -102,3 +102,12 @@ def test_mjpeg_artefacts_do_not_pull_overlays_into_the_sector(tmp_path, view, h,
     s = detect_sector(frames)
     assert s is not None and not (s.mask & r.overlay).any()
     assert (s.mask & r.sector).sum() / (s.mask | r.sector).sum() > 0.9
+
+
+def test_a_figure_with_two_fans_has_no_single_sector():
+    # A rendered figure holding two clips side by side (or a dual view) is not one clip: no
+    # sector (ingest rejects it with the reason) rather than a crop to one of them.
+    a, b = phantom("A4C", 112, 128, seed=1), phantom("PLAX", 112, 128, seed=2)
+    figure = np.concatenate([a.video, np.zeros((40, 112, 16), np.uint8), b.video], axis=2)
+    assert detect_sector(figure) is None
+    assert detect_sector(a.video) is not None
