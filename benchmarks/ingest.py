@@ -31,6 +31,7 @@ def stage_times(corpus: Path, size: int, codec: str, limit: int) -> dict:
     """CPU ms per clip spent in each ingest stage (single process, `limit` clips). CPU time
     (process_time), not wall time, so other load on a shared machine does not inflate it."""
     from echofm.loaders.cycles import estimate_cycle
+    from echofm.loaders.ingest import IngestConfig
     from echofm.loaders.sector import crop_resize, detect_sector
     from echofm.loaders.sources import discover, load_clip
     from echofm.loaders.video_io import count_frames, encode_video
@@ -40,7 +41,7 @@ def stage_times(corpus: Path, size: int, codec: str, limit: int) -> dict:
     frames = 0
     for c in clips:
         t0 = time.process_time()
-        dec = load_clip(c, short_side=2 * size)
+        dec = load_clip(c, short_side=IngestConfig(size=size).keep_side)
         t1 = time.process_time()
         s = detect_sector(dec.frames)
         t2 = time.process_time()

@@ -170,11 +170,12 @@ def _mask_at_source(path: Path, size: int) -> np.ndarray | None:
     """The blanking mask ingest uses (detected on the frames it keeps), at the source size."""
     import cv2
 
+    from echofm.loaders.ingest import IngestConfig
     from echofm.loaders.sector import detect_sector
     from echofm.loaders.sources import discover, load_clip
 
     (clip,) = discover(path).clips
-    dec = load_clip(clip, short_side=2 * size)
+    dec = load_clip(clip, short_side=IngestConfig(size=size).keep_side)
     s = detect_sector(dec.frames)
     if s is None:
         return None

@@ -93,6 +93,10 @@ class IngestConfig:
     """CRF for vp9/h264, q:v for mjpeg; None: the codec's default."""
     sector: bool = True
     """Detect the ultrasound sector, blank outside it and crop to it (reject when none)."""
+    decode_side: int | None = None
+    """Frames are shrunk while decoding so their shorter side is at most this (memory follows
+    the output size, not the source's); None: 3 x size (the crop, usually 60-100% of the
+    frame, is then still larger than the output: no detail lost)."""
     dataset: str | None = None
     """Dataset name in the keys; None: from the source layout."""
     id_key: str | None = None
@@ -119,6 +123,10 @@ class IngestConfig:
             raise ValueError(f"fps must be > 0 or None (keep), got {self.fps}")
         if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6:
             raise ValueError(f"split_fractions must be 3 numbers summing to 1, got {self.split_fractions}")
+
+    @property
+    def keep_side(self) -> int:
+        return self.decode_side or 3 * self.size
 
     def settings(self, key: bytes) -> dict:
         d = {k: getattr(self, k) for k in RESUME_KEYS if k != "id_key"}
@@ -324,10 +332,12 @@ def _decode(job: Job, cfg: IngestConfig):
 
     c = job.clip
     try:
-        dec = load_clip(c, short_side=2 * cfg.size)  # 2x the output: crop and resize stay sharp
+        dec = load_clip(c, short_side=cfg.keep_side)
     except FileNotFoundError:
         return Reject(kind=Kind.MISSING, message="source file missing")
     except DataError as e:
+        if not os.path.exists(c.source):  # gone since it was hashed: try again next run
+            return Reject(kind=Kind.MISSING, message="source file missing")
         return Reject(kind=Kind.DECODE, message=_scrub(str(e), c))
     except OSError as e:
         return Reject(kind=Kind.IO, message=_scrub(f"cannot read ({type(e).__name__}: {e})", c))
@@ -367,7 +377,6 @@ def _process(job: Job, cfg: IngestConfig) -> ClipResult:
         return fail(Kind.NO_SECTOR, "no ultrasound sector found (no region of pixels changes over time, or "
                     "several: a figure of clips, a dual view)")
     out = crop_resize(frames, sector, cfg.size)
-    del frames
     cyc = estimate_cycle(out, fps, view=job.clip.view)
     video = None
     if not cfg.dry_run:

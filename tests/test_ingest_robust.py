@@ -186,14 +186,15 @@ def test_a_dead_worker_costs_its_clip_not_the_run(tmp_path, monkeypatch):
     assert verify(tmp_path / "out", decode=False).ok
 
 
-def test_decoding_keeps_frames_at_twice_the_output_size(tmp_path):
+def test_decoding_keeps_frames_at_a_size_bounded_by_the_output(tmp_path):
     from echofm.loaders.sources import discover, load_clip
 
     _video(tmp_path / "big.mp4", seed=1, frames=12, h=480, w=640)
     (clip,) = discover(tmp_path / "big.mp4").clips
-    dec = load_clip(clip, short_side=128)
-    assert dec.frames.shape == (12, 128, 171) and dec.source_size == (480, 640)
-    assert dec.scale == pytest.approx(128 / 480) and dec.problems == ""
+    keep = IngestConfig(size=64).keep_side  # 3 x the output: shrunk frame by frame while decoding
+    dec = load_clip(clip, short_side=keep)
+    assert keep == 192 and dec.frames.shape == (12, 192, 256) and dec.source_size == (480, 640)
+    assert dec.scale == pytest.approx(192 / 480) and dec.problems == ""
     meta = json.loads(next(iter_tar_samples(next((_run(tmp_path / "big.mp4", tmp_path / "o"), tmp_path / "o")[1]
                                                   .glob("*.tar"))))[1]["json"])
     y0, y1, x0, x1 = meta["sector_box"]  # reported in source pixels
