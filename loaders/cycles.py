@@ -69,7 +69,7 @@ class CycleConfig:
     """...where the frames within noise_k x the proxy's frame-to-frame noise count as near it too."""
     es_band: float = 0.01
     """ES is the first frame within this fraction of the amplitude of the trough's bottom."""
-    agree_s: float = 0.1
+    agree_s: float = 0.06
     """...and so is one that the dominant motion component does not place within this (s)."""
     min_ed_es_confidence: float = 0.8
     min_event_explained: float = 0.85
@@ -436,8 +436,10 @@ def _beat_period(p: float, es: list[int]) -> tuple[float, float | None]:
     if len(es) < 3:
         return p, None
     d = np.diff(es).astype(np.float64)
+    k = np.maximum(1, np.round(d / p))  # a gap of k autocorrelation periods: k beats, one ES missed
+    d = np.repeat(d / k, k.astype(np.int64))
     med, cv = float(np.median(d)), round(float(d.std() / d.mean()), 3)
     for k in (1, 2, 3):
         if cv <= IRREGULAR_CV and abs(p / k - med) <= 0.15 * med:
             return p / k, cv
-    return (es[-1] - es[0]) / (len(es) - 1), cv
+    return (es[-1] - es[0]) / len(d), cv
