@@ -135,7 +135,8 @@ class QualityReport:
         if self.renamed:
             w.append(f"{self.renamed} video(s) have an unexpected file extension (ingested)")
         if self.rejected:
-            w.append(f"{sum(self.rejected.values())} source(s) rejected: see rejects.jsonl")
+            w.append(f"{sum(self.rejected.values())} source(s) rejected" + (" (by kind above)" if self.dry_run
+                                                                          else ": see rejects.jsonl"))
         if self.shards_without_stats:
             w.append(f"{self.shards_without_stats} shard(s) from an older ingest carry no stats (not in the figures)")
 
@@ -150,7 +151,8 @@ class QualityReport:
         """The printed summary."""
         c, r = self.corpus.summary(), self.run.summary()
         head = "dry run (nothing written)" if self.dry_run else "corpus"
-        out = [f"this run: {self.added} added, {self.skipped} already in the corpus, {len(self.duplicates)} duplicate(s), "
+        verb = "would be added" if self.dry_run else "added"
+        out = [f"this run: {self.added} {verb}, {self.skipped} already in the corpus, {len(self.duplicates)} duplicate(s), "
                f"{sum(self.rejected.values())} rejected" + (f" ({_kv(self.rejected)})" if self.rejected else ""),
                f"  its clips: period found {r['period_found_pct']}%, ED/ES {r['ed_es_found_pct']}%, "
                f"crop {100 * r['crop_fraction_mean']:.1f}% (max {100 * r['crop_fraction_max']:.1f}%)",
