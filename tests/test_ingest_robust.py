@@ -134,6 +134,17 @@ def test_a_file_with_flipped_bytes_is_rejected_with_its_damage_counted(tmp_path)
     assert r["kind"] == "corrupt_frames" and "of 111 frames corrupt" in r["reason"], r
 
 
+def test_a_truncated_file_is_rejected_with_the_frames_it_lacks(tmp_path):
+    src = tmp_path / "raw"
+    src.mkdir()
+    _video(tmp_path / "whole.avi", seed=4, frames=60, container="avi")
+    data = (tmp_path / "whole.avi").read_bytes()
+    (src / "cut.avi").write_bytes(data[:len(data) // 2])  # a copy that stopped half way
+    rep = _run(src, tmp_path / "out")
+    (r,) = map(json.loads, (tmp_path / "out" / "rejects.jsonl").read_text().splitlines())
+    assert rep.added == 0 and r["kind"] == "corrupt_frames" and "of 60 frames missing" in r["reason"], r
+
+
 def test_a_second_ingest_is_locked_out_and_told_who_holds_the_lock(tmp_path):
     src = tmp_path / "raw"
     src.mkdir()
