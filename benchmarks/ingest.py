@@ -32,16 +32,17 @@ def stage_times(corpus: Path, size: int, codec: str, limit: int) -> dict:
     """CPU ms per clip spent in each ingest stage (single process, `limit` clips). CPU time
     (process_time), not wall time, so other load on a shared machine does not inflate it."""
     from echofm.loaders.cycles import estimate_cycle
+    from echofm.loaders.ingest import IngestConfig
     from echofm.loaders.sector import crop_resize, detect_sector
     from echofm.loaders.sources import discover, load_clip
     from echofm.loaders.video_io import count_frames, encode_video
 
-    clips = discover(corpus)[:limit]
+    clips = discover(corpus).clips[:limit]
     t = dict.fromkeys(("decode", "sector", "crop_resize", "cycle", "encode", "count"), 0.0)
     frames = 0
     for c in clips:
         t0 = time.process_time()
-        dec = load_clip(c)
+        dec = load_clip(c, short_side=IngestConfig(size=size).keep_side)
         t1 = time.process_time()
         s = detect_sector(dec.frames)
         t2 = time.process_time()
@@ -62,10 +63,11 @@ def stage_times(corpus: Path, size: int, codec: str, limit: int) -> dict:
 
 
 def period_accuracy(corpus: Path, shard_dir: Path) -> dict:
-    from echofm.loaders.ingest import source_hash
+    from echofm.loaders import ids
     from echofm.loaders.shards import iter_tar_samples, read_manifest
 
-    rows = {source_hash(r["file"]): r for r in csv.DictReader(open(corpus / "labels.csv"))}
+    key, _ = ids.load_key(ids.default_key_path(shard_dir), create=False)
+    rows = {ids.path_hash(key, r["file"]): r for r in csv.DictReader(open(corpus / "labels.csv"))}
     hits = n = nulls = 0
     err = {"ed": [], "es": []}
     for s in read_manifest(shard_dir)["shards"]:

@@ -134,27 +134,30 @@ def _parse_bytes(text: str) -> int:
 
 def _add_ingest(sub) -> None:
     p = sub.add_parser("ingest", help="videos / DICOM / EchoNet / CAMUS / CSV -> WebDataset shards",
-                       description="Ingest sources into WebDataset shards + DALI indexes + manifest.json. "
-                       "Patient ids are hashed; set ECHOFM_PATIENT_SALT to salt the hashes.")
+                       description="Ingest sources into WebDataset shards + DALI indexes + manifest.json, and "
+                       "report how the corpus came out (quality_report.json). Patient ids and source paths are "
+                       "keyed hashes (HMAC) with the corpus's secret id key, kept outside the shards.")
     p.add_argument("sources", nargs="+", help="files or folders (layout is recognised) or CSV manifests")
-    p.add_argument("--out", required=True, help="shard directory (re-running resumes into it)")
+    p.add_argument("--out", required=True, help="shard directory (re-running resumes into it, by content)")
     p.add_argument("--size", type=int, default=None, help="output height = width (default 224, or the recipe's)")
     p.add_argument("--codec", choices=["vp9", "h264", "mjpeg"], default="vp9")
     p.add_argument("--fps", default="keep", help="'keep' or a frame rate to resample to")
     p.add_argument("--shard-size", type=_parse_bytes, default="256MB", help="bytes per shard, e.g. 256MB")
-    p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (a worker that dies costs its clip only)")
     p.add_argument("--dataset", default=None, help="dataset name in sample keys (default: from the layout)")
     p.add_argument("--min-frames", type=int, default=8, help="shorter clips are rejected")
     p.add_argument("--no-sector", action="store_true", help="keep the full frame (no sector crop)")
-    p.add_argument("--retry-rejects", action="store_true", help="retry sources listed in rejects.jsonl")
+    p.add_argument("--id-key", default=None, metavar="FILE",
+                   help="the corpus's secret id key (hex; default OUT.idkey beside --out, created on first ingest)")
+    p.add_argument("--retry-rejects", action="store_true",
+                   help="retry sources rejected for good earlier (missing / unreadable files are always retried)")
+    p.add_argument("--dry-run", action="store_true", help="scan, decode and measure; report; write nothing")
     p.add_argument("--recipe", default=None, help="take --size from this recipe's data.size")
     p.set_defaults(run=_run_ingest)
 
 
 def _run_ingest(args) -> int:
-    import os
-
-    from echofm.loaders.ingest import IngestConfig, ingest
+    from echofm.loaders.ingest import REPORT, IngestConfig, ingest
 
     size = args.size
     if size is None and args.recipe:
@@ -165,15 +168,23 @@ def _run_ingest(args) -> int:
         fps = None if args.fps == "keep" else float(args.fps)
         cfg = IngestConfig(size=size or 224, codec=args.codec, fps=fps, shard_size=args.shard_size,
                            workers=args.workers, dataset=args.dataset, min_frames=args.min_frames,
-                           sector=not args.no_sector, retry_rejects=args.retry_rejects,
-                           salt=os.environ.get("ECHOFM_PATIENT_SALT", ""))
+                           sector=not args.no_sector, retry_rejects=args.retry_rejects, id_key=args.id_key,
+                           dry_run=args.dry_run)
         cfg.validate()
     except ValueError as e:
         raise UserError(f"ingest: {e}") from e
     r = ingest(args.sources, args.out, cfg)
-    print(f"ingest: {r.added} added, {r.skipped} skipped (already done), {r.rejected} rejected "
-          f"({args.out}/rejects.jsonl), {len(r.shards)} shard(s), {r.frames} frames, "
-          f"{r.clips_per_s:.1f} clips/s, {r.input_mb_per_s:.1f} MB/s in")
+    if r.id_key_created:
+        print(f"ingest: created the id key {r.id_key}: keep it private and keep it (later ingests into "
+              f"{args.out} need it; without it patient ids cannot be linked back)")
+    print(f"ingest: {r.added} {'would be added' if args.dry_run else 'added'}, {r.skipped} skipped (already done), "
+          f"{r.duplicates} duplicate(s), {r.rejected} rejected"
+          + ("" if args.dry_run else f" ({args.out}/rejects.jsonl), {len(r.shards)} shard(s)")
+          + f", {r.frames} frames, {r.clips_per_s:.1f} clips/s, {r.input_mb_per_s:.1f} MB/s in")
+    for line in r.quality.lines():
+        print(f"ingest: {line}")
+    if not args.dry_run:
+        print(f"ingest: report written to {args.out}/{REPORT}")
     return 0
 
 
