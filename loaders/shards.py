@@ -2,10 +2,10 @@
 
 A shard directory holds `shard-NNNNNN.tar` (the samples), `shard-NNNNNN.idx` (DALI's
 `wds2idx` v1.2 index, written from the offsets we know while writing, so no second pass),
-`shard-NNNNNN.samples.jsonl` (one line per sample: key, source (a hash of the absolute
-source path), source_sha256, patient (hash), split, frames; what resume and split checks read;
-member_sha256: the sha256 of each member, so `verify` and the stream name a damaged sample) and
-`manifest.json`.
+`shard-NNNNNN.samples.jsonl` (one line per sample: key, source (the corpus-keyed HMAC of
+the path relative to the source root: loaders/ids.py), source_sha256, patient (keyed hash),
+split, frames; what resume and split checks read; member_sha256: the sha256 of each member,
+so `verify` and the stream name a damaged sample) and `manifest.json`.
 
 Crash safety: a shard is written under `*.tmp` names, fsynced and renamed; only then is the
 manifest (the single source of truth) replaced atomically. A shard file that is not listed
