@@ -79,3 +79,8 @@ def test_loader_extracts_videos_into_the_cache_not_the_shards(tiny_shards, tmp_p
     assert len(videos) == m["total_samples"]
     assert all(Path(p).is_relative_to(tmp_path / "cache" / "extracted") and Path(p).stat().st_size for p, _ in videos)
     assert sum(n for _, n in videos) == m["total_frames"]
+
+
+def test_bench_without_a_name_says_what_to_pass(capsys):
+    assert main(["bench"]) == 2
+    assert "bench: name a benchmark (synth, ingest" in capsys.readouterr().err
