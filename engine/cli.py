@@ -24,16 +24,24 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 def _add_config(sub) -> None:
     p = sub.add_parser("config", help="show a resolved recipe")
     csub = p.add_subparsers(dest="config_cmd", required=True)
-    show = csub.add_parser("show", help="print the recipe after includes, --set and validation")
+    show = csub.add_parser("show", help="print the recipe after includes, --set, validation and the "
+                           "model preset (its dimensions filled in)")
     show.add_argument("recipe")
     _add_set(show)
     show.set_defaults(run=_run_config_show)
 
 
 def _run_config_show(args) -> int:
-    from .config import dump_yaml, load_recipe
+    import dataclasses
 
-    print(dump_yaml(load_recipe(args.recipe, args.overrides)), end="")
+    from .config import ConfigError, dump_yaml, load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:  # the preset's dimensions, not null
+        recipe = dataclasses.replace(recipe, model=recipe.model.resolved())
+    except ValueError as e:
+        raise ConfigError(f"{args.recipe}: model: {e}") from None
+    print(dump_yaml(recipe), end="")
     return 0
 
 
@@ -229,18 +237,30 @@ def _run_finetune(args) -> int:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="recompute a downstream run's metrics from its saved head")
-    p.add_argument("recipe", help="the downstream recipe the run used")
-    p.add_argument("--checkpoint", required=True, help="the run folder written by `echofm finetune`")
+    p = sub.add_parser("evaluate", help="recompute a downstream run's metrics from its saved head and "
+                       "recipe, or score an external cohort (--data)",
+                       description="Rebuild backbone + head of a finished `echofm finetune` run from its folder "
+                       "and score its val/test splits again with the run's own recipe (RUN_DIR/recipe.yaml) and "
+                       "any --set on top: with no --set the numbers are the run's. --data scores another shard "
+                       "set (e.g. an external cohort ingested with every patient in split 'test'). A "
+                       "--set downstream.backbone=... is honoured only when it holds the weights the head was "
+                       "trained on, refused otherwise.")
+    p.add_argument("run_dir", help="the run folder written by `echofm finetune` (downstream.out_dir/<name>)")
     _add_set(p)
+    p.add_argument("--data", default=None, metavar="SHARDS",
+                   help="score this shard set instead (writes RUN_DIR/evaluate_<folder name>.json)")
+    p.add_argument("--recipe", default=None, help="start from this recipe instead of RUN_DIR/recipe.yaml")
+    p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)  # the older form: RECIPE --checkpoint RUN
     p.set_defaults(run=_run_evaluate)
 
 
 def _run_evaluate(args) -> int:
-    from .config import load_recipe
-    from .downstream.run import evaluate
+    from .downstream.run import evaluate, load_run_recipe
 
-    evaluate(load_recipe(args.recipe, args.overrides), args.checkpoint)
+    run_dir, recipe_file = args.run_dir, args.recipe
+    if args.checkpoint:  # `echofm evaluate RECIPE --checkpoint RUN_DIR` (before the run folder held its recipe)
+        run_dir, recipe_file = args.checkpoint, args.run_dir
+    evaluate(load_run_recipe(run_dir, args.overrides, recipe_file), run_dir, data=args.data)
     return 0
 
 
@@ -291,8 +311,14 @@ BENCHMARKS = ("synth", "ingest", "loader", "kernels", "train", "probe_gap", "int
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (table + JSON)")
-    p.add_argument("name", choices=BENCHMARKS)
+    p = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (table + JSON in a run folder)",
+                       description="Run benchmarks/NAME.py. Results go to a new run folder "
+                       "runs/bench/NAME-<timestamp>/ unless the script's --out names a file (the committed "
+                       "results in benchmarks/results/ are written only that way). Synthetic corpora and other "
+                       "caches are kept in ~/.cache/echofm/bench/NAME/ (announced with their size); "
+                       "--clean removes them.")
+    p.add_argument("name", nargs="?", choices=BENCHMARKS, help="the benchmark (with --clean: only its cache)")
+    p.add_argument("--clean", action="store_true", help="remove the benchmark caches (all, or NAME's) and exit")
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script (see its --help)")
     p.set_defaults(run=_run_bench)
 
@@ -301,6 +327,17 @@ def _run_bench(args) -> int:
     import runpy
     from pathlib import Path
 
+    from . import bench
+
+    if args.clean:
+        removed = bench.clean([args.name] if args.name else None)
+        for path, size in removed:
+            print(f"removed {path} ({size / 2**20:.0f} MB)")
+        if not removed:
+            print(f"no benchmark caches under {bench.cache_root()}")
+        return 0
+    if args.name is None:
+        raise UserError("bench: name a benchmark (" + ", ".join(BENCHMARKS) + ") or pass --clean")
     # Benchmarks are scripts beside the code folders, not package modules: they exist in a
     # source checkout (the editable install the README sets up).
     script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{args.name}.py"
@@ -310,7 +347,7 @@ def _run_bench(args) -> int:
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as e:
-        return int(e.code or 0)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return 0
 
 
@@ -322,9 +359,23 @@ SUBCOMMANDS: list[Callable] = [_add_synth, _add_ingest, _add_shards, _add_pretra
                                _add_config]
 
 
+class _Version(argparse.Action):
+    """--version, resolved only when asked (it may run git)."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .provenance import version_line
+
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="echofm", description="EchoFM: echocardiography video foundation model engine")
+    parser.add_argument("--version", action=_Version, help="print the echofm version (and git commit) and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)

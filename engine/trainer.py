@@ -59,6 +59,7 @@ from .logging import MetricsLogger, reconstruction_rows
 from .model import EchoFM
 from .optim import LrSchedule, build_optimizer, peak_lr
 from .optim import param_groups as default_groups
+from .provenance import provenance
 from .yaml_io import dump_yaml, to_dict
 
 __all__ = ["DeepSpeedConfig", "Dist", "NonFiniteLoss", "TrainConfig", "Trainer", "build_engine",
@@ -500,7 +501,8 @@ class Trainer:
                "train_s_all_sessions": round(self.elapsed_before + wall, 2),
                "steps_per_s": len(self.losses) / acc.total_time if acc.total_time else None,
                "sampled_fps": acc.total_clips * frames * d.world / acc.total_time if acc.total_time else None,
-               "data_wait_fraction": acc.total_wait / acc.total_time if acc.total_time else None}
+               "data_wait_fraction": acc.total_wait / acc.total_time if acc.total_time else None,
+               "provenance": provenance(self.recipe)}
         if d.rank == 0:
             (self.run_dir / "summary.json").write_text(json.dumps(out, indent=1))
             if self.drops.counts["damaged_samples"]:
@@ -513,7 +515,8 @@ class Trainer:
         """Metrics logger, the run's recipe.yaml, SIGTERM / SIGINT handlers, clocks."""
         d = self.dist
         self.logger = MetricsLogger(self.recipe.logging, self.run_dir, total_steps=self.steps,
-                                    start_step=self.step, enabled=d.rank == 0, desc=self.name)
+                                    start_step=self.step, enabled=d.rank == 0, desc=self.name,
+                                    config=to_dict(self.recipe))
         if d.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.yaml").write_text(dump_yaml(self.recipe))
