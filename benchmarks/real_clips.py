@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "real_clips.json"
 MOVING_STD = 4.0
 
 
@@ -293,7 +292,7 @@ def summarize(rows: list[dict], moved: dict) -> dict:
             "moved_tree": moved}
 
 
-def check(clips_dir: Path, size: int, out: Path) -> None:
+def check(clips_dir: Path, size: int, out: Path | None) -> None:
     from echofm.loaders import ids
 
     warnings.simplefilter("ignore")
@@ -323,9 +322,9 @@ def check(clips_dir: Path, size: int, out: Path) -> None:
                                                                       if v.get("exclude")}),
               "machine": {"cpus": os.cpu_count(), "loadavg_1min": os.getloadavg()[0]},
               "summary": summary, "clips": rows}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=_plain) + "\n")
-    print(f"wrote {out}")
+    from echofm.engine import bench
+    out = bench.results_path("real_clips", out, "real_clips.json")
+    bench.write_json(out, json.loads(json.dumps(result, default=_plain)))
 
 
 def _plain(o):
@@ -342,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("check")
     c.add_argument("--clips", type=Path, required=True)
     c.add_argument("--size", type=int, default=112)
-    c.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    c.add_argument("--out", type=Path, default=None,
+                   help="results JSON (default: a new run folder; benchmarks/results/real_clips.json to update the committed one)")
     args = ap.parse_args(argv)
     if args.cmd == "prepare":
         prepare(args.media, args.out)

@@ -184,11 +184,27 @@ def init_distributed(timeout_s: float | None = None) -> Dist:
     else:
         device = torch.device("cpu")
     if not torch.distributed.is_initialized():
+        if device.type == "cpu":
+            _skip_shm_comm_op()
         kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
         deepspeed.init_distributed(verbose=False, **kw)
     if own_port:  # used for the rendezvous only; child processes must pick their own
         os.environ.pop("MASTER_PORT", None)
     return Dist(rank, world, local_rank, device)
+
+
+def _skip_shm_comm_op() -> None:
+    """Keep DeepSpeed's CPU accelerator on plain gloo instead of its shared-memory comm op.
+
+    That op only speeds all-reduce between CPU ranks of one host; our CPU runs are tests,
+    CI and demos. Its first use JIT-compiles C++ (30-200 s on 2 cores), and a build that
+    is killed leaves a lock file that torch waits on forever: every later run on that
+    machine hangs in init_distributed (seen in CI). `__compatible_ops__` is the dict
+    DeepSpeed consults before building it (its own comment: edits to it persist).
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 # ---------------------------------------------------------------- engine
