@@ -61,6 +61,10 @@ setup(
         # DALI by CUDA major version (pick the driver's; either serves a CPU-only machine).
         "cuda13": ["nvidia-dali-cuda130>=2.4,<2.5"],  # tested: 2.4.0 (the CPU pipeline)
         "cuda12": ["nvidia-dali-cuda120>=2.4,<2.5"],  # same release, CUDA 12 build
+        # Optional experiment trackers (logging.wandb / logging.mlflow; imported only when enabled).
+        # Not installed by the tests: tests/test_logging.py drives both through fake modules.
+        "wandb": ["wandb>=0.17,<1"],  # the W&B client (0.x releases; run.log / run.finish)
+        "mlflow": ["mlflow-skinny>=2.10,<4"],  # the tracking client `import mlflow` (no server)
         # Tests: pytest, and webdataset to prove the shards are plain WebDataset (test_packaging).
         "dev": ["pytest>=8,<10", "webdataset>=0.2.100,<2"],
     },

@@ -2,14 +2,14 @@
 -> the DALI stream (NVDEC "mixed" next to the CPU backend) -> `echofm pretrain` ViT-B bf16
 through DeepSpeed -> checkpoint and resume -> the same trainer fed from GPU memory.
 
-    python benchmarks/gpu_e2e.py STAGE --work DIR --results DIR [--cpu]
+    python benchmarks/gpu_e2e.py STAGE --work DIR [--results DIR] [--cpu]
     STAGE: preflight | corpus | stream | pretrain | resume | replay | report
 
 benchmarks/gpu_e2e.sh runs the stages in order, each in its own process under its own
 timeout (a hang costs one stage, not the call). Each stage writes WORK/stages/<stage>.json
 and reuses what an earlier call left in WORK (corpus, shards): a rerun on a warm machine
 skips finished work. `report` merges the stages into RESULTS/gpu_e2e.json (gpu_e2e_cpu.json
-with --cpu) and prints the summary with the goals measured in the same run (DESIGN §7):
+with --cpu; RESULTS: --results, else a new run folder runs/bench/gpu_e2e-<timestamp>/) and prints the summary with the goals measured in the same run (DESIGN §7):
 the NVDEC stream at >= 1,500 clips/s at 16 x 224^2 (what a ViT-B step at 40% MFU consumes)
 and data wait < 5% of step time in the real pretrain.
 
@@ -29,6 +29,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from echofm.engine import bench
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -496,11 +498,8 @@ def stage_report(plan: Plan, work: Path, results: Path) -> dict:
         lines.append("stages that did not finish: " + ", ".join(
             f"{s} ({'timed out' if rc in (124, 137) else f'rc {rc}'})" for s, rc in failed.items()))
     name = "gpu_e2e_cpu.json" if plan.cpu else "gpu_e2e.json"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / name).write_text(json.dumps({"goals": goals, "stage_rc": rcs, "stages": stages,
-                                            "summary": lines}, indent=1, default=str) + "\n")
     print("\n".join(lines))
-    print(f"wrote {results / name}")
+    bench.write_json(results / name, {"goals": goals, "stage_rc": rcs, "stages": stages, "summary": lines})
     return {}
 
 
@@ -508,14 +507,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("stage", choices=STAGES)
     ap.add_argument("--work", type=Path, required=True, help="scratch folder kept between stages and calls")
-    ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--results", type=Path, default=None, help="report folder (default: a new run folder)")
     ap.add_argument("--cpu", action="store_true", help="the tiny CPU twin (tests this script)")
     args = ap.parse_args(argv)
     plan = CPU if args.cpu else GPU
     args.work.mkdir(parents=True, exist_ok=True)
     print(f"== stage {args.stage}", flush=True)
     if args.stage == "report":
-        stage_report(plan, args.work, args.results)
+        stage_report(plan, args.work, args.results or bench.run_dir("gpu_e2e"))
         return 0
     t0 = time.perf_counter()
     data = globals()[f"stage_{args.stage}"](plan, args.work)

@@ -1,7 +1,7 @@
 """What integrity costs: the stream's per-sample sha256 check and checkpoint hashing.
 
     python benchmarks/integrity.py [--shards-112 DIR] [--shards-224 DIR] [--videos 24]
-                                   [--cache ~/.cache/echofm/bench_integrity] [--steps 5]
+                                   [--cache DIR] [--steps 5] [--out FILE]
 
 1. Sample check (`data.verify`): the first time a process reads a sample, the stream hashes
    its members (video, json, .nframes) and compares 16 bytes of each sha256 with the one
@@ -14,13 +14,15 @@
    hashes them again (`verify`). Timed on the tiny model's DeepSpeed checkpoint (ZeRO-0,
    fp32: weights + AdamW moments), as seconds per checkpoint and MB/s.
 
-Prints a table and writes benchmarks/results/integrity.json.
+Prints a table and writes integrity.json to a new run folder runs/bench/integrity-<timestamp>/,
+or to --out (the committed numbers: --out benchmarks/results/integrity.json). Shards built
+here are cached in ~/.cache/echofm/bench/integrity/ (`echofm bench --clean` removes them);
+--shards-* folders are only read.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import platform
 import statistics
 import sys
@@ -28,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from echofm.engine import bench
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -115,9 +118,9 @@ def main() -> int:
     ap.add_argument("--shards-112", type=Path, default=None)
     ap.add_argument("--shards-224", type=Path, default=None)
     ap.add_argument("--videos", type=int, default=24, help="synthetic videos when shards are built")
-    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/echofm/bench_integrity")
+    ap.add_argument("--cache", type=Path, default=bench.cache_dir("integrity"))
     ap.add_argument("--steps", type=int, default=5, help="timed tiny-recipe steps")
-    ap.add_argument("--out", type=Path, default=RESULTS / "integrity.json")
+    ap.add_argument("--out", type=Path, default=None, help="results JSON (default: a new run folder)")
     args = ap.parse_args()
 
     from echofm.loaders.corpus import cached_corpus
@@ -144,8 +147,8 @@ def main() -> int:
     print(f"tiny step {res['tiny_step_s']:.3f} s (batch 4, CPU); tiny checkpoint {c['checkpoint_mb']} MB: "
           f"hashing at save {c['hash_s']} s, verify at load {c['verify_s']} s ({c['hash_mb_per_s']:.0f} MB/s), "
           f"whole save {c['save_s_total']} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1))
+    bench.write_json(bench.results_path("integrity", args.out, "integrity.json"), res)
+    bench.announce_cache(args.cache)
     return 0
 
 

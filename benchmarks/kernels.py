@@ -1,7 +1,12 @@
 """Kernel benchmarks on a CUDA GPU: tube attention per backend (and the dispatch table), gather GB/s.
 
-    python benchmarks/kernels.py [--out benchmarks/results/kernels_gpu.json]
-                                 [--table-out kernels/attention_table.json | --no-table] [--sweep]
+    python benchmarks/kernels.py [--out FILE] [--table-out FILE | --no-table] [--sweep]
+
+Results (kernels_gpu.json) and the dispatch table it measured (attention_table.json: the
+committed table with this device's winners merged in) go to a new run folder
+runs/bench/kernels-<timestamp>/. The committed files are written only when named:
+--out benchmarks/results/kernels_gpu.json --table-out kernels/attention_table.json (the
+table the kernels read at run time).
 
 On a GPU it measures first the two ceilings (a large device copy, a bf16 8192^3 matmul), then:
 - tube_attention forward and forward+backward, bf16, at the attention calls the models make
@@ -38,9 +43,10 @@ from pathlib import Path
 
 import torch
 
+from echofm.engine import bench
+
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "kernels_gpu.json"
-DEFAULT_TABLE = REPO / "kernels" / "attention_table.json"
+COMMITTED_TABLE = REPO / "kernels" / "attention_table.json"
 # Backends measured at every shape: those a dispatch table row may name.
 BACKENDS = ("triton", "sdpa", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient")
 # Ratios must be within this of the sdpa result (bf16) for a backend to win a row.
@@ -357,9 +363,10 @@ def verdict(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None,
-                    help=f"JSON results file (default {DEFAULT_OUT}; none for --smoke)")
+                    help="JSON results file (default: kernels_gpu.json in a new run folder; none for --smoke)")
     ap.add_argument("--table-out", type=Path, default=None,
-                    help=f"dispatch table to merge the winners into (default {DEFAULT_TABLE}; none for --smoke)")
+                    help=f"dispatch table to merge the winners into (default: a copy of {COMMITTED_TABLE} in the "
+                         "run folder; none for --smoke)")
     ap.add_argument("--no-table", action="store_true", help="measure, but write no dispatch table")
     ap.add_argument("--sweep", action="store_true", help="also sweep the Triton launch configs (ViT-L encoder)")
     ap.add_argument("--quick", action="store_true", help="the encoder joint shapes only")
@@ -391,20 +398,42 @@ def main(argv: list[str] | None = None) -> int:
     cap = "cpu" if args.smoke else "{}.{}".format(*torch.cuda.get_device_capability())
     meta = {"device": res["device"], "torch": res["torch"], "triton": res["triton"]}
     res["table"] = table_rows(res["attention"], res["dtype"], cap, meta)
-    table_out = None if args.no_table else args.table_out or (None if args.smoke else DEFAULT_TABLE)
+    folder = None if args.smoke else _RunFolder()
+    table_out = None if args.no_table else args.table_out or (folder and folder.table())
     if table_out is not None:
         merge_table(table_out, res["table"], note=f"Written by benchmarks/kernels.py on {res['device']} "
                     f"(capability {cap}); read by kernels/dispatch.py, whose docstring states the fallback rule.")
         res["table_path"] = str(table_out)
+        if args.table_out is None:
+            print(f"dispatch table: {table_out} (the kernels read {COMMITTED_TABLE}: copy it there, or rerun "
+                  f"with --table-out {COMMITTED_TABLE.relative_to(REPO)})")
     res["sweep"] = sweep_triton(env, shapes[0], SWEEP[:2] if args.smoke else SWEEP) if args.sweep else []
     res["gather"] = bench_gather(env, res["ceilings"]["copy_GBps"])
     print_tables(res)
-    out = args.out or (None if args.smoke else DEFAULT_OUT)
+    out = args.out or (folder and folder.path() / "kernels_gpu.json")
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=1))
-        print(f"\nwrote {out}")
+        bench.write_json(out, res)
     return 0
+
+
+class _RunFolder:
+    """The run folder of this run, created on first use (so a run writing only to --out and
+    --table-out leaves none behind)."""
+
+    def __init__(self) -> None:
+        self._path = None
+
+    def path(self) -> Path:
+        self._path = self._path or bench.run_dir("kernels")
+        return self._path
+
+    def table(self) -> Path:
+        """A copy of the committed dispatch table to merge this device's rows into."""
+        import shutil
+
+        dst = self.path() / "attention_table.json"
+        shutil.copyfile(COMMITTED_TABLE, dst)
+        return dst
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     from .config import load_recipe
     from .export import export
+    from .provenance import provenance
     from .trainer import pretrain
 
     out = Path(cfg.out).resolve()
@@ -104,7 +105,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "metrics": str(run_dir / "metrics.jsonl"), "tensorboard": str(run_dir / "tb"),
         "figures": str(run_dir / "figures"), "checkpoint": summary["last_checkpoint"],
         "weights": str(weights), "pretrain": summary, "probe": probe,
-        "seconds": {k: round(v, 1) for k, v in times.items()},
+        "seconds": {k: round(v, 1) for k, v in times.items()}, "provenance": provenance(recipe),
     }
     (out / "demo_summary.json").write_text(json.dumps(result, indent=1, default=str))
     _print_summary(result)

@@ -2,6 +2,7 @@
 `EchoFM.from_pretrained` (and downstream runs) load without DeepSpeed."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .checkpoint import load_model_state
@@ -19,4 +20,14 @@ def export(path: str | Path, out_dir: str | Path) -> Path:
     model.load_state_dict(state)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
+    publish(out_dir / "model.safetensors", out_dir / "config.json")
     return out_dir
+
+
+def publish(*paths: str | Path) -> None:
+    """Give files the mode a plain write would (0644 under the usual umask 022): safetensors
+    writes 0600, which keeps weights meant for sharing from the rest of a team."""
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    for p in paths:
+        os.chmod(p, 0o666 & ~mask)

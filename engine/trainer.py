@@ -66,6 +66,7 @@ from .logging import MetricsLogger, reconstruction_rows
 from .model import EchoFM
 from .optim import LrSchedule, build_optimizer, peak_lr
 from .optim import param_groups as default_groups
+from .provenance import provenance
 from .yaml_io import dump_yaml, to_dict
 
 __all__ = ["DeepSpeedConfig", "Dist", "NonFiniteLoss", "TrainConfig", "Trainer", "build_engine",
@@ -193,11 +194,27 @@ def init_distributed(timeout_s: float | None = None) -> Dist:
     else:
         device = torch.device("cpu")
     if not torch.distributed.is_initialized():
+        if device.type == "cpu":
+            _skip_shm_comm_op()
         kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
         deepspeed.init_distributed(verbose=False, **kw)
     if own_port:  # used for the rendezvous only; child processes must pick their own
         os.environ.pop("MASTER_PORT", None)
     return Dist(rank, world, local_rank, device)
+
+
+def _skip_shm_comm_op() -> None:
+    """Keep DeepSpeed's CPU accelerator on plain gloo instead of its shared-memory comm op.
+
+    That op only speeds all-reduce between CPU ranks of one host; our CPU runs are tests,
+    CI and demos. Its first use JIT-compiles C++ (30-200 s on 2 cores), and a build that
+    is killed leaves a lock file that torch waits on forever: every later run on that
+    machine hangs in init_distributed (seen in CI). `__compatible_ops__` is the dict
+    DeepSpeed consults before building it (its own comment: edits to it persist).
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 # ---------------------------------------------------------------- engine
@@ -567,7 +584,8 @@ class Trainer:
                "train_s_all_sessions": round(self.elapsed_before + wall, 2),
                "steps_per_s": len(self.losses) / acc.total_time if acc.total_time else None,
                "sampled_fps": acc.total_clips * frames * d.world / acc.total_time if acc.total_time else None,
-               "data_wait_fraction": acc.total_wait / acc.total_time if acc.total_time else None}
+               "data_wait_fraction": acc.total_wait / acc.total_time if acc.total_time else None,
+               "provenance": provenance(self.recipe)}
         if d.rank == 0:
             (self.run_dir / "summary.json").write_text(json.dumps(out, indent=1))
             if self.drops.counts["damaged_samples"]:
@@ -580,7 +598,8 @@ class Trainer:
         """Metrics logger, the run's recipe.yaml, SIGTERM / SIGINT handlers, clocks."""
         d = self.dist
         self.logger = MetricsLogger(self.recipe.logging, self.run_dir, total_steps=self.steps,
-                                    start_step=self.step, enabled=d.rank == 0, desc=self.name)
+                                    start_step=self.step, enabled=d.rank == 0, desc=self.name,
+                                    config=to_dict(self.recipe))
         if d.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.yaml").write_text(dump_yaml(self.recipe))

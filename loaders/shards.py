@@ -2,10 +2,10 @@
 
 A shard directory holds `shard-NNNNNN.tar` (the samples), `shard-NNNNNN.idx` (DALI's
 `wds2idx` v1.2 index, written from the offsets we know while writing, so no second pass),
-`shard-NNNNNN.samples.jsonl` (one line per sample: key, source (a hash of the absolute
-source path), source_sha256, patient (hash), split, frames; what resume and split checks read;
-member_sha256: the sha256 of each member, so `verify` and the stream name a damaged sample) and
-`manifest.json`.
+`shard-NNNNNN.samples.jsonl` (one line per sample: key, source (the corpus-keyed HMAC of
+the path relative to the source root: loaders/ids.py), source_sha256, patient (keyed hash),
+split, frames; what resume and split checks read; member_sha256: the sha256 of each member,
+so `verify` and the stream name a damaged sample) and `manifest.json`.
 
 Crash safety: a shard is written under `*.tmp` names, fsynced and renamed; only then is the
 manifest (the single source of truth) replaced atomically. A shard file that is not listed
@@ -644,3 +644,50 @@ def _verify_decode(key: str, video: bytes, nf: int, m: dict, bad, dali: _DaliDec
         bad("frame_count", f"video decodes to {shape[0]} frames, .nframes/json say {nf}", key)
     if shape[1:3] != (m["height"], m["width"]):
         bad("frame_size", f"video is {shape[1]}x{shape[2]}, manifest says {m['height']}x{m['width']}", key)
+
+
+# ---------------------------------------------------------------- lock
+
+
+LOCK = ".ingest.lock"
+
+
+class DirLock:
+    """An exclusive lock on a shard directory (fcntl.flock on `<dir>/.ingest.lock`), held
+    while an ingest writes there. The file says who holds it (pid, host, start time), so a
+    second ingest can say so; the kernel drops the lock when its holder dies (kill -9
+    included), so it is never stale. Use as a context manager.
+    """
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.path = Path(out_dir) / LOCK
+        self._fd: int | None = None
+
+    def __enter__(self) -> "DirLock":
+        import fcntl
+        import socket
+        import time
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                who = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            except ValueError:
+                who = {}
+            os.close(fd)
+            raise DataError(f"{self.path.parent}: another ingest is writing here (pid {who.get('pid', '?')} on "
+                            f"{who.get('host', '?')}, since {who.get('started', '?')}); wait for it or use "
+                            "another --out") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from echofm.loaders.errors import DataError
+
 from . import backbone as B
 from .data import annotated_frames
 
@@ -68,7 +70,7 @@ def extract(model, data, split: str, clips: int, *, features: str, grid: bool,
         print(f"[echofm] split {split!r}: {len(stream.damaged)} damaged sample(s) skipped: "
               + "; ".join(list(stream.damaged.values())[:3]), flush=True)
     if not metas:
-        raise ValueError(f"split {split!r} of {data.shards} has no samples")
+        raise DataError(f"{data.shards}: split {split!r} has no samples")
     return FeatureSet(feats=torch.cat(feats), metas=metas,
                       seg=torch.cat(segs) if grid else None,
                       valid=torch.cat(valid) if grid else None,

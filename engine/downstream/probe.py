@@ -13,9 +13,11 @@ import time
 import numpy as np
 import torch
 
+from echofm.loaders.errors import DataError
+
 from . import evaluation as E
 from . import metrics as M
-from .backbone import load_backbone, pick_device
+from .backbone import check_model_section, load_backbone, pick_device
 from .config import DownstreamConfig
 from .data import label_fraction_patients, patient_of, present_splits
 from .features import FeatureSet, extract
@@ -30,7 +32,8 @@ def training_rows(task: Task, fs: FeatureSet, cfg: DownstreamConfig) -> tuple[li
     keep = label_fraction_patients(fs.metas, task.stratum, cfg.label_fraction, cfg.seed)
     rows = [i for i, m in enumerate(fs.metas) if patient_of(m) in keep and task.target(m) is not None]
     if not rows:
-        raise ValueError(f"no labelled training clips for task {task.name!r} (label '{task.key}')")
+        raise DataError(f"no labelled training clips for task {task.name!r} (label '{task.key}') in the "
+                        "training split")
     return rows, keep
 
 
@@ -144,6 +147,7 @@ def compare_backbones(backbones: dict[str, str], recipe, *, tasks: tuple[str, ..
         r = recipe if (backbones[name] != "random" or arch is None) else dataclasses.replace(recipe, model=arch)
         model, info = load_backbone(backbones[name], r, seed=cfg.seed)
         arch = arch or model.cfg
+        check_model_section(r, model, backbones[name])
         recipe.validate(model.cfg, what=f"the backbone '{backbones[name]}'")
         t0 = time.time()
         kw = dict(features=cfg.features, grid=False, device=device, batch=cfg.feature_batch)
