@@ -16,6 +16,10 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from echofm.loaders.synth import SynthConfig
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "pretrain" / "echofm_tiny.yaml"
 
@@ -37,6 +41,16 @@ class DemoConfig:
     seed: int = 0
 
 
+def demo_synth_config(cfg: DemoConfig) -> SynthConfig:
+    """The demo's synthetic corpus (`loaders.synth.SynthConfig`); benchmarks/supervised_ref.py
+    builds the same one. Small frames and clips keep generation and ingest short; the
+    held-out split is large because the comparison's CI is over test patients."""
+    from echofm.loaders.synth import SynthConfig
+
+    return SynthConfig(videos=cfg.videos, seed=cfg.seed, min_size=128, max_size=192, max_frames=90,
+                       test_fraction=cfg.test_fraction)
+
+
 def _stage(name: str, t0: float) -> float:
     now = time.time()
     print(f"[demo] {name}: {now - t0:.1f} s", flush=True)
@@ -46,7 +60,7 @@ def _stage(name: str, t0: float) -> float:
 def run_demo(cfg: DemoConfig) -> dict:
     """Run every stage; returns (and writes to `<out>/demo_summary.json`) the summary."""
     from echofm.loaders.ingest import IngestConfig, ingest
-    from echofm.loaders.synth import SynthConfig, make_corpus
+    from echofm.loaders.synth import make_corpus
 
     from .checkpoint import export
     from .config import load_recipe
@@ -60,9 +74,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     corpus = out / "corpus"
     if not (corpus / "labels.csv").is_file():
         print(f"[demo] 1/5 synthetic corpus: {cfg.videos} videos -> {corpus}", flush=True)
-        # a large held-out split: the probe comparison's CI is over test patients
-        make_corpus(corpus, SynthConfig(videos=cfg.videos, seed=cfg.seed, min_size=128, max_size=192,
-                                        max_frames=90, test_fraction=cfg.test_fraction))
+        make_corpus(corpus, demo_synth_config(cfg))
     t2 = _stage("corpus", t)
     times["corpus_s"], t = t2 - t, t2
 

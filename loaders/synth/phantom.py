@@ -24,6 +24,11 @@ LV_CAVITY, LV_MYO, LA = 1, 2, 3
 _LEAFLET = {0: (0.012, 0.80, math.radians(80)), 1: (0.024, 0.95, math.radians(50)),
             2: (0.038, 1.00, math.radians(25))}
 _LEVEL_TISSUE, _LEVEL_BLOOD, _LEVEL_MYO = 0.32, 0.04, 0.62
+HEART_CENTER = 0.35
+"""Depth (fan radii) that `ClipSpec.heart_scale` zooms about: the LV apex stays clear of
+the fan's narrow top while the atria grow toward the far edge."""
+AIM_TRIES = 3
+"""Halvings of an off-target pose's tilt and shift before the neutral pose is used."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -77,29 +82,49 @@ def sector_geometry(height: int, width: int) -> tuple[float, float, float, float
 
 
 def sector_mask(height: int, width: int, margin: float = 0.0) -> np.ndarray:
-    """bool [H, W] pixels inside the fan (grown by `margin` pixels)."""
+    """bool [H, W] pixels inside the fan, grown by `margin` pixels (shrunk when negative)."""
     xc, y0, radius, half = sector_geometry(height, width)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     dx, dy = x - xc, y - y0
     r = np.hypot(dx, dy)
     ang = np.arctan2(np.abs(dx), dy)
-    # distance outside the edge lines: r * sin(ang - half) for points beyond the angle
-    edge = r * np.sin(np.clip(ang - half, 0.0, None))
+    # signed distance to the edge lines: r * sin(ang - half), negative inside the angle
+    edge = r * np.sin(ang - half)
     return (r <= radius + margin) & (edge <= margin) & (dy >= -margin)
 
 
 # ---------------------------------------------------------------- drawing primitives
 
 
+@dataclass(kw_only=True, slots=True, frozen=True)
+class _Pose:
+    """Where the probe looks: tilt about the fan apex, shift (scene units), depth setting
+    (scene unit / fan radius) and the heart's zoom about depth HEART_CENTER."""
+
+    rot: float
+    """Radians."""
+    shift: tuple[float, float]
+    depth: float = 1.0
+    zoom: float = 1.0
+
+    def reaimed(self, keep: float) -> _Pose:
+        """The probe turned back toward the neutral pose: tilt and shift times `keep`."""
+        return _Pose(rot=self.rot * keep, shift=(self.shift[0] * keep, self.shift[1] * keep),
+                     depth=self.depth, zoom=self.zoom)
+
+
 class _Canvas:
     """Scene units -> pixels: scene (u, v) has the fan apex at (0, 0), v down the fan axis
-    and the fan radius as unit length; a pose (rotation about the apex, shift) is applied."""
+    and the fan radius as unit length; the pose's rotation and shift are applied, and its
+    depth and zoom scale the scene unit."""
 
-    def __init__(self, height: int, width: int, rot: float, shift: tuple[float, float]):
+    def __init__(self, height: int, width: int, pose: _Pose):
         self.h, self.w = height, width
         self.xc, self.y0, self.radius, self.half = sector_geometry(height, width)
-        self.cos, self.sin = math.cos(rot), math.sin(rot)
-        self.shift = shift
+        self.cos, self.sin = math.cos(pose.rot), math.sin(pose.rot)
+        self.radius = self.radius * pose.depth * pose.zoom
+        # zooming by z about depth c = scaling the unit by z and moving the scene up by c (1 - 1/z)
+        self.shift = (pose.shift[0], pose.shift[1] - HEART_CENTER * (1.0 - 1.0 / pose.zoom))
 
     def point(self, u: float, v: float) -> np.ndarray:
         u, v = u + self.shift[0], v + self.shift[1]
@@ -228,30 +253,37 @@ class _Phase:
     """LV long-axis scale (1 at ED)."""
     target: float | None
     """LV cavity pixel count to fit, or None (the reference ED frame)."""
+    stroke: float = 1.0
+    """Stroke relative to a normal heart (EF 60), which the atria, RV, valves and wall
+    thickening follow."""
 
     @property
     def grow(self) -> float:
-        return 1.0 + 0.18 * (1.0 - self.c)  # atria fill while the ventricles empty
+        return 1.0 + 0.18 * self.stroke * (1.0 - self.c)  # atria fill while the ventricles empty
+
+    def rv(self, amount: float) -> float:
+        """RV size factor: shrinks by `amount` at ES for a normal stroke."""
+        return 1.0 - amount * self.stroke * (1.0 - self.c)
 
     @property
     def wall(self) -> float:
-        return 0.035 * (1.0 + 0.4 * (1.0 - self.c))  # myocardium thickens in systole
+        return 0.035 * (1.0 + 0.4 * self.stroke * (1.0 - self.c))  # myocardium thickens in systole
 
 
 def _draw_apical(fr: _Frame, cv: _Canvas, spec: ClipSpec, ph: _Phase) -> None:
     """A4C (LV right of the midline, RV and RA on the left) or A2C (LV on the midline):
     LV as a bullet pointing up to the apex, LA below the mitral valve."""
-    k, c = spec.lv_scale, ph.c
+    k = spec.lv_scale
     down = cv.vec(0.0, 1.0)
     across = np.array([-down[1], down[0]])
     if spec.view == "A4C":
-        lv_apex, a0, b0, la_far = (0.10, 0.265), 0.095 * k, 0.36 * k, 0.91
+        lv_apex, a0, b0, la_far = (0.07, 0.265), 0.095 * k, 0.36 * k, 0.91
         # right heart: bullet RV with the tricuspid at its base, RA below
-        rv_b = 0.32 * (1.0 - 0.12 * (1.0 - c))
-        rv_base = cv.point(-0.09, 0.29) + down * rv_b * cv.radius
-        fr.fill(cv.ellipse(rv_base, down, 0.068 * (1.0 - 0.1 * (1.0 - c)), rv_b, True), _LEVEL_BLOOD)
+        rv_b = 0.32 * ph.rv(0.12)
+        rv_base = cv.point(-0.12, 0.29) + down * rv_b * cv.radius
+        fr.fill(cv.ellipse(rv_base, down, 0.068 * ph.rv(0.1), rv_b, True), _LEVEL_BLOOD)
         ra_top = rv_base + down * 0.02 * cv.radius
-        ra_b = (cv.point(-0.10, 0.88)[1] - ra_top[1]) / cv.radius / 2
+        ra_b = (cv.point(-0.13, 0.88)[1] - ra_top[1]) / cv.radius / 2
         fr.fill(cv.ellipse(ra_top + down * ra_b * cv.radius, down, 0.07 * ph.grow, ra_b), _LEVEL_BLOOD)
         _valve(fr, cv, rv_base, across, -down, 0.06, ph.mitral, 0)
     else:
@@ -271,14 +303,14 @@ def _draw_apical(fr: _Frame, cv: _Canvas, spec: ClipSpec, ph: _Phase) -> None:
 def _draw_plax(fr: _Frame, cv: _Canvas, spec: ClipSpec, ph: _Phase) -> None:
     """PLAX: the LV lies across the image (apex left), aortic root and valve above the
     mitral valve at its base, LA behind, RV in front."""
-    k, c = spec.lv_scale, ph.c
+    k = spec.lv_scale
     d = cv.vec(0.97, -0.24)  # apex (left) -> base (right), slightly up toward the aorta
     perp = np.array([-d[1], d[0]])  # points down (posterior)
     apex = cv.point(-0.30, 0.58)
     a, b = 0.095 * k * ph.s_a, 0.34 * k * ph.s_b
     base = apex + d * b * cv.radius
     rv_c = cv.point(-0.06, 0.30)
-    fr.fill(cv.ellipse(rv_c, d, 0.05 * (1.0 - 0.1 * (1.0 - c)), 0.17), _LEVEL_BLOOD)
+    fr.fill(cv.ellipse(rv_c, d, 0.05 * ph.rv(0.1), 0.17), _LEVEL_BLOOD)
     av_c = base - perp * 0.5 * a * cv.radius
     mv_c = base + perp * 0.55 * a * cv.radius
     fr.fill(cv.ellipse(av_c + d * 0.11 * cv.radius, d, 0.045, 0.12), _LEVEL_BLOOD)  # aortic root
@@ -292,24 +324,21 @@ def _draw_plax(fr: _Frame, cv: _Canvas, spec: ClipSpec, ph: _Phase) -> None:
 
 
 def _draw_psax(fr: _Frame, cv: _Canvas, spec: ClipSpec, ph: _Phase) -> None:
-    """PSAX: the LV as a ring, the RV crescent beside it, the mitral 'fish mouth' inside."""
-    c, g = ph.c, spec.grade
+    """PSAX at the mid-papillary level (the plane used for LV function): the LV as a ring
+    with two papillary muscles on its inner wall, the RV crescent beside it. No valve lies
+    in this plane, so the valve grade does not show here."""
     d = cv.vec(0.0, 1.0)
+    across = np.array([d[1], -d[0]])
     center = cv.point(0.02, 0.54)
     r = 0.13 * spec.lv_scale * ph.s_a  # both radii scale by s_a (a circle: s_a = s_b here)
     fr.fill(cv.ellipse(center + cv.vec(-1.0, -0.35) * 0.17 * cv.radius, cv.vec(0.35, -1.0),
-                       0.075 * (1.0 - 0.1 * (1.0 - c)), 0.17), _LEVEL_BLOOD)
+                       0.075 * ph.rv(0.1), 0.17), _LEVEL_BLOOD)
     fr.fill(cv.ellipse(center, d, r + ph.wall * 1.2, r + ph.wall * 1.2), _LEVEL_MYO, LV_MYO)
     fr.fill(_fit_area(lambda f: cv.ellipse(center, d, r * f, r * f), ph.target), _LEVEL_BLOOD, LV_CAVITY)
-    thick, value, max_open = _LEAFLET[g]
-    gap = (0.012 + ph.mitral * 0.09 * max_open / _LEAFLET[0][2]) * cv.radius
-    across = np.array([d[1], -d[0]])
-    for sgn in (-1.0, 1.0):
-        mid = center + sgn * gap * d
-        half = across * 0.6 * r * cv.radius
-        fr.bright(cv.segment(mid - half, mid + half, thick), value)
-        if g == 2:
-            fr.bright(cv.ellipse(mid + half, d, 0.028, 0.028), 1.0)
+    # papillary muscles (part of the cavity by the CAMUS convention) ride on the wall
+    for side in (-1.0, 1.0):
+        at = center + (math.cos(0.9) * d + side * math.sin(0.9) * across) * 0.8 * r * cv.radius
+        fr.fill(cv.ellipse(at, d, 0.2 * r, 0.2 * r), _LEVEL_MYO)
 
 
 _DRAW = {"A4C": _draw_apical, "A2C": _draw_apical, "PLAX": _draw_plax, "PSAX": _draw_psax}
@@ -324,13 +353,25 @@ def es_scales(view: str, ef: float) -> tuple[float, float]:
     return (r ** 0.5, r ** 0.5) if view == "PSAX" else (r ** (2 / 3), r ** (1 / 3))
 
 
-def _phase(c: float, mitral: float, aortic: float, es: tuple[float, float], target_ed: float | None) -> _Phase:
+def relative_stroke(ef: float, coupling: float) -> float:
+    """How much the atria, RV, valves and wall thickening move, relative to a normal heart
+    (EF 60): the LV cavity's area change at this EF over that at EF 60, blended with 1 by
+    `coupling` (0: they move the same at every EF)."""
+    change = 1.0 - (1.0 - ef / 100.0) ** (2.0 / 3.0)
+    return 1.0 + coupling * (change / (1.0 - 0.4 ** (2.0 / 3.0)) - 1.0)
+
+
+def _phase(c: float, mitral: float, aortic: float, es: tuple[float, float], target_ed: float | None,
+           stroke: float = 1.0) -> _Phase:
     """The frame state at cycle value c; with `target_ed` (the cavity's pixel count at ED)
-    the cavity is fitted to target_ed * s_a * s_b pixels."""
+    the cavity is fitted to target_ed * s_a * s_b pixels. Valves open less with a weak
+    stroke (a reduced-EF heart: less mitral excursion, a shorter aortic opening)."""
     s_a = 1.0 - (1.0 - es[0]) * (1.0 - c)
     s_b = 1.0 - (1.0 - es[1]) * (1.0 - c)
     target = None if target_ed is None else target_ed * s_a * s_b
-    return _Phase(c=c, mitral=mitral, aortic=aortic, s_a=s_a, s_b=s_b, target=target)
+    valve = 0.4 + 0.6 * stroke
+    return _Phase(c=c, mitral=mitral * valve, aortic=aortic * valve, s_a=s_a, s_b=s_b, target=target,
+                  stroke=stroke)
 
 
 # ---------------------------------------------------------------- rendering
@@ -340,7 +381,7 @@ def _phase(c: float, mitral: float, aortic: float, es: tuple[float, float], targ
 class _Scan:
     """One scan's acquisition: pose, fan, speckle x gain map, noise field, frame shifts."""
 
-    canvas: _Canvas
+    pose: _Pose
     sector: np.ndarray
     """bool [H, W]."""
     speckle: np.ndarray
@@ -358,17 +399,19 @@ def _scan(spec: ClipSpec, rng: np.random.Generator) -> _Scan:
     settings than a random-feature view classifier tolerates); the ranges keep the LV inside
     the fan (other chambers may touch its edge)."""
     h, w, jit = spec.height, spec.width, spec.nuisance
-    cv = _Canvas(h, w, rot=math.radians(rng.uniform(-3, 3) + jit * rng.uniform(-8, 8)),
-                 shift=(float(rng.uniform(-0.015, 0.015) + jit * rng.uniform(-0.015, 0.015)),
-                        float(rng.uniform(-0.015, 0.015) + jit * rng.uniform(-0.015, 0.015))))
-    cv.radius *= 1.0 + jit * rng.uniform(-0.15, 0.08)  # depth setting: scene unit vs fan
+    rot = math.radians(rng.uniform(-3, 3) + jit * rng.uniform(-8, 8))
+    shift = (float(rng.uniform(-0.015, 0.015) + jit * rng.uniform(-0.015, 0.015)),
+             float(rng.uniform(-0.015, 0.015) + jit * rng.uniform(-0.015, 0.015)))
+    depth = 1.0 + jit * rng.uniform(-0.15, 0.08)  # depth setting: scene unit vs fan
+    pose = _Pose(rot=rot, shift=shift, depth=depth, zoom=spec.heart_scale)
     sector = sector_mask(h, w)
     # static speckle: Rayleigh noise smoothed along the lateral direction, depth attenuation
     speckle = rng.rayleigh(0.8, (h, w + 2)).astype(np.float32)
     speckle = (speckle[:, :-2] + speckle[:, 1:-1] + speckle[:, 2:]) / 3.0
     # gain, depth attenuation (TGC), speckle contrast and noise level differ per scan
     fan_radius = sector_geometry(h, w)[2]
-    depth = np.hypot(*np.mgrid[0:h, 0:w] - np.array([cv.y0, cv.xc])[:, None, None]) / fan_radius
+    xc, y0 = sector_geometry(h, w)[:2]
+    depth = np.hypot(*np.mgrid[0:h, 0:w] - np.array([y0, xc])[:, None, None]) / fan_radius
     gain = np.float32(rng.uniform(0.85, 1.15) * (1.0 + jit * rng.uniform(-0.2, 0.25)))
     atten = 0.35 + jit * rng.uniform(-0.2, 0.1)
     contrast = 1.0 + jit * rng.uniform(-0.3, 0.3)
@@ -378,7 +421,25 @@ def _scan(spec: ClipSpec, rng: np.random.Generator) -> _Scan:
     # periodicity that a cycle estimator could lock onto); every fan pixel changes over time
     noise = rng.normal(0.0, 0.035 * (1.0 + jit * rng.uniform(-0.3, 0.6)), (h + 32, w + 32)).astype(np.float32)
     shifts = rng.integers(0, 33, (spec.frames, 2))
-    return _Scan(canvas=cv, sector=sector, speckle=speckle, gain=sg, noise=noise, shifts=shifts)
+    return _Scan(pose=pose, sector=sector, speckle=speckle, gain=sg, noise=noise, shifts=shifts)
+
+
+def _aim(spec: ClipSpec, pose: _Pose, es: tuple[float, float]) -> tuple[_Canvas, float]:
+    """Turn the probe back toward the neutral pose (halving tilt and shift, up to
+    AIM_TRIES times, then neutral) until the whole LV at ED lies inside the fan, as a
+    sonographer would; -> (canvas, the LV cavity's pixel count at ED)."""
+    h, w = spec.height, spec.width
+    inner = sector_mask(h, w, margin=-1.0)
+    for attempt in range(AIM_TRIES + 1):
+        cv = _Canvas(h, w, pose)
+        ref = _Frame(level=np.zeros((h, w), np.float32), labels=np.zeros((h, w), np.uint8),
+                     valve=np.zeros((h, w), np.float32))
+        _DRAW[spec.view](ref, cv, spec, _phase(1.0, 0.0, 0.0, es, None))
+        lv = (ref.labels == LV_CAVITY) | (ref.labels == LV_MYO)
+        if not (lv & ~inner).any():
+            break
+        pose = pose.reaimed(0.5 if attempt < AIM_TRIES - 1 else 0.0)
+    return cv, float((ref.labels == LV_CAVITY).sum())
 
 
 def render_clip(spec: ClipSpec) -> RenderedClip:
@@ -386,23 +447,21 @@ def render_clip(spec: ClipSpec) -> RenderedClip:
     rng = np.random.default_rng(spec.seed)
     h, w, n = spec.height, spec.width, spec.frames
     scan = _scan(spec, rng)
-    cv, sector = scan.canvas, scan.sector
+    sector = scan.sector
     ovl = render_overlays(spec, sector_mask(h, w, margin=3.0))
     base_level = np.where(sector, np.float32(_LEVEL_TISSUE), np.float32(0)).astype(np.float32)
     es = es_scales(spec.view, spec.ef)
     c, mitral, aortic, ed_idx, es_idx = cycle(n, spec.period, spec.ed_offset, spec.systole)
     draw = _DRAW[spec.view]
-
-    # the LV cavity's pixel count at ED: every frame's cavity is fitted to it x analytic ratio
-    ref = _Frame(level=base_level.copy(), labels=np.zeros((h, w), np.uint8), valve=np.zeros((h, w), np.float32))
-    draw(ref, cv, spec, _phase(1.0, 0.0, 0.0, es, None))
-    lv_ed_area = float((ref.labels == LV_CAVITY).sum())
+    stroke = relative_stroke(spec.ef, spec.ef_coupling)
+    # every frame's LV cavity is fitted to its pixel count at ED x the analytic area ratio
+    cv, lv_ed_area = _aim(spec, scan.pose, es)
 
     video = np.empty((n, h, w), np.uint8)
     masks = np.zeros((n, h, w), np.uint8)
     for f in range(n):
         fr = _Frame(level=base_level.copy(), labels=masks[f], valve=np.zeros((h, w), np.float32))
-        draw(fr, cv, spec, _phase(float(c[f]), float(mitral[f]), float(aortic[f]), es, lv_ed_area))
+        draw(fr, cv, spec, _phase(float(c[f]), float(mitral[f]), float(aortic[f]), es, lv_ed_area, stroke))
         masks[f] *= sector  # a tilted wall may leave the fan: label only what is imaged
         dy, dx = scan.shifts[f]
         img = scan.gain * fr.level + scan.noise[dy:dy + h, dx:dx + w]

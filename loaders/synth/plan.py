@@ -16,6 +16,10 @@ VIEWS = ("A4C", "A2C", "PLAX", "PSAX")
 CONTAINERS = ("mp4", "avi", "dcm")
 FOLLOW_UP_EF = 10.0
 """A later study's EF differs from the patient's first by up to this many points."""
+HEART_SCALE, EF_COUPLING = 1.3, 1.0
+"""Defaults of the EF-signal knobs, calibrated with benchmarks/supervised_ref.py
+(benchmarks/results/supervised_ref.json): with them EF is learnable from the pixels of the
+demo's ~100 training clips, without them it was not."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -64,6 +68,15 @@ class SynthConfig:
     """Scale of the per-clip acquisition variation (probe tilt up to +-11 deg, depth zoom
     0.85-1.08, shift, gain, time-gain compensation, contrast, speckle and noise level), as
     between real scans; 0 gives every clip the same pose and settings."""
+    heart_scale: float = HEART_SCALE
+    """Size of the heart in the fan: the scene is zoomed by this about the heart's upper
+    middle (1.3: the LV cavity fills ~13% of the fan at ED, the apex near the probe and the
+    atria reaching the fan's far edge, as in real apical views; 1.0: ~8%)."""
+    ef_coupling: float = EF_COUPLING
+    """How much the atria, RV, valve excursion and wall thickening follow the LV's stroke
+    (1: in proportion to the LV's area change, as in a real heart, where a weak LV moves
+    less blood through every chamber; 0: they move the same at every EF, which leaves most
+    of the moving pixels blind to EF)."""
     workers: int = 1
     """Processes that render and encode clips (1 = in this process)."""
 
@@ -95,6 +108,10 @@ class SynthConfig:
             raise ValueError("avi+dicom fractions must be <= 1 and val+test fractions < 1")
         if not 0.0 <= self.nuisance <= 1.0:
             raise ValueError(f"nuisance must be in [0, 1], got {self.nuisance}")
+        if not 0.5 <= self.heart_scale <= 2.0:
+            raise ValueError(f"heart_scale must be in [0.5, 2], got {self.heart_scale}")
+        if not 0.0 <= self.ef_coupling <= 1.0:
+            raise ValueError(f"ef_coupling must be in [0, 1], got {self.ef_coupling}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
 
@@ -133,6 +150,11 @@ class ClipSpec:
     """Seed of this clip's speckle, noise and pose jitter."""
     nuisance: float = 1.0
     """Scale of the acquisition variation drawn from `seed` (`SynthConfig.nuisance`)."""
+    heart_scale: float = HEART_SCALE
+    """Size of the heart in the fan (`SynthConfig.heart_scale`)."""
+    ef_coupling: float = EF_COUPLING
+    """How much the atria, RV, valves and wall thickening follow the LV's stroke
+    (`SynthConfig.ef_coupling`)."""
 
 
 def _stratified(n: int, fraction: float, offset: float) -> np.ndarray:
@@ -169,15 +191,27 @@ def study_layout(cfg: SynthConfig, rng: np.random.Generator) -> list[list[int]]:
     return layout
 
 
-def patient_splits(n_pat: int, cfg: SynthConfig, rng: np.random.Generator) -> list[str]:
-    """Split of each patient; at least one val and one test patient once there are three."""
-    order = rng.permutation(n_pat)
+def _spread(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k of range(n), one from each of k equal runs (a random position within each run)."""
+    return np.floor((np.arange(k) + rng.uniform(0.0, 1.0, k)) * n / k).astype(int)
+
+
+def patient_splits(efs: np.ndarray, cfg: SynthConfig, rng: np.random.Generator) -> list[str]:
+    """Split of each patient (efs: float [P], first-study EF), stratified by EF: the test
+    and val patients are spread over the EF range, so a small held-out split does not
+    miss the low or high EFs by chance. At least one val and one test patient once there
+    are three patients."""
+    n_pat = len(efs)
     n_test = max(round(cfg.test_fraction * n_pat), int(cfg.test_fraction > 0)) if n_pat >= 3 else 0
     n_val = max(round(cfg.val_fraction * n_pat), int(cfg.val_fraction > 0)) if n_pat >= 3 else 0
-    split = ["train"] * n_pat
-    for rank, p in enumerate(order[:n_test + n_val]):
-        split[p] = "test" if rank < n_test else "val"
-    return split
+    split = np.array(["train"] * n_pat, dtype=object)
+    by_ef = np.argsort(efs, kind="stable")
+    if n_test:
+        split[by_ef[_spread(n_pat, n_test, rng)]] = "test"
+    rest = by_ef[split[by_ef] == "train"]
+    if n_val:
+        split[rest[_spread(len(rest), n_val, rng)]] = "val"
+    return [str(x) for x in split]
 
 
 def clip_timing(cfg: SynthConfig, rng: np.random.Generator, short: bool) -> tuple[int, int, int]:
@@ -203,7 +237,7 @@ def plan_corpus(cfg: SynthConfig) -> list[ClipSpec]:
     grades = rng.permutation(np.resize(np.arange(3), n_pat))  # balanced grades
     efs = rng.uniform(cfg.min_ef, cfg.max_ef, n_pat)
     lv_scales = rng.uniform(0.92, 1.08, n_pat)
-    splits = patient_splits(n_pat, cfg, rng)
+    splits = patient_splits(efs, cfg, rng)
     # containers and short clips spread evenly over the corpus (so small corpora get each)
     dcm = _stratified(n, cfg.dicom_fraction, 0.5)
     avi = _stratified(n, cfg.avi_fraction, 0.8) & ~dcm
@@ -230,6 +264,7 @@ def plan_corpus(cfg: SynthConfig) -> list[ClipSpec]:
                     height=height, width=2 * round(height * rng.uniform(1.05, 1.35) / 2),
                     container="dcm" if dcm[i] else "avi" if avi[i] else "mp4",
                     split=splits[p], lv_scale=float(lv_scales[p]), nuisance=cfg.nuisance,
+                    heart_scale=cfg.heart_scale, ef_coupling=cfg.ef_coupling,
                     seed=int(np.random.SeedSequence([cfg.seed, i]).generate_state(1)[0])))
             view_cursor += count
     return specs
