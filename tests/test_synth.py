@@ -283,3 +283,7 @@ def test_config_validation():
         SynthConfig(min_size=300, max_size=100).validate()
     with pytest.raises(ValueError, match="min_period"):
         SynthConfig(min_period=40, max_period=30).validate()
+    with pytest.raises(ValueError, match="heart_scale"):
+        SynthConfig(heart_scale=1.6).validate()
+    with pytest.raises(ValueError, match="max_views_per_study"):
+        SynthConfig(max_views_per_study=5).validate()

@@ -271,13 +271,13 @@ class _Phase:
 
 
 def _draw_apical(fr: _Frame, cv: _Canvas, spec: ClipSpec, ph: _Phase) -> None:
-    """A4C (LV right of the midline, RV and RA on the left) or A2C (LV on the midline):
-    LV as a bullet pointing up to the apex, LA below the mitral valve."""
+    """A4C (LV right of the midline, running down and to the right from an apex near the
+    probe; RV and RA on the left) or A2C (LV on the midline): LV as a bullet pointing up
+    to the apex, LA below the mitral valve."""
     k = spec.lv_scale
     down = cv.vec(0.0, 1.0)
-    across = np.array([-down[1], down[0]])
     if spec.view == "A4C":
-        lv_apex, a0, b0, la_far = (0.07, 0.265), 0.095 * k, 0.36 * k, 0.91
+        axis, lv_apex, a0, b0, la_far = cv.vec(0.15, 1.0), (0.05, 0.265), 0.095 * k, 0.36 * k, 0.91
         # right heart: bullet RV with the tricuspid at its base, RA below
         rv_b = 0.32 * ph.rv(0.12)
         rv_base = cv.point(-0.12, 0.29) + down * rv_b * cv.radius
@@ -285,19 +285,20 @@ def _draw_apical(fr: _Frame, cv: _Canvas, spec: ClipSpec, ph: _Phase) -> None:
         ra_top = rv_base + down * 0.02 * cv.radius
         ra_b = (cv.point(-0.13, 0.88)[1] - ra_top[1]) / cv.radius / 2
         fr.fill(cv.ellipse(ra_top + down * ra_b * cv.radius, down, 0.07 * ph.grow, ra_b), _LEVEL_BLOOD)
-        _valve(fr, cv, rv_base, across, -down, 0.06, ph.mitral, 0)
+        _valve(fr, cv, rv_base, np.array([-down[1], down[0]]), -down, 0.06, ph.mitral, 0)
     else:
-        lv_apex, a0, b0, la_far = (0.0, 0.21), 0.11 * k, 0.38 * k, 0.90
+        axis, lv_apex, a0, b0, la_far = down, (0.0, 0.21), 0.11 * k, 0.38 * k, 0.90
+    across = np.array([-axis[1], axis[0]])
     apex = cv.point(*lv_apex)
     a, b = a0 * ph.s_a, b0 * ph.s_b
-    base = apex + down * b * cv.radius
-    la_top = base + down * 0.02 * cv.radius
+    base = apex + axis * b * cv.radius
+    la_top = base + axis * 0.02 * cv.radius
     la_b = max(0.02, (cv.point(lv_apex[0], la_far)[1] - la_top[1]) / cv.radius / 2)
-    fr.fill(cv.ellipse(la_top + down * la_b * cv.radius, down, 0.085 * k * ph.grow, la_b), _LEVEL_BLOOD, LA)
-    fr.fill(cv.ellipse(base, down, a + ph.wall, b + ph.wall, True), _LEVEL_MYO, LV_MYO)
-    fr.fill(_fit_area(lambda f: cv.ellipse(apex + down * b * f * cv.radius, down, a * f, b * f, True),
+    fr.fill(cv.ellipse(la_top + axis * la_b * cv.radius, axis, 0.085 * k * ph.grow, la_b), _LEVEL_BLOOD, LA)
+    fr.fill(cv.ellipse(base, axis, a + ph.wall, b + ph.wall, True), _LEVEL_MYO, LV_MYO)
+    fr.fill(_fit_area(lambda f: cv.ellipse(apex + axis * b * f * cv.radius, axis, a * f, b * f, True),
                       ph.target), _LEVEL_BLOOD, LV_CAVITY)
-    _valve(fr, cv, base, across, -down, a0 * 0.8, ph.mitral, spec.grade)
+    _valve(fr, cv, base, across, -axis, a0 * 0.8, ph.mitral, spec.grade)
 
 
 def _draw_plax(fr: _Frame, cv: _Canvas, spec: ClipSpec, ph: _Phase) -> None:

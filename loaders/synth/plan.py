@@ -108,8 +108,8 @@ class SynthConfig:
             raise ValueError("avi+dicom fractions must be <= 1 and val+test fractions < 1")
         if not 0.0 <= self.nuisance <= 1.0:
             raise ValueError(f"nuisance must be in [0, 1], got {self.nuisance}")
-        if not 0.5 <= self.heart_scale <= 2.0:
-            raise ValueError(f"heart_scale must be in [0.5, 2], got {self.heart_scale}")
+        if not 0.8 <= self.heart_scale <= 1.4:  # larger: the LV no longer fits the fan at every pose
+            raise ValueError(f"heart_scale must be in [0.8, 1.4], got {self.heart_scale}")
         if not 0.0 <= self.ef_coupling <= 1.0:
             raise ValueError(f"ef_coupling must be in [0, 1], got {self.ef_coupling}")
         if self.workers < 1:
