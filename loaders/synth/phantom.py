@@ -2,9 +2,12 @@
 
 A fan-shaped ultrasound sector with static speckle (depth attenuation, per-scan gain,
 contrast) and per-frame noise; inside it the chambers of one view, drawn in scene units
-(fan apex at the origin, fan radius = 1) through a per-scan pose (tilt, shift, depth zoom).
-The cycle curve c(t) (1 at ED, 0 at ES) drives the LV, atria, walls and valve leaflets.
-The LV cavity is fitted to an exact pixel count per frame, so that EF = 100 * (1 -
+(fan apex at the origin, fan radius = 1) through a per-scan pose (tilt, shift, depth zoom)
+and the heart's zoom (`heart_scale`); a pose that would cut the LV is turned back toward
+neutral, as a sonographer keeps the LV in view. The cycle curve c(t) (1 at ED, 0 at ES)
+drives the LV, atria, RV, walls and valve leaflets; with `ef_coupling` everything but the
+LV moves in proportion to the LV's stroke, so a weak heart moves less everywhere. The LV
+cavity is fitted to an exact pixel count per frame, so that EF = 100 * (1 -
 (A_es / A_ed)**1.5) of the written masks matches the label to a fraction of a point.
 """
 from __future__ import annotations
@@ -397,8 +400,8 @@ class _Scan:
 
 def _scan(spec: ClipSpec, rng: np.random.Generator) -> _Scan:
     """Draw the acquisition variation between scans (real scans differ far more in pose and
-    settings than a random-feature view classifier tolerates); the ranges keep the LV inside
-    the fan (other chambers may touch its edge)."""
+    settings than a random-feature view classifier tolerates); `_aim` then turns the probe
+    back where the LV would leave the fan (other chambers may touch its edge)."""
     h, w, jit = spec.height, spec.width, spec.nuisance
     rot = math.radians(rng.uniform(-3, 3) + jit * rng.uniform(-8, 8))
     shift = (float(rng.uniform(-0.015, 0.015) + jit * rng.uniform(-0.015, 0.015)),
@@ -410,14 +413,13 @@ def _scan(spec: ClipSpec, rng: np.random.Generator) -> _Scan:
     speckle = rng.rayleigh(0.8, (h, w + 2)).astype(np.float32)
     speckle = (speckle[:, :-2] + speckle[:, 1:-1] + speckle[:, 2:]) / 3.0
     # gain, depth attenuation (TGC), speckle contrast and noise level differ per scan
-    fan_radius = sector_geometry(h, w)[2]
-    xc, y0 = sector_geometry(h, w)[:2]
-    depth = np.hypot(*np.mgrid[0:h, 0:w] - np.array([y0, xc])[:, None, None]) / fan_radius
+    xc, y0, fan_radius, _ = sector_geometry(h, w)
+    dist = np.hypot(*np.mgrid[0:h, 0:w] - np.array([y0, xc])[:, None, None]) / fan_radius
     gain = np.float32(rng.uniform(0.85, 1.15) * (1.0 + jit * rng.uniform(-0.2, 0.25)))
     atten = 0.35 + jit * rng.uniform(-0.2, 0.1)
     contrast = 1.0 + jit * rng.uniform(-0.3, 0.3)
     speckle = 1.0 + contrast * (speckle - 1.0)
-    sg = (np.maximum(speckle, 0.05) * (1.0 - atten * depth) * gain * sector).astype(np.float32)
+    sg = (np.maximum(speckle, 0.05) * (1.0 - atten * dist) * gain * sector).astype(np.float32)
     # per-frame noise: a random window of one larger white-noise field (cheap, and no
     # periodicity that a cycle estimator could lock onto); every fan pixel changes over time
     noise = rng.normal(0.0, 0.035 * (1.0 + jit * rng.uniform(-0.3, 0.6)), (h + 32, w + 32)).astype(np.float32)
