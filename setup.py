@@ -4,8 +4,20 @@
 as `echofm.engine`, `echofm.kernels`, `echofm.loaders`; no top-level `engine` package
 lands in site-packages.
 
-torch is a range that the CPU wheel 2.13.0 satisfies: install it first (README), or pip
-resolves an unpinned torch to a multi-GB CUDA build. GPU users bring their own CUDA torch.
+torch: install it first (README), or pip resolves it to a multi-GB CUDA build. The range
+is what was tested: the full suite on 2.13 (CPU), the kernel and model tests on 2.11
+(CUDA 13, H200). GPU users bring their own CUDA torch.
+
+DALI (the stream, `shards verify`) comes as an extra that matches the CUDA driver:
+`echofm[cuda13]` (nvidia-dali-cuda130) or `echofm[cuda12]` (nvidia-dali-cuda120). CPU-only
+machines need one too: DALI's CPU pipeline ships in both wheels; `make` installs cuda13,
+the smaller one.
+
+Every requirement has an upper bound (tested versions in the comments): the next minor
+release for the packages whose internals the engine leans on (torch, triton, DALI,
+DeepSpeed, numba), the next major release for the rest (PyAV: the next after 18), so a new
+release is tested before its bound moves. tests/test_packaging.py checks the bounds, the
+extras and the Makefile.
 """
 from setuptools import find_packages, setup
 
@@ -19,6 +31,7 @@ for folder in FOLDERS:
         packages.append(name)
         package_dir[name] = sub.replace(".", "/")
 
+# Literals (not computed): benchmarks/gpu_kit.sh and tests/test_packaging.py read them with ast.
 setup(
     name="echofm",
     version="0.1.0",
@@ -26,29 +39,34 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
+    package_data={"echofm.kernels": ["attention_table.json"]},  # the measured attention dispatch table
     install_requires=[
-        "torch>=2.4,<2.15",
-        "triton>=3.0",
-        "nvidia-dali-cuda130>=2.0",
-        "packaging<=26.3",  # DALI's pin; keeps `pip check` clean
-        "deepspeed>=0.16",
-        "webdataset>=0.2.100",
-        "numba>=0.60",
-        "av>=13",
-        "numpy>=1.26",
-        "pyyaml>=6",
-        "pydicom>=3",
-        "pillow>=10",
-        "nibabel>=5",
-        "safetensors>=0.4",
-        "tensorboard>=2.15",
-        "matplotlib>=3.8",
-        "tqdm>=4.66",
-        "opencv-python-headless>=4.9",  # ingest: sector morphology, resize, polygon fill
+        "torch>=2.11,<2.14",  # tested: 2.13.0+cpu (everything), 2.11+cu130 (GPU kernels, model)
+        "triton>=3.6,<3.10",  # tested: 3.9.0 (interpreter), 3.6.0 (H200)
+        "deepspeed>=0.19.8,<0.20",  # tested: 0.19.8 (engine/checkpoint.py allow-lists its checkpoint classes)
+        "numba>=0.60,<0.69",  # tested: 0.68.1
+        "av>=13,<19",  # tested: 18.1.0 (bundles FFmpeg with libvpx-vp9 and libx264)
+        "numpy>=1.26,<3",  # tested: 2.4.6
+        "pyyaml>=6,<7",
+        "pydicom>=3,<4",  # tested: 3.0.2
+        "pillow>=10,<14",  # tested: 13.0.0 (pydicom's JPEG decoder)
+        "nibabel>=5,<6",  # tested: 5.4.2
+        "safetensors>=0.4,<1",  # tested: 0.8.0
+        "tensorboard>=2.15,<3",
+        "matplotlib>=3.8,<4",
+        "tqdm>=4.66,<5",
+        "opencv-python-headless>=4.9,<6",  # tested: 5.0.0; ingest: sector morphology, resize, polygon fill
     ],
     extras_require={
-        "dev": ["pytest>=8"],
-        "xformers": ["xformers>=0.0.28"],
+        # DALI by CUDA major version (pick the driver's; either serves a CPU-only machine).
+        "cuda13": ["nvidia-dali-cuda130>=2.4,<2.5"],  # tested: 2.4.0 (the CPU pipeline)
+        "cuda12": ["nvidia-dali-cuda120>=2.4,<2.5"],  # same release, CUDA 12 build
+        # Optional experiment trackers (logging.wandb / logging.mlflow; imported only when enabled).
+        # Not installed by the tests: tests/test_logging.py drives both through fake modules.
+        "wandb": ["wandb>=0.17,<1"],  # the W&B client (0.x releases; run.log / run.finish)
+        "mlflow": ["mlflow-skinny>=2.10,<4"],  # the tracking client `import mlflow` (no server)
+        # Tests: pytest, and webdataset to prove the shards are plain WebDataset (test_packaging).
+        "dev": ["pytest>=8,<10", "webdataset>=0.2.100,<2"],
     },
     entry_points={"console_scripts": ["echofm = echofm.engine.cli:main"]},
 )

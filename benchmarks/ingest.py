@@ -1,15 +1,21 @@
 """Ingest throughput on the synthetic corpus: clips/s, input MB/s, frames/s, per-stage times.
 
     python benchmarks/ingest.py [--videos 40] [--sizes 112,224] [--codecs vp9] [--workers 1,2]
-                                [--out benchmarks/results/ingest.json]
+                                [--cache DIR] [--out FILE]
 
-Builds a synthetic corpus (loaders/synth: H.264 mp4, MJPEG avi, DICOM; 160-320 px), then
+Builds a synthetic corpus (loaders/synth: H.264 mp4, MJPEG avi, DICOM; 160-320 px; cached by
+its settings and code, loaders/corpus.py), then
 runs `ingest` end to end once per (size, codec, workers) into a fresh directory and
 reports clips/s, input MB/s (source bytes read), output frames/s and MB written. A stage
 breakdown (one process, same clips, CPU time) shows where a clip's time goes: decode,
 sector, crop+resize, cycle, encode, decode-back count. Wall-clock rates depend on what else
 runs on the machine: the JSON records the load average. Also the period accuracy on the corpus
 (clips spanning >= 2 beats, within 1 frame), and `shards verify` time for one result.
+
+Writes ingest.json to a new run folder runs/bench/ingest-<timestamp>/, or to --out (the
+committed numbers: --out benchmarks/results/ingest.json). The corpus is cached in
+~/.cache/echofm/bench/ingest/ (its size is printed; `echofm bench --clean` removes it); the
+ingested shards go to a temporary folder that is removed.
 """
 from __future__ import annotations
 
@@ -24,23 +30,24 @@ import time
 import warnings
 from pathlib import Path
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ingest.json"
+from echofm.engine import bench
 
 
 def stage_times(corpus: Path, size: int, codec: str, limit: int) -> dict:
     """CPU ms per clip spent in each ingest stage (single process, `limit` clips). CPU time
     (process_time), not wall time, so other load on a shared machine does not inflate it."""
     from echofm.loaders.cycles import estimate_cycle
+    from echofm.loaders.ingest import IngestConfig
     from echofm.loaders.sector import crop_resize, detect_sector
     from echofm.loaders.sources import discover, load_clip
     from echofm.loaders.video_io import count_frames, encode_video
 
-    clips = discover(corpus)[:limit]
+    clips = discover(corpus).clips[:limit]
     t = dict.fromkeys(("decode", "sector", "crop_resize", "cycle", "encode", "count"), 0.0)
     frames = 0
     for c in clips:
         t0 = time.process_time()
-        dec = load_clip(c)
+        dec = load_clip(c, short_side=IngestConfig(size=size).keep_side)
         t1 = time.process_time()
         s = detect_sector(dec.frames)
         t2 = time.process_time()
@@ -61,10 +68,11 @@ def stage_times(corpus: Path, size: int, codec: str, limit: int) -> dict:
 
 
 def period_accuracy(corpus: Path, shard_dir: Path) -> dict:
-    from echofm.loaders.ingest import source_hash
+    from echofm.loaders import ids
     from echofm.loaders.shards import iter_tar_samples, read_manifest
 
-    rows = {source_hash(r["file"]): r for r in csv.DictReader(open(corpus / "labels.csv"))}
+    key, _ = ids.load_key(ids.default_key_path(shard_dir), create=False)
+    rows = {ids.path_hash(key, r["file"]): r for r in csv.DictReader(open(corpus / "labels.csv"))}
     hits = n = nulls = 0
     err = {"ed": [], "es": []}
     for s in read_manifest(shard_dir)["shards"]:
@@ -92,22 +100,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--codecs", default="vp9")
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--cache", type=Path, default=bench.cache_dir("ingest"),
+                    help="where the synthetic corpus is kept (rebuilt when its settings or code change)")
+    ap.add_argument("--out", type=Path, default=None, help="results JSON (default: a new run folder)")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")  # size < 128 warning
 
+    from echofm.loaders.corpus import cached_synth
     from echofm.loaders.ingest import IngestConfig, ingest
     from echofm.loaders.shards import verify
-    from echofm.loaders.synth import SynthConfig, make_corpus
+    from echofm.loaders.synth import SynthConfig
 
     tmp = Path(tempfile.mkdtemp(prefix="echofm_ingest_bench_"))
     try:
-        corpus = tmp / "corpus"
         t0 = time.perf_counter()
-        make_corpus(corpus, SynthConfig(videos=args.videos, seed=args.seed, min_size=160, max_size=320,
-                                        min_frames=40, max_frames=120, workers=2))
+        corpus = cached_synth(SynthConfig(videos=args.videos, seed=args.seed, min_size=160, max_size=320,
+                                          min_frames=40, max_frames=120, workers=2), args.cache)
         in_bytes = sum(p.stat().st_size for p in corpus.rglob("*") if p.is_file() and p.parent.name == "videos")
-        print(f"corpus: {args.videos} videos, {in_bytes / 2**20:.1f} MB, built in {time.perf_counter() - t0:.1f}s")
+        print(f"corpus: {args.videos} videos, {in_bytes / 2**20:.1f} MB, ready in {time.perf_counter() - t0:.1f}s")
         # warm numba's cache and imports so the first configuration is not charged for them
         ingest([corpus], tmp / "warm", IngestConfig(size=112, progress=False))
         runs, verify_s, accuracy = [], None, None
@@ -150,9 +160,8 @@ def main(argv: list[str] | None = None) -> int:
               "machine": {"cpus": os.cpu_count(), "loadavg_1min": os.getloadavg()[0],
                           "python": sys.version.split()[0]},
               "runs": runs, "stages": stages, "period_accuracy": accuracy, "verify": verify_s}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\nwrote {args.out}")
+    bench.write_json(bench.results_path("ingest", args.out, "ingest.json"), result)
+    bench.announce_cache(args.cache)
     return 0
 
 

@@ -1,21 +1,36 @@
-"""Kernel benchmarks on a CUDA GPU: tube attention TFLOP/s per backend, gather GB/s vs copy.
+"""Kernel benchmarks on a CUDA GPU: tube attention per backend (and the dispatch table), gather GB/s.
 
-    python benchmarks/kernels.py [--out benchmarks/results/kernels_gpu.json] [--quick]
+    python benchmarks/kernels.py [--out FILE] [--table-out FILE | --no-table] [--sweep]
+
+Results (kernels_gpu.json) and the dispatch table it measured (attention_table.json: the
+committed table with this device's winners merged in) go to a new run folder
+runs/bench/kernels-<timestamp>/. The committed files are written only when named:
+--out benchmarks/results/kernels_gpu.json --table-out kernels/attention_table.json (the
+table the kernels read at run time).
 
 On a GPU it measures first the two ceilings (a large device copy, a bf16 8192^3 matmul), then:
-- tube_attention forward and forward+backward, bf16, at the EchoFM shapes (ViT-L and ViT-B
-  encoders over 8 x 49 visible tubes, the decoder over 8 x 196 tokens) for every backend;
-  FLOPs = 4*B*H*G*L^2*Dh forward, 3.5x that forward+backward (FA2 convention: the
-  backward recomputes P);
-- a block-size sweep of the Triton kernels at the ViT-L encoder shape (to tune `_config`);
+- tube_attention forward and forward+backward, bf16, at the attention calls the models make
+  (`model_shapes`: ViT-L / ViT-B encoder joint over [CLS, visible tubes], the phase
+  projector's slices with their CLS, the decoders over all tokens, and the divided
+  encoder's slice / tube groups), q/k/v read as views of one fused qkv projection like the
+  model's, for every backend the dispatch may choose (Triton, SDPA as torch picks it, SDPA
+  pinned to cuDNN / flash / efficient). FLOPs = 4*B*H*G*L^2*Dh forward, 3.5x that
+  forward+backward (FA2 convention: the backward recomputes P). The fastest correct
+  backend per key (mode, Dh, token bucket, dtype, capability) -- forward+backward for
+  training, forward for inference -- is merged into the dispatch table (kernels/dispatch.py:
+  rows of other devices and keys are kept; shapes sharing a key are decided by their
+  summed time);
+- with --sweep, a block-size sweep of the Triton kernels at the ViT-L encoder shape (to tune
+  `_config`);
 - masking gather/scatter and the uint8 patch gather in GB/s (bytes read + written once)
   against torch.gather / index_select and the measured copy bandwidth.
 Times are medians of triton.testing.do_bench (CUDA events, after warm-up).
 
 Without a GPU it says so and exits 0. Two modes need no GPU: `--smoke` runs every code
 path on CPU through the Triton interpreter at toy sizes (checks this script; its numbers
-mean nothing); `--ptxas` compiles the attention kernels' default configs at these shapes
-for sm_90 with Triton's bundled ptxas and prints registers and spill stack per kernel.
+mean nothing, and it writes a table only to an explicit --table-out); `--ptxas` compiles
+the attention kernels' default configs at these shapes for sm_90 with Triton's bundled
+ptxas and prints registers and spill stack per kernel.
 """
 from __future__ import annotations
 
@@ -28,19 +43,43 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "kernels_gpu.json"
-# (name, B, H, T, K, Dh, mode): batch sized so each of q/k/v/o is 100-250 MB.
-ATTENTION_SHAPES = [
-    ("vitl-enc joint", 256, 16, 8, 49, 64, "joint"),
-    ("vitl-enc slice", 256, 16, 8, 49, 64, "slice"),
-    ("vitl-enc tube", 256, 16, 8, 49, 64, "tube"),
-    ("vitb-enc joint", 256, 12, 8, 49, 64, "joint"),
-    ("decoder joint", 64, 16, 8, 196, 32, "joint"),
-]
-BACKENDS = ("triton", "sdpa", "sdpa-flash", "xformers", "math")
+from echofm.engine import bench
+
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED_TABLE = REPO / "kernels" / "attention_table.json"
+# Backends measured at every shape: those a dispatch table row may name.
+BACKENDS = ("triton", "sdpa", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient")
+# Ratios must be within this of the sdpa result (bf16) for a backend to win a row.
+MAX_REL_ERR = 2e-2
 # (tile, step) pairs x warps; 3 pipeline stages, then stages 2 and 4 for each kernel's best.
 SWEEP = [(tile, step, w) for tile, step in ((64, 32), (64, 64), (128, 32), (128, 64), (128, 128), (256, 32))
          for w in (4, 8)]
+
+
+def model_shapes() -> list[tuple[str, int, int, int, int, int, str]]:
+    """(name, B, H, T, K, Dh, mode) of each tube_attention call of the ViT-L / ViT-B training
+    forward (tube mask 0.75 / 0.9 as in the recipes; K from masking.keep_count), at a
+    per-GPU batch of the size the training step runs (64 ViT-L clips, 256 ViT-B)."""
+    from echofm.engine.masking import keep_count
+    from echofm.engine.model import ModelConfig
+
+    shapes = []
+    for tag, preset, ratio, batch in (("vitl", "echofm_vit_large", 0.75, 64), ("vitb", "echofm_vit_base", 0.9, 256)):
+        c = ModelConfig(preset=preset).resolved()
+        t, k = c.t_grid, keep_count(c.l_grid, ratio)
+        dh, ddh = c.embed_dim // c.num_heads, c.decoder_embed_dim // c.decoder_num_heads
+        cls = int(getattr(c, "cls_embed", True))  # the encoder CLS is optional (VideoMAE has none)
+        shapes += [(f"{tag}-enc joint", batch, c.num_heads, 1, cls + t * k, dh, "joint"),  # [CLS, visible]
+                   (f"{tag}-phase slice", batch, c.num_heads, t, 1 + k, dh, "slice"),  # [slice CLS, slice]
+                   (f"{tag}-dec joint", batch, c.decoder_num_heads, 1, 1 + t * c.l_grid, ddh, "joint")]
+        if tag == "vitl":  # attention "divided": slice and tube groups of the visible tubes
+            shapes += [(f"{tag}-div slice", batch, c.num_heads, t, k, dh, "slice"),
+                       (f"{tag}-div tube", batch, c.num_heads, t, k, dh, "tube")]
+    return shapes
+
+
+def group_length(t: int, k: int, mode: str) -> int:
+    return {"joint": t * k, "slice": k, "tube": t}[mode]
 
 
 class Env:
@@ -51,7 +90,7 @@ class Env:
         self.device = torch.device("cpu" if smoke else "cuda")
         self.dtype = torch.float32 if smoke else torch.bfloat16  # bf16 is broken in the interpreter
 
-    def ms(self, fn, grad_to_none=None, rep: int = 200) -> float:
+    def ms(self, fn, grad_to_none=None, rep: int = 100) -> float:
         if self.smoke:
             start = time.perf_counter()
             fn()
@@ -75,49 +114,91 @@ def ceilings(env: Env) -> dict:
             "matmul_bf16_TFLOPs": 2 * m**3 / mm_ms / 1e9}
 
 
-def attention_call(backend: str):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def qkv_views(env: "Env", b: int, h: int, t: int, k: int, dh: int) -> list[torch.Tensor]:
+    """q, k, v [B, H, T, K, Dh] as views into one [B, T, K, 3, H, Dh] leaf: the strides of
+    the model's fused qkv projection (Attention.qkv_heads)."""
+    leaf = env.rand(b, t, k, 3, h, dh, requires_grad=True)
+    return [leaf[:, :, :, i].permute(0, 3, 1, 2, 4) for i in range(3)]
 
+
+def bench_attention(env: "Env", shapes, backends=BACKENDS) -> list[dict]:
+    """One row per (shape, backend): fwd / fwd+bwd ms and TF/s, error vs sdpa, or the error."""
     from echofm.kernels import tube_attention
 
-    if backend == "sdpa-flash":
-        def call(q, k, v, mode):
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                return tube_attention(q, k, v, mode, backend="sdpa")
-        return call
-    return lambda q, k, v, mode: tube_attention(q, k, v, mode, backend=backend)
-
-
-def bench_attention(env: Env, shapes) -> list[dict]:
     rows = []
     for name, b, h, t, k, dh, mode in shapes:
-        groups, length = {"joint": (1, t * k), "slice": (t, k), "tube": (k, t)}[mode]
-        flops = 4 * b * h * groups * length**2 * dh
-        q, kk, v = (env.rand(b, h, t, k, dh, requires_grad=True) for _ in range(3))
-        do = torch.randn_like(q)
+        length = group_length(t, k, mode)
+        flops = 4 * b * h * (t * k // length) * length**2 * dh
+        q, kk, v = qkv_views(env, b, h, t, k, dh)
+        leaf = q._base
+        do = torch.randn(q.shape, device=env.device, dtype=env.dtype)
         with torch.no_grad():
-            o_sdpa = attention_call("sdpa")(q, kk, v, mode)
-        for backend in BACKENDS:
-            row = {"shape": name, "B": b, "H": h, "T": t, "K": k, "Dh": dh, "mode": mode, "backend": backend}
-            fn = attention_call(backend)
+            o_ref = tube_attention(q, kk, v, mode, backend="sdpa").float()
+        for backend in backends:
+            row = {"shape": name, "B": b, "H": h, "T": t, "K": k, "Dh": dh, "mode": mode, "L": length,
+                   "backend": backend}
+
+            def fwd():
+                return tube_attention(q, kk, v, mode, backend=backend)
+
             try:
                 with torch.no_grad():
-                    o = fn(q, kk, v, mode)
-                row["rel_err_vs_sdpa"] = ((o.float() - o_sdpa.float()).norm() / o_sdpa.float().norm()).item()
-
-                def step():
-                    fn(q, kk, v, mode).backward(do)
-
-                with torch.no_grad():
-                    fwd_ms = env.ms(lambda: fn(q, kk, v, mode))
-                both_ms = env.ms(step, grad_to_none=[q, kk, v])
+                    o = fwd().float()
+                    row["rel_err_vs_sdpa"] = ((o - o_ref).norm() / o_ref.norm()).item()
+                    fwd_ms = env.ms(fwd)
+                both_ms = env.ms(lambda: fwd().backward(do), grad_to_none=[leaf])
                 row.update(fwd_ms=fwd_ms, fwd_TFLOPs=flops / fwd_ms / 1e9,
                            fwdbwd_ms=both_ms, fwdbwd_TFLOPs=3.5 * flops / both_ms / 1e9)
-            except Exception as e:  # a backend that cannot run here (xformers missing, flash refused)
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            except Exception as e:  # a kernel torch does not have for these inputs, out of memory
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             rows.append(row)
-            if env.device.type == "cuda":
-                torch.cuda.empty_cache()
+        del q, kk, v, leaf, do, o_ref
+        if env.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def table_rows(results: list[dict], dtype: str, capability: str, meta: dict) -> list[dict]:
+    """Dispatch table rows from `bench_attention` results: per key, the backend with the least
+    summed time over the shapes of that key (fwd+bwd -> train, fwd -> infer), among those
+    that ran and agree with sdpa."""
+    from echofm.kernels.dispatch import bucket
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["mode"], r["Dh"], bucket(r["L"])), []).append(r)
+    rows = []
+    for (mode, dh, bkt), rs in sorted(groups.items()):
+        shapes = sorted({r["shape"] for r in rs})
+        ok = {r["backend"] for r in rs if "error" not in r and r["rel_err_vs_sdpa"] < MAX_REL_ERR}
+        ok = {be for be in ok if all(any(x["backend"] == be and "error" not in x for x in rs if x["shape"] == s)
+                                     for s in shapes)}  # ran at every shape of the key
+        if not ok:
+            continue
+        total = {f: {be: sum(x[f] for x in rs if x["backend"] == be and "error" not in x) for be in sorted(ok)}
+                 for f in ("fwd_ms", "fwdbwd_ms")}
+        rows.append({"mode": mode, "dh": dh, "bucket": bkt, "dtype": dtype, "capability": capability,
+                     "train": min(total["fwdbwd_ms"], key=total["fwdbwd_ms"].get),
+                     "infer": min(total["fwd_ms"], key=total["fwd_ms"].get),
+                     "measured": {"shapes": shapes, "L": sorted({x["L"] for x in rs}), **meta,
+                                  **{f: {be: round(ms, 4) for be, ms in d.items()} for f, d in total.items()}}})
+    return rows
+
+
+def merge_table(path: Path, new_rows: list[dict], note: str) -> list[dict]:
+    """Write `new_rows` into the table at `path`, replacing rows with the same key and keeping
+    the others (other devices, other keys); validated by the dispatch loader afterwards."""
+    from echofm.kernels.dispatch import SCHEMA, load_table
+
+    def key(r):
+        return (r["mode"], r["dh"], r["bucket"], r["dtype"], str(r["capability"]))
+
+    old = json.loads(path.read_text())["rows"] if path.is_file() else []
+    fresh = {key(r) for r in new_rows}
+    rows = sorted([r for r in old if key(r) not in fresh] + new_rows, key=lambda r: (str(r["capability"]), key(r)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"schema": SCHEMA, "note": note, "rows": rows}, indent=1) + "\n")
+    load_table(path)  # raises, naming the file, if a row is malformed
     return rows
 
 
@@ -212,7 +293,7 @@ def ptxas_report(dtype: str = "bf16") -> list[dict]:
     ptrs = {n: dtype for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")} | {"LSE": "fp32", "DELTA": "fp32"}
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     rows = []
-    for name, b, h, t, k, dh, mode in ATTENTION_SHAPES:
+    for name, b, h, t, k, dh, mode in model_shapes():
         groups, length, _ = A._geometry((b, h, t, k, dh), mode)
         for kernel, fn in (("fwd", A._fwd_kernel), ("dkdv", A._bwd_dkdv_kernel), ("dq", A._bwd_dq_kernel)):
             for flat in (True, False):
@@ -240,14 +321,19 @@ def print_tables(res: dict) -> None:
     print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}")
     print(f"ceilings: copy {c['copy_GBps']:.0f} GB/s, bf16 matmul {c['matmul_bf16_TFLOPs']:.0f} TFLOP/s")
     # "of mm": share of the measured bf16 matmul rate, the ceiling for attention's GEMMs.
-    print(f"\n{'attention ' + res['dtype']:<16} {'backend':<11} {'fwd TF/s':>9} {'f+b TF/s':>9} {'of mm':>6} "
-          f"{'err':>8}")
+    print(f"\n{'attention ' + res['dtype']:<17} {'L':>5} {'backend':<15} {'fwd TF/s':>9} {'f+b TF/s':>9} "
+          f"{'of mm':>6} {'err':>8}")
     for r in res["attention"]:
+        head = f"{r['shape']:<17} {r['L']:>5} {r['backend']:<15}"
         if "error" in r:
-            print(f"{r['shape']:<16} {r['backend']:<11} {r['error'][:60]}")
+            print(f"{head} {r['error'][:70]}")
         else:
-            print(f"{r['shape']:<16} {r['backend']:<11} {r['fwd_TFLOPs']:9.1f} {r['fwdbwd_TFLOPs']:9.1f} "
+            print(f"{head} {r['fwd_TFLOPs']:9.1f} {r['fwdbwd_TFLOPs']:9.1f} "
                   f"{r['fwdbwd_TFLOPs'] / c['matmul_bf16_TFLOPs']:6.0%} {r['rel_err_vs_sdpa']:8.1e}")
+    print(f"\ndispatch rows ({res.get('table_path') or 'not written'}): mode Dh bucket -> train / infer")
+    for r in res["table"]:
+        print(f"  {r['mode']:<6} {r['dh']:>3} {r['bucket']:>5} -> {r['train']} / {r['infer']}   "
+              f"(fwd+bwd ms {r['measured']['fwdbwd_ms']})")
     for kind in ("fwd", "dkdv", "dq") if res["sweep"] else ():
         best = [r for r in res["sweep"] if r["kind"] == kind and "ms" in r][:3]
         print(f"sweep {kind:<4} best (M,N,warps,stages ms): " + "; ".join(
@@ -259,32 +345,39 @@ def print_tables(res: dict) -> None:
 
 
 def verdict(res: dict) -> str:
-    """The issue's bar in one line: triton vs SDPA at the ViT-L encoder shape; gather vs copy."""
-    enc = {r["backend"]: r for r in res["attention"] if r["shape"] == "vitl-enc joint" and "error" not in r}
+    """The issue's bar in one line: Triton vs each SDPA kernel at the encoder joint shapes
+    (goal >= 1.0x cuDNN, else the table routes them to SDPA); gathers vs copy."""
     parts = []
-    for base in ("sdpa", "sdpa-flash"):
-        if "triton" in enc and base in enc:
-            parts.append(f"triton/{base} fwd {enc['triton']['fwd_TFLOPs'] / enc[base]['fwd_TFLOPs']:.2f}x, "
-                         f"fwd+bwd {enc['triton']['fwdbwd_TFLOPs'] / enc[base]['fwdbwd_TFLOPs']:.2f}x")
+    for shape in ("vitl-enc joint", "vitb-enc joint"):
+        enc = {r["backend"]: r for r in res["attention"] if r["shape"] == shape and "error" not in r}
+        for base in ("sdpa-cudnn", "sdpa-flash", "sdpa"):
+            if "triton" in enc and base in enc:
+                parts.append(f"{shape.split()[0]} triton/{base} fwd+bwd "
+                             f"{enc[base]['fwdbwd_ms'] / enc['triton']['fwdbwd_ms']:.2f}x")
     gather = {r["op"]: r for r in res["gather"]}
     for op in ("gather_tokens triton", "scatter_tokens triton", "gather_patches uint8 triton"):
         parts.append(f"{op.split()[0]} {gather[op]['of_copy']:.0%} of copy")
-    return "bar (vitl-enc joint, bf16; goal >= 1.0x SDPA flash, gather >= 80% of copy): " + "; ".join(parts)
+    return "bar (bf16; Triton joint >= 1.0x cuDNN or not the default; gather >= 80% of copy): " + "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None,
-                    help=f"JSON results file (default {DEFAULT_OUT}; none for --smoke)")
-    ap.add_argument("--quick", action="store_true", help="encoder joint shape only, no sweep")
+                    help="JSON results file (default: kernels_gpu.json in a new run folder; none for --smoke)")
+    ap.add_argument("--table-out", type=Path, default=None,
+                    help=f"dispatch table to merge the winners into (default: a copy of {COMMITTED_TABLE} in the "
+                         "run folder; none for --smoke)")
+    ap.add_argument("--no-table", action="store_true", help="measure, but write no dispatch table")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the Triton launch configs (ViT-L encoder)")
+    ap.add_argument("--quick", action="store_true", help="the encoder joint shapes only")
     ap.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, toy sizes: checks the code only")
     ap.add_argument("--ptxas", action="store_true", help="sm_90 registers/spills of the kernels; no GPU needed")
     args = ap.parse_args(argv)
     if args.ptxas:
-        print(f"{'shape':<16} {'kernel':<5} {'flat':<5} {'M':>4} {'N':>4} {'D':>4} {'GPB':>3} {'warps':>5} "
+        print(f"{'shape':<17} {'kernel':<5} {'flat':<5} {'M':>4} {'N':>4} {'D':>4} {'GPB':>3} {'warps':>5} "
               f"{'regs':>4} {'stack':>5} {'wgmma':>5}")
         for r in ptxas_report():
-            print(f"{r['shape']:<16} {r['kernel']:<5} {r['flat']!s:<5} {r['BLOCK_M']:>4} {r['BLOCK_N']:>4} "
+            print(f"{r['shape']:<17} {r['kernel']:<5} {r['flat']!s:<5} {r['BLOCK_M']:>4} {r['BLOCK_N']:>4} "
                   f"{r['BLOCK_D']:>4} {r['GPB']:>3} {r['num_warps']:>5} {r['regs']:>4} {r['stack']:>5} {r['wgmma']:>5}")
         return 0
     if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
@@ -295,22 +388,52 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     env = Env(args.smoke)
-    shapes = ATTENTION_SHAPES[:1] if args.quick else ATTENTION_SHAPES
+    shapes = [s for s in model_shapes() if not args.quick or s[0].endswith("enc joint")]
     if args.smoke:  # one sample, one head, a few tokens: same code, interpreter-sized
-        shapes = [(name, 1, 1, 2, 5, 16, mode) for name, *_, mode in shapes]
+        shapes = [(name, 1, 1, min(t, 2), min(k, 5), 16, mode) for name, _, _, t, k, _, mode in shapes]
     res = {"device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(),
            "torch": torch.__version__, "triton": triton.__version__, "dtype": str(env.dtype).removeprefix("torch.")}
     res["ceilings"] = ceilings(env)
     res["attention"] = bench_attention(env, shapes)
-    res["sweep"] = [] if args.quick else sweep_triton(env, shapes[0], SWEEP[:2] if args.smoke else SWEEP)
+    cap = "cpu" if args.smoke else "{}.{}".format(*torch.cuda.get_device_capability())
+    meta = {"device": res["device"], "torch": res["torch"], "triton": res["triton"]}
+    res["table"] = table_rows(res["attention"], res["dtype"], cap, meta)
+    folder = None if args.smoke else _RunFolder()
+    table_out = None if args.no_table else args.table_out or (folder and folder.table())
+    if table_out is not None:
+        merge_table(table_out, res["table"], note=f"Written by benchmarks/kernels.py on {res['device']} "
+                    f"(capability {cap}); read by kernels/dispatch.py, whose docstring states the fallback rule.")
+        res["table_path"] = str(table_out)
+        if args.table_out is None:
+            print(f"dispatch table: {table_out} (the kernels read {COMMITTED_TABLE}: copy it there, or rerun "
+                  f"with --table-out {COMMITTED_TABLE.relative_to(REPO)})")
+    res["sweep"] = sweep_triton(env, shapes[0], SWEEP[:2] if args.smoke else SWEEP) if args.sweep else []
     res["gather"] = bench_gather(env, res["ceilings"]["copy_GBps"])
     print_tables(res)
-    out = args.out or (None if args.smoke else DEFAULT_OUT)
+    out = args.out or (folder and folder.path() / "kernels_gpu.json")
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=1))
-        print(f"\nwrote {out}")
+        bench.write_json(out, res)
     return 0
+
+
+class _RunFolder:
+    """The run folder of this run, created on first use (so a run writing only to --out and
+    --table-out leaves none behind)."""
+
+    def __init__(self) -> None:
+        self._path = None
+
+    def path(self) -> Path:
+        self._path = self._path or bench.run_dir("kernels")
+        return self._path
+
+    def table(self) -> Path:
+        """A copy of the committed dispatch table to merge this device's rows into."""
+        import shutil
+
+        dst = self.path() / "attention_table.json"
+        shutil.copyfile(COMMITTED_TABLE, dst)
+        return dst
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """Loader benchmark: our DALI ClipStream vs the official-EchoFM-style loader vs a fair PyAV loader.
 
     python benchmarks/loader.py [--shards-112 DIR] [--shards-224 DIR] [--videos 48] [--clips 192]
-                                [--threads 2] [--repeats 3] [--cache ~/.cache/echofm/bench_loader]
+                                [--threads 2] [--repeats 3] [--cache DIR] [--out FILE]
 
 Same corpus, same clip spec, same CPU threads for every loader:
 - corpus: `loaders.synth` phantoms ingested by `loaders.ingest` (VP9, GOP 8) at 112^2 and at
-  224^2 (cached; or pass --shards-*). The baselines read the SAME encoded videos: the
-  shards' `.webm` components, extracted once to files next to the cache. So every loader
-  decodes identical VP9 bitstreams.
+  224^2 (cached; or pass --shards-*, which are only read). The baselines read the SAME
+  encoded videos: the shards' `.webm` components, extracted once to files in the cache
+  (keyed by the shards' manifest). So every loader decodes identical VP9 bitstreams.
 - clip: 16 frames at stride 2 (span 31), output size = the corpus size, batch 8, random
   start (the official-style loader takes the first frames, as the official code does).
 - threads: DALI num_threads = N; each baseline is a torch DataLoader with N worker
@@ -29,24 +29,26 @@ stream each decoder was given). Each loader runs `--repeats` times interleaved (
 may be shared) and the best run counts. The CPU time the loader's processes (main +
 workers, all threads) used in the timed window is read from /proc: CPU-ms per clip is the
 load-independent cost, since wall-clock rates move with other users' load. Prints a table
-with ratios to the official-style loader, writes benchmarks/results/loader.json and
-loader.png. With CUDA it also runs the mixed (NVDEC)
+with ratios to the official-style loader, writes loader.json and loader.png to a new run
+folder runs/bench/loader-<timestamp>/ (or to --out: the committed numbers are
+--out benchmarks/results/loader.json). The cache (~/.cache/echofm/bench/loader/: corpora,
+shards, extracted videos) is announced with its size; `echofm bench --clean` removes it.
+With CUDA it also runs the mixed (NVDEC)
 backend at 224^2 and compares clips/s with a ViT-B step's need (DESIGN §7: ~1,500 clips/s).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from echofm.engine import bench
+
 T, STRIDE, BATCH = 16, 2, 8
 VITB_NEED_CLIPS_S = 1500.0  # DESIGN §7: ViT-B video MAE at 40% MFU on one H200
 
@@ -55,30 +57,26 @@ VITB_NEED_CLIPS_S = 1500.0  # DESIGN §7: ViT-B video MAE at 40% MFU on one H200
 
 
 def build_corpus(cache: Path, size: int, videos: int) -> Path:
-    """Synthetic corpus -> VP9 shards at `size` (cached by size and count) -> shard dir."""
-    from echofm.loaders.ingest import IngestConfig, ingest
-    from echofm.loaders.synth import SynthConfig, make_corpus
+    """Synthetic corpus -> VP9 shards at `size` (cached by content: loaders/corpus.py) -> shard dir."""
+    from echofm.loaders.corpus import cached_corpus
+    from echofm.loaders.ingest import IngestConfig
+    from echofm.loaders.synth import SynthConfig
 
-    src = cache / f"synth_{videos}"
-    out = cache / f"shards_{size}_{videos}"
-    if not (src / "labels.csv").exists():
-        print(f"  synth: {videos} videos -> {src}", flush=True)
-        make_corpus(src, SynthConfig(videos=videos, seed=0, dicom_fraction=0.0, workers=2))
-    if not (out / "manifest.json").exists():
-        print(f"  ingest: {src} -> {out} (vp9, {size}^2)", flush=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ingest([src], out, IngestConfig(size=size, codec="vp9", progress=False, workers=2))
-    return out
+    return cached_corpus(SynthConfig(videos=videos, seed=0, dicom_fraction=0.0, workers=2),
+                         IngestConfig(size=size, codec="vp9", progress=False, workers=2), cache,
+                         log=lambda m: print(m, flush=True))
 
 
-def extract_videos(shards: Path) -> list[tuple[str, int]]:
-    """Every split's video components as files (same bitstreams) -> [(path, nframes)]."""
-    from echofm.loaders.shards import read_index, read_manifest
+def extract_videos(shards: Path, cache: Path) -> list[tuple[str, int]]:
+    """Every split's video components as files (same bitstreams) -> [(path, nframes)].
+
+    The files go to `cache/extracted/<manifest sha256>/`, never into the shard folder (a
+    user's --shards-* are only read)."""
+    from echofm.loaders.shards import manifest_sha256, read_index, read_manifest
 
     m = read_manifest(shards)
-    vdir = shards / "extracted"
-    vdir.mkdir(exist_ok=True)
+    vdir = cache / "extracted" / manifest_sha256(shards)[:16]
+    vdir.mkdir(parents=True, exist_ok=True)
     out = []
     for s in m["shards"]:
         tar = (shards / s["tar"]).read_bytes()
@@ -301,8 +299,8 @@ def main(argv=None) -> int:
     ap.add_argument("--clips", type=int, default=192, help="clips timed per loader and run")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "echofm" / "bench_loader")
-    ap.add_argument("--out", type=Path, default=RESULTS / "loader.json")
+    ap.add_argument("--cache", type=Path, default=bench.cache_dir("loader"))
+    ap.add_argument("--out", type=Path, default=None, help="results JSON, PNG beside it (default: a new run folder)")
     args = ap.parse_args(argv)
 
     import torch
@@ -317,7 +315,7 @@ def main(argv=None) -> int:
                        "cpu_ms_per_clip (CPU of the loader's processes in the timed window) does not"}
     for size in args.sizes:
         shards = given.get(size) or build_corpus(args.cache, size, args.videos)
-        videos = extract_videos(shards)
+        videos = extract_videos(shards, args.cache)
         print(f"{size}^2: {len(videos)} videos, mean {np.mean([n for _, n in videos]):.0f} frames",
               flush=True)
         runs = {"dali": [], "official": [], "pyav": [], "dali-uncut": []}
@@ -365,12 +363,12 @@ def main(argv=None) -> int:
               f"({VITB_NEED_CLIPS_S:.0f} clips/s)")
     else:
         print("GPU mixed backend: not run (no CUDA device here)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     results["cpu"] = {str(k): v for k, v in results["cpu"].items()}
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
-    png = args.out.with_suffix(".png")
+    out = bench.write_json(bench.results_path("loader", args.out, "loader.json"), results)
+    png = out.with_suffix(".png")
     plot(results, png)
-    print(f"wrote {args.out} and {png}")
+    print(f"wrote {png}")
+    bench.announce_cache(args.cache)
     return 0
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/probe_gap.py --shards demo_out/shards \
         --backbone pretrained=demo_out/export [--backbone long=runs/x/checkpoints/step_00003000] \
-        [--layers 0,3] [--out benchmarks/results/probe_gap.json]
+        [--layers 0,3] [--out FILE]
 
 The demo's probe (`compare_backbones`) reads one feature recipe off the last layer. This
 sweep runs the SAME probe (`fit_video_probe`: standardised features, linear head, weight
@@ -20,14 +20,15 @@ poolings, plus two floors that need no backbone:
     chance     EF: predict the training mean; view: the majority class
 
 Prints a table (view accuracy up, EF MAE down; test split, 95% CI over patients) and
-writes JSON. If the pretrained rows do no better than the random init, and the pixel
+writes probe_gap.json to a new run folder runs/bench/probe_gap-<timestamp>/ (or to --out:
+the committed numbers are --out benchmarks/results/probe_gap.json). The shards are only
+read. If the pretrained rows do no better than the random init, and the pixel
 floor beats both, the pretraining has not yet learned anything a linear head can use.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import sys
 import time
@@ -37,7 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from echofm.engine import bench
+
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("view", "ef")
 
@@ -122,18 +124,18 @@ def main() -> None:
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "pretrain" / "echofm_tiny.yaml"))
     ap.add_argument("--layers", default="", help="encoder block outputs to probe, e.g. 0,2,4 (default: all)")
     ap.add_argument("--bootstrap", type=int, default=200)
-    ap.add_argument("--out", default=str(RESULTS / "probe_gap.json"))
+    ap.add_argument("--out", default=None, help="results JSON (default: a new run folder)")
     args = ap.parse_args()
 
     from echofm.engine.config import load_recipe
     from echofm.engine.downstream.backbone import load_backbone
-    from echofm.engine.downstream.run import present_splits
+    from echofm.engine.downstream.data import present_splits
 
     recipe = load_recipe(args.recipe, [f"data.shards={args.shards}", f"downstream.bootstrap={args.bootstrap}"])
     cfg = recipe.downstream
     backbones = dict(b.split("=", 1) for b in args.backbone)
     backbones["random"] = "random"
-    present = present_splits(recipe)
+    present = present_splits(recipe.data.shards)
     splits = {s: n for s, n in (("train", cfg.train_clips), ("val", cfg.test_clips), ("test", cfg.test_clips))
               if present.get(s)}
     if "train" not in splits or "test" not in splits:
@@ -167,9 +169,7 @@ def main() -> None:
     out = {"shards": str(Path(args.shards).resolve()), "test_videos": len({m["key"] for m in metas["test"]}),
            "train_videos": len({m["key"] for m in metas["train"]}), "chance": floors, "rows": rows,
            "seconds": round(time.time() - t0, 1), "host": platform.node(), "torch": torch.__version__}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.out}")
+    bench.write_json(bench.results_path("probe_gap", args.out, "probe_gap.json"), out, recipe)
 
 
 def _fmt(r: dict) -> str:

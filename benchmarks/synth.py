@@ -1,18 +1,19 @@
 """Synthetic corpus generation speed (`echofm synth`): clips/s and frames/s, per stage.
 
-    python benchmarks/synth.py [--videos 200] [--workers 2] [--frames 40-120] [--size 160-320]
+    python benchmarks/synth.py [--videos 200] [--workers 2] [--frames 40-120] [--size 160-320] [--out FILE]
 
 1. The whole corpus with `make_corpus` and `--workers` processes: wall time, and CPU time
    (this process + its workers, from getrusage). On a shared machine the wall time
    includes other people's load; CPU seconds / workers is what an idle machine would take.
 2. Stage split on the first 20 clips in this process (CPU time): rendering (numpy),
    encoding (PyAV libx264 / MJPEG, pydicom) and writing the masks.
-Writes benchmarks/results/synth.json.
+Writes synth.json to a new run folder runs/bench/synth-<timestamp>/, or to --out (the
+committed numbers: --out benchmarks/results/synth.json). The corpus is written to a
+temporary folder and removed.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import tempfile
@@ -21,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from echofm.engine import bench
 from echofm.loaders.synth import SynthConfig, make_corpus, plan_corpus, render_clip, write_dicom, write_video
-
-OUT = Path(__file__).resolve().parent / "results" / "synth.json"
 
 
 def cpu_seconds() -> float:
@@ -37,7 +37,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--frames", default="40-120")
     ap.add_argument("--size", default="160-320")
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out", type=Path, default=None, help="results JSON (default: a new run folder)")
     args = ap.parse_args()
     (flo, fhi), (slo, shi) = ([int(v) for v in r.split("-")] for r in (args.frames, args.size))
     cfg = SynthConfig(videos=args.videos, seed=0, min_frames=flo, max_frames=fhi, min_size=slo,
@@ -79,8 +79,7 @@ def main() -> int:
           f"({len(rows) / wall:.1f} clips/s, {frames / wall:.0f} frames/s); CPU {cpu:.1f} s "
           f"(-> {cpu / args.workers:.1f} s on an idle {args.workers}-core machine); {disk / 2**20:.0f} MB")
     print("CPU ms per frame: " + ", ".join(f"{k} {v}" for k, v in result["cpu_ms_per_frame"].items()))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    bench.write_json(bench.results_path("synth", args.out, "synth.json"), result)
     return 0
 
 

@@ -24,16 +24,24 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 def _add_config(sub) -> None:
     p = sub.add_parser("config", help="show a resolved recipe")
     csub = p.add_subparsers(dest="config_cmd", required=True)
-    show = csub.add_parser("show", help="print the recipe after includes, --set and validation")
+    show = csub.add_parser("show", help="print the recipe after includes, --set, validation and the "
+                           "model preset (its dimensions filled in)")
     show.add_argument("recipe")
     _add_set(show)
     show.set_defaults(run=_run_config_show)
 
 
 def _run_config_show(args) -> int:
-    from .config import dump_yaml, load_recipe
+    import dataclasses
 
-    print(dump_yaml(load_recipe(args.recipe, args.overrides)), end="")
+    from .config import ConfigError, dump_yaml, load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:  # the preset's dimensions, not null
+        recipe = dataclasses.replace(recipe, model=recipe.model.resolved())
+    except ValueError as e:
+        raise ConfigError(f"{args.recipe}: model: {e}") from None
+    print(dump_yaml(recipe), end="")
     return 0
 
 
@@ -58,7 +66,9 @@ def _run_pretrain(args) -> int:
 
     summary = pretrain(load_recipe(args.recipe, args.overrides), resume=args.resume)
     if os.environ.get("RANK", "0") == "0":
-        print(f"echofm: {summary['steps']} steps, last loss {summary['last_loss']}, "
+        dropped = (f", {summary['damaged_samples']} damaged sample(s) skipped"
+                   if summary.get("damaged_samples") else "")
+        print(f"echofm: {summary['steps']} steps, last loss {summary['last_loss']}{dropped}, "
               f"checkpoint {summary['last_checkpoint']}")
     return 0
 
@@ -71,9 +81,32 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args) -> int:
-    from .checkpoint import export
+    from .export import export
 
     print(f"echofm: exported to {export(args.checkpoint, args.out)}")
+    return 0
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="rewrite a TRUSTED older or pickled checkpoint into the safe "
+                       "format (this command unpickles it: only for files you trust)",
+                       description="echofm loads checkpoints without unpickling (weights only), so "
+                       "checkpoints of an older format, or files with pickled objects, are refused. "
+                       "This command unpickles SRC, which can run code hidden in it: use it only on "
+                       "files whose origin you trust. It writes plain-data files and a meta.json "
+                       "with the sha256 of every file to OUT.")
+    p.add_argument("src", help="a checkpoint folder, a run folder (newest checkpoint), or one .pt/.pth file")
+    p.add_argument("--out", required=True, help="new folder (or file, for a file) to write")
+    p.set_defaults(run=_run_convert)
+
+
+def _run_convert(args) -> int:
+    from .checkpoint import convert
+
+    print(f"echofm convert: unpickling {args.src} (trusted by you)", flush=True)
+    out, rewritten = convert(args.src, args.out)
+    print(f"echofm: wrote {out} ({len(rewritten)} file(s) rewritten as plain data"
+          + (f": {', '.join(rewritten)}" if rewritten else "") + ")")
     return 0
 
 
@@ -109,27 +142,30 @@ def _parse_bytes(text: str) -> int:
 
 def _add_ingest(sub) -> None:
     p = sub.add_parser("ingest", help="videos / DICOM / EchoNet / CAMUS / CSV -> WebDataset shards",
-                       description="Ingest sources into WebDataset shards + DALI indexes + manifest.json. "
-                       "Patient ids are hashed; set ECHOFM_PATIENT_SALT to salt the hashes.")
+                       description="Ingest sources into WebDataset shards + DALI indexes + manifest.json, and "
+                       "report how the corpus came out (quality_report.json). Patient ids and source paths are "
+                       "keyed hashes (HMAC) with the corpus's secret id key, kept outside the shards.")
     p.add_argument("sources", nargs="+", help="files or folders (layout is recognised) or CSV manifests")
-    p.add_argument("--out", required=True, help="shard directory (re-running resumes into it)")
+    p.add_argument("--out", required=True, help="shard directory (re-running resumes into it, by content)")
     p.add_argument("--size", type=int, default=None, help="output height = width (default 224, or the recipe's)")
     p.add_argument("--codec", choices=["vp9", "h264", "mjpeg"], default="vp9")
     p.add_argument("--fps", default="keep", help="'keep' or a frame rate to resample to")
     p.add_argument("--shard-size", type=_parse_bytes, default="256MB", help="bytes per shard, e.g. 256MB")
-    p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (a worker that dies costs its clip only)")
     p.add_argument("--dataset", default=None, help="dataset name in sample keys (default: from the layout)")
     p.add_argument("--min-frames", type=int, default=8, help="shorter clips are rejected")
     p.add_argument("--no-sector", action="store_true", help="keep the full frame (no sector crop)")
-    p.add_argument("--retry-rejects", action="store_true", help="retry sources listed in rejects.jsonl")
+    p.add_argument("--id-key", default=None, metavar="FILE",
+                   help="the corpus's secret id key (hex; default OUT.idkey beside --out, created on first ingest)")
+    p.add_argument("--retry-rejects", action="store_true",
+                   help="retry sources rejected for good earlier (missing / unreadable files are always retried)")
+    p.add_argument("--dry-run", action="store_true", help="scan, decode and measure; report; write nothing")
     p.add_argument("--recipe", default=None, help="take --size from this recipe's data.size")
     p.set_defaults(run=_run_ingest)
 
 
 def _run_ingest(args) -> int:
-    import os
-
-    from echofm.loaders.ingest import IngestConfig, ingest
+    from echofm.loaders.ingest import REPORT, IngestConfig, ingest
 
     size = args.size
     if size is None and args.recipe:
@@ -140,15 +176,23 @@ def _run_ingest(args) -> int:
         fps = None if args.fps == "keep" else float(args.fps)
         cfg = IngestConfig(size=size or 224, codec=args.codec, fps=fps, shard_size=args.shard_size,
                            workers=args.workers, dataset=args.dataset, min_frames=args.min_frames,
-                           sector=not args.no_sector, retry_rejects=args.retry_rejects,
-                           salt=os.environ.get("ECHOFM_PATIENT_SALT", ""))
+                           sector=not args.no_sector, retry_rejects=args.retry_rejects, id_key=args.id_key,
+                           dry_run=args.dry_run)
         cfg.validate()
     except ValueError as e:
         raise UserError(f"ingest: {e}") from e
     r = ingest(args.sources, args.out, cfg)
-    print(f"ingest: {r.added} added, {r.skipped} skipped (already done), {r.rejected} rejected "
-          f"({args.out}/rejects.jsonl), {len(r.shards)} shard(s), {r.frames} frames, "
-          f"{r.clips_per_s:.1f} clips/s, {r.input_mb_per_s:.1f} MB/s in")
+    if r.id_key_created:
+        print(f"ingest: created the id key {r.id_key}: keep it private and keep it (later ingests into "
+              f"{args.out} need it; without it patient ids cannot be linked back)")
+    print(f"ingest: {r.added} {'would be added' if args.dry_run else 'added'}, {r.skipped} skipped (already done), "
+          f"{r.duplicates} duplicate(s), {r.rejected} rejected"
+          + ("" if args.dry_run else f" ({args.out}/rejects.jsonl), {len(r.shards)} shard(s)")
+          + f", {r.frames} frames, {r.clips_per_s:.1f} clips/s, {r.input_mb_per_s:.1f} MB/s in")
+    for line in r.quality.lines():
+        print(f"ingest: {line}")
+    if not args.dry_run:
+        print(f"ingest: report written to {args.out}/{REPORT}")
     return 0
 
 
@@ -175,9 +219,12 @@ def _run_shards_verify(args) -> int:
 
 
 def _add_finetune(sub) -> None:
-    p = sub.add_parser("finetune", help="downstream run: linear probe or full fine-tune of a backbone")
+    p = sub.add_parser("finetune", help="downstream run: linear probe or full fine-tune of a backbone "
+                       "(fine-tune: 1 process, torchrun or the deepspeed launcher)")
     p.add_argument("recipe", help="downstream recipe, e.g. recipes/downstream/ef_regression.yaml")
     _add_set(p)
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="mode finetune: auto = continue the run's newest checkpoint; or a checkpoint folder")
     p.set_defaults(run=_run_finetune)
 
 
@@ -185,23 +232,35 @@ def _run_finetune(args) -> int:
     from .config import load_recipe
     from .downstream.run import run
 
-    run(load_recipe(args.recipe, args.overrides))
+    run(load_recipe(args.recipe, args.overrides), resume=args.resume)
     return 0
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="recompute a downstream run's metrics from its saved head")
-    p.add_argument("recipe", help="the downstream recipe the run used")
-    p.add_argument("--checkpoint", required=True, help="the run folder written by `echofm finetune`")
+    p = sub.add_parser("evaluate", help="recompute a downstream run's metrics from its saved head and "
+                       "recipe, or score an external cohort (--data)",
+                       description="Rebuild backbone + head of a finished `echofm finetune` run from its folder "
+                       "and score its val/test splits again with the run's own recipe (RUN_DIR/recipe.yaml) and "
+                       "any --set on top: with no --set the numbers are the run's. --data scores another shard "
+                       "set (e.g. an external cohort ingested with every patient in split 'test'). A "
+                       "--set downstream.backbone=... is honoured only when it holds the weights the head was "
+                       "trained on, refused otherwise.")
+    p.add_argument("run_dir", help="the run folder written by `echofm finetune` (downstream.out_dir/<name>)")
     _add_set(p)
+    p.add_argument("--data", default=None, metavar="SHARDS",
+                   help="score this shard set instead (writes RUN_DIR/evaluate_<folder name>.json)")
+    p.add_argument("--recipe", default=None, help="start from this recipe instead of RUN_DIR/recipe.yaml")
+    p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)  # the older form: RECIPE --checkpoint RUN
     p.set_defaults(run=_run_evaluate)
 
 
 def _run_evaluate(args) -> int:
-    from .config import load_recipe
-    from .downstream.run import evaluate
+    from .downstream.run import evaluate, load_run_recipe
 
-    evaluate(load_recipe(args.recipe, args.overrides), args.checkpoint)
+    run_dir, recipe_file = args.run_dir, args.recipe
+    if args.checkpoint:  # `echofm evaluate RECIPE --checkpoint RUN_DIR` (before the run folder held its recipe)
+        run_dir, recipe_file = args.checkpoint, args.run_dir
+    evaluate(load_run_recipe(run_dir, args.overrides, recipe_file), run_dir, data=args.data)
     return 0
 
 
@@ -248,12 +307,18 @@ def _run_synth(args) -> int:
 
 # ---------------------------------------------------------------- bench
 
-BENCHMARKS = ("synth", "ingest", "loader", "kernels", "train", "probe_gap")
+BENCHMARKS = ("synth", "ingest", "loader", "kernels", "train", "probe_gap", "integrity")
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (table + JSON)")
-    p.add_argument("name", choices=BENCHMARKS)
+    p = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (table + JSON in a run folder)",
+                       description="Run benchmarks/NAME.py. Results go to a new run folder "
+                       "runs/bench/NAME-<timestamp>/ unless the script's --out names a file (the committed "
+                       "results in benchmarks/results/ are written only that way). Synthetic corpora and other "
+                       "caches are kept in ~/.cache/echofm/bench/NAME/ (announced with their size); "
+                       "--clean removes them.")
+    p.add_argument("name", nargs="?", choices=BENCHMARKS, help="the benchmark (with --clean: only its cache)")
+    p.add_argument("--clean", action="store_true", help="remove the benchmark caches (all, or NAME's) and exit")
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script (see its --help)")
     p.set_defaults(run=_run_bench)
 
@@ -262,6 +327,17 @@ def _run_bench(args) -> int:
     import runpy
     from pathlib import Path
 
+    from . import bench
+
+    if args.clean:
+        removed = bench.clean([args.name] if args.name else None)
+        for path, size in removed:
+            print(f"removed {path} ({size / 2**20:.0f} MB)")
+        if not removed:
+            print(f"no benchmark caches under {bench.cache_root()}")
+        return 0
+    if args.name is None:
+        raise UserError("bench: name a benchmark (" + ", ".join(BENCHMARKS) + ") or pass --clean")
     # Benchmarks are scripts beside the code folders, not package modules: they exist in a
     # source checkout (the editable install the README sets up).
     script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{args.name}.py"
@@ -271,7 +347,7 @@ def _run_bench(args) -> int:
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as e:
-        return int(e.code or 0)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return 0
 
 
@@ -279,12 +355,27 @@ def _run_bench(args) -> int:
 
 # Each entry adds one subcommand; later features append theirs here.
 SUBCOMMANDS: list[Callable] = [_add_synth, _add_ingest, _add_shards, _add_pretrain, _add_export,
-                               _add_finetune, _add_evaluate, _add_bench, _add_demo, _add_config]
+                               _add_convert, _add_finetune, _add_evaluate, _add_bench, _add_demo,
+                               _add_config]
+
+
+class _Version(argparse.Action):
+    """--version, resolved only when asked (it may run git)."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .provenance import version_line
+
+        print(version_line())
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="echofm", description="EchoFM: echocardiography video foundation model engine")
+    parser.add_argument("--version", action=_Version, help="print the echofm version (and git commit) and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
@@ -295,11 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from echofm.loaders.errors import DataError
 
-    from .config import ConfigError
-
     try:
         return int(args.run(args) or 0)
-    except (ConfigError, UserError, DataError) as e:
+    except (UserError, DataError) as e:
         print(f"echofm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,39 +1,29 @@
-"""Recipes: typed config dataclasses composed from each layer, loaded from YAML.
+"""Recipes: the typed config dataclasses of every layer composed into one `Recipe`.
 
 Every component owns its `Config` dataclass (the stream owns `StreamConfig`, the model
-`ModelConfig`, ...); this module only composes them into a `Recipe` and turns YAML into
-it. Loading is strict: an unknown key, a wrong type or a missing required value raises
-`ConfigError` naming the file, the key path and what would have been valid, so the CLI
-can print one line instead of a traceback.
-
-YAML features: `include: base.yaml` (or a list; paths relative to the including file,
-later files and the including file win, mappings merge deeply) and command-line
-overrides `--set model.depth=6` (values parsed as YAML scalars).
+`ModelConfig`, ...); this module composes them into a `Recipe`, loads it from YAML
+(yaml_io.py: includes, --set overrides, strict types, errors naming file and key) and holds
+the checks that span sections (`Recipe.validate`), which every entry point runs before
+DeepSpeed starts.
 """
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
-
-import yaml
 
 from echofm.loaders.stream import StreamConfig
 
 from .downstream.config import DownstreamConfig
+from .errors import ConfigError
 from .logging import LoggingConfig
 from .losses import LossConfig
 from .masking import MaskConfig
 from .model import ModelConfig
 from .optim import OptimConfig, ScheduleConfig
 from .trainer import DeepSpeedConfig, TrainConfig
+from .yaml_io import apply_overrides, dump_yaml, from_dict, read_yaml, to_dict
 
-
-class ConfigError(ValueError):
-    """A recipe problem, already phrased for the user: file, key path, what is valid."""
+__all__ = ["ConfigError", "Recipe", "dump_yaml", "load_recipe", "recipe_from_data", "to_dict"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -53,194 +43,32 @@ class Recipe:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
 
+    def validate(self, backbone: ModelConfig | None = None, *, what: str = "the model") -> None:
+        """Checks that no single section can make; ConfigError naming the keys.
 
-# ---------------------------------------------------------------- YAML -> dict
-
-
-def _deep_merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
-    """Read a recipe file and resolve its `include:` chain into one mapping."""
-    path = Path(path).resolve()
-    if path in _seen:
-        raise ConfigError(f"{path}: include cycle: {' -> '.join(str(p) for p in _seen + (path,))}")
-    if not path.is_file():
-        raise ConfigError(f"{path}: recipe file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping, got {type(data).__name__}")
-    includes = data.pop("include", [])
-    includes = [includes] if isinstance(includes, str) else includes
-    merged: dict = {}
-    for inc in includes:
-        merged = _deep_merge(merged, read_yaml(path.parent / inc, _seen + (path,)))
-    return _deep_merge(merged, data)
-
-
-def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> dict:
-    """Apply `a.b.c=value` strings; the value is parsed as a YAML scalar/list."""
-    data = dict(data)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"{source}: expected KEY=VALUE, got {item!r}")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = data
-        for p in parts[:-1]:
-            child = node.get(p)
-            node[p] = dict(child) if isinstance(child, dict) else {}
-            node = node[p]
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-    return data
-
-
-# ---------------------------------------------------------------- dict -> dataclass
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is not None:
-        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
-        return f"{origin.__name__}[{args}]"
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _convert(tp: Any, value: Any, key: str, file: str) -> Any:
-    """Check `value` against the annotation `tp` and convert it; raise ConfigError."""
-
-    def bad() -> ConfigError:
-        return ConfigError(f"{file}: {key}: expected {_type_name(tp)}, got "
-                           f"{type(value).__name__} {value!r}")
-
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise bad()
-        return from_dict(tp, value, file=file, prefix=key)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise bad()
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise bad()
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(a, value, key, file)
-            except ConfigError:
-                continue
-        raise bad()
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise bad()
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise bad()
-            return tuple(_convert(a, v, f"{key}[{i}]", file) for i, (a, v) in enumerate(zip(args, value)))
-        elem = args[0] if args else Any
-        items = [_convert(elem, v, f"{key}[{i}]", file) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad()
-        _, vt = typing.get_args(tp) or (str, Any)
-        return {str(k): _convert(vt, v, f"{key}.{k}", file) for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad()
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad()
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad()
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad()
-        return value
-    if isinstance(tp, type) and not isinstance(value, tp):
-        raise bad()
-    return value
-
-
-def from_dict(cls: type, data: dict, *, file: str = "<recipe>", prefix: str = "") -> Any:
-    """Build dataclass `cls` from `data`, strictly. Nested dataclasses recurse.
-
-    Calls `obj.validate()` when the class has one; a ValueError from it becomes a
-    ConfigError naming the file and section.
-    """
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    where = prefix or "<top level>"
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        k = unknown[0]
-        raise ConfigError(f"{file}: unknown key '{prefix + '.' if prefix else ''}{k}' in "
-                          f"{where}; valid keys: {', '.join(sorted(fields))}")
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if name in data:
-            kwargs[name] = _convert(hints[name], data[name], key, file)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{file}: missing required key '{key}' ({_type_name(hints[name])})")
-    obj = cls(**kwargs)
-    check = getattr(obj, "validate", None)
-    if callable(check):
-        try:
-            check()
-        except ValueError as e:
-            raise ConfigError(f"{file}: {where}: {e}") from None
-    return obj
-
-
-def to_dict(obj: Any) -> Any:
-    """Dataclass tree -> plain YAML/JSON-safe data (tuples become lists)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj
+        The clips the data section cuts must fit `backbone` (default: this recipe's model
+        section; a downstream run passes the config of the backbone it loaded, `what` names
+        it), and data.shards must be set. Every entry point (pretrain, finetune, evaluate,
+        export, demo) runs it before DeepSpeed starts; loading checks each section only, so
+        a partial recipe can be loaded, shown and completed with --set."""
+        m = (backbone or self.model).resolved()
+        d = self.data
+        if (d.num_frames, d.size) != (m.num_frames, m.img_size):
+            wrong = [f"data.{k}={a} but {what} expects model.{n}={b}"
+                     for k, a, n, b in (("num_frames", d.num_frames, "num_frames", m.num_frames),
+                                        ("size", d.size, "img_size", m.img_size)) if a != b]
+            raise ConfigError("; ".join(wrong) + "; set both to the same value")
+        if not d.shards:
+            raise ConfigError("data.shards: empty; set it to a shard folder written by `echofm ingest`")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe YAML (with includes), apply `--set` overrides, validate."""
+    """Read a recipe YAML (with includes), apply `--set` overrides, check every section
+    (the cross-section checks are `Recipe.validate`)."""
     data = apply_overrides(read_yaml(path), overrides or [])
-    return from_dict(Recipe, data, file=str(path))
+    return from_dict(Recipe, data, file=str(path), validate=False)
 
 
 def recipe_from_data(data: dict, file: str = "<dict>") -> Recipe:
-    """Validate an in-memory mapping (e.g. the config stored in a checkpoint)."""
-    return from_dict(Recipe, data, file=file)
-
-
-def dump_yaml(obj: Any) -> str:
-    return yaml.safe_dump(to_dict(obj), sort_keys=False)
+    """An in-memory mapping (e.g. the recipe stored in a checkpoint) -> Recipe, sections checked."""
+    return from_dict(Recipe, data, file=file, validate=False)

@@ -1,4 +1,5 @@
-"""Analytic matmul FLOPs of one EchoFM clip, for MFU (DESIGN §4, §7).
+"""Analytic matmul FLOPs of one EchoFM clip, for MFU (DESIGN §4, §7; docs/mfu.md says which
+FLOPs count, the peak, and gives the ViT-L numbers).
 
 Counts 2 * m * n * k for every matrix product the model runs, following model.py term by
 term (the masked 75-90% of patches are never embedded, the encoder sees only visible
@@ -11,6 +12,7 @@ against the VideoMAE-B figure of DESIGN §7 (~71 GFLOPs forward per clip).
 """
 from __future__ import annotations
 
+from .losses import LossConfig
 from .masking import MaskConfig, keep_count
 from .model import ModelConfig
 
@@ -42,9 +44,11 @@ def visible_layout(model_cfg: ModelConfig, mask_cfg: MaskConfig) -> tuple[int, t
     return keep_count(t, mask_cfg.ratio) * l, None
 
 
-def model_flops(model_cfg: ModelConfig, mask_cfg: MaskConfig | None = None, prior_grid: int = 16) -> dict:
-    """Per-clip FLOPs: {"forward", "train_step" (= 3 x forward), "parts": {name: forward FLOPs}}."""
+def model_flops(model_cfg: ModelConfig, mask_cfg: MaskConfig | None = None, prior_grid: int | None = None) -> dict:
+    """Per-clip FLOPs: {"forward", "train_step" (= 3 x forward), "parts": {name: forward FLOPs}}.
+    prior_grid: the loss's pixel-prior grid (default LossConfig().prior_grid)."""
     mask_cfg = mask_cfg or MaskConfig()
+    prior_grid = LossConfig().prior_grid if prior_grid is None else prior_grid
     c = model_cfg.resolved()
     d, dd = c.embed_dim, c.decoder_embed_dim
     hid, dhid = int(d * c.mlp_ratio), int(dd * c.mlp_ratio)
@@ -53,8 +57,8 @@ def model_flops(model_cfg: ModelConfig, mask_cfg: MaskConfig | None = None, prio
     nv, grid = visible_layout(c, mask_cfg)
     parts: dict[str, int] = {"patch_embed": 2 * nv * c.patch_dim * d}
 
-    # Encoder: [CLS, visible tokens].
-    rows = nv + 1
+    # Encoder: [CLS, visible tokens] (no CLS without cls_embed).
+    rows = nv + int(c.cls_embed)
     enc = 0
     for i in range(c.depth):
         enc += _block(rows, d, hid)

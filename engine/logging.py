@@ -1,18 +1,63 @@
-"""Training metrics: JSONL + TensorBoard, a progress bar with fps and ETA, PNG figures.
+"""Training metrics: JSONL + TensorBoard, a step line or a progress bar, optional Weights &
+Biases / MLflow sinks, PNG figures.
 
 Only rank 0 logs. `metrics.jsonl` is appended to, so a resumed run continues the same
-file (a resumed step may appear twice: the later line wins). Figures: input / masked /
-reconstructed frames of one clip, and the temporal self-similarity matrix S next to the
-cycle prior P (DESIGN §4), every `plot_every` steps under `figures/`.
+file; the lines of steps after the checkpoint it resumes from (written by the session that
+was interrupted, and about to be run again) are removed first, so each step appears once.
+Every logged step also gets one human-readable line in `train.log` (with the run's
+messages), and on stdout too when the progress bar is off (`logging.progress: false`, e.g.
+under a batch scheduler). W&B and MLflow are imported only when enabled (extras
+`echofm[wandb]`, `echofm[mlflow]`); a resumed run continues the same tracker run (its id
+is kept in `trackers.json`).
+Figures: input / masked / reconstructed frames of one clip (predicted patches outlined),
+and the temporal self-similarity matrix S next to the cycle prior P (DESIGN §4), every
+`plot_every` steps under `figures/`.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
-from dataclasses import dataclass
+import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+
+from .errors import UserError
+
+TRACKERS = "trackers.json"
+"""Run folder file: the W&B / MLflow run ids a resumed run continues."""
+OUTLINE_RGB = (255, 140, 0)
+"""Colour of the outline drawn on predicted (masked-out) patches in the reconstruction row."""
+
+
+@dataclass(kw_only=True, slots=True)
+class WandbConfig:
+    """Weights & Biases sink (`pip install 'echofm[wandb]'`)."""
+
+    enabled: bool = False
+    """Also send the step metrics (and the recipe, as the run config) to a W&B run."""
+    project: str = "echofm"
+    """W&B project."""
+    entity: str = ""
+    """W&B team or user; empty: your default entity."""
+    mode: Literal["online", "offline"] = "online"
+    """offline: write under `<run>/wandb/` only, for a later `wandb sync`."""
+
+
+@dataclass(kw_only=True, slots=True)
+class MlflowConfig:
+    """MLflow sink (`pip install 'echofm[mlflow]'`)."""
+
+    enabled: bool = False
+    """Also send the step metrics (and the recipe, as run params) to an MLflow run."""
+    tracking_uri: str = ""
+    """Tracking server or store; empty: MLflow's default (MLFLOW_TRACKING_URI, else ./mlruns)."""
+    experiment: str = "echofm"
+    """Experiment name (created when missing)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -26,7 +71,10 @@ class LoggingConfig:
     plot_every: int = 0
     """Save reconstruction and self-similarity PNGs every N steps; 0 disables them."""
     progress: bool = True
-    """Show a tqdm progress bar (steps, sampled fps, ETA) on rank 0."""
+    """Show a tqdm progress bar (steps, sampled fps, ETA) on rank 0; false: a step line on stdout
+    every `every` steps instead (train.log gets the lines either way)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def validate(self) -> None:
         if self.every < 1:
@@ -36,20 +84,26 @@ class LoggingConfig:
 
 
 class MetricsLogger:
-    """Rank-0 sink for step metrics. A no-op object on other ranks (`enabled=False`)."""
+    """Rank-0 sink for step metrics. A no-op object on other ranks (`enabled=False`).
+
+    config: the run's recipe as a dict, sent to W&B / MLflow as the run's config."""
 
     def __init__(self, cfg: LoggingConfig, run_dir: str | Path, *, total_steps: int, start_step: int,
-                 enabled: bool) -> None:
+                 enabled: bool, desc: str = "pretrain", config: dict | None = None) -> None:
         self.cfg = cfg
         self.enabled = enabled
         self.run_dir = Path(run_dir)
-        self._jsonl = None
-        self._tb = None
-        self._bar = None
+        self.desc, self.total_steps = desc, total_steps
+        self._jsonl = self._text = self._tb = self._bar = None
+        self._sinks: list = []
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # trackers first: a missing package fails before any file is opened
+        self._sinks = open_trackers(cfg, self.run_dir, resumed=start_step > 0, config=config or {}, name=desc)
+        drop_steps_after(self.run_dir / "metrics.jsonl", start_step)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self._text = open(self.run_dir / "train.log", "a", buffering=1)
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -58,10 +112,7 @@ class MetricsLogger:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                             desc="pretrain", smoothing=0.1)
-
-    def should_log(self, step: int, last: bool) -> bool:
-        return self.enabled and (last or step % self.cfg.every == 0)
+                             desc=desc, smoothing=0.1)
 
     def should_plot(self, step: int) -> bool:
         return self.enabled and self.cfg.plot_every > 0 and step % self.cfg.plot_every == 0
@@ -73,20 +124,29 @@ class MetricsLogger:
             self._bar.update(step - self._bar.n)
 
     def log(self, step: int, metrics: dict) -> None:
-        """One JSONL line `{"step": step, **metrics}`; numeric values also to TensorBoard
-        (nested dicts become `a/b` tags; None is kept in JSONL only)."""
+        """One JSONL line `{"step": step, **metrics}`; numeric values also to TensorBoard and the
+        trackers (nested dicts become `a/b` tags; None is kept in JSONL only); one step line
+        to train.log, and to stdout when there is no progress bar."""
         if not self.enabled:
             return
         self._jsonl.write(json.dumps({"step": step, **metrics}, default=float) + "\n")
+        scalars = {tag: float(v) for tag, v in _flatten(metrics)
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         if self._tb is not None:
-            for tag, v in _flatten(metrics):
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                    self._tb.add_scalar(tag, v, step)
+            for tag, v in scalars.items():
+                self._tb.add_scalar(tag, v, step)
+        for sink in self._sinks:
+            sink.log(step, scalars)
+        line = step_line(self.desc, step, self.total_steps, metrics)
+        self._text.write(line + "\n")
+        if self._bar is None:
+            print(line, flush=True)
 
     def message(self, text: str) -> None:
-        """A line above the progress bar (or on stdout)."""
+        """A line above the progress bar (or on stdout), and in train.log."""
         if not self.enabled:
             return
+        self._text.write(text + "\n")
         if self._bar is not None:
             self._bar.write(text)
         else:
@@ -113,8 +173,122 @@ class MetricsLogger:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
+        for f in (self._jsonl, self._text):
+            if f is not None:
+                f.close()
+        for sink in self._sinks:
+            sink.close()
+
+
+def step_line(desc: str, step: int, total: int, m: dict) -> str:
+    """'[pretrain] step 20/600 loss 0.5123 lr 2.5e-04 1,234 fps 0.41 s/step eta 3m58s'; the
+    parts whose metric is missing or None are left out."""
+    parts = [f"[{desc}] step {step}/{total}"]
+    fmt = (("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("sampled_fps", "{:,.0f} fps"),
+           ("step_time_s", "{:.2f} s/step"))
+    parts += [f.format(m[k]) for k, f in fmt if isinstance(m.get(k), (int, float))]
+    if isinstance(m.get("step_time_s"), (int, float)) and total > step:
+        parts.append("eta " + _duration((total - step) * m["step_time_s"]))
+    return " ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    h, m = divmod(s // 60, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s % 60:02d}s" if m else f"{s}s")
+
+
+# ---------------------------------------------------------------- W&B / MLflow
+
+
+def _import(module: str, key: str, extra: str):
+    """The tracker's package, or a UserError saying how to install it (or turn it off)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{key}: true, but the {module} package is not installed; "
+                        f"pip install 'echofm[{extra}]' (or set {key}=false)") from None
+
+
+def open_trackers(cfg: LoggingConfig, run_dir: Path, *, resumed: bool, config: dict, name: str) -> list:
+    """The enabled W&B / MLflow sinks. A resumed run continues the tracker runs whose ids
+    `<run_dir>/trackers.json` keeps; a fresh one starts new runs and records their ids."""
+    ids_file = run_dir / TRACKERS
+    ids = json.loads(ids_file.read_text()) if resumed and ids_file.is_file() else {}
+    sinks = []
+    if cfg.wandb.enabled:
+        sinks.append(WandbSink(_import("wandb", "logging.wandb.enabled", "wandb"), cfg.wandb, run_dir,
+                               run_id=ids.get("wandb"), config=config, name=name))
+        ids["wandb"] = sinks[-1].run_id
+    if cfg.mlflow.enabled:
+        sinks.append(MlflowSink(_import("mlflow", "logging.mlflow.enabled", "mlflow"), cfg.mlflow,
+                                run_id=ids.get("mlflow"), config=config, name=f"{run_dir.name}/{name}"))
+        ids["mlflow"] = sinks[-1].run_id
+    if sinks:
+        ids_file.write_text(json.dumps(ids, indent=1))
+    return sinks
+
+
+class WandbSink:
+    """Step metrics to a W&B run (`run.log(scalars, step=step)`); the recipe is its config."""
+
+    def __init__(self, wandb, cfg: WandbConfig, run_dir: Path, *, run_id: str | None, config: dict,
+                 name: str) -> None:
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self.run = wandb.init(project=cfg.project, entity=cfg.entity or None, name=f"{run_dir.name}/{name}",
+                              id=self.run_id, resume="allow", dir=str(run_dir), config=config, mode=cfg.mode)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowSink:
+    """Step metrics to an MLflow run through `MlflowClient` (no process-wide active run);
+    the recipe's keys become run params (on a fresh run only: MLflow refuses to change them)."""
+
+    def __init__(self, mlflow, cfg: MlflowConfig, *, run_id: str | None, config: dict, name: str) -> None:
+        from mlflow.entities import Metric, Param
+
+        self.metric = Metric
+        self.client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri or None)
+        if run_id is None:
+            exp = self.client.get_experiment_by_name(cfg.experiment)
+            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(cfg.experiment)
+            run_id = self.client.create_run(exp_id, run_name=name).info.run_id
+            params = [Param(k, str(v)[:500]) for k, v in _flatten(config)]  # MLflow's value limit
+            for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
+                self.client.log_batch(run_id, params=params[i:i + 100])
+        self.run_id = run_id
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        ms = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[self.metric(k, v, ms, step) for k, v in scalars.items()])
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+def drop_steps_after(path: Path, step: int) -> None:
+    """Keep only the JSONL lines of steps <= `step` (and drop a line cut off by a kill);
+    rewritten atomically. A missing file is left missing."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a half-written last line of a killed run
+    if len(keep) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(x + "\n" for x in keep))
+        tmp.replace(path)
 
 
 def _flatten(d: dict, prefix: str = ""):
@@ -181,7 +355,8 @@ def plot_similarity(sim: np.ndarray, prior: np.ndarray | None, path: Path, *, ti
 
 def reconstruction_rows(model, video, out: dict) -> dict[str, np.ndarray]:
     """Rows for `plot_frames` from one training forward: the reconstructed frames of clip 0
-    as input, input with removed patches greyed out, and visible + predicted patches.
+    as input, input with removed patches greyed out, and visible + predicted patches with
+    the predicted ones outlined in OUTLINE_RGB.
 
     `model`: EchoFM (target_frames / unpatchify / reconstruct); `video` uint8 [B, T, H, W, C];
     `out`: its forward output ("pred" [B, N, u*p*p*C], "mask" [B, N], 1 = removed).
@@ -201,4 +376,17 @@ def reconstruction_rows(model, video, out: dict) -> dict[str, np.ndarray]:
         return (x[0].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
     return {"input": u8(frames), "masked": u8(frames * (1 - removed) + 0.2 * removed),
-            "reconstruction": u8(recon)}
+            "reconstruction\n(outlined: predicted)": mark_predicted(u8(recon), u8(removed) > 0,
+                                                                    model.cfg.patch_size)}
+
+
+def mark_predicted(frames: np.ndarray, removed: np.ndarray, patch: int) -> np.ndarray:
+    """Outline the predicted patches: frames uint8 [T, H, W, C] (C = 1 or 3), removed bool
+    [T, H, W, C] (True on every pixel of a masked-out patch), patch side p -> RGB uint8
+    [T, H, W, 3] with the one-pixel border of each removed p x p patch in OUTLINE_RGB."""
+    rgb = np.repeat(frames, 3, axis=-1) if frames.shape[-1] == 1 else frames.copy()
+    h, w = frames.shape[1:3]
+    ry, rx = np.arange(h) % patch, np.arange(w) % patch
+    edge = ((ry == 0) | (ry == patch - 1))[:, None] | ((rx == 0) | (rx == patch - 1))[None, :]  # [H, W]
+    rgb[removed[..., 0] & edge] = OUTLINE_RGB
+    return rgb

@@ -4,11 +4,17 @@ The token grid of a clip is (T', L): T' = num_frames / tubelet temporal slices, 
 spatial patches, flattened as n = t * L + s (the (t, h, w) order of `gather_patches`).
 
 - `tube` (the paper's spatio-temporally consistent mask): one random spatial set of
-  K = round(L * (1 - r)) positions per clip, kept at every slice, so the visible tokens
+  K = int(L * (1 - r)) positions per clip, kept at every slice, so the visible tokens
   are K complete tubes of length T'. `ids_keep` is ordered (t, k): the visible tokens
   reshape to [B, T', K, D] without a copy, the layout `tube_attention` works on.
-- `random`: per-token (MAE / VideoMAE "random"): round(N * (1 - r)) tokens anywhere.
-- `frame`: whole temporal slices: round(T' * (1 - r)) slices kept, all L positions.
+- `random`: per-token (MAE / VideoMAE "random"): int(N * (1 - r)) tokens anywhere.
+- `frame`: whole temporal slices: int(T' * (1 - r)) slices kept, all L positions.
+
+Kept counts use the official code's expression `int(L * (1 - r))` (truncation in float
+arithmetic), not round(): ViT-B at r = 0.9 with L = 196 keeps 19 positions (round: 20),
+and L = 100 at r = 0.9 keeps 9 (1 - 0.9 is 0.0999... in binary). A departure from
+DESIGN §4 (which says round) for bit-for-bit parity with official checkpoints; at
+least one is always kept (the official code would build an empty encoder input).
 
 Everything is drawn on the tensors' device with torch ops (argsort of uniform noise, an
 optional `torch.Generator`): no host sync, no Python loop over the batch.
@@ -86,8 +92,8 @@ def _finish(ids_keep: torch.Tensor, n: int, t_grid: int, l_grid: int, grid: tupl
 
 
 def keep_count(l_grid: int, ratio: float) -> int:
-    """K = round(L * (1 - ratio)), at least 1."""
-    return max(1, min(l_grid, round(l_grid * (1.0 - ratio))))
+    """K = int(L * (1 - ratio)) as the official code computes it, at least 1."""
+    return max(1, min(l_grid, int(l_grid * (1 - ratio))))
 
 
 def tube_mask(batch: int, t_grid: int, l_grid: int, ratio: float, device: torch.device | str = "cpu",
@@ -104,7 +110,7 @@ def tube_mask(batch: int, t_grid: int, l_grid: int, ratio: float, device: torch.
 
 def random_mask(batch: int, t_grid: int, l_grid: int, ratio: float, device: torch.device | str = "cpu",
                 generator: torch.Generator | None = None) -> Mask:
-    """Per-token masking: round(N * (1 - ratio)) tokens kept anywhere in the grid."""
+    """Per-token masking: int(N * (1 - ratio)) tokens kept anywhere in the grid."""
     device = torch.device(device)
     n = t_grid * l_grid
     nv = keep_count(n, ratio)
@@ -114,7 +120,7 @@ def random_mask(batch: int, t_grid: int, l_grid: int, ratio: float, device: torc
 
 def frame_mask(batch: int, t_grid: int, l_grid: int, ratio: float, device: torch.device | str = "cpu",
                generator: torch.Generator | None = None) -> Mask:
-    """Whole-slice masking: round(T' * (1 - ratio)) slices kept with all L positions."""
+    """Whole-slice masking: int(T' * (1 - ratio)) slices kept with all L positions."""
     device = torch.device(device)
     tk = keep_count(t_grid, ratio)
     slices = torch.argsort(_noise((batch, t_grid), device, generator), dim=1)[:, :tk].sort(dim=1).values

@@ -11,7 +11,7 @@ Data path of one training forward (shapes for B clips, token grid T' x L, K kept
          slice) -> phase [B, T', D]
       -> decoder: decoder_embed, scatter_tokens with the mask token, decoder pos,
          [CLS, all tokens] -> blocks -> norm -> decoder_pred [B, N, u*p*p*C]
-      -> losses: masked norm-pix MSE + periodic contrastive on phase vs a pixel prior
+      -> losses: masked (norm-pix) MSE + triplet and cycle KL of phase vs a pixel prior (losses.py)
 
 Choices where the paper / official code leave room (documented here once):
 
@@ -20,13 +20,16 @@ Choices where the paper / official code leave room (documented here once):
   In `divided` attention (alternate blocks attend within a slice, then within a tube),
   the patch tokens never see the CLS; the CLS is updated by its own small attention over
   [CLS, all tokens] with the same block weights.
-- Decoder target: token t reconstructs u = pred_t_dim / T' frames of its own tubelet,
-  the frames `arange(0, num_frames, num_frames // pred_t_dim)` (the paper's 8 of 32 are
-  frames 0, 4, ..., 28: the first frame of each tubelet). mae_st / official EchoFM use
-  `linspace(0, T-1, pred_t_dim).long()`, which assigns a token frames of the next
-  tubelet (e.g. frame 13 to tubelet 12-15, 31 to 28-31); we keep targets inside the
-  token. Pixels of a target patch are flattened (u, p, p, C) like the official code, so
-  its `decoder_pred` loads unchanged.
+- Decoder target: token t reconstructs u = pred_t_dim / T' frames of the clip, the
+  frames `linspace(0, num_frames - 1, pred_t_dim).long()` as the official code (the
+  paper's 8 of 32 are frames 0, 4, 8, 13, 17, 22, 26, 31): a token's u frames always lie
+  inside its own tubelet (checked for every valid config up to 128 frames, so the
+  official choice costs nothing). Pixels of a target patch are flattened (u, p, p, C)
+  like the official code, so its `decoder_pred` loads unchanged.
+- Input: [0, 1] pixels (uint8 / 255 or float), then `(x - mean) / std` per channel with
+  ModelConfig.mean / std, for the encoder input and the reconstruction target alike.
+  The defaults (0, 1) are the official code's raw [0, 1] input; VideoMAE weights carry
+  ImageNet mean / std (adapters.py), and every export carries its own.
 - Phase projector: `slice` tube attention over [slice CLS, the slice's visible tokens];
   only the CLS rows continue through proj / MLP / norm (the other rows are discarded,
   exactly as in the official code where only x[:, 0] is used).
@@ -100,16 +103,20 @@ class ModelConfig:
     """Decoder attention heads."""
     pred_t_dim: int | None = None
     """Frames the decoder reconstructs (the paper predicts 8 of 32): a multiple of T'
-    dividing num_frames; frames 0, s, 2s, ... with s = num_frames / pred_t_dim."""
+    dividing num_frames; frames linspace(0, num_frames - 1, pred_t_dim).long() (official)."""
+    cls_embed: bool = True
+    """Encoder CLS token (the official cls_embed). False: tokens only, as VideoMAE's
+    encoder (no cls_token / pos_embed_class; `encode` returns the mean token as cls)."""
     attention: Literal["joint", "divided"] = "joint"
     """Encoder attention: joint over all tokens, or divided (slice then tube, alternating
     blocks) for long clips; divided needs tube masks."""
     attn_backend: Literal["auto", "triton", "sdpa", "xformers", "math"] = "auto"
     """tube_attention backend (auto = Triton on CUDA, SDPA elsewhere)."""
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    """Per-channel mean of [0, 1] pixels, subtracted inside the patch gather."""
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    """Per-channel std of [0, 1] pixels."""
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """Per-channel mean subtracted from [0, 1] pixels inside the patch gather (encoder input
+    and reconstruction target). 0 = the official EchoFM input (raw [0, 1] pixels)."""
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    """Per-channel std dividing [0, 1] pixels (1 = the official EchoFM input)."""
 
     def resolved(self) -> ModelConfig:
         """A copy with every None field taken from the preset."""
@@ -133,6 +140,8 @@ class ModelConfig:
         if c.pred_t_dim % t_grid or c.num_frames % c.pred_t_dim:
             raise ValueError(f"pred_t_dim {c.pred_t_dim} must be a multiple of num_frames/tubelet = {t_grid} "
                              f"and divide num_frames {c.num_frames}")
+        if c.attention == "divided" and not c.cls_embed:
+            raise ValueError("attention 'divided' needs cls_embed (its CLS row is attended separately)")
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
             raise ValueError(f"mean/std need in_chans={self.in_chans} values")
 
@@ -243,6 +252,7 @@ class EchoFM(nn.Module):
         self.mask_cfg = mask_cfg or MaskConfig()
         self.loss_cfg = loss_cfg or LossConfig()
         self.mask_cfg.validate()
+        self.loss_cfg.validate()
         if c.attention == "divided" and self.mask_cfg.kind != "tube" and self.mask_cfg.ratio > 0:
             raise ValueError(f"attention 'divided' needs mask.kind 'tube' (visible tubes), got {self.mask_cfg.kind!r}")
         self.gather_backend = {"auto": "auto", "triton": "triton"}.get(c.attn_backend, "torch")
@@ -251,10 +261,12 @@ class EchoFM(nn.Module):
 
         # Encoder.
         self.patch_embed = nn.Linear(c.patch_dim, d)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        if c.cls_embed:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed_spatial = nn.Parameter(torch.zeros(1, c.l_grid, d))
         self.pos_embed_temporal = nn.Parameter(torch.zeros(1, c.t_grid, d))
-        self.pos_embed_class = nn.Parameter(torch.zeros(1, 1, d))
+        if c.cls_embed:
+            self.pos_embed_class = nn.Parameter(torch.zeros(1, 1, d))
         self.blocks = nn.ModuleList(Block(d, c.num_heads, c.mlp_ratio, c.attn_backend) for _ in range(c.depth))
         self.norm = nn.LayerNorm(d, eps=LN_EPS)
         # Phase projector: one block shared by all slices.
@@ -277,10 +289,11 @@ class EchoFM(nn.Module):
     def _init_weights(self) -> None:
         # As the official code: trunc-normal tokens / pos, xavier Linear (the patch embed
         # as the flattened Conv3d), normal mask token.
-        for p in (self.cls_token, self.pos_embed_spatial, self.pos_embed_temporal, self.pos_embed_class,
-                  self.phase_cls_token, self.decoder_cls_token, self.decoder_pos_embed_spatial,
-                  self.decoder_pos_embed_temporal, self.decoder_pos_embed_class):
-            nn.init.trunc_normal_(p, std=0.02)
+        for name in ("cls_token", "pos_embed_spatial", "pos_embed_temporal", "pos_embed_class", "phase_cls_token",
+                     "decoder_cls_token", "decoder_pos_embed_spatial", "decoder_pos_embed_temporal",
+                     "decoder_pos_embed_class"):
+            if hasattr(self, name):  # no encoder CLS without cls_embed
+                nn.init.trunc_normal_(getattr(self, name), std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -312,6 +325,11 @@ class EchoFM(nn.Module):
                              f"(loader layout; from [B, C, T, H, W] use video.permute(0, 2, 3, 4, 1)), "
                              f"got {tuple(video.shape)}")
 
+    def _backend(self, x: torch.Tensor) -> str:
+        """Gather / scatter backend for x: the Triton kernels accumulate in float32, so
+        float64 (parity checks) takes the torch path and is never downcast."""
+        return "torch" if x.dtype == torch.float64 else self.gather_backend
+
     def _pos(self, spatial: torch.Tensor, temporal: torch.Tensor) -> torch.Tensor:
         """[1, L, D] + [1, T', D] -> full table [T'L, D] in (t, s) order."""
         return (temporal.transpose(0, 1) + spatial).flatten(0, 1)
@@ -334,9 +352,12 @@ class EchoFM(nn.Module):
         """video [B, T, H, W, C] -> (latent tokens [B, Nv, D] normed, cls [B, D] normed)."""
         c = self.cfg
         patches = gather_patches(video, mask.ids_keep, (c.tubelet, c.patch_size, c.patch_size),
-                                 c.mean, c.std, backend=self.gather_backend)  # [B, Nv, C*t*p*p]
+                                 c.mean, c.std, backend=self._backend(video))  # [B, Nv, C*t*p*p]
         x = self.patch_embed(patches.to(self.patch_embed.weight.dtype))
         x = x + self._pos(self.pos_embed_spatial, self.pos_embed_temporal)[mask.ids_keep]
+        if not c.cls_embed:  # VideoMAE: tokens only
+            x = self.norm(self._run(self.blocks, x, None, False))
+            return x, x.mean(1)
         cls = (self.cls_token + self.pos_embed_class).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         divided = c.attention == "divided" and mask.grid is not None
@@ -358,7 +379,7 @@ class EchoFM(nn.Module):
             # Slices hold different numbers of visible tokens (random / frame masks): pad
             # each slice to L and mask the absent keys. Only the CLS query is needed.
             full = scatter_tokens(latent, mask.ids_keep, latent.new_zeros(d), c.t_grid * c.l_grid,
-                                  backend=self.gather_backend).view(b, c.t_grid, c.l_grid, d)
+                                  backend=self._backend(latent)).view(b, c.t_grid, c.l_grid, d)
             x = torch.cat([cls.unsqueeze(2), full], dim=2)
             q, kk, v = blk.attn.qkv_heads(blk.norm1(x))  # [B, T', H, 1+L, Dh]
             keep = torch.cat([mask.mask.new_ones(b, c.t_grid, 1), 1 - mask.mask.view(b, c.t_grid, c.l_grid)], 2)
@@ -373,7 +394,7 @@ class EchoFM(nn.Module):
         c = self.cfg
         n = c.t_grid * c.l_grid
         y = self.decoder_embed(latent)
-        x = scatter_tokens(y, mask.ids_keep, self.mask_token.view(-1).to(y.dtype), n, backend=self.gather_backend)
+        x = scatter_tokens(y, mask.ids_keep, self.mask_token.view(-1).to(y.dtype), n, backend=self._backend(y))
         x = x + self._pos(self.decoder_pos_embed_spatial, self.decoder_pos_embed_temporal)
         cls = (self.decoder_cls_token + self.decoder_pos_embed_class).expand(x.shape[0], -1, -1)
         x = self._run(self.decoder_blocks, torch.cat([cls, x], dim=1), None, False)
@@ -385,10 +406,12 @@ class EchoFM(nn.Module):
                 generator: torch.Generator | None = None) -> dict:
         """One pretraining forward. video [B, T, H, W, C] uint8 or float in [0, 1].
 
-        Returns {"loss": scalar, "terms": {"rec", "contrastive", "kl", "active"} (detached),
+        Returns {"loss": scalar, "terms": {"rec", "triplet", "cycle", "active"} (detached),
         "pred" [B, N, u*p*p*C], "target" (same, norm-pix normalised when enabled),
         "mask" [B, N] (1 = removed), "sim" / "prior" [B, T', T'], "phase" [B, T', D],
-        "ids_keep" [B, Nv], "ids_restore" [B, N]}.
+        "ids_keep" [B, Nv], "ids_restore" [B, N]}. The loss is computed in float32, or in
+        float64 when the model and clip are float64 (half precision is upcast, never the
+        reverse).
         """
         self._check_video(video)
         if mask is None:
@@ -396,10 +419,11 @@ class EchoFM(nn.Module):
         latent, _ = self.forward_encoder(video, mask)
         phase = self.forward_phase(latent, mask)
         pred = self.forward_decoder(latent, mask)
-        target = self.target(video)
-        prior = losses.cycle_prior(video, self.cfg.t_grid, self.loss_cfg.prior_grid)
-        out = losses.compute(self.loss_cfg, pred.float(), target, mask.mask, phase.float(), prior,
-                             valid=None if mask.grid is not None else mask.slice_valid())
+        lc = self.loss_cfg
+        prior = (losses.cycle_prior(video, self.cfg.t_grid, lc.prior_grid, lc.prior_center_alpha)
+                 if lc.phase_prior == "pixel" else None)
+        out = losses.compute(lc, losses.work_dtype(pred), self.target(video), mask.mask, losses.work_dtype(phase),
+                             prior, valid=None if mask.grid is not None else mask.slice_valid())
         out.update(pred=pred, mask=mask.mask, phase=phase, ids_keep=mask.ids_keep, ids_restore=mask.ids_restore)
         return out
 
@@ -414,18 +438,20 @@ class EchoFM(nn.Module):
     # ------------------------------------------------------------ pixels
 
     def target_frames(self) -> list[int]:
-        """Indices of the frames the decoder reconstructs."""
+        """Indices of the frames the decoder reconstructs: the official
+        `torch.linspace(0, T - 1, pred_t_dim).long()` (float32 linspace, truncated)."""
         c = self.cfg
-        return list(range(0, c.num_frames, c.num_frames // c.pred_t_dim))
+        return torch.linspace(0, c.num_frames - 1, c.pred_t_dim, dtype=torch.float32).long().tolist()
 
     def normalize(self, video: torch.Tensor) -> torch.Tensor:
-        """[..., C] uint8 or [0, 1] float -> float32 (x - mean) / std (for figures and tests)."""
-        x = video.float() / 255.0 if video.dtype == torch.uint8 else video.float()
-        mean, std = (torch.tensor(v, dtype=torch.float32, device=video.device) for v in (self.cfg.mean, self.cfg.std))
+        """[..., C] uint8 or [0, 1] float -> (x - mean) / std, float32 (float64 stays float64)."""
+        x = video.float() / 255.0 if video.dtype == torch.uint8 else losses.work_dtype(video)
+        mean, std = (torch.tensor(v, dtype=x.dtype, device=video.device) for v in (self.cfg.mean, self.cfg.std))
         return (x - mean) / std
 
     def target(self, video: torch.Tensor) -> torch.Tensor:
-        """Normalised-pixel target patches [B, N, u*p*p*C] float32 of the predicted frames.
+        """Normalised-pixel target patches [B, N, u*p*p*C] of the predicted frames (float32;
+        float64 for a float64 clip).
 
         The same fused gather as the encoder input (uint8 -> normalised float inside the
         kernel), with patch (u, p, p) over the pred_t_dim frames, then reordered from the
@@ -435,9 +461,9 @@ class EchoFM(nn.Module):
         b, n = video.shape[0], c.t_grid * c.l_grid
         ids = torch.arange(n, device=video.device).expand(b, n).contiguous()
         x = gather_patches(frames, ids, (c.pred_u, c.patch_size, c.patch_size), c.mean, c.std,
-                           backend=self.gather_backend)
+                           backend=self._backend(frames))
         x = x.view(b, n, c.in_chans, c.pred_u, c.patch_size, c.patch_size).permute(0, 1, 3, 4, 5, 2)
-        return x.reshape(b, n, c.pred_dim).float()
+        return losses.work_dtype(x.reshape(b, n, c.pred_dim))
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, u*p*p*C] (pred or target layout) -> frames [B, pred_t_dim, H, W, C]."""
@@ -464,22 +490,27 @@ class EchoFM(nn.Module):
     # ------------------------------------------------------------ persistence
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Write model.safetensors (all weights) + config.json (the resolved ModelConfig)."""
+        """Write model.safetensors (all weights) + config.json: the resolved ModelConfig
+        (input mean / std included), the MaskConfig and the LossConfig the model was built
+        with, so whatever it was trained with travels with it (format version 2)."""
         from safetensors.torch import save_file
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-        cfg = dataclasses.asdict(self.cfg)
-        (out / "config.json").write_text(json.dumps({"format": "echofm", "version": 1, "model": cfg}, indent=2))
+        cfg = {"format": "echofm", "version": CONFIG_VERSION, "model": dataclasses.asdict(self.cfg),
+               "mask": dataclasses.asdict(self.mask_cfg), "loss": dataclasses.asdict(self.loss_cfg)}
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
         return out
 
     @classmethod
     def from_pretrained(cls, path: str | Path, mask_cfg: MaskConfig | None = None,
                         loss_cfg: LossConfig | None = None, map_location: str | torch.device = "cpu",
                         attn_backend: str | None = None) -> EchoFM:
-        """Load a directory written by save_pretrained (attn_backend overrides the saved one)."""
+        """Load a directory written by save_pretrained. mask_cfg / loss_cfg / attn_backend,
+        when given, replace the saved ones; version-1 files (no "mask" / "loss") get the
+        current defaults for those two."""
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -490,16 +521,27 @@ class EchoFM(nn.Module):
         data = json.loads(cfg_file.read_text())
         if data.get("format") != "echofm" or "model" not in data:
             raise ValueError(f"{cfg_file}: not an EchoFM config (no 'format': 'echofm' / 'model')")
-        fields = {f.name for f in dataclasses.fields(ModelConfig)}
-        unknown = sorted(set(data["model"]) - fields)
-        if unknown:
-            raise ValueError(f"{cfg_file}: unknown model keys {unknown}")
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in data["model"].items()}
+        kw = _section(ModelConfig, data["model"], cfg_file, "model")
         if attn_backend is not None:
             kw["attn_backend"] = attn_backend
+        mask_cfg = mask_cfg or MaskConfig(**_section(MaskConfig, data.get("mask", {}), cfg_file, "mask"))
+        loss_cfg = loss_cfg or LossConfig(**_section(LossConfig, data.get("loss", {}), cfg_file, "loss"))
         model = cls(ModelConfig(**kw), mask_cfg, loss_cfg)
         model.load_state_dict(load_file(str(weights), device=str(map_location)))
         return model.to(map_location)
+
+
+CONFIG_VERSION = 2
+"""config.json format: 1 = model only; 2 = model + mask + loss."""
+
+
+def _section(cfg_cls: type, data: dict, file: Path, name: str) -> dict:
+    """One config.json section -> constructor kwargs for cfg_cls (unknown keys named)."""
+    fields = {f.name for f in dataclasses.fields(cfg_cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(f"{file}: unknown {name} keys {unknown}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
 
 
 def count_params(module: nn.Module) -> int:

@@ -3,7 +3,8 @@
 The paper-era recipe (DESIGN §5): AdamW (0.9, 0.95), weight decay 0.05 on weight matrices
 only, lr = base_lr x global_batch / 256, linear warmup then a half cycle of cosine to
 min_lr. The optimizer is a plain torch one handed to DeepSpeed by the client (a DeepSpeed
-config optimizer would JIT-compile fused_adam; PLATFORM.md), fused on CUDA.
+config optimizer would JIT-compile fused_adam; PLATFORM.md), fused on CUDA. The lr is a
+pure function of the optimizer step (`LrSchedule`), set by the trainer before each step.
 """
 from __future__ import annotations
 
@@ -90,37 +91,53 @@ def peak_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch / 256
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.AdamW:
-    """torch AdamW over `param_groups`, fused when the parameters live on CUDA."""
-    on_cuda = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=tuple(cfg.betas),
-                             eps=cfg.eps, fused=on_cuda or None)
+def build_optimizer(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.AdamW:
+    """torch AdamW over `groups` (`param_groups`, or groups with their own "lr"; the others
+    get `lr`), fused when CUDA is there (the trainer moves the model to the GPU first)."""
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             fused=torch.cuda.is_available() or None)
 
 
-@dataclass(kw_only=True)
-class WarmupCosine:
-    """lr multiplier at optimizer step s (0-based): linear warmup over `warmup` steps
-    to 1, then half-cycle cosine from 1 to `floor` at step `total`.
+def lr_factor(step: int, cfg: ScheduleConfig, *, total: int, floor: float) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup over
+    `cfg.warmup_steps` steps to 1, then half-cycle cosine from 1 to `floor` (min_lr / peak)
+    at step `total`. A pure function: resume needs nothing but the step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(total - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    A callable object with a `__dict__` (not a lambda, no slots): LambdaLR's state_dict
-    saves and restores it.
-    """
 
-    warmup: int
+@dataclass(frozen=True, slots=True)
+class LrSchedule:
+    """Every param group's lr as a function of the optimizer step: peak_g x `lr_factor`.
+
+    Set before each step (MAE's `adjust_learning_rate`), so nothing about it is saved or
+    patched on resume: a run extended with more steps gets the longer schedule."""
+
+    peaks: tuple[float, ...]
+    """Peak lr of each param group, in the optimizer's group order."""
+    cfg: ScheduleConfig
     total: int
+    """Optimizer steps of the whole run (the cosine's end)."""
     floor: float
-    """min_lr / peak lr."""
+    """min_lr / the recipe's peak lr (one floor for every group)."""
 
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        span = max(self.total - self.warmup, 1)
-        progress = min((step - self.warmup) / span, 1.0)
-        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    @classmethod
+    def build(cls, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, *, peak: float,
+              total: int) -> LrSchedule:
+        """The schedule of `optimizer`'s groups (their lr now is their peak)."""
+        return cls(peaks=tuple(g["lr"] for g in optimizer.param_groups), cfg=cfg, total=total,
+                   floor=min(cfg.min_lr / peak, 1.0))
 
+    def lrs(self, step: int) -> list[float]:
+        f = lr_factor(step, self.cfg, total=self.total, floor=self.floor)
+        return [peak * f for peak in self.peaks]
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, *, peak: float,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR with `WarmupCosine`; DeepSpeed steps it once per optimizer step."""
-    fn = WarmupCosine(warmup=cfg.warmup_steps, total=total_steps, floor=min(cfg.min_lr / peak, 1.0))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Set every group's lr for optimizer step `step` (0-based); returns group 0's."""
+        lrs = self.lrs(step)
+        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        return lrs[0]

@@ -1,4 +1,8 @@
-"""The DeepSpeed pretraining loop: stream -> EchoFM (mask, encode, decode, losses) -> step.
+"""The DeepSpeed training loop: stream -> model -> loss -> step, for pretraining and fine-tuning.
+
+`Trainer` is the loop (init / resume / train_step / log / save, read top to bottom like MAE's
+`train_one_epoch`); `pretrain` runs it on EchoFM (mask, encode, decode, losses), and
+`downstream/finetune.py` on a backbone + task head.
 
 One code path from a laptop to a cluster:
 
@@ -20,9 +24,17 @@ micro-batches per rank. A micro-batch whose loss is non-finite on any rank is sk
 every rank (no backward, no update), counted, and `train.max_nonfinite` of them in a row
 abort the run with `NonFiniteLoss`. SIGTERM / SIGINT finish the current step, save a
 checkpoint and return.
+
+Failures are bounded and named: the process group times out after
+`train.collective_timeout_s`; with several ranks a heartbeat (heartbeat.py) names a stalled
+rank within `train.heartbeat_timeout_s` and ends the run. Damaged samples skipped by the
+stream (data.on_error=skip) are printed as they are found, counted in metrics.jsonl and
+summary.json, and stop the run beyond `data.max_dropped`. Resume hashes the checkpoint
+first; auto-resume skips a damaged one for the previous complete one.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -32,12 +44,26 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 
-from .errors import UserError
+from echofm.loaders.stream import ClipStream
+
+from . import checkpoint as ckpt
+from .errors import NonFiniteLoss, UserError
+from .flops import mfu, model_flops
+from .heartbeat import Heartbeat
+from .logging import MetricsLogger, reconstruction_rows
+from .model import EchoFM
+from .optim import LrSchedule, build_optimizer, peak_lr
+from .optim import param_groups as default_groups
+from .provenance import provenance
+from .yaml_io import dump_yaml, to_dict
+
+__all__ = ["DeepSpeedConfig", "Dist", "NonFiniteLoss", "TrainConfig", "Trainer", "build_engine",
+           "init_distributed", "pretrain"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -84,6 +110,12 @@ class TrainConfig:
     """torch threads per process on CPU; None = OMP_NUM_THREADS if set, else this process's
     share of the cores minus the stream's decode threads (data.num_threads), at least 1:
     oversubscribed OpenMP threads spin and run several times slower."""
+    collective_timeout_s: float = 600.0
+    """Process-group timeout: a collective (all-reduce, barrier) that waits longer fails the run.
+    Long enough for the slowest checkpoint write, during which the other ranks wait."""
+    heartbeat_timeout_s: float = 60.0
+    """Several ranks: a rank whose heartbeat is silent this long is named and the run ends
+    (keep it below collective_timeout_s, so the stalled rank is named before the timeout)."""
     nan_inject: list[int] = field(default_factory=list)
     """Test hook: 1-based micro-batch numbers (counted over the run) whose loss becomes NaN."""
 
@@ -100,10 +132,9 @@ class TrainConfig:
             raise ValueError(f"cpu_threads must be >= 1 or null, got {self.cpu_threads}")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ValueError(f"peak_tflops must be > 0 or null, got {self.peak_tflops}")
-
-
-class NonFiniteLoss(UserError):
-    """The loss stayed non-finite for `train.max_nonfinite` micro-batches in a row."""
+        if not (self.collective_timeout_s > 0 and self.heartbeat_timeout_s > 0):
+            raise ValueError("collective_timeout_s and heartbeat_timeout_s must be > 0, got "
+                             f"{self.collective_timeout_s}, {self.heartbeat_timeout_s}")
 
 
 # ---------------------------------------------------------------- distributed setup
@@ -115,11 +146,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int, int, torch.device]:
-    """Join (or create) the process group; returns (rank, world_size, local_rank, device).
+class Dist(NamedTuple):
+    """This process's place in the run."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+
+def init_distributed(timeout_s: float | None = None) -> Dist:
+    """Join (or create) the process group (a no-op when joined); returns (rank, world_size,
+    local_rank, device).
 
     Launchers (torchrun, deepspeed) set RANK/WORLD_SIZE/...; a lone process gets rank 0
     of 1 on a free local port. Without CUDA, DeepSpeed runs on its CPU accelerator (gloo).
+    timeout_s: the process group's collective timeout (None: DeepSpeed's default).
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -142,10 +184,27 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
     else:
         device = torch.device("cpu")
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(verbose=False)
+        if device.type == "cpu":
+            _skip_shm_comm_op()
+        kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        deepspeed.init_distributed(verbose=False, **kw)
     if own_port:  # used for the rendezvous only; child processes must pick their own
         os.environ.pop("MASTER_PORT", None)
-    return rank, world, local_rank, device
+    return Dist(rank, world, local_rank, device)
+
+
+def _skip_shm_comm_op() -> None:
+    """Keep DeepSpeed's CPU accelerator on plain gloo instead of its shared-memory comm op.
+
+    That op only speeds all-reduce between CPU ranks of one host; our CPU runs are tests,
+    CI and demos. Its first use JIT-compiles C++ (30-200 s on 2 cores), and a build that
+    is killed leaves a lock file that torch waits on forever: every later run on that
+    machine hangs in init_distributed (seen in CI). `__compatible_ops__` is the dict
+    DeepSpeed consults before building it (its own comment: edits to it persist).
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 # ---------------------------------------------------------------- engine
@@ -169,17 +228,16 @@ def deepspeed_config(recipe, world_size: int) -> dict:
 
 
 def build_engine(model: torch.nn.Module, recipe, *, world_size: int, total_steps: int | None = None,
-                 param_groups: list[dict] | None = None):
-    """DeepSpeed engine + client AdamW + warmup-cosine schedule for `model`.
+                 param_groups: list[dict] | None = None) -> tuple[Any, torch.optim.Optimizer, LrSchedule]:
+    """DeepSpeed engine + client AdamW + the lr schedule for `model`.
 
-    Returns (engine, optimizer, scheduler). `param_groups` overrides the default
-    decay / no-decay groups (e.g. layer-wise lr decay in fine-tuning). Call
-    `init_distributed()` first. The model is moved to the rank's device before the
-    optimizer is built (fused AdamW needs CUDA parameters).
+    Returns (engine, optimizer, schedule); `schedule.apply(engine.optimizer, step)` sets the
+    lr before optimizer step `step` (the trainer does). `param_groups` overrides the default
+    decay / no-decay groups (e.g. layer-wise lr decay in fine-tuning, each group with its
+    own "lr"). Call `init_distributed()` first. The model is moved to the rank's device
+    before the optimizer is built (fused AdamW needs CUDA parameters).
     """
     import deepspeed
-
-    from .optim import build_scheduler, param_groups as default_groups, peak_lr
 
     if recipe.deepspeed.precision == "fp16" and not torch.cuda.is_available():
         raise UserError("deepspeed.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
@@ -190,13 +248,11 @@ def build_engine(model: torch.nn.Module, recipe, *, world_size: int, total_steps
     cfg = deepspeed_config(recipe, world_size)
     lr = peak_lr(recipe.optim, cfg["train_batch_size"])
     groups = param_groups if param_groups is not None else default_groups(model, recipe.optim.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(recipe.optim.betas), eps=recipe.optim.eps,
-                                  fused=torch.cuda.is_available() or None)
-    scheduler = build_scheduler(optimizer, recipe.schedule, peak=lr,
-                                total_steps=total_steps or recipe.train.steps)
-    engine, ds_opt, _, ds_sched = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                       lr_scheduler=scheduler, config=cfg)
-    return engine, ds_opt, ds_sched
+    optimizer = build_optimizer(groups, recipe.optim, lr)
+    schedule = LrSchedule.build(optimizer, recipe.schedule, peak=lr, total=total_steps or recipe.train.steps)
+    engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
+    schedule.apply(engine.optimizer, 0)
+    return engine, ds_opt, schedule
 
 
 # ---------------------------------------------------------------- metrics helpers
@@ -237,14 +293,6 @@ def _all_sum(values: list[float], device: torch.device, world: int) -> list[floa
     return t.tolist()
 
 
-def _all_max(values: list[float], device: torch.device, world: int) -> list[float]:
-    if world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t.tolist()
-
-
 def cpu_threads(tc: TrainConfig, data) -> int:
     """torch threads for one CPU process (see TrainConfig.cpu_threads)."""
     if tc.cpu_threads is not None:
@@ -257,239 +305,323 @@ def cpu_threads(tc: TrainConfig, data) -> int:
     return max(1, cores // local - data.num_threads)
 
 
-def _check_recipe(recipe, model) -> None:
-    """Cross-section checks that no single section can make."""
-    from .config import ConfigError
-
-    mcfg = getattr(model, "cfg", None)
-    frames = getattr(mcfg, "num_frames", None)
-    size = getattr(mcfg, "img_size", None)
-    if frames is not None and frames != recipe.data.num_frames:
-        raise ConfigError(f"data.num_frames={recipe.data.num_frames} but the model expects "
-                          f"model.num_frames={frames}; set both to the same value")
-    if size is not None and size != recipe.data.size:
-        raise ConfigError(f"data.size={recipe.data.size} but the model expects model.img_size={size}; "
-                          "set both to the same value")
-    if not recipe.data.shards:
-        raise ConfigError("data.shards: empty; set it to a shard folder written by `echofm ingest`")
+# ---------------------------------------------------------------- the trainer
 
 
-# ---------------------------------------------------------------- the loop
+def model_loss(engine, batch: dict) -> tuple[torch.Tensor, dict, dict]:
+    """Pretraining's forward: EchoFM on the clip (masking, encode, decode, losses inside);
+    -> (loss, its terms (detached scalars), the whole output for figures)."""
+    out = engine(batch["video"])
+    return out["loss"], out.get("terms", {}), out
 
 
-def pretrain(recipe, *, resume: str | None = None) -> dict:
+class Trainer:
+    """One DeepSpeed run of `model` on `stream`, pretraining or fine-tuning alike:
+
+        trainer = Trainer(recipe, model, stream, dist=dist, run_dir=run_dir, steps=N, seed=s)
+        trainer.resume(checkpoint)   # optional: weights, optimizer, stream position, RNG
+        summary = trainer.fit()      # train_step -> log -> save until step N (or SIGTERM)
+
+    `loss_fn(engine, batch) -> (loss, terms, out)` is the forward (default `model_loss`);
+    `figures(logger, step, module, batch, out)` draws PNGs every logging.plot_every steps.
+    The model must have been initialised the same way on every rank (seed first).
+    """
+
+    def __init__(self, recipe, model: torch.nn.Module, stream, *, dist: Dist, run_dir: Path, steps: int,
+                 seed: int, loss_fn=model_loss, param_groups: list[dict] | None = None, figures=None,
+                 flops_per_clip: float | None = None, name: str = "pretrain") -> None:
+        self.recipe, self.stream, self.dist, self.run_dir = recipe, stream, dist, Path(run_dir)
+        self.tc, self.steps, self.loss_fn, self.figures, self.name = recipe.train, steps, loss_fn, figures, name
+        self.heartbeat = _start_heartbeat(self.tc, self.run_dir, dist.rank, dist.world)
+        if dist.device.type == "cpu":
+            torch.set_num_threads(cpu_threads(self.tc, recipe.data))
+        if self.tc.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.engine, _, self.schedule = build_engine(model, recipe, world_size=dist.world, total_steps=steps,
+                                                     param_groups=param_groups)
+        # From here on each rank draws its own random numbers (masks).
+        torch.manual_seed(seed + 1 + dist.rank)
+        random.seed(seed + dist.rank)
+        np.random.seed(seed + dist.rank)
+        self.flops_per_clip, (self.peak, self.peak_src) = flops_per_clip, peak_flops(self.tc)
+        # DeepSpeed reports the grad norm only from its ZeRO / mixed-precision optimizers.
+        self.own_norm = recipe.deepspeed.zero_stage == 0 and recipe.deepspeed.precision == "fp32"
+        self.step = self.micro = self.nonfinite_total = self.consecutive = 0
+        self.elapsed_before, self.resumed_from, self.last_saved = 0.0, None, -1
+        self.stop_requested = self._signalled = self.stopped = False
+        self.grad_norm = None
+        self.drops = _Drops(stream, dist.rank)
+        self.losses: list[float] = []
+
+    # -- init / resume ----------------------------------------------------------------
+
+    def resume(self, start: Path | None) -> None:
+        """Continue from checkpoint `start` (None: a fresh run): model, optimizer, step
+        counters, the stream's epoch and position (the same next batch) and every RNG (the
+        same masks). The lr needs nothing: it is a function of the step."""
+        if start is None:
+            return
+        d = self.dist
+        state = ckpt.load(self.engine, start, rank=d.rank, world_size=d.world, recipe=to_dict(self.recipe),
+                          verified=True)
+        self.step, self.micro = state["step"], state["micro"]
+        self.nonfinite_total, self.elapsed_before = state["nonfinite_total"], state["elapsed"]
+        self.stream.load_state_dict(state["stream"])
+        ckpt.set_rng_state(state["rng"])
+        self.resumed_from, self.last_saved = start, self.step
+        self.drops.announced |= set(self.stream.damaged)  # reported by the session that found them
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        """Train until step `steps` (or a stop request: save and return); returns the summary."""
+        self.engine.train()
+        self._open()
+        try:
+            while self.step < self.steps:
+                self.log(self.train_step())
+                if self.stop_requested:
+                    path = self.save()
+                    self.logger.message(f"[echofm] stop requested: saved {path} at step {self.step}; "
+                                        "continue with --resume auto")
+                    self.stopped = True
+                    break
+                if self._every(self.tc.checkpoint_every) or self.step == self.steps:
+                    self.save()
+            if not self.stopped and self.last_saved != self.step:
+                self.save()
+        except RuntimeError as e:
+            raise _collective_error(e, self.tc) or e
+        finally:
+            self._close()
+        return self.summary()
+
+    def train_step(self) -> _Step:
+        """One optimizer step: micro-batches until `grad_accum` of them had a finite loss on
+        every rank (MAE's train_one_epoch body). Each micro-batch costs one host read."""
+        t0 = time.perf_counter()
+        s = _Step(lr=self.schedule.apply(self.engine.optimizer, self.step))  # a function of the step
+        target = self.engine.global_steps + 1
+        while self.engine.global_steps < target:
+            batch, wait = self._next_batch()
+            self.micro += 1
+            s.wait += wait
+            s.clips += batch["video"].shape[0]
+            loss, terms, out = self.loss_fn(self.engine, batch)
+            if self.micro in self.tc.nan_inject:
+                loss = loss * float("nan")
+            read = self._read(loss, terms)
+            if not read.finite:
+                self._skip_nonfinite()
+                del out, loss
+                continue
+            self.consecutive = 0
+            s.add(read)
+            self.engine.backward(loss)
+            if self.own_norm and self.engine.is_gradient_accumulation_boundary() and self._logs(self.step + 1):
+                self.grad_norm = _grad_norm(self.engine.module)  # a tensor: read when logged
+            self.engine.step()
+        self.step += 1
+        s.time = time.perf_counter() - t0
+        s.batch, s.out = batch, out
+        self.losses.append(s.loss / s.n / self.dist.world)
+        return s
+
+    def _next_batch(self) -> tuple[dict, float]:
+        t0 = time.perf_counter()
+        try:
+            batch = next(self._it)
+        except StopIteration:  # epoch done; the stream has moved to the next one
+            self._it = iter(self.stream)
+            batch = next(self._it)
+        return batch, time.perf_counter() - t0
+
+    def _read(self, loss: torch.Tensor, terms: dict) -> _Read:
+        """The micro-batch's one device-to-host transfer: [loss, *terms, non-finite, stop
+        request, damaged samples, dropped reads], summed over ranks in one all-reduce (every
+        rank must agree to skip a micro-batch before the collective backward)."""
+        self.drops.announce(self.logger)
+        device = loss.device
+        local = torch.tensor([float(self._signalled), *self.drops.local()], dtype=torch.float64)
+        vals = torch.cat([torch.stack([t.detach().double() for t in (loss, *terms.values())]),
+                          (~torch.isfinite(loss.detach())).double().reshape(1), local.to(device, non_blocking=True)])
+        if self.dist.world > 1:
+            torch.distributed.all_reduce(vals)
+        v = vals.tolist()
+        n = len(terms) + 1
+        read = _Read(loss=v[0], terms=dict(zip(terms, v[1:n])), finite=v[n] == 0)
+        self.stop_requested = self.stop_requested or v[n + 1] > 0
+        self.drops.update(damaged=int(v[n + 2]), dropped=int(v[n + 3]))
+        return read
+
+    def _skip_nonfinite(self) -> None:
+        self.nonfinite_total += 1
+        self.consecutive += 1
+        self.logger.message(f"[echofm] step {self.step + 1}: non-finite loss on micro-batch {self.micro} "
+                            f"(skipped; {self.consecutive} in a row, {self.nonfinite_total} in total)")
+        if self.consecutive >= self.tc.max_nonfinite:
+            raise NonFiniteLoss(f"loss was non-finite for {self.consecutive} micro-batches in a row (at step "
+                                f"{self.step + 1}, train.max_nonfinite={self.tc.max_nonfinite}); lower "
+                                "optim.base_lr, use bf16 instead of fp16, or check the shards")
+
+    # -- log / save -------------------------------------------------------------------
+
+    def _every(self, n: int) -> bool:
+        return bool(n) and self.step % n == 0
+
+    def _logs(self, step: int) -> bool:
+        return step == self.steps or step % self.recipe.logging.every == 0
+
+    def log(self, s: _Step) -> None:
+        """Interval metrics every logging.every steps (a collective: every rank calls it),
+        figures every logging.plot_every steps, the progress bar every step."""
+        frames, world = self.recipe.data.num_frames, self.dist.world
+        self.interval.add(s)
+        if self._logs(self.step):
+            gnorm = self.grad_norm if self.own_norm else self.engine.get_global_grad_norm()
+            decoded = self.stream.stats["decoded_frames"]
+            m = self.interval.summary(decoded, frames, self.dist.device, world)
+            # achieved model FLOP/s of all ranks over `world` devices' peak
+            util = (mfu(self.flops_per_clip * m["clips_per_s"], float(world), self.peak)
+                    if self.flops_per_clip and self.peak and m["clips_per_s"] else None)
+            m.update(lr=s.lr, grad_norm=None if gnorm is None else float(gnorm), mfu=util, mfu_peak=self.peak_src,
+                     epoch=self.stream.epoch, nonfinite_total=self.nonfinite_total, **self.drops.counts,
+                     memory_gib=round(memory_gib(self.dist.device), 3))
+            self.logger.log(self.step, m)
+            self.interval.reset(decoded)
+        if self.figures is not None and self.logger.should_plot(self.step):
+            self.figures(self.logger, self.step, self.engine.module, s.batch, s.out)
+        self.logger.progress(self.step, loss=self.losses[-1], fps=s.clips * frames * world / s.time)
+
+    def save(self) -> Path:
+        """Checkpoint this step (collective): engine + this rank's counters, stream state, RNG."""
+        d = self.dist
+        rank_state = {"step": self.step, "micro": self.micro, "rng": ckpt.rng_state(),
+                      "stream": self.stream.state_dict(), "nonfinite_total": self.nonfinite_total,
+                      "elapsed": self.elapsed_before + (time.perf_counter() - self.t_run)}
+        path = ckpt.save(self.engine, self.run_dir / "checkpoints", self.step, rank_state=rank_state,
+                         recipe=to_dict(self.recipe), keep_last=self.tc.keep_last, rank=d.rank, world_size=d.world)
+        self.last_saved = self.step
+        return path
+
+    def summary(self) -> dict:
+        """The run summary (rank 0 also writes it to `<run>/summary.json`)."""
+        wall, acc, d = time.perf_counter() - self.t_run, self.interval, self.dist
+        frames = self.recipe.data.num_frames
+        out = {"run_dir": str(self.run_dir), "steps": self.step, "stopped": self.stopped, "world_size": d.world,
+               "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+               "last_checkpoint": str(ckpt.find_checkpoint(self.run_dir / "checkpoints")),
+               "first_loss": self.losses[0] if self.losses else None,
+               "last_loss": self.losses[-1] if self.losses else None,
+               "nonfinite_total": self.nonfinite_total, **self.drops.counts, "wall_s": round(wall, 2),
+               "train_s_all_sessions": round(self.elapsed_before + wall, 2),
+               "steps_per_s": len(self.losses) / acc.total_time if acc.total_time else None,
+               "sampled_fps": acc.total_clips * frames * d.world / acc.total_time if acc.total_time else None,
+               "data_wait_fraction": acc.total_wait / acc.total_time if acc.total_time else None,
+               "provenance": provenance(self.recipe)}
+        if d.rank == 0:
+            (self.run_dir / "summary.json").write_text(json.dumps(out, indent=1))
+            if self.drops.counts["damaged_samples"]:
+                print(self.drops.summary_line(), flush=True)
+        return out
+
+    # -- session ----------------------------------------------------------------------
+
+    def _open(self) -> None:
+        """Metrics logger, the run's recipe.yaml, SIGTERM / SIGINT handlers, clocks."""
+        d = self.dist
+        self.logger = MetricsLogger(self.recipe.logging, self.run_dir, total_steps=self.steps,
+                                    start_step=self.step, enabled=d.rank == 0, desc=self.name,
+                                    config=to_dict(self.recipe))
+        if d.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "recipe.yaml").write_text(dump_yaml(self.recipe))
+            start = f"resumed from {self.resumed_from}" if self.resumed_from else "fresh run"
+            self.logger.message(f"[echofm] {start}: step {self.step}/{self.steps}, {d.world} rank(s) on "
+                                f"{d.device.type}, run folder {self.run_dir}")
+        # SIGTERM (schedulers, torchrun) and SIGINT: finish the step, checkpoint, return.
+        # A second Ctrl-C interrupts at once.
+        self._handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        self._it = iter(self.stream)
+        self.t_run = time.perf_counter()
+        self.interval = _Interval(decoded0=self.stream.stats["decoded_frames"])
+
+    def _on_signal(self, signum, _frame) -> None:
+        if self._signalled and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self._signalled = True
+
+    def _close(self) -> None:
+        for s, h in self._handlers.items():
+            signal.signal(s, h)
+        self.logger.close()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+
+
+def pretrain(recipe, *, resume: str | None = None, stream=None) -> dict:
     """Run (or continue) pretraining for `recipe`; returns the run summary (also written
     to `<run>/summary.json` by rank 0).
 
     resume: None = fresh run (refuses a run folder that already has checkpoints),
     "auto" = newest complete checkpoint of this run if any, else fresh; a path = that
     checkpoint (a checkpoint, checkpoints/ or run folder).
+    stream: used instead of a ClipStream of `recipe.data` when given (ClipStream's interface:
+    __iter__, state_dict, load_state_dict, stats, epoch, damaged, check_dropped), e.g. clips
+    replayed from GPU memory.
     """
-    from echofm.loaders.stream import ClipStream
-
-    from . import checkpoint as ckpt
-    from .config import dump_yaml, to_dict
-    from .flops import model_flops
-    from .logging import MetricsLogger
-    from .model import EchoFM
-    from .optim import WarmupCosine
-
+    recipe.validate()
     tc = recipe.train
     run_dir = Path(tc.out_dir) / recipe.name
-    ckpt_root = run_dir / "checkpoints"
-    recipe_dict = to_dict(recipe)
-
-    start = None
-    if resume == "auto":
-        start = ckpt.find_checkpoint(ckpt_root)
-    elif resume:
-        start = ckpt.find_checkpoint(resume)
-        if start is None:
-            raise UserError(f"--resume {resume}: no complete checkpoint there")
-    elif ckpt.complete_checkpoints(ckpt_root):
-        raise UserError(f"{run_dir}: already has checkpoints; continue it with --resume auto, or "
-                        "pick another train.out_dir or name")
-
-    rank, world, _, device = init_distributed()
-    if device.type == "cpu":
-        torch.set_num_threads(cpu_threads(tc, recipe.data))
-    if tc.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    # Same init on every rank; then a per-rank stream for masking.
-    torch.manual_seed(tc.seed)
+    start = resume_point(resume, run_dir)
+    dist = init_distributed(tc.collective_timeout_s)
+    torch.manual_seed(tc.seed)  # the same init on every rank
     model = EchoFM(recipe.model, recipe.mask, recipe.loss)
-    _check_recipe(recipe, model)
-    engine, _, scheduler = build_engine(model, recipe, world_size=world, total_steps=tc.steps)
-    torch.manual_seed(tc.seed + 1 + rank)
-    random.seed(tc.seed + rank)
-    np.random.seed(tc.seed + rank)
-    stream = ClipStream(recipe.data, train=True, rank=rank, world_size=world, device=device)
-
-    step, micro, nonfinite_total, elapsed_before = 0, 0, 0, 0.0
-    if start is not None:
-        state = ckpt.load(engine, start, rank=rank, world_size=world)
-        step, micro = state["step"], state["micro"]
-        nonfinite_total, elapsed_before = state["nonfinite_total"], state["elapsed"]
-        stream.load_state_dict(state["stream"])  # epoch and position: the same next batch
-        ckpt.set_rng_state(state["rng"])  # the same masks
-        # The schedule's shape comes from the recipe (e.g. a run extended with more steps).
-        fresh = WarmupCosine(warmup=recipe.schedule.warmup_steps, total=tc.steps,
-                             floor=scheduler.lr_lambdas[0].floor)
-        for fn in scheduler.lr_lambdas:
-            fn.__dict__.update(vars(fresh))
-
-    log = MetricsLogger(recipe.logging, run_dir, total_steps=tc.steps, start_step=step, enabled=rank == 0)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(dump_yaml(recipe))
-        log.message(f"[echofm] {'resumed from ' + str(start) if start else 'fresh run'}: step {step}/"
-                    f"{tc.steps}, {world} rank(s) on {device.type}, run folder {run_dir}")
-
-    # SIGTERM (schedulers, torchrun) and SIGINT: finish the step, checkpoint, return.
-    # A second Ctrl-C interrupts at once.
-    stop = {"requested": False}
-
-    def _on_signal(signum, _frame):
-        if stop["requested"] and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-
-    old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    flops_clip = model_flops(recipe.model, recipe.mask)["train_step"]
-    peak, peak_src = peak_flops(tc)
-    frames_per_clip = recipe.data.num_frames
-    inject = set(tc.nan_inject)
-    # DeepSpeed reports the grad norm only from its ZeRO / mixed-precision optimizers.
-    own_norm = recipe.deepspeed.zero_stage == 0 and recipe.deepspeed.precision == "fp32"
-    grad_norm = None
-    last_saved = step if start is not None else -1
-
-    def save() -> Path:
-        nonlocal last_saved
-        rank_state = {"step": step, "micro": micro, "rng": ckpt.rng_state(),
-                      "stream": stream.state_dict(), "nonfinite_total": nonfinite_total,
-                      "elapsed": elapsed_before + (time.perf_counter() - t_run)}
-        path = ckpt.save(engine, ckpt_root, step, rank_state=rank_state, recipe=recipe_dict,
-                         keep_last=tc.keep_last, rank=rank, world_size=world)
-        last_saved = step
-        return path
-
-    it = iter(stream)
-    t_run = time.perf_counter()
-    acc = _Interval(decoded0=stream.stats["decoded_frames"])
-    losses: list[tuple[int, float]] = []
-    consecutive = 0
-    stopped = False
-    try:
-        while step < tc.steps:
-            t_step = time.perf_counter()
-            target = engine.global_steps + 1
-            step_loss, step_terms, n_ok, clips, data_wait = 0.0, {}, 0, 0, 0.0
-            lr = float(engine.get_lr()[0])
-            while engine.global_steps < target:  # micro-batches until one optimizer step
-                t0 = time.perf_counter()
-                try:
-                    batch = next(it)
-                except StopIteration:  # epoch done; the stream has moved to the next one
-                    it = iter(stream)
-                    batch = next(it)
-                data_wait += time.perf_counter() - t0
-                micro += 1
-                clips += batch["video"].shape[0]
-                out = engine(batch["video"])
-                loss = out["loss"]
-                if micro in inject:
-                    loss = loss * float("nan")
-                # One host sync per micro-batch; every rank must agree before a collective backward.
-                finite = bool(torch.isfinite(loss.detach()).item())
-                bad, = _all_max([0.0 if finite else 1.0], device, world)
-                if bad:
-                    nonfinite_total += 1
-                    consecutive += 1
-                    log.message(f"[echofm] step {step + 1}: non-finite loss on micro-batch {micro} "
-                                f"(skipped; {consecutive} in a row, {nonfinite_total} in total)")
-                    if consecutive >= tc.max_nonfinite:
-                        raise NonFiniteLoss(
-                            f"loss was non-finite for {consecutive} micro-batches in a row (at step "
-                            f"{step + 1}, train.max_nonfinite={tc.max_nonfinite}); lower optim.base_lr, "
-                            "use bf16 instead of fp16, or check the shards")
-                    del out, loss
-                    continue
-                consecutive = 0
-                # Read the forward's values now, while the host has just synced on it, so
-                # no second sync waits for backward + step to drain.
-                step_loss += float(loss.detach())
-                for k, v in out.get("terms", {}).items():
-                    step_terms[k] = step_terms.get(k, 0.0) + float(v)
-                engine.backward(loss)
-                if own_norm and engine.is_gradient_accumulation_boundary():
-                    grad_norm = _grad_norm(engine.module)
-                engine.step()
-                n_ok += 1
-            step += 1
-            dt = time.perf_counter() - t_step
-            step_loss /= n_ok
-            acc.add(dt, data_wait, clips, step_loss, {k: v / n_ok for k, v in step_terms.items()})
-            losses.append((step, step_loss))
-
-            last = step == tc.steps
-            if last or step % recipe.logging.every == 0:  # collective on every rank
-                gnorm = grad_norm if own_norm else engine.get_global_grad_norm()
-                decoded = stream.stats["decoded_frames"]
-                metrics = acc.summary(decoded, frames_per_clip, device, world)
-                mfu = (flops_clip * metrics["clips_per_s"] / (peak * world)
-                       if peak and metrics["clips_per_s"] else None)
-                metrics.update(lr=lr, grad_norm=None if gnorm is None else float(gnorm), mfu=mfu,
-                               mfu_peak=peak_src, epoch=stream.epoch, nonfinite_total=nonfinite_total,
-                               memory_gib=round(memory_gib(device), 3))
-                log.log(step, metrics)
-                acc.reset(decoded)
-            if log.should_plot(step):
-                _plot(log, step, engine.module, batch["video"], out)
-            log.progress(step, loss=step_loss, fps=clips * frames_per_clip * world / dt)
-
-            requested, = _all_max([1.0 if stop["requested"] else 0.0], device, world)
-            if requested:
-                path = save()
-                log.message(f"[echofm] stop requested: saved {path} at step {step}; "
-                            "continue with --resume auto")
-                stopped = True
-                break
-            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last:
-                save()
-        if not stopped and last_saved != step:
-            save()
-    finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        log.close()
-
-    wall = time.perf_counter() - t_run
-    summary = {"run_dir": str(run_dir), "steps": step, "stopped": stopped, "world_size": world,
-               "resumed_from": str(start) if start else None,
-               "last_checkpoint": str(ckpt.find_checkpoint(ckpt_root)),
-               "first_loss": losses[0][1] if losses else None, "last_loss": losses[-1][1] if losses else None,
-               "nonfinite_total": nonfinite_total, "wall_s": round(wall, 2),
-               "train_s_all_sessions": round(elapsed_before + wall, 2),
-               "steps_per_s": len(losses) / acc.total_time if acc.total_time else None,
-               "sampled_fps": acc.total_clips * frames_per_clip * world / acc.total_time
-               if acc.total_time else None,
-               "data_wait_fraction": acc.total_wait / acc.total_time if acc.total_time else None}
-    if rank == 0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    if stream is None:
+        stream = ClipStream(recipe.data, train=True, rank=dist.rank, world_size=dist.world, device=dist.device)
+    trainer = Trainer(recipe, model, stream, dist=dist, run_dir=run_dir, steps=tc.steps, seed=tc.seed,
+                      figures=plot_reconstruction, flops_per_clip=model_flops(recipe.model, recipe.mask)["train_step"])
+    trainer.resume(start)
+    return trainer.fit()
 
 
-def _grad_norm(module: torch.nn.Module) -> float:
-    """Global L2 norm of the gradients (before clipping)."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+# ---------------------------------------------------------------- step bookkeeping
+
+
+@dataclass(slots=True)
+class _Read:
+    """One micro-batch's numbers from the host read, summed over ranks."""
+
+    loss: float
+    terms: dict[str, float]
+    finite: bool
+
+
+@dataclass(kw_only=True, slots=True)
+class _Step:
+    """One optimizer step: its lr, times, clips and loss sums (rank sums) over finite micro-batches."""
+
+    lr: float
+    time: float = 0.0
+    wait: float = 0.0
+    clips: int = 0
+    n: int = 0
+    loss: float = 0.0
+    terms: dict = field(default_factory=dict)
+    batch: dict | None = None
+    out: dict | None = None
+
+    def add(self, read: _Read) -> None:
+        self.n += 1
+        self.loss += read.loss
+        for k, v in read.terms.items():
+            self.terms[k] = self.terms.get(k, 0.0) + v
 
 
 @dataclass(kw_only=True, slots=True)
 class _Interval:
-    """This rank's timing, clip and loss sums since the last log line, plus run totals."""
+    """Sums since the last log line (this rank's times and clips; losses already summed
+    over ranks), plus run totals."""
 
     steps: int = 0
     time: float = 0.0
@@ -502,27 +634,25 @@ class _Interval:
     total_wait: float = 0.0
     total_clips: int = 0
 
-    def add(self, dt: float, wait: float, clips: int, loss: float, terms: dict) -> None:
+    def add(self, s: _Step) -> None:
         self.steps += 1
-        self.time += dt
-        self.wait += wait
-        self.clips += clips
-        self.loss += loss
-        for k, v in terms.items():
-            self.terms[k] = self.terms.get(k, 0.0) + v
-        self.total_time += dt
-        self.total_wait += wait
-        self.total_clips += clips
+        self.time += s.time
+        self.wait += s.wait
+        self.clips += s.clips
+        self.loss += s.loss / s.n
+        for k, v in s.terms.items():
+            self.terms[k] = self.terms.get(k, 0.0) + v / s.n
+        self.total_time += s.time
+        self.total_wait += s.wait
+        self.total_clips += s.clips
 
     def summary(self, decoded: int, frames: int, device: torch.device, world: int) -> dict:
         """Interval metrics: clips and frames summed over ranks, losses and times averaged."""
-        keys = sorted(self.terms)
-        vals = _all_sum([self.time, self.wait, float(self.clips), float(decoded - self.decoded0),
-                         self.loss] + [self.terms[k] for k in keys], device, world)
+        vals = _all_sum([self.time, self.wait, float(self.clips), float(decoded - self.decoded0)], device, world)
         t, wait, clips, dec = vals[0] / world, vals[1] / world, vals[2], vals[3]
         n = max(self.steps, 1)
-        return {"loss": vals[4] / world / n,
-                **{f"loss_{k}": v / world / n for k, v in zip(keys, vals[5:])},
+        return {"loss": self.loss / world / n,
+                **{f"loss_{k}": self.terms[k] / world / n for k in sorted(self.terms)},
                 "step_time_s": t / n, "data_wait_s": wait / n, "compute_s": (t - wait) / n,
                 "data_wait_fraction": wait / t if t else None,
                 "clips_per_s": clips / t if t else None,
@@ -535,12 +665,99 @@ class _Interval:
         self.decoded0 = decoded
 
 
-def _plot(log, step: int, model, video: torch.Tensor, out: dict) -> None:
-    """Input / masked / reconstructed frames of clip 0 and its S / P matrices."""
-    from .logging import reconstruction_rows
+class _Drops:
+    """Damaged samples the stream skipped (data.on_error=skip): each rank prints its own as
+    they are found; every micro-batch's host read sums the counts over ranks, and all ranks
+    stop together beyond data.max_dropped."""
 
-    rows = reconstruction_rows(model, video[:1], out)
-    sim = out.get("sim")
-    prior = out.get("prior")
+    def __init__(self, stream, rank: int) -> None:
+        self.stream, self.rank = stream, rank
+        self.announced = set(stream.damaged)
+        self.counts = {"dropped_total": 0, "damaged_samples": 0}
+
+    def announce(self, log) -> None:
+        damaged = self.stream.damaged
+        for key in [k for k in damaged if k not in self.announced]:
+            line = f"[echofm] rank {self.rank}: skipped damaged sample: {damaged[key]}"
+            log.message(line) if self.rank == 0 else print(line, flush=True)
+            self.announced.add(key)
+
+    def local(self) -> list[float]:
+        """This rank's [damaged samples, dropped reads]."""
+        return [float(len(self.stream.damaged)), float(self.stream.stats["skipped"])]
+
+    def update(self, *, damaged: int, dropped: int) -> None:
+        """The counts summed over ranks; DataError beyond data.max_dropped."""
+        self.counts = {"dropped_total": dropped, "damaged_samples": damaged}
+        self.stream.check_dropped(damaged)
+
+    def summary_line(self) -> str:
+        c = self.counts
+        return (f"[echofm] data.on_error=skip: {c['damaged_samples']} damaged sample(s) skipped "
+                f"({c['dropped_total']} reads dropped); `echofm shards verify` names them all")
+
+
+def _grad_norm(module: torch.nn.Module) -> torch.Tensor | float:
+    """Global L2 norm of the gradients (before clipping), left on the device."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else 0.0
+
+
+def plot_reconstruction(log, step: int, model, batch: dict, out: dict) -> None:
+    """Input / masked / reconstructed frames of clip 0 and its S / P matrices."""
+    rows = reconstruction_rows(model, batch["video"][:1], out)
+    sim, prior = out.get("sim"), out.get("prior")
     log.figures(step, rows, sim[0].detach().float().cpu().numpy() if sim is not None else None,
                 prior[0].detach().float().cpu().numpy() if prior is not None else None)
+
+
+# ---------------------------------------------------------------- failure handling helpers
+
+
+def resume_point(resume: str | None, run_dir: Path, *, folder_key: str = "train.out_dir") -> Path | None:
+    """The checkpoint to continue from (hashed: damaged ones are skipped with a message when
+    searching a folder, an error when named directly), or None for a fresh run (refused
+    where `run_dir` has checkpoints; `folder_key` names the recipe key that places it)."""
+    ckpt_root = run_dir / "checkpoints"
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda _m: None)
+    if resume == "auto":
+        start = ckpt.find_checkpoint(ckpt_root, check=True, log=say)
+        if start is None and ckpt.complete_checkpoints(ckpt_root):
+            raise UserError(f"{ckpt_root}: every checkpoint is damaged (see above); move them away to "
+                            "start afresh, or resume from a copy with --resume PATH")
+        return start
+    if resume:
+        start = ckpt.find_checkpoint(resume, check=True, log=say)
+        if start is None:
+            raise UserError(f"--resume {resume}: no complete checkpoint there")
+        return start
+    if ckpt.complete_checkpoints(ckpt_root):
+        raise UserError(f"{run_dir}: already has checkpoints; continue it with --resume auto, or "
+                        f"pick another {folder_key} or name")
+    return None
+
+
+def _start_heartbeat(tc: TrainConfig, run_dir: Path, rank: int, world: int) -> Heartbeat | None:
+    """Several ranks: beat and watch (heartbeat.py); None for a lone process."""
+    if world == 1:
+        return None
+
+    def hint() -> str:
+        last = ckpt.complete_checkpoints(run_dir / "checkpoints")
+        return f"last complete checkpoint: {last[-1] if last else 'none'} (continue with --resume auto)"
+
+    return Heartbeat(run_dir / "heartbeat", rank=rank, world_size=world, timeout_s=tc.heartbeat_timeout_s,
+                     hint=hint).start()
+
+
+def _collective_error(e: RuntimeError, tc: TrainConfig) -> UserError | None:
+    """A process-group timeout as one line (the heartbeat usually names the rank first)."""
+    def says_timeout(text: str) -> bool:
+        return "timed out" in text.lower() or "timeout" in text.lower()
+
+    text = str(e)
+    if not says_timeout(text):
+        return None
+    first = next((ln.strip() for ln in text.splitlines() if says_timeout(ln)), text)
+    return UserError(f"a collective did not complete within train.collective_timeout_s="
+                     f"{tc.collective_timeout_s:g} s: another rank is stalled or died ({first[:200]})")

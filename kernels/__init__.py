@@ -14,11 +14,14 @@ Public API (DESIGN §4: masking gather, tube attention); all four are differenti
 ids must be unique within a row (masking permutations are): the Triton backward of the
 gathers is a plain scatter, not a scatter-add.
 
-Backends: the gathers take `backend="auto" | "triton" | "torch"`; tube_attention takes
-`"auto" | "triton" | "sdpa" | "xformers" | "math"`. `auto` is Triton on CUDA tensors and
-torch (sdpa for attention) elsewhere; attention also uses sdpa for fp64 or head dims > 128.
-`triton` also runs CPU tensors when TRITON_INTERPRET=1 was set before this package was
-imported (that is how the tests run it).
+Backends: the gathers take `backend="auto" | "triton" | "torch"` (`auto`: Triton on CUDA
+tensors, torch elsewhere). tube_attention takes `"auto" | "triton" | "sdpa" | "sdpa-cudnn" |
+"sdpa-flash" | "sdpa-efficient" | "xformers" | "math"`: `auto` runs the kernel measured
+fastest for the call's (mode, head dim, token bucket, dtype, GPU) from the committed table
+kernels/attention_table.json, with the fallback rule of `dispatch.py` (CPU: sdpa); `sdpa`
+lets torch pick its kernel, `sdpa-*` pin one (torch.nn.attention.sdpa_kernel); an explicit
+name always forces that backend. `triton` also runs CPU tensors when TRITON_INTERPRET=1 was
+set before this package was imported (that is how the tests run it).
 
 Imports nothing else of ours (DESIGN §8).
 """
@@ -29,20 +32,20 @@ from collections.abc import Sequence
 
 import torch
 
-from . import reference
+from . import dispatch, reference
 
-__all__ = ["gather_tokens", "scatter_tokens", "gather_patches", "tube_attention"]
+__all__ = ["gather_tokens", "scatter_tokens", "gather_patches", "tube_attention", "attention_backend"]
 
-ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "xformers", "math")
+ATTENTION_BACKENDS = ("auto", "triton", "sdpa", *reference.SDPA_PINNED, "xformers", "math")
 GATHER_BACKENDS = ("auto", "triton", "torch")
 
 
-def _use_triton(t: torch.Tensor, backend: str, choices: tuple[str, ...], name: str, auto_ok: bool = True) -> bool:
-    """Resolve `backend` for tensor t: True means the Triton path (`auto_ok`: Triton supports t)."""
+def _use_triton(t: torch.Tensor, backend: str, choices: tuple[str, ...], name: str) -> bool:
+    """Resolve `backend` for tensor t: True means the Triton path (auto: on CUDA tensors)."""
     if backend not in choices:
         raise ValueError(f"{name}: backend must be one of {choices}, got {backend!r}")
     if backend == "auto":
-        return t.is_cuda and auto_ok
+        return t.is_cuda
     if backend == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"{name}: backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set "
                            "before importing echofm.kernels to run CPU tensors in the interpreter")
@@ -108,6 +111,18 @@ def gather_patches(
     return reference.gather_patches(video, ids, tuple(patch), mean, std)
 
 
+def attention_backend(q: torch.Tensor, mode: str, train: bool) -> str:
+    """The backend `auto` runs for q [B, H, T, K, Dh] (dispatch.py: table, then fallback rule)."""
+    cap = None
+    if q.is_cuda:
+        props = torch.cuda.get_device_properties(q.device)  # cached by torch; constant under compile
+        cap = f"{props.major}.{props.minor}"
+    _, _, t, k, dh = q.shape
+    length = {"joint": t * k, "slice": k, "tube": t}[mode]
+    return dispatch.choose(dispatch.TABLE, mode=mode, dh=dh, length=length,
+                           dtype=str(q.dtype).removeprefix("torch."), capability=cap, train=train)
+
+
 def tube_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -121,16 +136,20 @@ def tube_attention(
     mode "joint": all T*K tokens attend to each other (the encoder); "slice": the K tokens
     of one t (the phase projector: prepend the slice's CLS into the K dimension, i.e. pass
     [B, H, T, K+1, Dh]); "tube": the T tokens of one spatial position k. scale defaults to
-    Dh**-0.5.
+    Dh**-0.5. backend "auto" picks per call from the measured table (`attention_backend`:
+    forward+backward winners when a gradient is needed, forward winners otherwise).
     """
     if mode not in reference.MODES:
         raise ValueError(f"tube_attention: mode must be one of {reference.MODES}, got {mode!r}")
     if not (q.shape == k.shape == v.shape) or q.dim() != 5:
         raise ValueError(f"tube_attention: q, k, v must share one [B, H, T, K, Dh] shape, "
                          f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    # auto: Triton for the dtypes and head dims it is tuned for, sdpa otherwise (fp64, Dh > 128).
-    auto_ok = q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 128
-    if _use_triton(q, backend, ATTENTION_BACKENDS, "tube_attention", auto_ok):
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"tube_attention: backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        train = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        backend = attention_backend(q, mode, train)
+    if _use_triton(q, backend, ATTENTION_BACKENDS, "tube_attention"):
         from .attention import tube_attention as impl
 
         return impl(q, k, v, mode, scale)
@@ -138,4 +157,4 @@ def tube_attention(
         return reference.tube_attention(q, k, v, mode, scale)
     if backend == "xformers":
         return reference.tube_attention_xformers(q, k, v, mode, scale)
-    return reference.tube_attention_sdpa(q, k, v, mode, scale)
+    return reference.tube_attention_sdpa(q, k, v, mode, scale, pinned=None if backend == "sdpa" else backend)

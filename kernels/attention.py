@@ -338,19 +338,46 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     return dq, dk, dv
 
 
-class _TubeAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, mode, scale):
-        o, lse = attention_fwd(q, k, v, mode, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.mode, ctx.scale = mode, scale
-        return o
+# Custom ops rather than an autograd.Function: torch.compile and CUDA graphs see one opaque
+# kernel call with known output shapes (the fake implementations), not host-side launch code.
+@torch.library.custom_op("echofm::tube_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, scale: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_fwd(q, k, v, mode, scale)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.mode, ctx.scale)
-        return dq, dk, dv, None, None
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, mode, scale):
+    b, h = q.shape[:2]
+    groups, length, _ = _geometry(q.shape, mode)
+    return q.new_empty(q.shape), q.new_empty((b * h * groups, length), dtype=torch.float32)
+
+
+@torch.library.custom_op("echofm::tube_attention_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+            lse: torch.Tensor, mode: str, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_bwd(do, q, k, v, o, lse, mode, scale)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(do, q, k, v, o, lse, mode, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mode, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.mode, ctx.scale = mode, scale
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, ctx.mode, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def tube_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str,
@@ -359,4 +386,4 @@ def tube_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str,
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"tube_attention (triton): q, k, v must share fp32/fp16/bf16, "
                          f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    return _TubeAttention.apply(q, k, v, mode, q.shape[-1] ** -0.5 if scale is None else float(scale))
+    return _fwd_op(q, k, v, mode, q.shape[-1] ** -0.5 if scale is None else float(scale))[0]

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import norm_params
+from .reference import device_norm
 
 
 def _blocks(width: int, budget: int = 4096) -> tuple[int, int]:
@@ -278,6 +278,5 @@ def gather_patches(video: torch.Tensor, ids: torch.Tensor, patch: tuple[int, int
                    mean: Sequence[float] | torch.Tensor | None = None,
                    std: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
     """Triton twin of `echofm.kernels.gather_patches` (same arguments and result)."""
-    params = norm_params(video.shape[-1], video.dtype == torch.uint8, mean, std)
-    norm = None if params is None else tuple(t.to(video.device, torch.float32) for t in params)
+    norm = device_norm(video.shape[-1], video.dtype == torch.uint8, mean, std, video.device, torch.float32)
     return _GatherPatches.apply(video, ids, tuple(patch), norm)

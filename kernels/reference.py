@@ -5,12 +5,16 @@ and dtype (tests call them in float64). Shapes follow the public API (`echofm.ke
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 MODES = ("joint", "slice", "tube")
+# Pinned SDPA backends: tube_attention backend name -> torch.nn.attention.SDPBackend member.
+SDPA_PINNED = {"sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-flash": "FLASH_ATTENTION",
+               "sdpa-efficient": "EFFICIENT_ATTENTION"}
 
 
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -46,6 +50,28 @@ def norm_params(
     return 1.0 / (unit * s), -m / s
 
 
+def device_norm(
+    c: int, uint8: bool, mean: Sequence[float] | torch.Tensor | None, std: Sequence[float] | torch.Tensor | None,
+    device: torch.device, dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`norm_params` as (scale, shift) tensors of `dtype` on `device`.
+
+    Sequences (the model's config tuples) are converted once per device and then reused:
+    no host-to-device copy per call, which a CUDA graph capture would refuse.
+    """
+    if isinstance(mean, torch.Tensor) or isinstance(std, torch.Tensor):
+        params = norm_params(c, uint8, mean, std)
+        return None if params is None else tuple(t.to(device, dtype) for t in params)
+    key = (None if mean is None else tuple(map(float, mean)), None if std is None else tuple(map(float, std)))
+    return _device_norm(c, uint8, *key, torch.device(device), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_norm(c, uint8, mean, std, device, dtype):
+    params = norm_params(c, uint8, mean, std)
+    return None if params is None else tuple(t.to(device, dtype) for t in params)
+
+
 def patchify(video: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
     """video [B, T, H, W, C] -> all patches [B, L, C*t*p*p], L = (T/t)(H/p)(W/p) in (t, h, w)
     row-major order, each patch flattened in (C, t, p, p) order like a Conv3d weight."""
@@ -71,9 +97,9 @@ def gather_patches(
     """
     uint8 = video.dtype == torch.uint8
     x = video.float() if uint8 else video
-    params = norm_params(video.shape[-1], uint8, mean, std)
+    params = device_norm(video.shape[-1], uint8, mean, std, x.device, x.dtype)
     if params is not None:
-        scale, shift = (p.to(x.device, x.dtype) for p in params)
+        scale, shift = params
         x = x * scale + shift
     return gather_tokens(patchify(x, patch), ids)
 
@@ -110,12 +136,45 @@ def tube_attention(
     return _ungroup(o, mode, q.shape).to(q.dtype)
 
 
+def _fold(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """[B, H, T, K, Dh] -> [B, H*G, L, Dh]: groups folded into the head dim, the 4-D layout
+    SDPA's fused kernels take (5-D inputs fall back to its math path). Copies where the
+    strides do not allow a view (tube)."""
+    g = _groups(x, mode)
+    return g if mode == "joint" else g.flatten(1, 2)
+
+
+def _unfold(o: torch.Tensor, mode: str, shape: torch.Size) -> torch.Tensor:
+    b, h, t, k, dh = shape
+    if mode == "joint":
+        return o.reshape(shape)
+    return o.reshape(b, h, t, k, dh) if mode == "slice" else o.reshape(b, h, k, t, dh).transpose(2, 3)
+
+
 def tube_attention_sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, scale: float | None = None,
+    pinned: str | None = None,
 ) -> torch.Tensor:
-    """torch scaled_dot_product_attention on the grouped views (it copies where it must)."""
-    qg, kg, vg = (_groups(t, mode) for t in (q, k, v))
-    return _ungroup(F.scaled_dot_product_attention(qg, kg, vg, scale=scale), mode, q.shape)
+    """torch scaled_dot_product_attention over the folded groups ([B, H*G, L, Dh]).
+
+    pinned: None lets torch pick its kernel; "sdpa-cudnn" | "sdpa-flash" | "sdpa-efficient"
+    runs that one only (torch.nn.attention.sdpa_kernel) and raises a RuntimeError naming
+    it when torch has no such kernel for these inputs.
+    """
+    qg, kg, vg = (_fold(t, mode) for t in (q, k, v))
+    if pinned is None:
+        return _unfold(F.scaled_dot_product_attention(qg, kg, vg, scale=scale), mode, q.shape)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        with sdpa_kernel([getattr(SDPBackend, SDPA_PINNED[pinned])]):
+            o = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)
+    except RuntimeError as e:
+        if not any(m in str(e) for m in ("No available kernel", "No viable backend")):  # CUDA / CPU wording
+            raise
+        raise RuntimeError(f"tube_attention backend {pinned!r}: torch has no such SDPA kernel for "
+                           f"{q.device.type} {q.dtype} Dh {q.shape[-1]} (use 'sdpa' or 'auto')") from e
+    return _unfold(o, mode, q.shape)
 
 
 def tube_attention_xformers(

@@ -2,47 +2,71 @@
 
     report = ingest(["/data/echonet", "/data/labels.csv"], "shards/", IngestConfig(size=224))
 
-Workers (a process pool) do the per-clip work (`process_clip`: decode once, crop, resize,
-measure the cycle, encode, decode the result back to count its frames); the parent is the
-single writer: it keeps one open shard per split, rotates at `shard_size`, and after each
-finished shard replaces the manifest atomically (shards.py). Results come back in source
-order, so the shards are the same for any worker count.
+Plan (parent): discover the clips, hash every source's content (sha256, cached by path, size
+and mtime), skip content the corpus already holds (resume is by content: a moved or renamed
+tree adds nothing), record repeated content once, assign keys and by-patient splits.
+Per clip (workers, `process_clip`): decode frame by frame through resize (memory bounded by
+the output size), reject damaged decodes, crop to the fan, measure the cycle, encode, count
+the frames back. Write (parent, the single writer): one open shard per split, rotated at
+`shard_size`; after each finished shard the manifest is replaced atomically (shards.py).
+Results come back in source order, so the shards are the same for any worker count; a
+worker that dies (the OOM killer) costs its clip a reject, not the run.
 
-Nothing lost, nothing duplicated: a clip that fails goes to `rejects.jsonl` with the reason;
-a re-run skips every source already in a manifest-listed shard (and earlier rejects).
+Nothing lost, nothing duplicated: every clip ends in a shard or in `rejects.jsonl` with the
+reason; transient rejects (missing file, I/O error) are retried by the next run, others by
+`retry_rejects`. An exclusive lock keeps a second ingest out of the same directory.
 
-Privacy: patient ids are hashed (`patient_hash`, optionally salted) before anything is
-written; keys are `<dataset>_<patient hash>_<[tag-]source-path hash>`, and the json's
-`source` is a hash of the relative source path (file names often embed patient ids; hash
-your file list to find a sample's file, or match `source_sha256` against the file
-contents). Only `rejects.jsonl`, an operator's file outside the shards, names paths.
+Privacy (ids.py): patient ids and source paths are HMAC'd with the corpus's secret id key,
+which lives outside the shard directory. Keys are `<dataset>_<patient hmac>_<[tag-]content
+sha256[:12]>`; the json's `source` is the HMAC of the path relative to the root the user
+named; rejects.jsonl and the quality report hold the same hashes, never a path or a name.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import itertools
 import json
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from . import ids
 from .errors import DataError
-from .shards import (ShardWriter, SampleRecord, add_shard, clean_orphans, new_manifest, npy_bytes,
+from .quality import SPLITS, ClipStats, CorpusStats, QualityReport
+from .shards import (DirLock, SampleRecord, ShardWriter, add_shard, clean_orphans, new_manifest, npy_bytes,
                      pack_nframes, read_manifest, read_sample_records, sha256_file, write_manifest)
-from .sources.base import safe_name
+from .sources.base import Clip, Discovery, safe_name
 from .video_io import CODECS
 
 REJECTS = "rejects.jsonl"
-SPLITS = ("train", "val", "test")
+REPORT = "quality_report.json"
+HASH_CACHE = ".source_hashes.json"
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test"}
 # Settings that must match when a run resumes into an existing shard directory.
-RESUME_KEYS = ("size", "codec", "fps", "gop", "quality", "sector", "min_frames", "split_fractions")
+RESUME_KEYS = ("size", "codec", "fps", "gop", "quality", "sector", "min_frames", "split_fractions", "id_key")
+
+
+class Kind:
+    """Reject reasons (rejects.jsonl `kind`, the report's keys)."""
+
+    MISSING = "missing_file"
+    IO = "io_error"
+    DECODE = "cannot_decode"
+    CORRUPT = "corrupt_frames"
+    SHORT = "too_short"
+    NO_SECTOR = "no_sector"
+    ENCODE = "encode_failed"
+    WORKER = "worker_died"
+    INTERNAL = "internal_error"
+    TRANSIENT = (MISSING, IO)
+    """Retried by the next run without asking: the file may be back."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -69,14 +93,20 @@ class IngestConfig:
     """CRF for vp9/h264, q:v for mjpeg; None: the codec's default."""
     sector: bool = True
     """Detect the ultrasound sector, blank outside it and crop to it (reject when none)."""
+    decode_side: int | None = None
+    """Frames are shrunk while decoding so their shorter side is at most this (memory follows
+    the output size, not the source's); None: 3 x size (the crop, usually 60-100% of the
+    frame, is then still larger than the output: no detail lost)."""
     dataset: str | None = None
     """Dataset name in the keys; None: from the source layout."""
-    salt: str = ""
-    """Secret mixed into patient hashes (keeps short numeric ids from being brute-forced)."""
+    id_key: str | None = None
+    """File holding the corpus's secret id key (hex); None: `<out>.idkey`, created on first ingest."""
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     """train/val/test fractions for patients whose source gives no split."""
     retry_rejects: bool = False
-    """Retry sources listed in rejects.jsonl (off: a re-run skips them)."""
+    """Retry sources rejected for good by an earlier run (transient rejects are always retried)."""
+    dry_run: bool = False
+    """Scan, decode and measure every new clip and report; write nothing (no shards, no key)."""
     progress: bool = True
     """Show a tqdm progress bar."""
 
@@ -94,11 +124,16 @@ class IngestConfig:
         if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6:
             raise ValueError(f"split_fractions must be 3 numbers summing to 1, got {self.split_fractions}")
 
-    def settings(self) -> dict:
-        d = {k: getattr(self, k) for k in RESUME_KEYS}
+    @property
+    def keep_side(self) -> int:
+        return self.decode_side or 3 * self.size
+
+    def settings(self, key: bytes) -> dict:
+        d = {k: getattr(self, k) for k in RESUME_KEYS if k != "id_key"}
         d["split_fractions"] = list(self.split_fractions)
-        d["gop"], d["default_fps"] = self.gop, self.default_fps
-        d["salted"] = bool(self.salt)
+        d["default_fps"] = self.default_fps
+        d["id_key"] = ids.fingerprint(key)
+        d["ids"] = "hmac-sha256"
         return d
 
 
@@ -108,7 +143,9 @@ class IngestReport:
 
     added: int = 0
     skipped: int = 0
-    """Sources already in the manifest (or rejected before) that this run skipped."""
+    """Sources whose content the corpus already holds (or rejected for good before)."""
+    duplicates: int = 0
+    """Sources repeating content already seen in this run (recorded once)."""
     rejected: int = 0
     shards: list[str] = field(default_factory=list)
     """Shard tars written by this run."""
@@ -116,6 +153,10 @@ class IngestReport:
     input_bytes: int = 0
     output_bytes: int = 0
     seconds: float = 0.0
+    id_key: str = ""
+    """The id key file used (keep it: later runs need it)."""
+    id_key_created: bool = False
+    quality: QualityReport = field(default_factory=QualityReport)
 
     @property
     def clips_per_s(self) -> float:
@@ -126,71 +167,131 @@ class IngestReport:
         return self.input_bytes / 2**20 / max(self.seconds, 1e-9)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.update(clips_per_s=self.clips_per_s, input_mb_per_s=self.input_mb_per_s)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "quality"}
+        d.update(clips_per_s=self.clips_per_s, input_mb_per_s=self.input_mb_per_s, quality=self.quality.to_dict())
         return d
+
+
+@dataclass(kw_only=True, slots=True)
+class Job:
+    """One clip to process, with everything the parent decided."""
+
+    clip: Clip
+    key: str
+    phash: str
+    """HMAC of the patient id."""
+    split: str
+    sha256: str
+    """Content hash of the source file (the resume and duplicate identity)."""
+    source: str
+    """HMAC of the source path relative to its root (json `source`, rejects)."""
+    size: int = 0
+
+
+@dataclass(kw_only=True, slots=True)
+class Reject:
+    kind: str
+    message: str
+    """One line, no path (the source is named by its hash)."""
+
+    @property
+    def transient(self) -> bool:
+        return self.kind in Kind.TRANSIENT
+
+
+@dataclass(kw_only=True, slots=True)
+class ClipResult:
+    """A worker's answer for one Job: components to write, or a reject."""
+
+    job: Job
+    reject: Reject | None = None
+    components: list[tuple[str, bytes]] = field(default_factory=list)
+    frames: int = 0
+    stats: ClipStats | None = None
 
 
 # ---------------------------------------------------------------- planning (parent)
 
 
-def patient_hash(dataset: str, patient: str, salt: str = "") -> str:
-    """16 hex chars of sha256: the only patient identity that reaches keys and json."""
-    return hashlib.sha256(f"{salt}{dataset}:{patient}".encode()).hexdigest()[:16]
-
-
-def source_hash(path: str) -> str:
-    """16 hex chars of sha256 of a path: the json's `source` and the resume identity (paths
-    often embed patient ids, so they stay out of the shards)."""
-    return hashlib.sha256(path.encode()).hexdigest()[:16]
-
-
 def hash_split(phash: str, fractions: tuple[float, float, float]) -> str:
-    """Deterministic split of a patient from its hash (uniform in [0, 1) -> train/val/test)."""
-    u = int(hashlib.sha256(f"split:{phash}".encode()).hexdigest()[:12], 16) / 16**12
+    """Deterministic split of a patient from its (keyed) hash: uniform in [0, 1) -> train/val/test."""
+    u = int(ids.keyed(b"split", phash, 12), 16) / 16**12
     return "train" if u < fractions[0] else "val" if u < fractions[0] + fractions[1] else "test"
 
 
-@dataclass(kw_only=True, slots=True)
-class Job:
-    """One clip to process, with everything the parent decided (key, split, patient hash)."""
+def _source_split(c: Clip, ph: str, seen: dict[str, tuple[str, str]]) -> str | None:
+    """The split a source names for this clip (normalised); DataError on an unknown name or on
+    one patient named in two splits."""
+    if not c.split:
+        return None
+    s = SPLIT_ALIASES.get(c.split.lower())
+    where = c.rel_source or os.path.basename(c.source)
+    if s is None:
+        raise DataError(f"{where}: unknown split {c.split!r} (use train/val/test)")
+    prev = seen.setdefault(ph, (s, where))
+    if prev[0] != s:
+        raise DataError(f"patient {ph} is in split {prev[0]!r} ({prev[1]}) and {s!r} ({where}): "
+                        "splits must be by patient")
+    return s
 
-    clip: object
-    key: str
-    phash: str
-    split: str
 
-
-def plan(clips: list, cfg: IngestConfig, existing: list[dict]) -> list[Job]:
-    """Assign keys and by-patient splits; raise DataError when a source puts one patient in two splits."""
+def plan(clips: list[Clip], shas: list[str], cfg: IngestConfig, existing: list[dict], key: bytes) -> list[Job]:
+    """Keys and by-patient splits for clips with their content hashes; DataError when a source
+    puts one patient in two splits (or contradicts the corpus)."""
     by_patient: dict[str, str] = {r["patient"]: r["split"] for r in existing}
-    source_split: dict[str, tuple[str, str]] = {}
-    jobs, keys = [], {r["key"] for r in existing}
-    for c in clips:
+    named: dict[str, tuple[str, str]] = {}
+    jobs = []
+    for c, sha in zip(clips, shas):
         ds = safe_name(cfg.dataset or c.dataset) or "data"  # the key's first part: no '_'
-        ph = patient_hash(ds, c.patient, cfg.salt)
-        if c.split:
-            s = SPLIT_ALIASES.get(c.split.lower())
-            if s is None:
-                raise DataError(f"{c.rel_source or c.source}: unknown split {c.split!r} (use train/val/test)")
-            prev = source_split.setdefault(ph, (s, c.rel_source or c.source))
-            if prev[0] != s:
-                raise DataError(f"patient {ph} is in split {prev[0]!r} ({prev[1]}) and {s!r} "
-                                f"({c.rel_source or c.source}): splits must be by patient")
+        ph = ids.patient_hash(key, ds, c.patient)
+        if c.dataset_from_path and not cfg.dataset:
+            ds = "d" + ids.keyed(key, f"dataset:{ds}", 8)  # a folder's name may name a patient
+        s = _source_split(c, ph, named)
+        if s and by_patient.get(ph, s) != s:
+            raise DataError(f"patient {ph}: already ingested in split {by_patient[ph]!r}, "
+                            f"{c.rel_source or os.path.basename(c.source)} says {s!r}")
         tag = (safe_name(c.clip_id) + "-") if c.clip_id else ""
-        key = f"{ds}_{ph}_{tag}{source_hash(c.rel_source or c.source)[:10]}"
-        if key in keys:  # same relative path under two roots: disambiguate by the absolute one
-            key += "-" + source_hash(os.path.abspath(c.source))[:6]
-        keys.add(key)
-        jobs.append(Job(clip=c, key=key, phash=ph, split=""))
+        jobs.append(Job(clip=c, key=f"{ds}_{ph}_{tag}{sha[:12]}", phash=ph, split=s or "", sha256=sha,
+                        source=ids.path_hash(key, c.rel_source or os.path.basename(c.source))))
     for j in jobs:
-        s = source_split.get(j.phash, (None,))[0]
-        if j.phash in by_patient and s and by_patient[j.phash] != s:
-            raise DataError(f"patient {j.phash}: already ingested in split {by_patient[j.phash]!r}, "
-                            f"{j.clip.rel_source or j.clip.source} says {s!r}")
-        j.split = by_patient.get(j.phash) or s or hash_split(j.phash, cfg.split_fractions)
+        j.split = by_patient.get(j.phash) or named.get(j.phash, (None,))[0] or hash_split(j.phash, cfg.split_fractions)
         by_patient[j.phash] = j.split
     return jobs
+
+
+def _hash_sources(clips: list[Clip], cache_path: Path | None, key: bytes) -> list[str | Reject]:
+    """sha256 of every clip's file (threads; cached by keyed path + size + mtime), or a
+    transient Reject when the file is missing or unreadable."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache: dict = {}
+    if cache_path is not None and cache_path.is_file():
+        try:
+            cache = json.loads(cache_path.read_text())
+        except (OSError, ValueError):
+            cache = {}
+
+    def one(c: Clip) -> tuple[str | None, list] | Reject:
+        tag = ids.keyed(key, "abs:" + os.path.abspath(c.source))
+        try:
+            st = os.stat(c.source)
+            hit = cache.get(tag)
+            if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+                return tag, hit
+            return tag, [st.st_size, st.st_mtime_ns, sha256_file(c.source)]
+        except FileNotFoundError:
+            return Reject(kind=Kind.MISSING, message="source file missing")
+        except OSError as e:
+            return Reject(kind=Kind.IO, message=f"cannot read source ({type(e).__name__}: {e.strerror or e})")
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(one, clips))
+    fresh = {g[0]: g[1] for g in got if not isinstance(g, Reject)}
+    if cache_path is not None and fresh != {k: cache.get(k) for k in fresh}:
+        tmp = cache_path.with_name(cache_path.name + ".tmp")
+        tmp.write_text(json.dumps({**cache, **fresh}))
+        os.replace(tmp, cache_path)
+    return [g if isinstance(g, Reject) else g[1][2] for g in got]
 
 
 # ---------------------------------------------------------------- per clip (worker)
@@ -202,81 +303,134 @@ def resample_fps(n: int, fps_in: float, fps_out: float) -> np.ndarray:
     return np.minimum(np.floor(np.arange(m) * fps_in / fps_out + 0.5).astype(np.int64), n - 1)
 
 
-def process_clip(job: Job, cfg: IngestConfig) -> dict:
-    """Decode, crop, resize, measure, encode one clip. Never raises for bad data: returns
-    {"ok": False, "reason": ...} instead, so one bad file cannot stop the run."""
-    from .cycles import estimate_cycle
-    from .sector import crop_resize, crop_resize_seg, detect_sector
-    from .sources.base import load_clip
-    from .video_io import count_frames, encode_video
+def _retime(frames: np.ndarray, seg, seg_frames: list[int], fps: float, fps_out: float):
+    """Frames (and masks) resampled to fps_out -> (frames, seg, seg_frames). Each annotation moves
+    to the output frame nearest in time, so none is lost when its source frame is dropped."""
+    idx = resample_fps(len(frames), fps, fps_out)
+    if seg is None:
+        return frames[idx], None, seg_frames
+    new = np.zeros((len(idx),) + seg.shape[1:], np.uint8)
+    moved = {min(int(np.floor(t * fps_out / fps + 0.5)), len(idx) - 1): t for t in seg_frames}
+    for i, t in moved.items():
+        new[i] = seg[t]
+    return frames[idx], new, sorted(moved)
+
+
+def _scrub(message: str, clip: Clip) -> str:
+    """A decoder's message without the file's path (paths may name the patient)."""
+    subs = [(clip.source, "<source>"), (os.path.abspath(clip.source), "<source>")]
+    if clip.seg is not None and clip.seg.path:
+        subs += [(clip.seg.path, "<mask>"), (os.path.abspath(clip.seg.path), "<mask>")]
+    for path, token in sorted(subs, key=lambda st: -len(st[0])):
+        message = message.replace(path, token)
+    return message
+
+
+def _decode(job: Job, cfg: IngestConfig):
+    """-> Decoded, or a Reject."""
+    from .sources.load import load_clip
 
     c = job.clip
     try:
-        in_bytes = os.path.getsize(c.source)
-        sha = sha256_file(c.source)
-    except OSError as e:
-        return {"ok": False, "reason": f"cannot read file ({e})", "job": job, "in_bytes": 0}
-    fail = lambda reason: {"ok": False, "reason": reason, "job": job, "in_bytes": in_bytes}  # noqa: E731
-    try:
-        dec = load_clip(c)
+        dec = load_clip(c, short_side=cfg.keep_side)
+    except FileNotFoundError:
+        return Reject(kind=Kind.MISSING, message="source file missing")
     except DataError as e:
-        return fail(str(e))
+        if not os.path.exists(c.source):  # gone since it was hashed: try again next run
+            return Reject(kind=Kind.MISSING, message="source file missing")
+        return Reject(kind=Kind.DECODE, message=_scrub(str(e), c))
+    except OSError as e:
+        return Reject(kind=Kind.IO, message=_scrub(f"cannot read ({type(e).__name__}: {e})", c))
     except Exception as e:  # a decoder library choking on a damaged file
-        return fail(f"cannot decode ({type(e).__name__}: {e})")
+        return Reject(kind=Kind.DECODE, message=_scrub(f"cannot decode ({type(e).__name__}: {e})", c))
+    if dec.problems:
+        return Reject(kind=Kind.CORRUPT, message=f"damaged file: {dec.problems}")
+    return dec
+
+
+def process_clip(job: Job, cfg: IngestConfig) -> ClipResult:
+    """Decode, crop, resize, measure, encode one clip. Never raises for bad data (or a bug): the
+    result then carries a Reject, so one file cannot stop the run."""
+    try:
+        return _process(job, cfg)
+    except Exception as e:  # keep a 290k-clip run going; the report counts these
+        return ClipResult(job=job, reject=Reject(kind=Kind.INTERNAL, message=_scrub(f"{type(e).__name__}: {e}", job.clip)))
+
+
+def _process(job: Job, cfg: IngestConfig) -> ClipResult:
+    from .cycles import estimate_cycle
+    from .sector import crop_resize, crop_resize_seg, detect_sector
+
+    fail = lambda kind, msg: ClipResult(job=job, reject=Reject(kind=kind, message=msg))  # noqa: E731
+    dec = _decode(job, cfg)
+    if isinstance(dec, Reject):
+        return ClipResult(job=job, reject=dec)
     frames, seg, seg_frames = dec.frames, dec.seg, dec.seg_frames
-    fps, fps_assumed = dec.fps, False
-    if not fps or fps <= 0:
-        fps, fps_assumed = cfg.default_fps, True
+    fps, fps_assumed = (dec.fps, False) if dec.fps and dec.fps > 0 else (cfg.default_fps, True)
     if cfg.fps and abs(cfg.fps - fps) > 1e-3:
-        idx = resample_fps(len(frames), fps, cfg.fps)
-        frames = frames[idx]
-        if seg is not None:
-            # Each annotation moves to the output frame nearest in time (within half an output
-            # frame), so none is lost when resampling drops its source frame.
-            new = np.zeros((len(idx),) + seg.shape[1:], np.uint8)
-            moved = {}
-            for t in seg_frames:
-                moved[min(int(np.floor(t * cfg.fps / fps + 0.5)), len(idx) - 1)] = t
-            for i, t in moved.items():
-                new[i] = seg[t]
-            seg, seg_frames = new, sorted(moved)
+        frames, seg, seg_frames = _retime(frames, seg, seg_frames, fps, cfg.fps)
         fps = cfg.fps
     if len(frames) < cfg.min_frames:
-        return fail(f"too short: {len(frames)} frames < min_frames {cfg.min_frames}")
-    sector = None
-    if cfg.sector:
-        sector = detect_sector(frames)
-        if sector is None:
-            return fail("no ultrasound sector found (no region of pixels changes over time)")
-    src_h, src_w = frames.shape[1:3]
+        return fail(Kind.SHORT, f"too short: {len(frames)} frames < min_frames {cfg.min_frames}")
+    sector = detect_sector(frames) if cfg.sector else None
+    if cfg.sector and sector is None:
+        return fail(Kind.NO_SECTOR, "no ultrasound sector found (no region of pixels changes over time, or "
+                    "several: a figure of clips, a dual view)")
     out = crop_resize(frames, sector, cfg.size)
-    cyc = estimate_cycle(out, fps)
+    cyc = estimate_cycle(out, fps, view=job.clip.view)
+    video = None
+    if not cfg.dry_run:
+        video = _encode(out, fps, cfg)
+        if isinstance(video, Reject):
+            return ClipResult(job=job, reject=video)
+    n = len(out) if video is None else video[1]
+    meta = _meta(job, cfg, dec, fps, fps_assumed, n, sector, cyc)
+    if seg is not None:
+        meta["seg_frames"] = [int(t) for t in seg_frames]
+    comps = []
+    if video is not None:
+        comps = [video[0], ("json", json.dumps(meta).encode()), ("nframes", pack_nframes(n))]
+        if seg is not None:
+            comps.append(("seg.npy", npy_bytes(crop_resize_seg(seg, sector, cfg.size))))
+    stats = ClipStats(source_size=tuple(dec.source_size), fps=float(fps), frames=n, period=cyc.period is not None,
+                      ed_es=bool(cyc.ed), crop_fraction=meta["crop_fraction"])
+    return ClipResult(job=job, components=comps, frames=n, stats=stats)
+
+
+def _encode(out: np.ndarray, fps: float, cfg: IngestConfig):
+    """-> ((video ext, bytes), frames it decodes to), or a Reject."""
+    from .video_io import count_frames, encode_video
+
     try:
         data = encode_video(out, fps, cfg.codec, gop=cfg.gop, quality=cfg.quality)
         n = count_frames(data)
     except Exception as e:
-        return fail(f"encode failed ({type(e).__name__}: {e})")
+        return Reject(kind=Kind.ENCODE, message=f"encode failed ({type(e).__name__}: {e})")
     if n != len(out):
-        return fail(f"encoded video decodes to {n} frames, expected {len(out)}")
+        return Reject(kind=Kind.ENCODE, message=f"encoded video decodes to {n} frames, expected {len(out)}")
+    return (CODECS[cfg.codec].ext, data), n
+
+
+def _meta(job: Job, cfg: IngestConfig, dec, fps: float, fps_assumed: bool, n: int, sector, cyc) -> dict:
+    """The sample's json (DESIGN §2 plus what ingest measured, with its confidence)."""
+    c = job.clip
+    src_h, src_w = dec.source_size
+    box = None if sector is None else [int(round(v / dec.scale)) for v in sector.box]
+    if box is not None:
+        box = [min(box[0], src_h), min(box[1], src_h), min(box[2], src_w), min(box[3], src_w)]
     meta = {
-        "key": job.key, "frames": n, "fps": round(float(fps), 4), "height": cfg.size,
-        "width": cfg.size, "period": None if cyc.period is None else round(cyc.period, 3),
-        "ed": cyc.ed, "es": cyc.es, "view": c.view, "labels": c.labels, "patient": job.phash,
-        "split": job.split, "source": source_hash(c.rel_source or os.path.basename(c.source)),
-        "source_sha256": sha, "codec": cfg.codec, "dataset": job.key.split("_", 1)[0],
-        "source_size": [int(src_h), int(src_w)],
-        "sector_box": list(sector.box) if sector is not None else None,
+        "key": job.key, "frames": n, "fps": round(float(fps), 4), "height": cfg.size, "width": cfg.size,
+        "period": None if cyc.period is None else round(cyc.period, 3), "ed": cyc.ed, "es": cyc.es,
+        "period_confidence": round(cyc.period_confidence, 3), "ed_es_confidence": round(cyc.ed_es_confidence, 3),
+        "rhythm_cv": cyc.rhythm_cv, "view": c.view, "labels": c.labels, "patient": job.phash, "split": job.split,
+        "source": job.source, "source_sha256": job.sha256, "codec": cfg.codec, "dataset": job.key.split("_", 1)[0],
+        "source_size": [int(src_h), int(src_w)], "sector_box": box,
+        "sector_shape": None if sector is None else sector.shape,
+        "crop_fraction": 0.0 if box is None else round(1 - (box[1] - box[0]) * (box[3] - box[2]) / (src_h * src_w), 4),
     }
     if fps_assumed:
         meta["fps_assumed"] = True
-    comps = [(CODECS[cfg.codec].ext, data)]
-    if seg is not None:
-        meta["seg_frames"] = [int(t) for t in seg_frames]
-        comps.append(("seg.npy", npy_bytes(crop_resize_seg(seg, sector, cfg.size))))
-    comps.insert(1, ("json", json.dumps(meta).encode()))
-    comps.insert(2, ("nframes", pack_nframes(n)))
-    return {"ok": True, "job": job, "components": comps, "frames": n, "in_bytes": in_bytes,
-            "sha256": sha}
+    return meta
 
 
 def _init_worker() -> None:
@@ -288,130 +442,262 @@ def _init_worker() -> None:
 # ---------------------------------------------------------------- the run (parent)
 
 
-def _read_rejects(out_dir: Path) -> set[str]:
+@dataclass(kw_only=True, slots=True)
+class _Corpus:
+    """The shard directory as this run found it."""
+
+    out_dir: Path
+    manifest: dict
+    key: bytes
+    key_path: Path
+    key_created: bool
+    records: list[dict]
+    done: set[str]
+    """Content hashes the corpus holds."""
+    rejected: set[str]
+    """Content hashes rejected for good by earlier runs (skipped unless retry_rejects)."""
+
+
+def _open_corpus(out_dir: Path, cfg: IngestConfig) -> _Corpus:
+    """Read (or start) the manifest, the id key, the sample records and the earlier rejects;
+    refuse a resume with other settings or another key."""
+    import secrets
+
+    key_path = Path(cfg.id_key).resolve() if cfg.id_key else ids.default_key_path(out_dir)
+    if (out_dir / "manifest.json").exists():
+        manifest = read_manifest(out_dir)
+        old = manifest["settings"]
+        if old.get("ids") != "hmac-sha256":
+            raise DataError(f"{out_dir}: written by an older echofm with unkeyed patient hashes (brute-forceable); "
+                            "ingest into a new --out")
+        key, created = ids.load_key(key_path, create=False)
+        new = cfg.settings(key)
+        diff = [k for k in RESUME_KEYS if k in old and old[k] != new[k]]
+        if "id_key" in diff:
+            raise DataError(f"{key_path}: not the id key this corpus was ingested with (fingerprint {new['id_key']}, "
+                            f"the manifest says {old['id_key']}); pass the original with --id-key")
+        if diff:
+            raise DataError(f"{out_dir}: shards were written with " + ", ".join(f"{k}={old[k]!r}" for k in diff)
+                            + "; this run asks for " + ", ".join(f"{k}={new[k]!r}" for k in diff)
+                            + " (use a new --out directory)")
+        records = read_sample_records(out_dir, manifest)
+    else:
+        if out_dir.is_dir() and any(p.suffix in (".tar", ".idx") for p in out_dir.glob("shard-*")):
+            raise DataError(f"{out_dir}: holds shard files but no manifest.json; ingest into an empty "
+                            "directory (or one written by `echofm ingest`)")
+        if cfg.dry_run and not key_path.exists():
+            key, created = secrets.token_bytes(32), False  # a dry run writes nothing, not even a key
+        else:
+            key, created = ids.load_key(key_path, create=True)
+        manifest = new_manifest(codec=cfg.codec, video_ext=CODECS[cfg.codec].ext, height=cfg.size,
+                                width=cfg.size, settings=cfg.settings(key))
+        records = []
+        if not cfg.dry_run:
+            # written before any shard: from here on every shard file not listed in it is a
+            # leftover of an interrupted run, safe to remove
+            write_manifest(out_dir, manifest)
+    if not cfg.dry_run:
+        clean_orphans(out_dir, manifest)
+    rejected = set() if cfg.retry_rejects else _permanent_rejects(out_dir)
+    return _Corpus(out_dir=out_dir, manifest=manifest, key=key, key_path=key_path, key_created=created,
+                   records=records, done={r["source_sha256"] for r in records}, rejected=rejected)
+
+
+def _permanent_rejects(out_dir: Path) -> set[str]:
+    """Content hashes of the earlier rejects that are not transient (a missing file is retried)."""
     p = out_dir / REJECTS
     if not p.exists():
         return set()
-    done = set()
+    out = set()
     for line in p.read_text().splitlines():
         try:
-            done.add(json.loads(line)["source"])
-        except (json.JSONDecodeError, KeyError):
+            r = json.loads(line)
+        except json.JSONDecodeError:
             continue
-    return done
+        if not r.get("transient") and r.get("source_sha256"):
+            out.add(r["source_sha256"])
+    return out
+
+
+def _select(clips: list[Clip], corpus: _Corpus, cfg: IngestConfig, report: IngestReport):
+    """Jobs for the new content; skipped / duplicates counted; unreadable sources -> early rejects."""
+    uniq, paths = [], set()
+    for c in clips:  # a file named twice (a folder and a CSV listing it) is one source
+        a = os.path.abspath(c.source)
+        report.skipped += a in paths
+        if a not in paths:
+            paths.add(a)
+            uniq.append(c)
+    shas = _hash_sources(uniq, None if cfg.dry_run else corpus.out_dir / HASH_CACHE, corpus.key)
+    early, todo, todo_sha, seen = [], [], [], set()
+    for c, h in zip(uniq, shas):
+        if isinstance(h, Reject):
+            stub = Job(clip=c, key="", phash="", split="", sha256="",
+                       source=ids.path_hash(corpus.key, c.rel_source or os.path.basename(c.source)))
+            early.append(ClipResult(job=stub, reject=h))
+        elif h in corpus.done or h in corpus.rejected:
+            report.skipped += 1
+        elif h in seen:
+            report.duplicates += 1
+            report.quality.duplicates.append(ids.path_hash(corpus.key, c.rel_source or os.path.basename(c.source)))
+        else:
+            seen.add(h)
+            todo.append(c)
+            todo_sha.append(h)
+    jobs = plan(todo, todo_sha, cfg, corpus.records, corpus.key)
+    for j in jobs:
+        j.size = os.path.getsize(j.clip.source) if os.path.exists(j.clip.source) else 0
+    return jobs, early
+
+
+def _results(jobs: list[Job], cfg: IngestConfig) -> Iterator[ClipResult]:
+    """process_clip over jobs, in job order; with workers > 1 in supervised processes, where a
+    worker that dies turns its clip into a reject."""
+    from .workers import WorkerDied, imap_supervised
+
+    fn = partial(process_clip, cfg=cfg)  # looked up now: tests may swap process_clip
+    if cfg.workers == 1 or len(jobs) <= 1:
+        yield from map(fn, jobs)
+        return
+    for job, r in zip(jobs, imap_supervised(fn, jobs, cfg.workers, init=_init_worker)):
+        yield ClipResult(job=job, reject=Reject(kind=Kind.WORKER, message=r.reason)) if isinstance(r, WorkerDied) else r
+
+
+class _Writer:
+    """The single writer: one open shard per split, its stats, the rejects file."""
+
+    def __init__(self, corpus: _Corpus, cfg: IngestConfig, report: IngestReport) -> None:
+        self.corpus, self.cfg, self.report = corpus, cfg, report
+        self.shards: dict[str, tuple[ShardWriter, CorpusStats]] = {}
+        self.next_index = max((int(s["tar"][6:12]) for s in corpus.manifest["shards"]), default=-1) + 1
+        self.rejects = None if cfg.dry_run else open(corpus.out_dir / REJECTS, "a")
+
+    def take(self, r: ClipResult) -> None:
+        rep, q = self.report, self.report.quality
+        rep.input_bytes += r.job.size
+        if r.reject is not None:
+            rep.rejected += 1
+            q.rejected[r.reject.kind] = q.rejected.get(r.reject.kind, 0) + 1
+            self._reject(r)
+            return
+        rep.added += 1
+        rep.frames += r.frames
+        q.run.add(r.stats)
+        q.splits[r.job.split] = q.splits.get(r.job.split, 0) + self.cfg.dry_run
+        if not self.cfg.dry_run:
+            self._add(r)
+
+    def _reject(self, r: ClipResult) -> None:
+        if self.rejects is None:
+            return
+        j = r.job
+        self.rejects.write(json.dumps({
+            "source": j.source, "source_sha256": j.sha256 or None, "dataset": j.key.split("_", 1)[0] or None,
+            "kind": r.reject.kind, "reason": r.reject.message, "transient": r.reject.transient,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+        self.rejects.flush()
+
+    def _add(self, r: ClipResult) -> None:
+        j = r.job
+        if j.split not in self.shards:
+            self.shards[j.split] = (ShardWriter(out_dir=self.corpus.out_dir, index=self.next_index, split=j.split),
+                                    CorpusStats())
+            self.next_index += 1
+        w, stats = self.shards[j.split]
+        rec = SampleRecord(key=j.key, source=j.source, source_sha256=j.sha256, patient=j.phash, split=j.split,
+                           frames=r.frames)
+        try:
+            w.add(j.key, r.components, rec)
+        except BaseException:
+            self.shards.pop(j.split)[0].abort()  # a half-written sample: drop the shard
+            raise
+        stats.add(r.stats)
+        if w.bytes >= self.cfg.shard_size:
+            self.finish(j.split)
+
+    def finish(self, split: str) -> None:
+        w, stats = self.shards.pop(split)
+        entry = w.finalize()
+        entry["stats"] = stats.to_dict()
+        add_shard(self.corpus.manifest, entry)
+        write_manifest(self.corpus.out_dir, self.corpus.manifest)
+        self.report.shards.append(entry["tar"])
+        self.report.output_bytes += entry["bytes"]
+
+    def close(self) -> None:
+        """Complete samples are kept on any exit (Ctrl-C included); kill -9 leaves only *.tmp
+        files, which the next run removes."""
+        for split in list(self.shards):
+            if self.shards[split][0].samples:
+                self.finish(split)
+            else:
+                self.shards.pop(split)[0].abort()
+        if self.rejects is not None:
+            self.rejects.close()
 
 
 def ingest(sources: list[str | Path], out_dir: str | Path, cfg: IngestConfig | None = None) -> IngestReport:
-    """Ingest every clip of `sources` into shards under `out_dir`; resumable and idempotent."""
-    from .sources import discover
-
+    """Ingest every clip of `sources` into shards under `out_dir`; resumable and idempotent by
+    content. With cfg.dry_run nothing is written; the report says what a run would do."""
     cfg = cfg or IngestConfig()
     cfg.validate()
     if cfg.size < 128:
         warnings.warn(f"ingest size {cfg.size} < 128: NVDEC (the GPU decoder) needs at least 128x128; "
                       "fine for CPU tests and demos only", stacklevel=2)
     out_dir = Path(out_dir)
+    if cfg.dry_run:
+        return _run(sources, out_dir, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    report = IngestReport()
+    with DirLock(out_dir):
+        return _run(sources, out_dir, cfg)
 
-    if (out_dir / "manifest.json").exists():
-        manifest = read_manifest(out_dir)
-        old = manifest["settings"]
-        diff = [k for k in RESUME_KEYS if k in old and old[k] != cfg.settings()[k]]
-        if diff:
-            raise DataError(f"{out_dir}: shards were written with " + ", ".join(
-                f"{k}={old[k]!r}" for k in diff) + "; this run asks for " + ", ".join(
-                f"{k}={cfg.settings()[k]!r}" for k in diff) + " (use a new --out directory)")
-    else:
-        if any(p.suffix in (".tar", ".idx") for p in out_dir.glob("shard-*")):
-            raise DataError(f"{out_dir}: holds shard files but no manifest.json; ingest into an empty "
-                            "directory (or one written by `echofm ingest`)")
-        manifest = new_manifest(codec=cfg.codec, video_ext=CODECS[cfg.codec].ext, height=cfg.size,
-                                width=cfg.size, settings=cfg.settings())
-        # Written before any shard: from here on every shard file not listed in it is a
-        # leftover of an interrupted run, safe to remove.
-        write_manifest(out_dir, manifest)
-    clean_orphans(out_dir, manifest)
-    existing = read_sample_records(out_dir, manifest)
-    done = {r["source"] for r in existing}  # hashed absolute paths
-    rejected = set() if cfg.retry_rejects else _read_rejects(out_dir)
 
-    clips = []
-    for s in sources:
-        clips += discover(s, dataset=cfg.dataset)
-    todo, seen = [], set()
-    for c in clips:  # a file named twice (a folder and a CSV listing it) is ingested once
-        a = os.path.abspath(c.source)
-        if a not in seen and a not in rejected and source_hash(a) not in done:
-            todo.append(c)
-        seen.add(a)
-    report.skipped = len(clips) - len(todo)
-    jobs = plan(todo, cfg, existing)
-
-    next_index = max((int(s["tar"][6:12]) for s in manifest["shards"]), default=-1) + 1
-    writers: dict[str, ShardWriter] = {}
-
-    def finish(split: str) -> None:
-        w = writers.pop(split)
-        entry = w.finalize()
-        add_shard(manifest, entry)
-        write_manifest(out_dir, manifest)
-        report.shards.append(entry["tar"])
-        report.output_bytes += entry["bytes"]
-
+def _run(sources: list[str | Path], out_dir: Path, cfg: IngestConfig) -> IngestReport:
     from tqdm import tqdm
 
-    bar = tqdm(total=len(jobs), unit="clip", disable=not cfg.progress, dynamic_ncols=True)
-    pool = None
-    try:
-        if cfg.workers > 1 and len(jobs) > 1:
-            import multiprocessing as mp
+    from .sources import discover
 
-            pool = mp.get_context("forkserver").Pool(cfg.workers, initializer=_init_worker)
-            results = pool.imap(partial(process_clip, cfg=cfg), jobs, chunksize=1)
-        else:
-            results = (process_clip(j, cfg) for j in jobs)
-        with open(out_dir / REJECTS, "a") as rej:
-            for r in results:
-                job = r["job"]
-                report.input_bytes += r["in_bytes"]
-                if not r["ok"]:
-                    report.rejected += 1
-                    rej.write(json.dumps({"source": os.path.abspath(job.clip.source), "key": job.key,
-                                          "reason": r["reason"], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
-                    rej.flush()
-                else:
-                    w = writers.get(job.split)
-                    if w is None:
-                        w = writers[job.split] = ShardWriter(out_dir=out_dir, index=next_index, split=job.split)
-                        next_index += 1
-                    rec = SampleRecord(key=job.key, source=source_hash(os.path.abspath(job.clip.source)),
-                                       source_sha256=r["sha256"], patient=job.phash, split=job.split,
-                                       frames=r["frames"])
-                    try:
-                        w.add(job.key, r["components"], rec)
-                    except BaseException:
-                        writers.pop(job.split).abort()  # a half-written sample: drop the shard
-                        raise
-                    report.added += 1
-                    report.frames += r["frames"]
-                    if w.bytes >= cfg.shard_size:
-                        finish(job.split)
-                bar.update(1)
-                dt = time.perf_counter() - t0
-                bar.set_postfix_str(f"{report.input_bytes / 2**20 / dt:.1f} MB/s, rejects {report.rejected}")
+    t0 = time.perf_counter()
+    corpus = _open_corpus(out_dir, cfg)
+    found = Discovery()
+    for s in sources:
+        found.extend(discover(s, dataset=cfg.dataset))
+    report = IngestReport(id_key=str(corpus.key_path), id_key_created=corpus.key_created)
+    report.quality = QualityReport(dry_run=cfg.dry_run, unlisted=len(found.unlisted), renamed=len(found.renamed),
+                                   ignored=dict(found.ignored))
+    jobs, early = _select(found.clips, corpus, cfg, report)
+    writer = _Writer(corpus, cfg, report)
+    bar = tqdm(total=len(jobs) + len(early), unit="clip", disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        for r in itertools.chain(early, _results(jobs, cfg)):  # streamed: results hold encoded videos
+            writer.take(r)
+            bar.update(1)
+            bar.set_postfix_str(f"{report.input_bytes / 2**20 / (time.perf_counter() - t0):.1f} MB/s, "
+                                f"rejects {report.rejected}")
     finally:
-        # Complete samples are kept on any exit (Ctrl-C included); kill -9 leaves only *.tmp
-        # files, which the next run removes.
-        for split in list(writers):
-            if writers[split].samples:
-                finish(split)
-            else:
-                writers.pop(split).abort()
+        writer.close()
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
     report.seconds = time.perf_counter() - t0
+    report.quality.added, report.quality.skipped = report.added, report.skipped
+    _finish_quality(report.quality, corpus, cfg)
     return report
+
+
+def _finish_quality(q: QualityReport, corpus: _Corpus, cfg: IngestConfig) -> None:
+    """Corpus figures from the manifest's shard stats (a dry run: the existing corpus plus what
+    it would add); warnings; the JSON next to the manifest (not for a dry run)."""
+    m = corpus.manifest
+    for s in m["shards"]:
+        if "stats" in s:
+            q.corpus.merge(s["stats"])
+        else:
+            q.shards_without_stats += 1
+    run_splits = dict(q.splits)
+    q.splits = {s: m["splits"].get(s, 0) + run_splits.get(s, 0) for s in SPLITS}
+    if cfg.dry_run:
+        q.corpus.merge(q.run.to_dict())
+    q.finish()
+    if not cfg.dry_run:
+        tmp = corpus.out_dir / (REPORT + ".tmp")
+        tmp.write_text(json.dumps(q.to_dict(), indent=1) + "\n")
+        os.replace(tmp, corpus.out_dir / REPORT)

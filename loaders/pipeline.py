@@ -52,6 +52,20 @@ class GraphSpec:
                 + (["flip"] if self.flip else []) + (["seg"] if self.segmentation else []))
 
 
+DALI_CAUSE = "encountered:"
+"""DALI's operator errors read "Error in CPU operator ... traceback ... encountered:" and then
+the operator's own message (e.g. 'Failed to create video decoder for "<tar>:<offset>:<key>"')."""
+
+
+def decoder_reason(e: BaseException, limit: int = 200) -> str:
+    """The operator's own message from a DALI error: the first line after `DALI_CAUSE`, else
+    the first non-empty line; at most `limit` characters."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if DALI_CAUSE in lines[:-1]:
+        return lines[lines.index(DALI_CAUSE) + 1][:limit]
+    return (lines[0] if lines else type(e).__name__)[:limit]
+
+
 def build_pipeline(spec: GraphSpec, source: Callable[[], tuple]):
     """Build the DALI pipeline that pulls its inputs from `source()` (raise StopIteration at the end).
 

@@ -17,7 +17,8 @@ just (epoch, next batch position): resume is exact by construction, `set_epoch` 
 to any epoch without replaying earlier ones, and there is no second pipeline to run (the
 verified two-pipeline workaround costs ~11%). A full permutation also shuffles better
 than a reader's shuffle buffer; the price is random reads within shards (page cache /
-SSD friendly; each read is one clip of tens of KB).
+SSD friendly; each read is one clip of tens of KB). Those decisions are pure functions in
+`sampling.py` (tested without DALI); this module reads the bytes and runs the graph.
 
 Usage (a trainer):
 
@@ -31,26 +32,29 @@ Usage (a trainer):
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import json
-import math
 import os
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from .errors import DataError
-from .pipeline import GraphSpec, build_pipeline
-from .shards import read_index, read_manifest
+from .pipeline import GraphSpec, build_pipeline, decoder_reason
+from .sampling import Position, Sampling, batch_draws, clip_frames, epoch_plan, items_digest
+from .shards import read_index, read_manifest, read_member_hashes
 from .trim import NotCuttable, cut_ivf, scan_frames
 
 CPU_CODECS = ("vp9", "vp8", "mjpeg")
 """Codecs DALI's CPU video decoder reads; H.264/HEVC/AV1 need the mixed (GPU) backend."""
 
-_CROP_RATIO = (3 / 4, 4 / 3)
-_CROP_TRIES = 10
+NVCUVID = "libnvcuvid.so.1"
+"""The NVIDIA driver's video-decode library, which DALI's mixed decoder loads (NVDEC)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -88,7 +92,15 @@ class StreamConfig:
     segmentation: bool = False
     """Also yield `.seg.npy` masks aligned to the sampled frames."""
     on_error: Literal["raise", "skip"] = "raise"
-    """A damaged sample: raise naming shard and key, or skip it and count it."""
+    """A damaged sample: raise naming shard and key, or skip it, count it and report it."""
+    max_dropped: float = 0.01
+    """on_error=skip: the largest fraction of the split's samples that may be found damaged
+    and skipped; beyond it `check_dropped` (the trainer calls it every step) stops the run."""
+    verify: bool = True
+    """Check each sample, the first time this process reads it, against the per-member sha256s
+    recorded at ingest (sha256 at ~1.2 GB/s: ~0.9 ms for a 1 MB clip, once): bytes damaged
+    after ingest are an error naming the member (or skipped), never decoded into silently
+    corrupt frames."""
     prefetch: int = 2
     """Batches DALI decodes ahead of the consumer."""
     cut_gops: bool = True
@@ -111,6 +123,23 @@ class StreamConfig:
             raise ValueError(f"backend must be auto, cpu or mixed, got {self.backend!r}")
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be raise or skip, got {self.on_error!r}")
+        if not 0.0 <= self.max_dropped <= 1.0:
+            raise ValueError(f"max_dropped is a fraction of the split in [0, 1], got {self.max_dropped}")
+
+
+def require_nvdec(lib: str = NVCUVID) -> None:
+    """Raise DataError unless `lib` loads. A GPU machine can have CUDA but not the driver's
+    video libraries (containers without the 'video' capability); DALI then fails inside its
+    pipeline, with a message about Docker."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(lib)
+    except OSError as e:
+        raise DataError(f"data.backend=mixed (NVDEC) needs the NVIDIA driver's {lib}, which does not "
+                        f"load here ({e}): set data.backend=cpu (vp9/vp8/mjpeg shards), or run where "
+                        "the driver's video libraries are present (containers: "
+                        "NVIDIA_DRIVER_CAPABILITIES must include 'video')") from None
 
 
 # ---------------------------------------------------------------- the sample table
@@ -119,13 +148,17 @@ class StreamConfig:
 class _Corpus:
     """The samples of one split: key, shard and (offset, size) of each component.
 
-    Reads only the manifest and the DALI index files; component bytes are fetched on
-    demand with `os.pread` (no tar parsing, no seeks shared between threads).
+    Reads only the manifest, the DALI index files and (verify=True) the per-member sha256s
+    of the shards' sample lists; component bytes are fetched on demand with `os.pread` (no
+    tar parsing, no seeks shared between threads).
     """
 
     COMPONENTS = ("video", "nframes", "json", "seg")
+    DIGEST = 16
+    """Bytes of each member's sha256 kept in memory (64 B per sample for 4 members): ample to
+    detect damage, 18 MB for a 290k-clip corpus."""
 
-    def __init__(self, shard_dir: str | Path, split: str, segmentation: bool) -> None:
+    def __init__(self, shard_dir: str | Path, split: str, segmentation: bool, verify: bool = True) -> None:
         self.dir = Path(shard_dir)
         self.manifest = read_manifest(self.dir)
         m = self.manifest
@@ -136,13 +169,14 @@ class _Corpus:
         exts = {"video": m["video_ext"], "nframes": "nframes", "json": "json", "seg": "seg.npy"}
         self.tars: list[Path] = []
         self.keys: list[str] = []
-        shard_of, table = [], []
+        shard_of, table, digests = [], [], []
         for s in shards:
             idx_path = self.dir / s["idx"]
             try:
                 entries = read_index(idx_path)
             except (OSError, ValueError) as e:
                 raise DataError(f"{idx_path}: unreadable DALI index ({e})") from e
+            hashes = read_member_hashes(self.dir, s) if verify else {}
             si = len(self.tars)
             self.tars.append(self.dir / s["tar"])
             for comps in entries:
@@ -161,9 +195,40 @@ class _Corpus:
                 self.keys.append(key)
                 shard_of.append(si)
                 table.append(row)
+                digests.append(self._digests(hashes.get(key), exts))
         self.shard = np.asarray(shard_of, dtype=np.int32)
         self.table = np.asarray(table, dtype=np.int64).reshape(-1, len(self.COMPONENTS), 2)
+        self.exts = exts
+        C = len(self.COMPONENTS)
+        self.digest = np.frombuffer(b"".join(d for d, _ in digests), np.uint8).reshape(-1, C, self.DIGEST)
+        # [N, C] bool: member not yet checked in this process (False: checked, or no hash
+        # recorded by an older ingest). First touch only: a sample is hashed once per process
+        # (page-cache reads of bytes already checked are trusted), so later epochs pay nothing.
+        self.unchecked = np.asarray([h for _, h in digests], dtype=bool).reshape(-1, C)
+        if verify and len(self.keys) and not self.unchecked.any():
+            warnings.warn(f"{self.dir}: the shards record no per-member sha256 (written by an older "
+                          "ingest): samples are read unchecked; re-ingest to have damage detected", stacklevel=3)
         self._fds: dict[int, int] = {}
+
+    def _digests(self, members: dict | None, exts: dict) -> tuple[bytes, list[bool]]:
+        out, has = b"", []
+        for c in self.COMPONENTS:
+            h = (members or {}).get(exts[c])
+            has.append(h is not None)
+            out += bytes.fromhex(h)[: self.DIGEST] if h is not None else bytes(self.DIGEST)
+        return out, has
+
+    def check(self, i: int, component: str, data: bytes) -> None:
+        """On the first read of a member: raise DataError when `data` (component of sample i)
+        differs from its ingest sha256."""
+        c = self.COMPONENTS.index(component)
+        if not self.unchecked[i, c]:
+            return
+        if hashlib.sha256(data).digest()[: self.DIGEST] != self.digest[i, c].tobytes():
+            raise DataError(f"{self.where(i)}: .{self.exts[component]} differs from the sha256 recorded at "
+                            "ingest (the shard was damaged or changed since); `echofm shards verify "
+                            f"{self.dir}` lists every damaged sample")
+        self.unchecked[i, c] = False
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -186,6 +251,7 @@ class _Corpus:
         if len(data) != size:
             raise DataError(f"{self.where(i)}: component .{component} is truncated "
                             f"({len(data)} of {size} bytes at offset {off}; the shard file is damaged)")
+        self.check(i, component, data)
         return data
 
     def close(self) -> None:
@@ -236,14 +302,6 @@ class _BatchFailed(Exception):
         self.batch, self.err = batch, err
 
 
-@dataclass(slots=True)
-class _Plan:
-    """One epoch of one rank: per batch the (item, video, clip) rows."""
-
-    batches: list[np.ndarray] = field(default_factory=list)
-    """Each [n, 3] int64: (global position, video index, clip index)."""
-
-
 class _Live:
     """A running pipeline: batches prepared on the host (`feed`), handed to DALI (`inflight`),
     and the next (epoch, position) to prepare. Training runs on into the next epochs.
@@ -272,7 +330,7 @@ class _Live:
         crossed = False
         while True:
             epoch, b = self.next
-            if b >= len(s._plan(epoch).batches):
+            if b >= len(s._plan(epoch)):
                 if not s.train or crossed:  # evaluation is one pass
                     return
                 self.next, crossed = (epoch + 1, 0), True
@@ -327,7 +385,9 @@ class ClipStream:
     """
 
     def __init__(self, cfg: StreamConfig, *, train: bool = True, rank: int = 0, world_size: int = 1,
-                 device: Any = None) -> None:
+                 device: Any = None, keys: Collection[str] | None = None) -> None:
+        """keys: read only these samples of the split (e.g. a fine-tune's labelled patients);
+        None: every sample. Ranks and epochs are planned over them."""
         import torch
 
         cfg.validate()
@@ -339,7 +399,7 @@ class ClipStream:
         self.device = torch.device(device if device is not None else "cpu")
         self.backend = self._resolve_backend()
         manifest_path = Path(cfg.shards) / "manifest.json"
-        self._corpus = _Corpus(cfg.shards, cfg.split, cfg.segmentation)
+        self._corpus = _Corpus(cfg.shards, cfg.split, cfg.segmentation, cfg.verify)
         m = self._corpus.manifest
         codec = str(m["codec"]).lower()
         if self.backend == "cpu" and codec not in CPU_CODECS:
@@ -360,19 +420,38 @@ class ClipStream:
             device_id=self._device_index() if self.backend == "mixed" else None,
             prefetch=cfg.prefetch,
         )
+        self._items = self._select(keys)
+        self._items_digest = items_digest([self._corpus.keys[i] for i in self._items])
+        self._sampling = Sampling(seed=cfg.seed, train=train, rank=rank, world_size=world_size,
+                                  batch_size=cfg.batch_size, num_frames=cfg.num_frames, stride=cfg.stride,
+                                  shuffle=cfg.shuffle, drop_last=cfg.drop_last, eval_clips=cfg.eval_clips,
+                                  crop_scale=cfg.random_resized_crop if crop else None,
+                                  frame=(self._spec.in_height, self._spec.in_width))
         self.epoch = 0
         self._pos = 0
-        self._plan_cache: dict[int, _Plan] = {}
+        self._plan_cache: dict[int, list[np.ndarray]] = {}
         self._live: _Live | None = None
-        self._bad: set[int] = set()
+        self._bad: dict[int, str] = {}  # sample -> why it was skipped
         self.stats: dict[str, int] = {"batches": 0, "clips": 0, "frames": 0, "decoded_frames": 0,
                                       "skipped": 0}
         """clips/frames delivered (sampled), decoded_frames (frames the decoder produced, from
         the first frame of the stream it was given to the last needed one), skipped damaged
         samples."""
         if train and len(self) == 0:  # (an evaluation rank may legitimately get nothing)
-            raise DataError(f"{manifest_path}: split {cfg.split!r} has {len(self._corpus)} samples, "
-                            f"too few for {world_size} rank(s) x batch_size {cfg.batch_size}")
+            raise DataError(f"{manifest_path}: split {cfg.split!r} has {len(self._items)} samples"
+                            f"{'' if keys is None else ' selected'}, too few for {world_size} rank(s) x "
+                            f"batch_size {cfg.batch_size}")
+
+    def _select(self, keys: Collection[str] | None) -> np.ndarray:
+        """int64 [n]: corpus indices of the samples to read, in corpus order."""
+        if keys is None:
+            return np.arange(len(self._corpus))
+        index = {k: i for i, k in enumerate(self._corpus.keys)}
+        missing = sorted(set(keys) - set(index))
+        if missing:
+            raise DataError(f"{self.cfg.shards}: {len(missing)} selected sample(s) are not in split "
+                            f"{self.cfg.split!r}, e.g. {missing[0]}")
+        return np.asarray(sorted(index[k] for k in keys), dtype=np.int64)
 
     # -- bookkeeping ------------------------------------------------------------------
 
@@ -384,15 +463,17 @@ class ClipStream:
     def _resolve_backend(self) -> str:
         b = self.cfg.backend
         if b == "auto":
-            return "mixed" if self.device.type == "cuda" else "cpu"
-        if b == "mixed" and self.device.type != "cuda":
+            b = "mixed" if self.device.type == "cuda" else "cpu"
+        elif b == "mixed" and self.device.type != "cuda":
             raise DataError("data.backend=mixed decodes on the GPU: give the stream a CUDA device, "
                             "or set data.backend=cpu (or auto)")
+        if b == "mixed":
+            require_nvdec()
         return b
 
     def __len__(self) -> int:
         """Batches per epoch for this rank."""
-        return len(self._plan(self.epoch).batches)
+        return len(self._plan(self.epoch))
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch `epoch` from its first batch; a no-op when already in that epoch, so a
@@ -400,22 +481,41 @@ class ClipStream:
         if epoch != self.epoch:
             self.epoch, self._pos = int(epoch), 0
 
+    def _position(self) -> Position:
+        return Position(epoch=self.epoch, position=self._pos, seed=self.cfg.seed, rank=self.rank,
+                        world_size=self.world_size, train=self.train, items=self._items_digest)
+
     def state_dict(self) -> dict:
-        """Picklable loader state: the next batch is batch `position` of `epoch`."""
-        return {"epoch": self.epoch, "position": self._pos, "seed": self.cfg.seed, "rank": self.rank,
-                "world_size": self.world_size, "train": self.train,
-                "bad_keys": sorted(self._corpus.keys[i] for i in self._bad), "stats": dict(self.stats)}
+        """Picklable loader state: the next batch is batch `position` of `epoch` (sampling.py
+        makes that the same batch after a resume), plus the damaged samples and counters."""
+        return {**self._position().state_dict(), "bad_keys": sorted(self.damaged), "bad_reasons": self.damaged,
+                "stats": dict(self.stats)}
 
     def load_state_dict(self, state: dict) -> None:
-        for k in ("seed", "world_size", "rank", "train"):
-            mine = getattr(self.cfg, k) if k == "seed" else getattr(self, k)
-            if state.get(k, mine) != mine:
-                raise DataError(f"loader state was saved with {k}={state[k]}, this stream has {k}={mine}: "
-                                "an exact resume needs the same seed, ranks and mode")
-        self.epoch, self._pos = int(state["epoch"]), int(state["position"])
+        at = self._position()
+        at.load_state_dict(state)
+        self.epoch, self._pos = at.epoch, at.position
         index = {k: i for i, k in enumerate(self._corpus.keys)}
-        self._bad = {index[k] for k in state.get("bad_keys", []) if k in index}
+        reasons = state.get("bad_reasons", {})
+        self._bad = {index[k]: reasons.get(k, "damaged") for k in state.get("bad_keys", []) if k in index}
         self.stats.update(state.get("stats", {}))
+
+    @property
+    def damaged(self) -> dict[str, str]:
+        """Samples found damaged so far (and skipped with on_error=skip): key -> the reason."""
+        return {self._corpus.keys[i]: why for i, why in sorted(self._bad.items())}
+
+    def check_dropped(self, damaged: int | None = None) -> None:
+        """Raise DataError when more than data.max_dropped of the split was found damaged.
+
+        damaged: the count over all ranks (the trainer sums them); default this stream's."""
+        n = len(self._bad) if damaged is None else damaged
+        total = len(self._items)
+        if n > self.cfg.max_dropped * total:
+            raise DataError(f"{self.cfg.shards}: {n} of the {total} samples of split {self.cfg.split!r} "
+                            f"were damaged and skipped ({n / total:.0%}), more than data.max_dropped="
+                            f"{self.cfg.max_dropped:g}; repair the shards (`echofm shards verify "
+                            f"{self.cfg.shards}` names the samples) or raise data.max_dropped")
 
     def close(self) -> None:
         """Stop the pipeline (DALI's threads) and close the shard files; iterating reopens."""
@@ -428,38 +528,24 @@ class ClipStream:
 
     # -- the epoch plan ---------------------------------------------------------------
 
-    def _plan(self, epoch: int) -> _Plan:
+    def _plan(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches of `epoch`: int64 [b, 3] rows (position, corpus index, clip)."""
         if epoch in self._plan_cache:
             return self._plan_cache[epoch]
-        cfg, n, W, r = self.cfg, len(self._corpus), self.world_size, self.rank
-        if self.train:
-            order = (np.random.default_rng([cfg.seed, epoch]).permutation(n) if cfg.shuffle
-                     else np.arange(n))
-            per_rank = n // W  # equal shares: every rank runs the same number of steps
-            pos = np.arange(r * per_rank, (r + 1) * per_rank)
-            rows = np.stack([pos, order[pos], np.zeros_like(pos)], axis=1)
-        else:
-            m = n * cfg.eval_clips  # every clip of every video, in order, contiguous per rank
-            pos = np.arange(r * m // W, (r + 1) * m // W)
-            rows = np.stack([pos, pos // cfg.eval_clips, pos % cfg.eval_clips], axis=1)
-        B = cfg.batch_size
-        nb = len(rows) // B if (self.train and cfg.drop_last) else math.ceil(len(rows) / B)
-        plan = _Plan(batches=[rows[i * B:(i + 1) * B] for i in range(nb)])
+        plan = epoch_plan(len(self._items), epoch, self._sampling)
+        for rows in plan:
+            rows[:, 1] = self._items[rows[:, 1]]
         self._plan_cache = {e: p for e, p in self._plan_cache.items() if e == epoch - 1} | {epoch: plan}
         return plan
 
     def _host_batch(self, epoch: int, b: int) -> _HostBatch:
         """Read batch b's components, choose its clips and draw its random numbers (all from
-        (seed, epoch, rank, b), so a batch is the same whenever it is made)."""
+        (seed, epoch, rank, b): sampling.py, so a batch is the same whenever it is made)."""
         cfg, spec = self.cfg, self._spec
-        T, S = cfg.num_frames, cfg.stride
-        rows = self._plan(epoch).batches[b]
-        rng = np.random.default_rng([cfg.seed, epoch, self.rank, b])
-        u = rng.random(len(rows))
-        rois = self._crop_windows(rng, len(rows)) if spec.crop else None
-        flips = rng.random(len(rows)) < 0.5
+        rows = self._plan(epoch)[b]
+        draws = batch_draws(self._sampling, epoch, b, len(rows))
         hb = _HostBatch(epoch=epoch, pos=b, items=[], meta=[], inputs={n: [] for n in spec.inputs()},
-                        index=np.empty((0, T), dtype=np.int64))
+                        index=np.empty((0, cfg.num_frames), dtype=np.int64))
         index = []
         for j, (_, v, clip) in enumerate(rows.tolist()):
             if v in self._bad:
@@ -467,23 +553,17 @@ class ClipStream:
                 continue
             try:
                 video, nframes, meta, seg = self._read_sample(v)
-            except DataError:
+                scanned = self._scan(v, video, nframes)
+            except DataError as e:
                 if cfg.on_error == "raise":
                     raise
-                self._bad.add(v)
+                self._bad[v] = str(e)
                 hb.dropped += 1
                 continue
-            # Clip selection: T frames at stride S from a start uniform over the valid starts;
-            # indices wrap modulo the frame count, so a short video loops (never pads).
-            nvalid = max(nframes - (T - 1) * S, 1)
-            if self.train:
-                start = min(int(u[j] * nvalid), nvalid - 1)
-            else:  # clip k of n evenly spaced over the valid starts (n = 1: the centre)
-                p = 0.5 if cfg.eval_clips == 1 else clip / (cfg.eval_clips - 1)
-                start = int(np.floor(p * (nvalid - 1) + 0.5))
+            idx = clip_frames(nframes, self._sampling, u=draws.u[j], clip=clip)  # wraps: a short video loops
+            if not self.train:
                 meta["clip_index"] = clip
-            idx = (start + S * np.arange(T)) % nframes
-            data, local, decoded = self._cut(v, video, idx, nframes)
+            data, local, decoded = self._cut(video, scanned, idx, nframes)
             hb.items.append(v)
             hb.meta.append(meta)
             hb.decoded += decoded
@@ -492,27 +572,41 @@ class ClipStream:
             ins["video"].append(data)
             ins["frames"].append(local.astype(np.int32))
             if spec.crop:
-                ins["roi"].append(rois[j])
+                ins["roi"].append(draws.rois[j])
             if spec.flip:
-                ins["flip"].append(np.array(int(flips[j]), dtype=np.int32))
+                ins["flip"].append(np.array(int(draws.flips[j]), dtype=np.int32))
             if spec.segmentation:
                 ins["seg"].append(seg[idx, ..., None])  # FHWC, C=1: the layout resize/flip take
         if index:
             hb.index = np.stack(index)
         return hb
 
-    def _cut(self, v: int, video: bytes, idx: np.ndarray, nframes: int) -> tuple[np.ndarray, np.ndarray, int]:
+    def _scan(self, v: int, video: bytes, nframes: int) -> np.ndarray | None:
+        """The WebM's frame table (trim.scan_frames) when the video can be cut, else None.
+        A video holding fewer frames than `.nframes` says is a DataError (the decoder would
+        only fail on it, with a vaguer message)."""
+        if not self._cuttable:
+            return None
+        try:
+            frames = scan_frames(video)
+        except NotCuttable:
+            return None
+        if len(frames) < nframes:
+            raise DataError(f"{self._corpus.where(v)}: .nframes says {nframes} frames but the video holds "
+                            f"{len(frames)} (a wrong frame count); re-ingest the sample")
+        return frames
+
+    def _cut(self, video: bytes, frames: np.ndarray | None, idx: np.ndarray,
+             nframes: int) -> tuple[np.ndarray, np.ndarray, int]:
         """The bytes to decode, the frame indices into them, and the frames the decoder will
         produce. DALI's CPU decoder decodes from the stream start up to the first requested
-        frame (trim.py), so a non-wrapping clip gets only its GOPs."""
+        frame (trim.py), so a non-wrapping clip gets only its GOPs (`frames`: `_scan`'s table)."""
         monotone = bool(np.all(np.diff(idx) >= 0))
-        if self._cuttable and monotone:
+        if frames is not None and monotone and len(frames) == nframes:
             try:
-                frames = scan_frames(video)
-                if len(frames) == nframes:
-                    cut, k0 = cut_ivf(video, frames, int(idx[0]), int(idx[-1]), self._codec,
-                                      self._spec.in_height, self._spec.in_width)
-                    return np.frombuffer(cut, dtype=np.uint8), idx - k0, int(idx[-1]) - k0 + 1
+                cut, k0 = cut_ivf(video, frames, int(idx[0]), int(idx[-1]), self._codec,
+                                  self._spec.in_height, self._spec.in_width)
+                return np.frombuffer(cut, dtype=np.uint8), idx - k0, int(idx[-1]) - k0 + 1
             except NotCuttable:
                 pass  # decode the whole stream; exact, only slower
         runs = np.split(idx, np.flatnonzero(np.diff(idx) < 0) + 1)
@@ -521,13 +615,21 @@ class ClipStream:
     def _read_sample(self, v: int) -> tuple[bytes, int, dict, np.ndarray | None]:
         corpus = self._corpus
         video = corpus.read(v, "video")
-        nframes = int(np.frombuffer(corpus.read(v, "nframes"), dtype="<i4")[0])
+        raw = corpus.read(v, "nframes")
+        if len(raw) != 4:
+            raise DataError(f"{corpus.where(v)}: .nframes is {len(raw)} bytes, not an int32")
+        nframes = int(np.frombuffer(raw, dtype="<i4")[0])
         try:
             meta = json.loads(corpus.read(v, "json"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{corpus.where(v)}: .json component is not valid JSON ({e})") from e
+        if not isinstance(meta, dict):
+            raise DataError(f"{corpus.where(v)}: .json component is not a JSON object")
         if nframes < 1:
             raise DataError(f"{corpus.where(v)}: .nframes says {nframes} frames")
+        if meta.get("frames", nframes) != nframes:
+            raise DataError(f"{corpus.where(v)}: .nframes says {nframes} frames but its .json says "
+                            f"{meta.get('frames')}; re-ingest the sample")
         meta.update(key=corpus.keys[v], shard=corpus.tars[corpus.shard[v]].name)
         seg = None
         if self._spec.segmentation:
@@ -540,24 +642,6 @@ class ClipStream:
                                 f"expected uint8 [F>={nframes}, H, W]")
         return video, nframes, meta, seg
 
-    def _crop_windows(self, rng: np.random.Generator, n: int) -> list[np.ndarray]:
-        """Random-resized-crop windows, relative (y0, x0, y1, x1); torchvision's rule: up to 10
-        draws of (area scale, log aspect) until the window fits, else the whole frame."""
-        lo, hi = self.cfg.random_resized_crop
-        H, W = self._spec.in_height, self._spec.in_width
-        scale = rng.uniform(lo, hi, size=(n, _CROP_TRIES))
-        ratio = np.exp(rng.uniform(*np.log(_CROP_RATIO), size=(n, _CROP_TRIES)))
-        w = np.sqrt(scale * ratio * H / W)  # relative width:  sqrt(s*H*W*r) / W
-        h = np.sqrt(scale / ratio * W / H)  # relative height: sqrt(s*H*W/r) / H
-        where = rng.random((n, 2))
-        out = []
-        for i in range(n):
-            ok = np.nonzero((w[i] <= 1) & (h[i] <= 1))[0]
-            wi, hi_ = (w[i, ok[0]], h[i, ok[0]]) if len(ok) else (1.0, 1.0)
-            y0, x0 = where[i, 0] * (1 - hi_), where[i, 1] * (1 - wi)
-            out.append(np.array([y0, x0, y0 + hi_, x0 + wi], dtype=np.float32))
-        return out
-
     # -- iteration --------------------------------------------------------------------
 
     def __iter__(self):
@@ -569,17 +653,18 @@ class ClipStream:
                     self._pos = pos + 1
                     yield batch
             except _BatchFailed as f:  # (DALI invalidates a pipeline after an operator error)
-                bad = self._find_bad(f.batch)
+                bad = self._find_bad(f.batch)  # {sample: decoder message}
                 if not bad:
                     keys = ", ".join(self._corpus.keys[v] for v in f.batch.items)
                     raise DataError(f"{self.cfg.shards}: DALI failed on a batch of samples {keys}, "
                                     f"none of which fails alone ({str(f.err).splitlines()[0]})") from f.err
                 if self.cfg.on_error == "raise":
-                    v = bad[0]
-                    raise DataError(f"{self._corpus.where(v)}: the video cannot be decoded (damaged "
-                                    f"sample); re-ingest it, or set data.on_error=skip to skip and "
+                    v, why = next(iter(bad.items()))
+                    raise DataError(f"{self._corpus.where(v)}: the video cannot be decoded ({why}); "
+                                    f"re-ingest it, or set data.on_error=skip to skip and "
                                     f"count such samples") from None
-                self._bad.update(bad)  # retry from the failed batch without them
+                self._bad.update({v: f"{self._corpus.where(v)}: the video cannot be decoded ({why})"
+                                  for v, why in bad.items()})  # retry from the failed batch without them
                 self._pos = f.batch.pos
                 continue
             break
@@ -659,15 +744,16 @@ class ClipStream:
         st["skipped"] += hb.dropped
         return batch
 
-    def _find_bad(self, hb: _HostBatch) -> list[int]:
-        """Decode each sample of a failed batch alone; returns the ones that fail."""
-        bad = []
+    def _find_bad(self, hb: _HostBatch) -> dict[int, str]:
+        """Decode each sample of a failed batch alone; returns the ones that fail, with the
+        decoder's reason."""
+        bad = {}
         for j, v in enumerate(hb.items):
             pipe = build_pipeline(self._spec, _Once(tuple([lst[j]] for lst in hb.inputs.values())))
             try:
                 pipe.schedule_run()
                 pipe.outputs()
-            except RuntimeError:
-                bad.append(v)
+            except RuntimeError as e:
+                bad[v] = decoder_reason(e)
             del pipe
         return bad

@@ -8,7 +8,7 @@ encoder's neutral chroma is exact).
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,33 +58,119 @@ def encoder_options(codec: str, gop: int, quality: int) -> dict[str, str]:
     raise ValueError(f"unknown codec {codec!r}; choose one of {sorted(CODECS)}")
 
 
-def decode_video(path: str | Path) -> tuple[np.ndarray, float]:
-    """Decode every frame of a video file. Returns (frames, fps): uint8 [F, H, W] when the
-    clip is grey (checked on a few frames spread over it), else [F, H, W, 3] RGB.
+@dataclass(kw_only=True, slots=True)
+class FrameSink:
+    """Collects decoded frames one at a time, each resized on arrival, so a clip's memory is
+    bounded by the kept size (a 4K source never sits in memory whole).
 
-    Raises DataError naming the file when it cannot be opened or has no video stream.
+    Frames arrive as uint8 [H, W] grey or [H, W, 3] RGB at the source size. Grey vs colour is
+    decided on the first frame and re-checked on every `check_every`-th: a colour frame turns
+    the clip RGB (earlier grey frames are replicated to three channels).
+    """
+
+    short_side: int = 0
+    """Resize so the shorter side is at most this (0: keep the source size)."""
+    check_every: int = 16
+    frames: list = field(default_factory=list)
+    source_size: tuple[int, int] = (0, 0)
+    scale: float = 1.0
+    """kept size / source size."""
+    grey: bool = True
+
+    def add(self, frame: np.ndarray) -> None:
+        import cv2
+
+        if not self.frames:
+            self.source_size = frame.shape[:2]
+            s = min(self.source_size)
+            self.scale = min(1.0, self.short_side / s) if self.short_side and s else 1.0
+            self.grey = frame.ndim == 2 or is_grey(frame)
+        elif frame.ndim == 3 and self.grey and len(self.frames) % self.check_every == 0 and not is_grey(frame):
+            self.grey = False
+            self.frames = [np.repeat(f[..., None], 3, -1) for f in self.frames]
+        if frame.ndim == 3 and self.grey:
+            frame = frame[..., 1]  # G carries luma when R = G = B
+        elif frame.ndim == 2 and not self.grey:
+            frame = np.repeat(frame[..., None], 3, -1)
+        if self.scale < 1.0:
+            h, w = self.source_size
+            size = (max(1, round(w * self.scale)), max(1, round(h * self.scale)))
+            frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+        self.frames.append(np.ascontiguousarray(frame))
+
+    def result(self) -> np.ndarray:
+        """uint8 [F, h, w] (grey) or [F, h, w, 3]."""
+        return np.stack(self.frames)
+
+
+@dataclass(kw_only=True, slots=True)
+class DecodeReport:
+    """What decoding one file met: frames damaged on the way are counted, never hidden."""
+
+    frames: int = 0
+    declared: int = 0
+    """Frames the container header announces (0: it does not say)."""
+    corrupt: int = 0
+    """Frames the decoder flagged as corrupt (concealed damage) or packets it failed on."""
+
+    @property
+    def problems(self) -> str:
+        """'' when clean, else a one-line account ('12 of 111 frames corrupt')."""
+        out = []
+        if self.corrupt:
+            out.append(f"{self.corrupt} of {max(self.frames, self.declared)} frames corrupt")
+        # a frame or 1% short of the header is an edit-list quirk of valid files, more is damage
+        if self.declared and self.declared - self.frames > max(1, self.declared // 100):
+            out.append(f"{self.declared - self.frames} of {self.declared} frames missing")
+        return ", ".join(out)
+
+
+def decode_video(path: str | Path, short_side: int = 0) -> tuple[np.ndarray, float, FrameSink, DecodeReport]:
+    """Decode a video file frame by frame through a FrameSink (see there for `short_side`).
+    Returns (frames uint8 [F, h, w(, 3)], fps, the sink (source size, scale), decode report).
+
+    Raises DataError naming the file when it cannot be opened, has no video stream or no frame.
     """
     import av
 
+    sink, rep = FrameSink(short_side=short_side), DecodeReport()
     try:
         with av.open(str(path)) as c:
             if not c.streams.video:
                 raise DataError(f"{path}: no video stream")
             st = c.streams.video[0]
             st.thread_type = "AUTO"
-            raw = list(c.decode(st))
+            rep.declared = int(st.frames or 0)
             rate = st.average_rate or st.guessed_rate or st.base_rate
             fps = float(rate) if rate else 0.0
-            if not raw:
-                raise DataError(f"{path}: video has no decodable frames")
-            probe = [raw[i].to_ndarray(format="rgb24") for i in np.linspace(0, len(raw) - 1, min(4, len(raw))).astype(int)]
-            grey = all(is_grey(p) for p in probe)
-            frames = [f.to_ndarray(format="gray" if grey else "rgb24") for f in raw]
+            for packet in c.demux(st):
+                try:
+                    decoded = packet.decode()
+                except av.FFmpegError:
+                    rep.corrupt += 1  # a packet the decoder rejects: its frame is lost
+                    continue
+                for f in decoded:
+                    rep.frames += 1
+                    rep.corrupt += bool(f.is_corrupt)
+                    sink.add(_frame_array(f, sink))
     except DataError:
         raise
     except (av.FFmpegError, OSError, ValueError) as e:
         raise DataError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from e
-    return np.stack(frames), fps
+    if not sink.frames:
+        raise DataError(f"{path}: video has no decodable frames")
+    return sink.result(), fps, sink, rep
+
+
+def _frame_array(frame, sink: FrameSink) -> np.ndarray:
+    """A PyAV frame as the sink wants it: the luma plane while the clip is grey (RGB only on the
+    frames the sink checks for colour), else RGB."""
+    n = len(sink.frames)
+    if sink.grey and n % sink.check_every and n:
+        return frame.to_ndarray(format="gray")
+    rgb = frame.to_ndarray(format="rgb24")
+    # luma straight from the decoder on every grey frame (RGB's G differs by up to 1 level)
+    return frame.to_ndarray(format="gray") if sink.grey and is_grey(rgb) else rgb
 
 
 def is_grey(rgb: np.ndarray, tol: int = 4) -> bool:

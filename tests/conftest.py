@@ -1,5 +1,6 @@
 """Test-wide environment. Set before any kernel module is imported (PLATFORM.md)."""
 import os
+from pathlib import Path
 
 # Triton reads this when a kernel is decorated: CPU tensors run through its interpreter.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -23,25 +24,48 @@ SYNTH_CORPUS_CONFIG = dict(videos=14, seed=3, min_size=128, max_size=160, min_fr
 
 
 @pytest.fixture(scope="session")
-def synth_corpus(tmp_path_factory):
-    """A small synthetic echo corpus (labels.csv, videos/, masks/), built once -> Path of DIR."""
-    from echofm.loaders.synth import SynthConfig, make_corpus
-
-    out = tmp_path_factory.mktemp("synth_corpus")
-    make_corpus(out, SynthConfig(**SYNTH_CORPUS_CONFIG))
-    return out
+def corpus_cache(tmp_path_factory):
+    """Where the session's synthetic corpora and shards are built (loaders/corpus.py: keyed by
+    their full config and code). ECHOFM_TEST_CACHE=DIR keeps them across sessions."""
+    return Path(os.environ.get("ECHOFM_TEST_CACHE") or tmp_path_factory.mktemp("corpus_cache"))
 
 
 @pytest.fixture(scope="session")
-def tiny_shards(synth_corpus, tmp_path_factory):
+def synth_corpus(corpus_cache):
+    """A small synthetic echo corpus (labels.csv, videos/, masks/), built once -> Path of DIR."""
+    from echofm.loaders.corpus import cached_synth
+    from echofm.loaders.synth import SynthConfig
+
+    return cached_synth(SynthConfig(**SYNTH_CORPUS_CONFIG), corpus_cache, log=lambda _m: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(corpus_cache):
     """Shards of the `synth_corpus` fixture at 112x112, vp9 (built once per session) -> Path."""
-    import warnings
+    from echofm.loaders.corpus import cached_corpus
+    from echofm.loaders.ingest import IngestConfig
+    from echofm.loaders.synth import SynthConfig
 
-    from echofm.loaders.ingest import IngestConfig, ingest
+    return cached_corpus(SynthConfig(**SYNTH_CORPUS_CONFIG), IngestConfig(size=112, codec="vp9", progress=False),
+                         corpus_cache, log=lambda _m: None)
 
-    out = tmp_path_factory.mktemp("tiny_shards")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # size < 128 is intended for CPU tests
-        report = ingest([synth_corpus], out, IngestConfig(size=112, codec="vp9", progress=False))
-    assert report.added > 0, f"tiny_shards: nothing ingested from {synth_corpus}"
-    return out
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu(reason=...): needs a CUDA GPU; skipped, with the reason, where "
+                            "there is none")
+    config.addinivalue_line("markers", "slow(reason=...): minutes on 2 CPU cores; runs only with ECHOFM_SLOW=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests skip without CUDA and `slow` ones without ECHOFM_SLOW=1, each saying why."""
+    import torch
+
+    cuda, slow = torch.cuda.is_available(), bool(os.environ.get("ECHOFM_SLOW"))
+    for item in items:
+        mark = item.get_closest_marker("gpu")
+        if mark is not None and not cuda:
+            item.add_marker(pytest.mark.skip(reason=f"needs a CUDA GPU: {mark.kwargs.get('reason', 'GPU-only path')}"))
+        mark = item.get_closest_marker("slow")
+        if mark is not None and not slow:
+            item.add_marker(pytest.mark.skip(reason=f"slow ({mark.kwargs.get('reason', 'minutes on CPU')}); "
+                                                    "set ECHOFM_SLOW=1 to run it"))

@@ -2,15 +2,25 @@
 import subprocess
 import sys
 
+import pytest
+
 from echofm.engine.cli import SUBCOMMANDS, build_parser, main
 
-EXPECTED = {"synth", "ingest", "shards", "pretrain", "export", "finetune", "evaluate", "bench", "demo", "config"}
+EXPECTED = {"synth", "ingest", "shards", "pretrain", "export", "convert", "finetune", "evaluate", "bench", "demo",
+            "config"}
 
 
-def test_help_lists_every_subcommand():
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == EXPECTED and len(SUBCOMMANDS) == len(EXPECTED)
+def test_help_lists_every_subcommand(capsys):
+    for name in sorted(EXPECTED):  # each parses and has its own help
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args([name, "--help"])
+        assert e.value.code == 0 and f"usage: echofm {name}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["pretrian", "r.yaml"])
+    assert e.value.code == 2 and "invalid choice: 'pretrian'" in capsys.readouterr().err
+    assert len(SUBCOMMANDS) == len(EXPECTED)
+    args = build_parser().parse_args(["finetune", "r.yaml", "--set", "a=1", "--resume", "auto"])
+    assert (args.recipe, args.overrides, args.resume) == ("r.yaml", ["a=1"], "auto")
     res = subprocess.run([sys.executable, "-m", "echofm.engine.cli", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and all(name in res.stdout for name in EXPECTED)
 

@@ -71,3 +71,40 @@ def test_shipped_recipes_load():
     assert recipes
     for r in recipes:
         load_recipe(r)
+
+
+def test_yaml_12_numbers_in_set_and_files(tmp_path, capsys):
+    """`1e-4` is a float (YAML 1.1, which PyYAML follows, reads it as a string)."""
+    from echofm.engine.cli import main
+
+    r = load_recipe(write(tmp_path, "r.yaml", "optim:\n  lr: 1e-4\n  eps: 1.0e8\n"),
+                    ["optim.weight_decay=5E-2", "optim.base_lr=+1.5e+3"])
+    assert (r.optim.lr, r.optim.eps, r.optim.weight_decay, r.optim.base_lr) == (1e-4, 1e8, 0.05, 1500.0)
+    assert type(r.optim.lr) is float
+    assert main(["config", "show", str(tmp_path / "r.yaml"), "--set", "optim.lr=1e-4"]) == 0
+    assert "lr: 0.0001" in capsys.readouterr().out
+    # What is not a number stays a string (and is named when a number is expected).
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected .*float.*got str '1e'"):
+        load_recipe(tmp_path / "r.yaml", ["optim.lr=1e"])
+
+
+def test_recipe_validate_checks_across_sections(tmp_path):
+    """One place for the checks no section can make (every entry point runs it); loading
+    checks each section only, so a partial recipe loads and can be completed with --set."""
+    from echofm.engine.model import ModelConfig
+
+    p = write(tmp_path, "r.yaml", "data:\n  num_frames: 32\n  size: 224\n")
+    r = load_recipe(p)  # tiny model (16 x 112^2) and no shards: loads
+    with pytest.raises(ConfigError) as e:
+        r.validate()
+    msg = str(e.value)
+    assert "data.num_frames=32 but the model expects model.num_frames=16" in msg
+    assert "data.size=224 but the model expects model.img_size=112" in msg
+    r = load_recipe(p, ["model.preset=echofm_vit_large"])  # 32 x 224^2
+    with pytest.raises(ConfigError, match="data.shards: empty"):
+        r.validate()
+    r = load_recipe(p, ["model.preset=echofm_vit_large", "data.shards=somewhere"])
+    r.validate()
+    # a downstream run checks the clips against the backbone it loaded
+    with pytest.raises(ConfigError, match="data.num_frames=32 but the backbone 'x' expects model.num_frames=16"):
+        r.validate(ModelConfig(preset="echofm_tiny"), what="the backbone 'x'")

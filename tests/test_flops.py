@@ -11,11 +11,12 @@ SMALL = dict(preset="echofm_tiny", num_frames=8, img_size=32, patch_size=8, tube
              num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, pred_t_dim=4)
 
 
-@pytest.mark.parametrize("kind,attention", [("tube", "joint"), ("random", "joint"), ("frame", "joint"),
-                                            ("tube", "divided")])
-def test_analytic_flops_match_flop_counter(kind, attention):
+@pytest.mark.parametrize("kind,attention,cls_embed", [("tube", "joint", True), ("random", "joint", True),
+                                                      ("frame", "joint", True), ("tube", "divided", True),
+                                                      ("tube", "joint", False)])
+def test_analytic_flops_match_flop_counter(kind, attention, cls_embed):
     # math backend: attention as explicit matmuls, which FlopCounterMode counts
-    cfg = ModelConfig(**SMALL, attn_backend="math", attention=attention)
+    cfg = ModelConfig(**SMALL, attn_backend="math", attention=attention, cls_embed=cls_embed)
     mask_cfg = MaskConfig(kind=kind, ratio=0.75)
     model = EchoFM(cfg, mask_cfg)
     video = torch.randint(0, 256, (1, 8, 32, 32, 3), dtype=torch.uint8)
@@ -32,6 +33,8 @@ def test_analytic_flops_match_flop_counter(kind, attention):
 def test_videomae_b_reference_figure():
     """DESIGN §7: VideoMAE-B (16 x 224^2, tubelet 2, 90% mask, decoder 384 x 4) ~71 GFLOPs forward."""
     f = model_flops(ModelConfig(preset="echofm_vit_base"), MaskConfig(kind="tube", ratio=0.9))
+    # 8 slices x int(196 * 0.1) = 19 kept positions (the official count; round() gives 20)
+    assert f["parts"]["patch_embed"] == 2 * 8 * 19 * 1536 * 768
     assert abs(f["forward"] / 71e9 - 1) < 0.15, f["forward"] / 1e9
     assert f["train_step"] == 3 * f["forward"]
     assert abs(f["train_step"] / 213e9 - 1) < 0.15
@@ -44,4 +47,27 @@ def test_preset_flops_order_and_mfu():
     # ViT-L/16, 32 frames, tubelet 4, 75% tube mask: 392 visible tokens through 24 layers of
     # ~12 * 1024^2 parameters dominate: 2 * 393 * 24 * 12.6M ~ 238 GFLOPs, decoder ~131.
     assert 300e9 < fl["echofm_vit_large"] < 450e9
-    assert mfu(790e12 * 0.4, 1.0) == pytest.approx(0.4)
+def test_mfu_doc_table_matches_the_analytic_count():
+    """docs/mfu.md, the one place MFU counting is documented: its parts are model_flops' parts
+    and its ViT-L numbers are model_flops' (GFLOPs to 2 decimals)."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "mfu.md").read_text()
+    f = model_flops(ModelConfig(preset="echofm_vit_large"), MaskConfig(kind="tube", ratio=0.75))
+    listed = set(re.findall(r"^\| `(\w+)` \|", doc, flags=re.M))
+    assert listed == set(f["parts"]), listed ^ set(f["parts"])
+    table = dict(re.findall(r"^\| ([\w ()]+?) \| ([\d.]+) \|$", doc, flags=re.M))
+    want = {**f["parts"], "forward": f["forward"], "train step (3 x forward)": f["train_step"]}
+    assert set(table) == set(want)
+    for name, gflops in table.items():
+        assert float(gflops) == pytest.approx(want[name] / 1e9, abs=0.006), name
+
+
+def test_mfu_of_the_design_target():
+    """The ViT-B sizing target: a ViT-B video MAE training at ~1,500 clips/s on one H200 (790 TFLOP/s bf16)
+    is at ~40% MFU; the same clips/s over 8 devices is an eighth of that per device."""
+    step = model_flops(ModelConfig(preset="echofm_vit_base"), MaskConfig(kind="tube", ratio=0.9))["train_step"]
+    assert mfu(step * 1500, 1.0) == pytest.approx(0.40, abs=0.03)
+    assert mfu(step * 1500, 8.0) == pytest.approx(mfu(step * 1500, 1.0) / 8)
+    assert mfu(step * 1500, 1.0, peak_flops=989e12) < mfu(step * 1500, 1.0)  # an H100's peak

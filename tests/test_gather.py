@@ -11,8 +11,7 @@ from echofm.kernels import gather_patches, gather_tokens, reference, scatter_tok
 from echofm.kernels.gather import gather_rows, inverse_ids, patches_bwd, patches_fwd, scatter_rows
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-needs_gpu = pytest.mark.skipif(DEVICE.type != "cuda",
-                               reason="needs a CUDA GPU: bf16 is broken in the Triton interpreter")
+needs_gpu = pytest.mark.gpu(reason="bf16 is broken in the Triton interpreter")
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16", marks=needs_gpu)]
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -159,3 +158,17 @@ def test_patches_backward_scatters_into_the_video(dtype):
     scale = _norm(dtype, MEAN, STD)[0]
     full = patches_bwd(dp, inverse_ids(ids, 12), video.shape, patch, scale, dtype, out=poisoned(video.shape, dtype))
     assert torch.equal(full, dv)
+
+
+def test_norm_constants_reach_the_device_once():
+    # Regression: gather_patches copied mean/std to the device on every call, a host-to-device
+    # copy that CUDA graph capture refuses. Config tuples are now converted once per device.
+    from echofm.kernels.reference import device_norm
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    a = device_norm(3, True, mean, std, DEVICE, torch.float32)
+    b = device_norm(3, True, list(mean), list(std), DEVICE, torch.float32)
+    assert a[0] is b[0] and a[1] is b[1]
+    torch.testing.assert_close(a[0], torch.tensor([1 / (255 * s) for s in std], device=DEVICE))
+    torch.testing.assert_close(a[1], torch.tensor([-m / s for m, s in zip(mean, std)], device=DEVICE))
+    assert device_norm(3, False, None, None, DEVICE, torch.float32) is None

@@ -1,6 +1,8 @@
 """Ingest end to end: the synthetic corpus (labels, masks, splits, periods), rejects, resume,
-kill -9 safety, worker determinism, by-patient split rules."""
+kill -9 safety, worker determinism, by-patient split rules. (Resume by content, duplicates,
+privacy, locks, dead workers, damaged files, the quality report: test_ingest_robust.py.)"""
 import csv
+import hashlib
 import io
 import json
 import os
@@ -13,7 +15,8 @@ import numpy as np
 import pytest
 
 from echofm.loaders.errors import DataError
-from echofm.loaders.ingest import IngestConfig, hash_split, ingest, patient_hash, plan, resample_fps
+from echofm.loaders import ids
+from echofm.loaders.ingest import IngestConfig, hash_split, ingest, plan, resample_fps
 from echofm.loaders.shards import iter_tar_samples, read_manifest, verify
 from echofm.loaders.sources.base import Clip
 from echofm.loaders.synth import ClipSpec, render_clip, write_video
@@ -30,9 +33,8 @@ def test_synthetic_corpus_shards_keep_labels_masks_splits_and_periods(tiny_shard
     m, samples = _samples(tiny_shards)
     assert len(samples) == len(rows) == m["total_samples"] == sum(m["splits"].values())
     assert (m["codec"], m["video_ext"], m["height"], m["width"]) == ("vp9", "webm", 112, 112)
-    from echofm.loaders.ingest import source_hash
-
-    by_source = {source_hash(f): r for f, r in rows.items()}
+    key, _ = ids.load_key(ids.default_key_path(tiny_shards), create=False)
+    by_source = {ids.path_hash(key, f): r for f, r in rows.items()}
     patients = {r["patient"] for r in rows.values()}
     patient_split, hits, n = {}, 0, 0
     for shard, key, comp in samples:
@@ -96,22 +98,27 @@ def test_rejects_are_recorded_and_a_second_run_adds_nothing(tmp_path, capsys):
     rep = _run(src, out)
     assert (rep.added, rep.rejected, rep.skipped) == (4, 3, 0)
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
-    reasons = {os.path.basename(r["source"]): r["reason"] for r in rejects}
-    assert set(reasons) == {"corrupt.mp4", "short.mp4", "static.mp4"}
-    assert "cannot decode" in reasons["corrupt.mp4"] and "corrupt.mp4" in reasons["corrupt.mp4"]
-    assert reasons["short.mp4"].startswith("too short: 5 frames")
-    assert reasons["static.mp4"].startswith("no ultrasound sector")
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    key, _ = ids.load_key(ids.default_key_path(out), create=False)
+    name = {ids.path_hash(key, f"v/{n}.mp4"): n for n in ("corrupt", "short", "static")}
+    reasons = {name[r["source"]]: r for r in rejects}  # sources are keyed hashes, never paths
+    assert set(reasons) == {"corrupt", "short", "static"}
+    assert reasons["corrupt"]["kind"] == "cannot_decode" and "cannot decode" in reasons["corrupt"]["reason"]
+    assert "corrupt.mp4" not in json.dumps(rejects) and str(src.parent) not in json.dumps(rejects)
+    assert reasons["short"]["reason"].startswith("too short: 5 frames") and reasons["short"]["kind"] == "too_short"
+    assert reasons["static"]["reason"].startswith("no ultrasound sector")
+    assert not any(r["transient"] for r in rejects)
+    files = lambda: {p.name: p.read_bytes() for p in out.iterdir() if p.name != "quality_report.json"}  # noqa: E731
+    before = files()  # (the report describes the latest run)
     rep2 = _run(src, out)
     assert (rep2.added, rep2.rejected, rep2.skipped, rep2.shards) == (0, 0, 7, [])
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing rewritten
+    assert files() == before  # nothing rewritten
     from echofm.engine.cli import main
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(["ingest", str(src), "--out", str(out), "--size", "64"]) == 0  # the CLI resumes too
-        assert "0 added, 7 skipped" in capsys.readouterr().out
-        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        assert "0 added, 7 skipped" in capsys.readouterr().out  # permanent rejects are not retried
+        assert files() == before
         assert main(["ingest", str(tmp_path / "nope"), "--out", str(out), "--size", "64"]) == 2
     assert "nope: source does not exist" in capsys.readouterr().err
     m, samples = _samples(out)
@@ -155,8 +162,9 @@ def test_kill_9_leaves_no_half_shard_and_resume_completes(tmp_path):
 
 def test_workers_write_identical_shards(tmp_path):
     src = _corpus(tmp_path / "src", n_good=3, bad=False)
-    _run(src, tmp_path / "one", workers=1)
-    _run(src, tmp_path / "two", workers=2)
+    ids.load_key(tmp_path / "corpus.key", create=True)  # one key: the same patient ids and keys
+    _run(src, tmp_path / "one", workers=1, id_key=str(tmp_path / "corpus.key"))
+    _run(src, tmp_path / "two", workers=2, id_key=str(tmp_path / "corpus.key"))
     a, b = read_manifest(tmp_path / "one"), read_manifest(tmp_path / "two")
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
 
@@ -166,25 +174,34 @@ def _clip(patient, split=None, name="x.mp4"):
                 dataset="ds", patient=patient, split=split)
 
 
+KEY = bytes(range(32))
+
+
+def _plan(clips, existing=(), cfg=None):
+    shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(len(clips))]  # distinct content
+    return plan(clips, shas, cfg or IngestConfig(), list(existing), KEY)
+
+
 def test_splits_are_by_patient_and_conflicts_are_errors():
     cfg = IngestConfig()
-    clips = [_clip(f"P{i}", name=f"{j}.mp4") for i in range(60) for j in range(2)]
-    jobs = plan(clips, cfg, existing=[])
+    clips = [_clip(f"P{i}", name=f"{j}.mp4") for i in range(200) for j in range(2)]
+    jobs = _plan(clips)
     split_of = {}
     for j in jobs:
         assert split_of.setdefault(j.phash, j.split) == j.split
-        assert j.split == hash_split(patient_hash("ds", j.clip.patient), cfg.split_fractions)
+        assert j.phash == ids.patient_hash(KEY, "ds", j.clip.patient) != ids.patient_hash(KEY[::-1], "ds", j.clip.patient)
+        assert j.split == hash_split(j.phash, cfg.split_fractions)
     counts = {s: sum(v == s for v in split_of.values()) for s in ("train", "val", "test")}
     assert counts["train"] > counts["val"] > 0 and counts["test"] > 0
     # a source split is honoured for every clip of that patient, also ones without a split
-    jobs = plan([_clip("A", "TEST", "1.mp4"), _clip("A", None, "2.mp4")], cfg, existing=[])
+    jobs = _plan([_clip("A", "TEST", "1.mp4"), _clip("A", None, "2.mp4")])
     assert [j.split for j in jobs] == ["test", "test"]
     with pytest.raises(DataError, match="splits must be by patient"):
-        plan([_clip("A", "train", "1.mp4"), _clip("A", "val", "2.mp4")], cfg, existing=[])
-    ph = patient_hash("ds", "A")
+        _plan([_clip("A", "train", "1.mp4"), _clip("A", "val", "2.mp4")])
+    ph = ids.patient_hash(KEY, "ds", "A")
     with pytest.raises(DataError, match="already ingested in split 'train'"):
-        plan([_clip("A", "val", "3.mp4")], cfg, existing=[{"patient": ph, "split": "train", "key": "k"}])
-    assert len({j.key for j in plan(clips, cfg, existing=[])}) == len(clips)
+        _plan([_clip("A", "val", "3.mp4")], existing=[{"patient": ph, "split": "train", "key": "k"}])
+    assert len({j.key for j in _plan(clips)}) == len(clips)
 
 
 def test_resample_fps_indices():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from echofm.engine.masking import MaskConfig, draw_mask, frame_mask, full_mask, random_mask, tube_mask
+from echofm.engine.masking import MaskConfig, draw_mask, frame_mask, full_mask, keep_count, random_mask, tube_mask
 
 B, T, L = 5, 6, 49
 
@@ -20,11 +20,20 @@ def _check_permutation(m, n):
     assert int(m.mask.sum()) == keep.shape[0] * (n - keep.shape[1])
 
 
-@pytest.mark.parametrize("ratio", [0.75, 0.9, 0.5])
-def test_tube_mask_same_spatial_set_every_slice(ratio):
+def test_keep_count_is_the_official_int_expression():
+    """int(L * (1 - r)) as the official code (round() would keep 20, 5, 10 and 74 here)."""
+    assert keep_count(196, 0.9) == 19 and keep_count(196, 0.75) == 49
+    assert keep_count(49, 0.9) == 4 and keep_count(100, 0.9) == 9  # 1 - 0.9 = 0.0999... in binary
+    assert keep_count(294, 0.75) == 73 and keep_count(16, 0.99) == 1  # at least one kept
+    for n in range(1, 300):
+        for r in (0.5, 0.6, 0.75, 0.8, 0.9, 0.95):
+            assert keep_count(n, r) == max(1, int(n * (1 - r)))
+
+
+@pytest.mark.parametrize("ratio,k", [(0.75, 12), (0.9, 4), (0.5, 24)])
+def test_tube_mask_same_spatial_set_every_slice(ratio, k):
     g = torch.Generator().manual_seed(0)
     m = tube_mask(B, T, L, ratio, generator=g)
-    k = round(L * (1 - ratio))
     assert m.ids_keep.shape == (B, T * k) and m.grid == (T, k)
     grid = m.ids_keep.view(B, T, k)
     t_of, s_of = grid // L, grid % L
@@ -47,11 +56,11 @@ def test_random_and_frame_masks():
     g = torch.Generator().manual_seed(1)
     n = T * L
     m = random_mask(B, T, L, 0.75, generator=g)
-    assert m.ids_keep.shape == (B, round(n * 0.25)) and m.grid is None
+    assert m.ids_keep.shape == (B, 73) and m.grid is None  # int(294 * 0.25)
     assert (m.ids_keep[:, 1:] > m.ids_keep[:, :-1]).all()
     _check_permutation(m, n)
     f = frame_mask(B, T, L, 0.5, generator=g)
-    tk = round(T * 0.5)
+    tk = 3  # int(6 * 0.5)
     assert f.ids_keep.shape == (B, tk * L)
     per_slice = (1 - f.mask).view(B, T, L).sum(-1)
     assert set(per_slice.unique().tolist()) <= {0.0, float(L)}  # whole slices only

@@ -1,5 +1,6 @@
 """EchoFM model: patch embedding, attention paths, gradients, overfitting, persistence."""
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -62,14 +63,16 @@ def test_forward_outputs_and_every_parameter_gets_a_gradient():
     torch.manual_seed(0)
     # 8 frames / tubelet 2 = 4 slices, so anchors have non-adjacent negatives.
     cfg = ModelConfig(**{**SMALL, "num_frames": 8, "pred_t_dim": 8})
-    m = EchoFM(cfg, MaskConfig(ratio=0.75), LossConfig(contrastive_weight=0.5, kl_weight=0.1))
+    m = EchoFM(cfg, MaskConfig(ratio=0.75), LossConfig(triplet_weight=0.5, cycle_weight=0.1))
     video = _video(2, 8, 32)
     out = m(video, generator=torch.Generator().manual_seed(0))
     assert out["terms"]["active"] > 0
     n, t = m.cfg.t_grid * m.cfg.l_grid, m.cfg.t_grid
     assert out["pred"].shape == out["target"].shape == (2, n, m.cfg.pred_dim)
     assert out["mask"].shape == (2, n) and out["sim"].shape == out["prior"].shape == (2, t, t)
-    assert set(out["terms"]) >= {"rec", "contrastive", "kl", "active"}
+    assert set(out["terms"]) == {"rec", "triplet", "cycle", "active"}
+    t = out["terms"]
+    torch.testing.assert_close(out["loss"].detach(), t["rec"] + 0.5 * t["triplet"] + 0.1 * t["cycle"])
     out["loss"].backward()
     no_grad = [name for name, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not no_grad, f"parameters without gradient: {no_grad}"
@@ -128,20 +131,27 @@ def test_grad_checkpointing_gives_same_gradients():
         torch.testing.assert_close(p.grad, g[n], rtol=1e-5, atol=1e-6)
 
 
-def test_unpatchify_inverts_target_and_picks_the_right_frames():
-    m = EchoFM(ModelConfig(**{**SMALL, "num_frames": 8, "tubelet": 4, "pred_t_dim": 4}))
+@pytest.mark.parametrize("mean,std", [((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+                                      ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+def test_unpatchify_inverts_target_and_picks_the_official_frames(mean, std):
+    m = EchoFM(ModelConfig(**{**SMALL, "num_frames": 8, "tubelet": 4, "pred_t_dim": 4}, mean=mean, std=std))
     video = _video(2, 8, 32)
-    assert m.target_frames() == [0, 2, 4, 6]  # u = 2 frames of each 4-frame tubelet
+    # official linspace(0, 7, 4).long() = [0, 2, 4, 7] (arange would give 6 last); u = 2
+    # frames per token, both inside the token's own tubelet
+    assert m.target_frames() == [0, 2, 4, 7]
+    paper = EchoFM(ModelConfig(**{**SMALL, "num_frames": 32, "tubelet": 4, "pred_t_dim": 8}))  # 8 of 32 frames
+    assert paper.target_frames() == [0, 4, 8, 13, 17, 22, 26, 31]
     frames = m.unpatchify(m.target(video))
-    torch.testing.assert_close(frames, m.normalize(video[:, [0, 2, 4, 6]]))
-    # a token's target lies inside its own tubelet: token (t=1, h=0, w=0) <- frames 4 and 6
+    torch.testing.assert_close(frames, m.normalize(video[:, [0, 2, 4, 7]]))
+    torch.testing.assert_close(m.normalize(video)[..., 0], (video[..., 0].float() / 255 - mean[0]) / std[0])
+    # token (t=1, h=0, w=0) <- frames 4 and 7, as (u, p, p, C)
     tgt = m.target(video)[:, 16].view(2, 2, 8, 8, 3)
-    torch.testing.assert_close(tgt[:, 1], m.normalize(video[:, 6, :8, :8]))
+    torch.testing.assert_close(tgt[:, 1], m.normalize(video[:, 7, :8, :8]))
 
 
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
-    m = EchoFM(ModelConfig(**SMALL), MaskConfig(ratio=0.75), LossConfig(contrastive_weight=0.1))
+    m = EchoFM(ModelConfig(**SMALL), MaskConfig(ratio=0.75), LossConfig(triplet_weight=0.1))
     video = _video(2, 4, 32)
     mask = m.draw_mask(2, video.device, torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
@@ -156,16 +166,61 @@ def test_tiny_model_overfits_one_batch():
     assert last < first / 5, (first, last)
 
 
-def test_save_and_load_pretrained(tmp_path):
+def test_save_and_load_pretrained_carry_normalisation_mask_and_loss(tmp_path):
     torch.manual_seed(0)
-    m = EchoFM(ModelConfig(**SMALL)).eval()
+    cfg = ModelConfig(**SMALL, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    mask_cfg, loss_cfg = MaskConfig(kind="random", ratio=0.6), LossConfig(variant="centred", triplet_weight=0.3)
+    m = EchoFM(cfg, mask_cfg, loss_cfg).eval()
     m.save_pretrained(tmp_path / "export")
     assert (tmp_path / "export" / "model.safetensors").is_file()
     m2 = EchoFM.from_pretrained(tmp_path / "export").eval()
-    assert m2.cfg == m.cfg
+    assert m2.cfg == m.cfg and m2.mask_cfg == mask_cfg and m2.loss_cfg == loss_cfg
     video = _video(1, 4, 32)
     for a, b in zip(m.encode(video), m2.encode(video)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # explicit configs replace the saved ones
+    assert EchoFM.from_pretrained(tmp_path / "export", loss_cfg=LossConfig()).loss_cfg == LossConfig()
+    # a version-1 config.json (model only, ImageNet input) still loads: defaults for mask / loss
+    data = json.loads((tmp_path / "export" / "config.json").read_text())
+    old = {"format": "echofm", "version": 1, "model": {**data["model"], "mean": [0.485, 0.456, 0.406],
+                                                        "std": [0.229, 0.224, 0.225]}}
+    old["model"].pop("cls_embed")
+    (tmp_path / "export" / "config.json").write_text(json.dumps(old))
+    m3 = EchoFM.from_pretrained(tmp_path / "export")
+    assert m3.mask_cfg == MaskConfig() and m3.loss_cfg == LossConfig() and m3.cfg.mean == (0.485, 0.456, 0.406)
+    data["loss"]["typo"] = 1
+    (tmp_path / "export" / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"unknown loss keys \['typo'\]"):
+        EchoFM.from_pretrained(tmp_path / "export")
+
+
+def test_float64_is_never_downcast_and_half_is_upcast():
+    """Parity checks run in float64: every output of a float64 forward stays float64."""
+    torch.manual_seed(0)
+    m = EchoFM(ModelConfig(**{**SMALL, "num_frames": 8, "pred_t_dim": 8})).double()
+    out = m(_video(2, 8, 32).double() / 255, generator=torch.Generator().manual_seed(0))
+    for key in ("loss", "pred", "target", "phase", "sim", "prior"):
+        assert out[key].dtype == torch.float64, key
+    assert all(v.dtype == torch.float64 for v in out["terms"].values())
+    half = EchoFM(ModelConfig(**{**SMALL, "num_frames": 8, "pred_t_dim": 8})).to(torch.bfloat16)
+    out = half(_video(2, 8, 32), generator=torch.Generator().manual_seed(0))
+    assert out["pred"].dtype == torch.bfloat16 and out["loss"].dtype == torch.float32
+    assert torch.isfinite(out["loss"])
+
+
+def test_encoder_without_cls_token():
+    """cls_embed=False (VideoMAE's encoder): no CLS parameters, cls = mean token, every
+    parameter still trained."""
+    torch.manual_seed(0)
+    m = EchoFM(ModelConfig(**{**SMALL, "num_frames": 8, "pred_t_dim": 8}, cls_embed=False))
+    assert not hasattr(m, "cls_token") and "pos_embed_class" not in dict(m.named_parameters())
+    video = _video(2, 8, 32)
+    tokens, cls, _ = m.encode(video)
+    torch.testing.assert_close(cls, tokens.mean(1))
+    m(video, generator=torch.Generator().manual_seed(0))["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+    with pytest.raises(ValueError, match="cls_embed"):
+        ModelConfig(**SMALL, cls_embed=False, attention="divided").validate()
 
 
 def test_bad_video_shape_is_named():

@@ -1,4 +1,5 @@
-"""AdamW parameter groups, the lr scaling rule, warmup + half-cycle cosine, recipe errors."""
+"""AdamW parameter groups, the lr scaling rule, warmup + half-cycle cosine as a function of the
+step (what the trainer sets before each optimizer step), recipe errors."""
 import math
 
 import pytest
@@ -6,8 +7,7 @@ import torch
 from torch import nn
 
 from echofm.engine.config import ConfigError, load_recipe
-from echofm.engine.optim import (OptimConfig, ScheduleConfig, WarmupCosine, build_optimizer,
-                                 build_scheduler, param_groups, peak_lr)
+from echofm.engine.optim import LrSchedule, OptimConfig, ScheduleConfig, build_optimizer, param_groups, peak_lr
 
 TINY = "recipes/pretrain/echofm_tiny.yaml"
 
@@ -37,8 +37,19 @@ def test_param_groups_skip_norms_biases_embeddings_tokens():
         "patch_embed.bias", "cls_token", "mask_token", "pos_embed_spatial", "pos_embed_temporal",
         "norm.weight", "norm.bias", "fc.bias"])
     assert decay["weight_decay"] == 0.05 and skip["weight_decay"] == 0.0
-    opt = build_optimizer(m, OptimConfig(), lr=0.1)
-    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.95)
+    # The trainer's optimizer over those groups: one step decays `fc.weight` only.
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt = build_optimizer([decay, skip], OptimConfig(weight_decay=0.05), lr=0.1)
+    assert opt.defaults["betas"] == (0.9, 0.95) and [g["lr"] for g in opt.param_groups] == [0.1, 0.1]
+    with torch.no_grad():
+        m.fc.weight.fill_(1.0)
+        m.fc.bias.fill_(1.0)
+    before["fc.weight"], before["fc.bias"] = m.fc.weight.detach().clone(), m.fc.bias.detach().clone()
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)  # zero gradients: only weight decay moves a parameter
+    opt.step()
+    assert torch.allclose(m.fc.weight, before["fc.weight"] * (1 - 0.1 * 0.05))
+    assert torch.equal(m.fc.bias, before["fc.bias"]) and torch.equal(m.cls_token, before["cls_token"])
 
 
 def test_peak_lr_scales_with_global_batch():
@@ -48,14 +59,13 @@ def test_peak_lr_scales_with_global_batch():
 
 def test_warmup_cosine_matches_closed_form():
     peak, floor_lr, warm, total = 2.0e-3, 1.0e-4, 4, 12
-    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(2))], lr=peak)
-    sched = build_scheduler(opt, ScheduleConfig(warmup_steps=warm, min_lr=floor_lr), peak=peak,
-                            total_steps=total)
+    opt = torch.optim.AdamW([{"params": [nn.Parameter(torch.zeros(2))]},
+                             {"params": [nn.Parameter(torch.zeros(2))], "lr": peak / 10}], lr=peak)
+    sched = LrSchedule.build(opt, ScheduleConfig(warmup_steps=warm, min_lr=floor_lr), peak=peak, total=total)
     got = []
-    for _ in range(total + 2):
-        got.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    for s in range(total + 2):
+        got.append(sched.apply(opt, s))
+        assert opt.param_groups[1]["lr"] == pytest.approx(got[-1] / 10, rel=1e-12)  # every group scales alike
     # Reference written out independently: MAE's schedule with a 1-step-shifted warmup.
     ref = []
     for s in range(total + 2):
@@ -68,19 +78,18 @@ def test_warmup_cosine_matches_closed_form():
     assert got[warm - 1] == pytest.approx(peak) and got[total] == pytest.approx(floor_lr)
 
 
-def test_scheduler_state_round_trips():
-    def make():
+def test_schedule_is_a_function_of_the_step():
+    """Resume needs no saved schedule state: any step's lr comes from (step, config) alone,
+    and a run extended with more steps gets the longer cosine."""
+    def build(total):
         opt = torch.optim.AdamW([nn.Parameter(torch.zeros(2))], lr=1.0)
-        return opt, build_scheduler(opt, ScheduleConfig(warmup_steps=3), peak=1.0, total_steps=10)
+        return opt, LrSchedule.build(opt, ScheduleConfig(warmup_steps=3), peak=1.0, total=total)
 
-    opt, sched = make()
-    for _ in range(5):
-        opt.step()
-        sched.step()
-    opt2, sched2 = make()
-    sched2.load_state_dict(sched.state_dict())
-    assert sched2.last_epoch == 5 and sched2.get_last_lr() == sched.get_last_lr()
-    assert isinstance(sched2.lr_lambdas[0], WarmupCosine)
+    opt, sched = build(10)
+    walked = [sched.apply(opt, s) for s in range(8)]
+    assert build(10)[1].lrs(5) == [walked[5]] and opt.param_groups[0]["lr"] == walked[7]
+    longer = build(20)[1]
+    assert longer.lrs(2) == sched.lrs(2) and longer.lrs(8)[0] > sched.lrs(8)[0]
 
 
 @pytest.mark.parametrize("override, words", [

@@ -109,8 +109,13 @@ def test_verify_passes_then_names_the_damaged_key(tmp_path, capsys):
         f.write(b"\0" * 64)
     rep = verify(bad)
     assert not rep.ok
-    assert any("sha256" in p for p in rep.problems)
-    assert any(p.startswith("shard-000000.tar ds_b_2: video does not decode") for p in rep.problems), rep.problems
+    found = {(p.kind, p.key) for p in rep.problems}
+    assert ("member_sha256", "ds_b_2") in found and ("shard_sha256", None) in found, rep.problems
+    undecodable = [p for p in rep.problems if p.kind == "undecodable"]
+    assert [p.key for p in undecodable] == ["ds_b_2"], rep.problems
+    # the decoder's own words, not DALI's traceback around them
+    assert str(undecodable[0]).startswith("shard-000000.tar ds_b_2: video does not decode (")
+    assert "Failed to create video decoder" in undecodable[0].detail and "\n" not in undecodable[0].detail
     capsys.readouterr()
     assert main(["shards", "verify", str(bad)]) == 1
     assert "ds_b_2" in capsys.readouterr().out
@@ -123,4 +128,20 @@ def test_verify_passes_then_names_the_damaged_key(tmp_path, capsys):
     with open(short / "shard-000000.tar", "r+b") as f:
         f.seek(off)
         f.write(pack_nframes(11))
-    assert any(p.startswith("shard-000000.tar ds_c_3: json frames 10 != .nframes 11") for p in verify(short).problems)
+    assert [(p.kind, p.key, p.detail) for p in verify(short).problems if p.kind == "frame_count"][0] == (
+        "frame_count", "ds_c_3", "json frames 10 != .nframes 11")
+
+
+def test_decoder_reason_is_the_operators_own_line():
+    """DALI wraps an operator's message in its traceback; verify and the stream report the message."""
+    from echofm.loaders.pipeline import decoder_reason
+
+    e = RuntimeError("Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.decoders.video`,\n"
+                     "which was used in the pipeline definition with the following traceback:\n\n"
+                     '  File "x.py", line 9, in pipe\n    return fn.decoders.video(v)\n\nencountered:\n\n'
+                     'Assert on "IsValid()" failed: Failed to create video decoder for "a.tar:0:k"\n'
+                     "C++ context: [video_decoder_base.h:246] \nCurrent pipeline object is no longer valid.")
+    assert decoder_reason(e) == 'Assert on "IsValid()" failed: Failed to create video decoder for "a.tar:0:k"'
+    assert decoder_reason(ValueError("Invalid data found when processing input\nmore")) == \
+        "Invalid data found when processing input"
+    assert decoder_reason(RuntimeError("")) == "RuntimeError"

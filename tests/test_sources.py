@@ -134,7 +134,7 @@ def test_camus_layout_axis_order_labels_and_masks(tmp_path):
                 f"ED: 1\nES: 12\nNbFrame: 18\nSex: F\nAge: 61\nImageQuality: {'Good' if p == 1 else 'Poor'}\n"
                 f"EF: {40 + p}.5\n")
             rendered[(p, view)] = r
-    clips = discover(root)
+    clips = discover(root).clips
     assert len(clips) == 4 and {c.reader for c in clips} == {"nifti"}
     out = tmp_path / "shards"
     rep = _ingest(root, out)
@@ -176,12 +176,17 @@ def test_pydicom_cine_ingests_and_burned_in_text_is_gone(tmp_path):
 
     from echofm.loaders.sources.dicom import read_dicom
 
-    frames = read_dicom(src / "IM0001.dcm").frames
+    full = read_dicom(src / "IM0001.dcm")  # streamed frame by frame, at the source size
+    assert full.frames.shape == (30, 240, 320, 3) and full.scale == 1.0 and full.source_size == (240, 320)
+    dec = read_dicom(src / "IM0001.dcm", short_side=IngestConfig(size=SIZE).keep_side)  # what ingest keeps
+    assert dec.frames.shape == (30, 192, 256, 3) and dec.scale == pytest.approx(192 / 240)
+    frames = full.frames
     gray = frames.astype(np.float32).mean(-1)
     text = (gray.std(0) < 0.5) & (gray[0] > 60)  # static bright pixels: burned-in text, icons
     assert text.sum() > 500
     sector = detect_sector(frames)
-    assert tuple(sector.box) == tuple(meta["sector_box"])
+    # the json's box is in source pixels, measured on the shrunk frames: within 2% of the side
+    assert max(abs(a - b) for a, b in zip(sector.box, meta["sector_box"])) <= 0.02 * 320
     assert not (sector.mask & text).any()
     # paint only the text, run the same crop: nothing of it survives
     only_text = np.zeros_like(frames)
@@ -199,12 +204,16 @@ def test_video_folder_and_csv_manifest(tmp_path, synth_corpus):
     write_video(d / "a.mp4", r.video, 25, "mp4")
     write_video(d / "sub" / "b.avi", r.video, 25, "avi")
     (d / "notes.txt").write_text("not a video")
-    clips = discover(d)
+    found = discover(d)
+    clips = found.clips
     assert sorted(c.rel_source for c in clips) == ["a.mp4", "sub/b.avi"]
     assert {c.patient for c in clips} == {"a", "b"} and {c.reader for c in clips} == {"video"}
+    assert found.ignored == {} and found.renamed == []  # notes.txt: a text file, quietly not a clip
 
     rows = list(csv.DictReader(open(synth_corpus / "labels.csv")))
-    clips = discover(synth_corpus)
+    found = discover(synth_corpus)
+    assert found.unlisted == []  # every video of the synthetic corpus is in its labels.csv
+    clips = found.clips
     assert len(clips) == len(rows)
     for c, row in zip(clips, rows):
         assert c.labels["ef"] == pytest.approx(float(row["ef"])) and c.labels["grade"] == int(row["grade"])

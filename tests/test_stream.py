@@ -22,7 +22,8 @@ import torch
 from echofm.loaders.errors import DataError
 from echofm.loaders.stream import ClipStream, StreamConfig
 
-RAMP_LENGTHS = (9, 12, 17, 24, 31, 36, 40, 40)
+# distinct lengths: ingest records byte-identical videos once (resume and duplicates are by content)
+RAMP_LENGTHS = (9, 12, 17, 24, 31, 36, 39, 40)
 SPAN16 = 31  # (16 - 1) * 2 + 1
 
 
@@ -207,6 +208,21 @@ def test_ranks_disjoint_and_cover(ramp_shards, world):
     assert len(everything) == n and ev == everything
 
 
+def test_selected_samples_split_across_ranks(ramp_shards):
+    """keys= (a fine-tune's labelled patients): only those samples, disjoint per rank, and a
+    resume refuses a state planned over another sample set."""
+    cfg = _cfg(ramp_shards, batch_size=1, num_frames=4)
+    keys = [m["key"] for b in ClipStream(cfg, train=False) for m in b["meta"]]
+    chosen = set(keys[::2])
+    parts = [[m["key"] for b in _epoch(ClipStream(cfg, rank=r, world_size=2, keys=chosen)) for m in b["meta"]]
+             for r in range(2)]
+    assert sorted(parts[0] + parts[1]) == sorted(chosen) and not set(parts[0]) & set(parts[1])
+    with pytest.raises(DataError, match="1 selected sample.* not in split 'train', e.g. nope"):
+        ClipStream(cfg, keys={"nope"})
+    with pytest.raises(DataError, match="items="):
+        ClipStream(cfg).load_state_dict(ClipStream(cfg, keys=chosen).state_dict())
+
+
 def test_flip_and_crop_are_per_clip_geometry(ramp_shards):
     plain = _epoch(ClipStream(_cfg(ramp_shards, batch_size=4)))
     flipped = _epoch(ClipStream(_cfg(ramp_shards, batch_size=4, flip=True)))
@@ -317,7 +333,9 @@ def damaged_shards(ramp_shards, tmp_path):
 
 def test_damaged_sample_named_or_skipped(damaged_shards):
     shards, tar, key = damaged_shards
-    cfg = _cfg(shards, batch_size=3, num_frames=4, drop_last=False)
+    # The decoder's own failure path (the member-hash check, on by default, would name the
+    # sample before decoding: see test_integrity.py).
+    cfg = _cfg(shards, batch_size=3, num_frames=4, drop_last=False, verify=False)
     with pytest.raises(DataError, match=rf"{tar}: sample {key}: the video cannot be decoded"):
         _epoch(ClipStream(cfg))
     cfg.on_error = "skip"
@@ -325,6 +343,7 @@ def test_damaged_sample_named_or_skipped(damaged_shards):
     got = [m["key"] for b in _epoch(s) for m in b["meta"]]
     assert key not in got and len(got) == len(RAMP_LENGTHS) - 1
     assert s.stats["skipped"] == 1 and s.epoch == 1
+    assert list(s.damaged) == [key] and "cannot be decoded" in s.damaged[key]
     got2 = [m["key"] for b in _epoch(s) for m in b["meta"]]  # known bad: dropped again, counted
     assert key not in got2 and s.stats["skipped"] == 2
     cfg.batch_size = 1  # the damaged sample's batch is left empty: skipped, counted once
@@ -332,7 +351,7 @@ def test_damaged_sample_named_or_skipped(damaged_shards):
     assert len(_epoch(s)) == len(RAMP_LENGTHS) - 1 and s.stats["skipped"] == 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: DALI mixed (NVDEC) backend")
+@pytest.mark.gpu(reason="DALI mixed (NVDEC) backend")
 def test_mixed_backend_matches_contract(ramp_shards):
     dev = torch.device("cuda", 0)
     s = ClipStream(_cfg(ramp_shards, backend="mixed", drop_last=False), device=dev)

@@ -13,9 +13,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 
 KINDS = ("random", "export", "checkpoint", "official")
+ENCODER_KEYS = ("num_frames", "img_size", "patch_size", "tubelet", "in_chans", "embed_dim", "depth", "num_heads",
+                "mlp_ratio", "cls_embed", "attention", "mean", "std")
+"""ModelConfig keys that shape what the encoder computes: a recipe's `model:` must agree with
+the loaded backbone on each (the MAE decoder, unused downstream, and attn_backend may differ)."""
+
+
+def pick_device(spec: str) -> torch.device:
+    """downstream.device ('auto', 'cpu', 'cuda', 'cuda:1', ...) -> the torch device."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"downstream.device: {spec!r} but no CUDA GPU is visible; use 'cpu' or 'auto'")
+    return torch.device(spec)
 
 
 def resolve_kind(spec: str) -> tuple[str, str]:
@@ -65,6 +78,28 @@ def load_backbone(spec: str, recipe, *, seed: int = 0) -> tuple[nn.Module, dict]
     info = {"spec": spec, "kind": kind, "path": str(Path(path).resolve()) if path else "",
             "seed": seed if kind == "random" else None, "fingerprint": fingerprint(model)}
     return model, info
+
+
+def check_model_section(recipe, model: nn.Module, spec: str) -> None:
+    """ConfigError when the recipe's `model:` (preset resolved) describes another encoder than
+    the backbone loaded from `spec`: an export, checkpoint or official file brings its own
+    architecture, and a recipe that says otherwise would run silently on the wrong model."""
+    want, have = recipe.model.resolved(), model.cfg
+    diff = [(k, _yaml(getattr(want, k)), _yaml(getattr(have, k))) for k in ENCODER_KEYS]
+    diff = [d for d in diff if d[1] != d[2]]
+    if diff:
+        raise ConfigError(
+            f"the recipe's model: (preset {want.preset}) disagrees with the backbone '{spec}': "
+            + ", ".join(f"model.{k}={a} but the backbone has {b}" for k, a, b in diff)
+            + "; make the recipe describe the backbone (" + " ".join(f"--set model.{k}={b}" for k, _, b in diff)
+            + ") or set downstream.backbone to the weights the recipe describes")
+
+
+def _yaml(v) -> str:
+    """A config value as --set takes it: [0.5,0.5,0.5], true, 768."""
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(f"{float(x):g}" for x in v) + "]"
+    return str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def _load_state(model: nn.Module, state: dict, path: str) -> None:

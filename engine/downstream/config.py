@@ -24,7 +24,8 @@ class DownstreamConfig:
     backbone: str = "random"
     """'random' (seeded init of the recipe's `model:`), an `echofm export` dir, a training
     checkpoint dir, or an official EchoFM .pth; prefix 'export:', 'checkpoint:' or
-    'official:' to force the kind."""
+    'official:' to force the kind. The recipe's `model:` must describe the backbone's encoder
+    (a mismatch is an error naming each key)."""
     label_key: str = ""
     """Where the label lives in the sample json: 'view' (top level) or a key of 'labels'.
     Empty: the task's default (view -> view, ef -> ef, grade -> grade, seg -> the mask)."""

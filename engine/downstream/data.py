@@ -46,6 +46,11 @@ def list_samples(shard_dir: str | Path, split: str) -> list[dict]:
     return out
 
 
+def present_splits(shard_dir: str | Path) -> dict[str, int]:
+    """{split: samples} from the manifest (a missing or bad manifest is a DataError)."""
+    return {k: int(v) for k, v in read_manifest(shard_dir)["splits"].items()}
+
+
 def patient_of(meta: dict) -> str:
     return str(meta.get("patient") or meta.get("key"))
 

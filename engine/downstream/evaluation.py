@@ -9,11 +9,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from echofm.loaders.errors import DataError
+
 from . import metrics as M
 from . import plots
 from .data import patient_of
 from .features import FeatureSet
 from .tasks import SegTask, Task
+
+MIN_CI_PATIENTS = 10
+"""Fewer patients than this under a bootstrap CI earn a warning: the interval says little."""
 
 
 @torch.no_grad()
@@ -45,7 +50,7 @@ def score_video_task(task: Task, head, fs: FeatureSet, *, png: str | Path | None
     one row per video (key, patient, label, prediction, scores) when `csv_path`."""
     keys, y, scores, patients = video_predictions(task, head, fs)
     if not keys:
-        raise ValueError(f"no labelled videos for task {task.name!r} (label '{task.key}')")
+        raise DataError(f"no labelled videos for task {task.name!r} (label '{task.key}')")
     if csv_path is not None:
         write_predictions(csv_path, task, keys, patients, y, scores)
     res = task.evaluate(y, scores, patients, bootstrap=bootstrap)
@@ -82,7 +87,7 @@ def seg_predictions(task: SegTask, decoder, fs: FeatureSet, *, batch: int = 4):
 def score_seg_task(task: SegTask, decoder, fs: FeatureSet, *, png: str | Path | None = None) -> dict:
     dice, patients, pred = seg_predictions(task, decoder, fs)
     if len(dice) == 0:
-        raise ValueError("no annotated frames in the segmentation split (json 'seg_frames')")
+        raise DataError("no annotated frames in the segmentation split (json 'seg_frames')")
     res = task.evaluate(dice, patients)
     res["patients"], res["clips"] = len(set(patients)), len(fs.metas)
     if png is not None and fs.frames is not None and pred is not None:
@@ -92,6 +97,15 @@ def score_seg_task(task: SegTask, decoder, fs: FeatureSet, *, png: str | Path | 
             plots.seg_overlay_png(fs.frames[0][v].numpy(), task.remap(fs.seg[0][v]).numpy(),
                                   pred[0][v].numpy(), png, task.cfg.seg_names)
     return res
+
+
+def ci_warning(split: str, res: dict, bootstrap: int) -> str | None:
+    """A warning when the split's bootstrap CIs rest on fewer than MIN_CI_PATIENTS patients."""
+    n = res.get("patients", 0)
+    if not bootstrap or n >= MIN_CI_PATIENTS:
+        return None
+    return (f"split '{split}': the confidence intervals rest on {n} patient(s) (fewer than {MIN_CI_PATIENTS}); "
+            "they are not a reliable range: score more patients")
 
 
 def score(task: Task, head, fs: FeatureSet, *, png=None, title: str = "", csv_path=None) -> dict:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from echofm.loaders.errors import DataError
+
 from . import backbone as B
 from .data import annotated_frames
 
@@ -32,12 +34,6 @@ class FeatureSet:
     """bool [N, T]: sampled frame has an annotation (seg only)."""
     frames: torch.Tensor | None = None
     """uint8 [n, T, H, W, C]: the first few clips, for overlay figures (seg only)."""
-
-    def select(self, rows: list[int]) -> FeatureSet:
-        idx = torch.as_tensor(rows, dtype=torch.long)
-        return FeatureSet(feats=self.feats[idx], metas=[self.metas[i] for i in rows],
-                          seg=None if self.seg is None else self.seg[idx],
-                          valid=None if self.valid is None else self.valid[idx], frames=None)
 
 
 def stream_config(data, split: str, clips: int, *, batch: int, seg: bool):
@@ -69,8 +65,12 @@ def extract(model, data, split: str, clips: int, *, features: str, grid: bool,
                                       zip(b["meta"], b["frames_index"].cpu())]))
             if sum(len(x) for x in frames) < keep_frames:
                 frames.append(video[:keep_frames].cpu())
+    if stream.damaged:  # data.on_error=skip: say what is missing from these features
+        stream.check_dropped()
+        print(f"[echofm] split {split!r}: {len(stream.damaged)} damaged sample(s) skipped: "
+              + "; ".join(list(stream.damaged.values())[:3]), flush=True)
     if not metas:
-        raise ValueError(f"split {split!r} of {data.shards} has no samples")
+        raise DataError(f"{data.shards}: split {split!r} has no samples")
     return FeatureSet(feats=torch.cat(feats), metas=metas,
                       seg=torch.cat(segs) if grid else None,
                       valid=torch.cat(valid) if grid else None,
@@ -79,17 +79,14 @@ def extract(model, data, split: str, clips: int, *, features: str, grid: bool,
 
 def cached_extract(model, info: dict, data, split: str, clips: int, *, cache_dir: str | Path | None,
                    **kw) -> FeatureSet:
-    """`extract`, memoised on disk under cache_dir by (backbone fingerprint, stream
-    settings, split, clips, feature kind): repeated probes (label fractions, seeds, heads)
-    never re-run the backbone."""
+    """`extract`, memoised on disk under cache_dir by what the features depend on: the
+    shards' content (the manifest's sha256, which lists every shard's sha256), the backbone's
+    weights (fingerprint), the stream settings, split, clips and feature kind. Never by the
+    shard path: data ingested into the same folder changes the key. Repeated probes (label
+    fractions, seeds, heads) never re-run the backbone."""
     if cache_dir is None:
         return extract(model, data, split, clips, **kw)
-    from ..config import to_dict
-
-    key = json.dumps({"backbone": info["fingerprint"], "data": to_dict(data), "split": split,
-                      "clips": clips, "features": kw.get("features"), "grid": kw.get("grid")},
-                     sort_keys=True)
-    path = Path(cache_dir) / f"features-{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    path = Path(cache_dir) / f"features-{split}-{cache_key(info, data, split, clips, kw)}.pt"
     if path.is_file():
         return FeatureSet(**torch.load(path, weights_only=True))
     fs = extract(model, data, split, clips, **kw)
@@ -98,3 +95,16 @@ def cached_extract(model, info: dict, data, split: str, clips: int, *, cache_dir
     torch.save({f.name: getattr(fs, f.name) for f in dataclasses.fields(fs)}, tmp)
     tmp.replace(path)
     return fs
+
+
+def cache_key(info: dict, data, split: str, clips: int, kw: dict) -> str:
+    """16 hex digits of the sha256 of everything `extract`'s result depends on."""
+    from echofm.loaders.shards import manifest_sha256
+
+    from ..yaml_io import to_dict
+
+    settings = {k: v for k, v in to_dict(data).items() if k != "shards"}  # the content, not the path
+    key = json.dumps({"manifest": manifest_sha256(data.shards), "backbone": info["fingerprint"],
+                      "data": settings, "split": split, "clips": clips, "features": kw.get("features"),
+                      "grid": kw.get("grid")}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -1,15 +1,23 @@
-"""Full fine-tune: backbone + head trained end to end on the trainer's DeepSpeed engine,
-with layer-wise lr decay (the top encoder block gets `backbone_lr`, each block below
-`layer_decay` times less, the patch embedding least; the head gets `lr`).
+"""Full fine-tune: backbone + head trained end to end by the pretraining `Trainer` (the same
+step, DeepSpeed engine, checkpoints, resume and per-rank data), with layer-wise lr decay
+(the top encoder block gets `backbone_lr`, each block below `layer_decay` times less, the
+patch embedding least; the head gets `lr`). Only the labelled clips of the label-fraction
+patients are streamed, so every batch is full and every rank gets an equal share.
 """
 from __future__ import annotations
 
 import dataclasses
-import time
+from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from echofm.loaders.stream import ClipStream
+
+from ..errors import ConfigError
+from ..optim import no_decay
+from ..trainer import Trainer, init_distributed, resume_point
 from . import backbone as B
 from .config import DownstreamConfig
 from .data import annotated_frames, label_fraction_patients, list_samples, patient_of
@@ -47,8 +55,6 @@ def layer_decay_groups(net: DownstreamNet, cfg: DownstreamConfig, weight_decay: 
     """AdamW groups with per-group lr: backbone layer i gets
     backbone_lr * layer_decay ** (depth + 1 - i); the head gets `lr`. No decay on 1-D
     parameters, tokens and position embeddings."""
-    from ..optim import no_decay
-
     depth = net.backbone.cfg.depth
     groups: dict[tuple, dict] = {}
     for name, p in net.backbone.named_parameters():
@@ -67,65 +73,74 @@ def layer_decay_groups(net: DownstreamNet, cfg: DownstreamConfig, weight_decay: 
     return list(groups.values())
 
 
-def finetune(task: Task, backbone: nn.Module, recipe, device: torch.device, log=print) -> tuple[DownstreamNet, dict]:
-    """Train backbone + head on the label-fraction patients of the train split.
-    Returns (the trained net on the CPU, in eval mode; info for the results)."""
-    from echofm.loaders.stream import ClipStream
+def finetune(task: Task, backbone: nn.Module, recipe, *, run_dir: Path, resume: str | None = None,
+             log=print) -> tuple[DownstreamNet, dict]:
+    """Train backbone + head on the label-fraction patients of the train split, on the
+    pretraining `Trainer` (non-finite skip, checkpoints, resume, SIGTERM save); every rank
+    reads its own part of those patients' clips.
 
-    from ..trainer import build_engine, init_distributed
-
+    run_dir: the training folder (checkpoints/, metrics.jsonl, summary.json, recipe.yaml);
+    resume: None (fresh; refuses a folder with checkpoints), "auto" or a checkpoint path, as
+    `echofm pretrain --resume`. Returns (the trained net on the CPU, in eval mode; info for
+    the results)."""
     cfg: DownstreamConfig = recipe.downstream
+    if recipe.deepspeed.zero_stage == 3:
+        raise ConfigError("deepspeed.zero_stage=3 partitions the parameters, which the fine-tuned backbone "
+                          "is read back from; fine-tune with zero_stage 0-2")
+    start = resume_point(resume, run_dir, folder_key="downstream.out_dir")
+    dist = init_distributed(recipe.train.collective_timeout_s)
     metas = list_samples(recipe.data.shards, cfg.train_split)
     keep = label_fraction_patients(metas, task.stratum, cfg.label_fraction, cfg.seed)
+    net = _build_net(task, backbone, cfg, metas, keep)
     grid = isinstance(task, SegTask)
-    torch.manual_seed(cfg.seed)
-    if grid:
-        c = backbone.cfg
-        head = SegDecoder(c.embed_dim, len(cfg.seg_labels) + 1, hidden=cfg.hidden, tubelet=c.tubelet,
-                          frame_size=c.img_size)
-    else:
-        head = VideoHead(B.pooled_dim(backbone, cfg.features), task.out_dim, kind=cfg.head, hidden=cfg.hidden)
-        if task.kind == "regression":
-            ys = torch.tensor([task.target(m) for m in metas if patient_of(m) in keep
-                               and task.target(m) is not None], dtype=torch.float32)
-            head.set_output_stats(ys[:, None])
-    net = DownstreamNet(backbone, head, cfg.features, grid)
-
     data = dataclasses.replace(recipe.data, split=cfg.train_split, segmentation=grid)
-    _, world, _, _ = init_distributed()
-    stream = ClipStream(data, train=True, rank=0, world_size=1, device=device)
+    keys = {m["key"] for m in metas if patient_of(m) in keep and task.target(m) is not None}
+    stream = ClipStream(data, train=True, rank=dist.rank, world_size=dist.world, device=dist.device, keys=keys)
     steps = cfg.epochs * len(stream)
     run_recipe = dataclasses.replace(recipe, data=data, schedule=dataclasses.replace(
         recipe.schedule, warmup_steps=cfg.warmup_epochs * len(stream)))
     groups = layer_decay_groups(net, cfg, recipe.optim.weight_decay)
-    lrs = {str(g["layer"]): g["lr"] for g in groups}
-    for g in groups:
-        del g["layer"]
-    engine, _, _ = build_engine(net, run_recipe, world_size=world, total_steps=steps, param_groups=groups)
-    engine.train()
-    t0, n_steps, clips, last = time.time(), 0, 0, float("nan")
-    for epoch in range(cfg.epochs):
-        stream.set_epoch(epoch)
-        for b in stream:
-            rows = [i for i, m in enumerate(b["meta"]) if patient_of(m) in keep and task.target(m) is not None]
-            if not rows:
-                continue
-            video = b["video"][rows].to(engine.device)
-            out = engine(video)
-            if grid:
-                valid = torch.stack([annotated_frames(b["meta"][i], b["frames_index"][i].cpu()) for i in rows])
-                loss = task.loss(out, task.remap(b["seg"][rows].to(out.device)), valid.to(out.device))
-            else:
-                y = torch.as_tensor([task.target(b["meta"][i]) for i in rows], device=out.device)
-                if task.kind == "regression":
-                    y = (y.float() - net.head.out_mean[0]) / net.head.out_std[0]
-                loss = task.loss(out, y)
-            engine.backward(loss)
-            engine.step()
-            n_steps, clips, last = n_steps + 1, clips + len(rows), float(loss.detach())
-        log(f"finetune epoch {epoch + 1}/{cfg.epochs}: loss {last:.4f}, {clips} clips, "
-            f"{time.time() - t0:.1f}s")
+    lrs = {str(g.pop("layer")): g["lr"] for g in groups}
+    trainer = Trainer(run_recipe, net, stream, dist=dist, run_dir=run_dir, steps=steps, seed=cfg.seed,
+                      loss_fn=partial(task_loss, task, net.head), param_groups=groups, name="finetune")
+    trainer.resume(start)
+    summary = trainer.fit()
+    log(f"finetune: {summary['steps']} steps ({cfg.epochs} epochs of {len(stream)}), loss "
+        f"{summary['first_loss']} -> {summary['last_loss']}, {summary['wall_s']} s")
     # fp32 on the CPU: what `evaluate` reloads, so both score with the same numerics.
-    net = engine.module.float().to("cpu").eval()
-    return net, {"train_patients": len(keep), "steps": n_steps, "train_clips_seen": clips,
-                 "final_loss": last, "lr_by_layer": lrs, "seconds": time.time() - t0}
+    net = trainer.engine.module.float().to("cpu").eval()
+    return net, {"train_patients": len(keep), "steps": summary["steps"],
+                 "train_clips_seen": stream.stats["clips"] * dist.world, "final_loss": summary["last_loss"],
+                 "lr_by_layer": lrs, "seconds": summary["wall_s"], "rank": dist.rank, "ranks": dist.world,
+                 "resumed_from": summary["resumed_from"]}
+
+
+def _build_net(task: Task, backbone: nn.Module, cfg: DownstreamConfig, metas: list[dict],
+               keep: set[str]) -> DownstreamNet:
+    """backbone + a fresh head (seeded: the same on every rank)."""
+    torch.manual_seed(cfg.seed)
+    if isinstance(task, SegTask):
+        c = backbone.cfg
+        head = SegDecoder(c.embed_dim, len(cfg.seg_labels) + 1, hidden=cfg.hidden, tubelet=c.tubelet,
+                          frame_size=c.img_size)
+        return DownstreamNet(backbone, head, cfg.features, grid=True)
+    head = VideoHead(B.pooled_dim(backbone, cfg.features), task.out_dim, kind=cfg.head, hidden=cfg.hidden)
+    if task.kind == "regression":
+        ys = torch.tensor([task.target(m) for m in metas if patient_of(m) in keep
+                           and task.target(m) is not None], dtype=torch.float32)
+        head.set_output_stats(ys[:, None])
+    return DownstreamNet(backbone, head, cfg.features, grid=False)
+
+
+def task_loss(task: Task, head: nn.Module, engine, batch: dict) -> tuple[torch.Tensor, dict, None]:
+    """The fine-tune's forward for the Trainer: the task's loss on the head's raw output
+    (EF standardised by the head's output stats; segmentation on annotated frames only)."""
+    video, meta = batch["video"], batch["meta"]
+    out = engine(video.to(engine.device))
+    if task.kind == "segmentation":
+        valid = torch.stack([annotated_frames(m, fi) for m, fi in zip(meta, batch["frames_index"].cpu())])
+        return task.loss(out, task.remap(batch["seg"].to(out.device)), valid.to(out.device)), {}, None
+    y = torch.as_tensor([task.target(m) for m in meta], device=out.device)
+    if task.kind == "regression":
+        y = (y.float() - head.out_mean[0]) / head.out_std[0]
+    return task.loss(out, y), {}, None

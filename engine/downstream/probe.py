@@ -13,12 +13,16 @@ import time
 import numpy as np
 import torch
 
+from echofm.loaders.errors import DataError
+
 from . import evaluation as E
+from . import metrics as M
+from .backbone import check_model_section, load_backbone, pick_device
 from .config import DownstreamConfig
-from .data import label_fraction_patients, patient_of
-from .features import FeatureSet
+from .data import label_fraction_patients, patient_of, present_splits
+from .features import FeatureSet, extract
 from .heads import SegDecoder, VideoHead
-from .tasks import SegTask, Task
+from .tasks import SegTask, Task, make_task
 
 WD_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
@@ -28,7 +32,8 @@ def training_rows(task: Task, fs: FeatureSet, cfg: DownstreamConfig) -> tuple[li
     keep = label_fraction_patients(fs.metas, task.stratum, cfg.label_fraction, cfg.seed)
     rows = [i for i, m in enumerate(fs.metas) if patient_of(m) in keep and task.target(m) is not None]
     if not rows:
-        raise ValueError(f"no labelled training clips for task {task.name!r} (label '{task.key}')")
+        raise DataError(f"no labelled training clips for task {task.name!r} (label '{task.key}') in the "
+                        "training split")
     return rows, keep
 
 
@@ -132,14 +137,9 @@ def compare_backbones(backbones: dict[str, str], recipe, *, tasks: tuple[str, ..
     recipe: data (shards, clip shape) and the downstream settings. Each backbone's
     train / val / test features are computed once and shared by every task.
     Returns {name: {task: test-split metrics (+ 'fit')}}."""
-    from .features import extract
-    from .tasks import make_task
-    from .backbone import load_backbone
-    from .run import check_shapes, pick_device, present_splits
-
     cfg: DownstreamConfig = recipe.downstream
     device = pick_device(cfg.device)
-    splits = present_splits(recipe)
+    splits = present_splits(recipe.data.shards)
     order = sorted(backbones, key=lambda k: backbones[k] == "random")
     arch = None
     out: dict[str, dict[str, dict]] = {}
@@ -147,7 +147,8 @@ def compare_backbones(backbones: dict[str, str], recipe, *, tasks: tuple[str, ..
         r = recipe if (backbones[name] != "random" or arch is None) else dataclasses.replace(recipe, model=arch)
         model, info = load_backbone(backbones[name], r, seed=cfg.seed)
         arch = arch or model.cfg
-        check_shapes(recipe, model)
+        check_model_section(r, model, backbones[name])
+        recipe.validate(model.cfg, what=f"the backbone '{backbones[name]}'")
         t0 = time.time()
         kw = dict(features=cfg.features, grid=False, device=device, batch=cfg.feature_batch)
         train = extract(model, recipe.data, cfg.train_split, cfg.train_clips, **kw)
@@ -208,8 +209,6 @@ def paired_gap(results: dict[str, dict[str, dict]], task: str, a: str = "pretrai
     """Headline-metric gap of `a` over `b` on the same test videos (positive = `a` better:
     accuracy a - b, MAE b - a) with a PAIRED patient bootstrap: each resample draws
     patients once and scores both backbones on them, so the shared test-set noise cancels."""
-    from . import metrics as M
-
     va, vb = results[a][task]["per_video"], results[b][task]["per_video"]
     if va["key"] != vb["key"]:
         raise ValueError(f"{a} and {b} were scored on different videos")

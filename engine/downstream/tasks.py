@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from echofm.loaders.errors import DataError
+
 from . import metrics as M
 from .config import DownstreamConfig
 
@@ -190,7 +192,7 @@ def make_task(cfg: DownstreamConfig, train_metas: list[dict]) -> Task:
         present = {_class_name(_lookup(m, key)) for m in train_metas}
         classes = sorted(c for c in present if c is not None)
     if len(classes) < 2:
-        raise ValueError(f"task {cfg.task!r}: label '{key}' has {len(classes)} class(es) in the "
+        raise DataError(f"task {cfg.task!r}: label '{key}' has {len(classes)} class(es) in the "
                          f"training split ({classes}); need >= 2 (set downstream.label_key or "
                          "downstream.classes)")
     return ClassificationTask(cfg=cfg, name=cfg.task, kind="classification", key=key, classes=classes)

@@ -1,6 +1,7 @@
 """Source adapters: one per input layout (files, DICOM, EchoNet-Dynamic, CAMUS, CSV).
 
-`discover(path)` recognises the layout and returns the adapter's `Clip`s:
+`discover(path)` recognises the layout and returns a `Discovery` (the adapter's `Clip`s and
+the files it saw but does not ingest as listed):
 a `.csv` file or a folder with `labels.csv` -> CSV manifest; a folder with `FileList.csv`
 -> EchoNet-Dynamic; a folder of `patientNNNN/` with `*_half_sequence.nii.gz` -> CAMUS;
 anything else -> video files and DICOM files found under it (or the one file given).
@@ -10,13 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DataError
-from .base import Clip, Decoded, SegSpec, load_clip
+from .base import Clip, Decoded, Discovery, SegSpec
+from .load import load_clip
 
-__all__ = ["Clip", "Decoded", "SegSpec", "discover", "load_clip"]
+__all__ = ["Clip", "Decoded", "Discovery", "SegSpec", "discover", "load_clip"]
 
 
-def discover(path: str | Path, dataset: str | None = None) -> list[Clip]:
-    """The clips of one source argument (file or folder), by layout."""
+def discover(path: str | Path, dataset: str | None = None) -> Discovery:
+    """What one source argument (file or folder) holds, by layout."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: source does not exist")

@@ -1,8 +1,9 @@
-"""The record every source adapter produces, and the one function that loads it.
+"""The records source adapters produce: `Clip` (what to ingest), `Discovery` (what a source
+holds), `Decoded` (a clip's pixels).
 
 An adapter turns its layout into `Clip`s (cheap: paths + labels, no decoding). Ingest
-workers call `load_clip` to decode the pixels (and masks); a Clip is small and picklable
-so it travels to worker processes.
+workers call `load.load_clip` to decode the pixels (and masks); a Clip is small and
+picklable so it travels to worker processes. This module imports no adapter (they import it).
 """
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ class Clip:
     """Which decoder reads `source`."""
     dataset: str
     """Short dataset name, first part of the sample key ([A-Za-z0-9-])."""
+    dataset_from_path: bool = False
+    """`dataset` is a folder's name (files, CSV layouts): ingest writes only a keyed hash of it
+    (folder names can name patients) and uses it in clear only to keep patient ids of
+    different folders apart."""
     patient: str
     """Patient id in clear text; ingest hashes it before anything is written."""
     clip_id: str = ""
@@ -56,75 +61,47 @@ class Clip:
 
 @dataclass(kw_only=True, slots=True)
 class Decoded:
-    """A clip's pixels after decoding (before sector cropping)."""
+    """A clip's pixels after decoding (before sector cropping), at the kept size."""
 
     frames: np.ndarray
-    """uint8 [F, H, W, 3] RGB, or [F, H, W] for grey sources."""
+    """uint8 [F, h, w, 3] RGB, or [F, h, w] for grey sources."""
     fps: float
     seg: np.ndarray | None = None
-    """uint8 [F, H, W] label maps (0 on frames without annotation) or None."""
+    """uint8 [F, h, w] label maps (0 on frames without annotation) or None."""
     seg_frames: list[int] = field(default_factory=list)
+    source_size: tuple[int, int] = (0, 0)
+    """(H, W) of the source frames (frames may be smaller: see `scale`)."""
+    scale: float = 1.0
+    """Kept size / source size (decoding shrinks large sources frame by frame)."""
+    problems: str = ""
+    """Damage met while decoding ('12 of 111 frames corrupt'); '' when clean."""
 
 
-def load_clip(clip: Clip) -> Decoded:
-    """Decode a clip's pixels and masks. Raises DataError naming the file on failure."""
-    if clip.reader == "video":
-        from ..video_io import decode_video
+@dataclass(kw_only=True, slots=True)
+class Discovery:
+    """What a source argument holds: its clips, and the files it saw but does not ingest as
+    listed, so nothing is skipped without a word."""
 
-        frames, fps = decode_video(clip.source)
-        dec = Decoded(frames=frames, fps=fps)
-    elif clip.reader == "dicom":
-        from .dicom import read_dicom
+    clips: list[Clip] = field(default_factory=list)
+    unlisted: list[str] = field(default_factory=list)
+    """Videos / DICOM files in a CSV manifest's folder that the manifest does not list
+    (relative paths; not ingested)."""
+    renamed: list[str] = field(default_factory=list)
+    """Files whose content is a video or DICOM but whose extension says otherwise (relative
+    paths; ingested)."""
+    ignored: dict[str, int] = field(default_factory=dict)
+    """Extension -> number of files that are neither video nor DICOM (not ingested)."""
 
-        dec = read_dicom(clip.source)
-    elif clip.reader == "nifti":
-        from .camus import read_nifti_frames
-
-        dec = Decoded(frames=read_nifti_frames(clip.source), fps=0.0)
-    else:
-        raise ValueError(f"unknown reader {clip.reader!r}")
-    if clip.fps:
-        dec.fps = float(clip.fps)
-    if clip.seg is not None:
-        dec.seg, dec.seg_frames = load_seg(clip.seg, dec.frames.shape[:3], clip.source)
-    return dec
-
-
-def load_seg(spec: SegSpec, shape: tuple[int, int, int], source: str) -> tuple[np.ndarray, list[int]]:
-    """Label maps uint8 [F, H, W] matching the video `shape` (F, H, W), and annotated frames."""
-    from ..errors import DataError
-
-    f, h, w = shape
-    if spec.kind == "npy":
-        try:
-            seg = np.load(spec.path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{spec.path}: cannot read mask ({e})") from e
-    elif spec.kind == "nifti":
-        from .camus import read_nifti_labels
-
-        seg = read_nifti_labels(spec.path)
-    else:
-        import cv2
-
-        seg = np.zeros((f, h, w), np.uint8)
-        for t, pts in spec.polygons.items():
-            if 0 <= t < f and len(pts) >= 3:
-                # fillPoly wants integer vertices; 4 bits of sub-pixel shift keeps tracing precision.
-                p = np.round(np.asarray(pts, np.float64) * 16).astype(np.int32)
-                cv2.fillPoly(seg[t], [p], 1, lineType=cv2.LINE_8, shift=4)
-    if seg.ndim != 3 or tuple(seg.shape) != (f, h, w):
-        raise DataError(f"{spec.path or source}: mask shape {tuple(seg.shape)} does not match video "
-                        f"{(f, h, w)} (frames, height, width)")
-    seg = seg.astype(np.uint8, copy=False)
-    if spec.frames is not None:
-        frames = sorted({int(t) for t in spec.frames if 0 <= int(t) < f})
-    else:
-        frames = [int(t) for t in np.flatnonzero(seg.reshape(f, -1).max(1) > 0)]
-    return seg, frames
+    def extend(self, other: "Discovery") -> None:
+        self.clips += other.clips
+        self.unlisted += other.unlisted
+        self.renamed += other.renamed
+        for k, v in other.ignored.items():
+            self.ignored[k] = self.ignored.get(k, 0) + v
 
 
-VIDEO_EXTS = (".mp4", ".avi", ".webm", ".mov", ".mkv", ".m4v")
+VIDEO_EXTS = (".mp4", ".avi", ".webm", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv", ".ogv", ".flv",
+              ".3gp", ".m2ts", ".mts", ".gif")
 
 
 def reader_for(path: str | Path) -> Literal["video", "dicom", "nifti"]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .base import Clip, SegSpec
+from .base import Clip, Decoded, Discovery, SegSpec
 
 VIEWS = {"2CH": "A2C", "4CH": "A4C"}
 
@@ -37,14 +37,20 @@ def _load(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(a.transpose(2, 1, 0))
 
 
-def read_nifti_frames(path: str | Path) -> np.ndarray:
-    """A CAMUS sequence -> uint8 [F, H, W] grey."""
+def read_nifti_frames(path: str | Path, short_side: int = 0) -> Decoded:
+    """A CAMUS sequence -> grey frames uint8 [F, h, w] (fps 0: NIfTI has none). The volume is
+    read whole (CAMUS half sequences are ~10 MB); frames pass through a size-bounded sink."""
+    from ..video_io import FrameSink
+
     a = _load(path)
     if a.dtype != np.uint8:
-        a = a.astype(np.float32)
         hi = float(a.max())
-        a = np.clip(a * (255.0 / hi) if hi > 255 else a, 0, 255).astype(np.uint8)
-    return a
+        scale = 255.0 / hi if hi > 255 else 1.0
+        a = np.clip(a.astype(np.float32) * scale, 0, 255).astype(np.uint8)
+    sink = FrameSink(short_side=short_side)
+    for frame in a:
+        sink.add(frame)
+    return Decoded(frames=sink.result(), fps=0.0, source_size=sink.source_size, scale=sink.scale)
 
 
 def read_nifti_labels(path: str | Path) -> np.ndarray:
@@ -61,7 +67,7 @@ def read_cfg(path: Path) -> dict[str, str]:
     return out
 
 
-def discover(root: str | Path, dataset: str | None = None) -> list[Clip]:
+def discover(root: str | Path, dataset: str | None = None) -> Discovery:
     root = Path(root)
     ds = dataset or "camus"
     clips = []
@@ -93,4 +99,4 @@ def discover(root: str | Path, dataset: str | None = None) -> list[Clip]:
             fps=fps, seg=SegSpec(kind="nifti", path=str(gt)) if gt.is_file() else None))
     if not clips:
         raise DataError(f"{root}: no patient*/patient*_{{2CH,4CH}}_half_sequence.nii.gz files")
-    return clips
+    return Discovery(clips=clips)

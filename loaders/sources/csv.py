@@ -7,6 +7,9 @@ become labels `period_true`, `ed_true`, `es_true` (ingest measures the cycle its
 `frames` is ignored (ingest counts decoded frames). Every other non-empty column is a
 label: numbers become int or float, anything else stays a string. `grade` is an int.
 
+Videos and DICOM files under the CSV's folder that no row lists are reported (not ingested:
+they have no labels); run ingest on the folder without the CSV to take them as plain files.
+
 The synthetic corpus' `labels.csv` (CONTRACTS.md) ingests through this adapter.
 """
 from __future__ import annotations
@@ -15,7 +18,7 @@ import csv
 from pathlib import Path
 
 from ..errors import DataError
-from .base import Clip, SegSpec, reader_for, safe_name
+from .base import Clip, Discovery, SegSpec, reader_for, safe_name
 
 PATH_COLUMNS = ("path", "file", "filename", "video")
 
@@ -32,8 +35,9 @@ def _indices(v: str) -> list[int]:
     return [int(float(x)) for x in v.replace(",", ";").split(";") if x.strip()]
 
 
-def discover(csv_path: str | Path, dataset: str | None = None) -> list[Clip]:
-    """Clips of a CSV manifest (or of `<dir>/labels.csv` when given a directory)."""
+def discover(csv_path: str | Path, dataset: str | None = None) -> Discovery:
+    """Clips of a CSV manifest (or of `<dir>/labels.csv` when given a directory), and the
+    videos in its folder that it does not list."""
     csv_path = Path(csv_path)
     if csv_path.is_dir():
         csv_path = csv_path / "labels.csv"
@@ -76,8 +80,18 @@ def discover(csv_path: str | Path, dataset: str | None = None) -> list[Clip]:
         fps = get("fps")
         clips.append(Clip(
             source=str(src), rel_source=rel, reader=reader_for(src), dataset=ds,
-            patient=get("patient") or Path(rel).stem,
+            patient=get("patient") or Path(rel).stem, dataset_from_path=dataset is None,
             split=get("split").lower() or None, view=get("view") or None, labels=labels,
             fps=float(fps) if fps else None,
             seg=SegSpec(kind="npy", path=str(root / mask)) if mask else None))
-    return clips
+    return Discovery(clips=clips, unlisted=_unlisted(root, clips))
+
+
+def _unlisted(root: Path, clips: list[Clip]) -> list[str]:
+    """Relative paths of the videos / DICOM files under root that no clip names."""
+    from .files import discover as files_discover
+
+    listed = {Path(c.source).resolve() for c in clips}
+    listed |= {Path(c.seg.path).resolve() for c in clips if c.seg is not None and c.seg.path}
+    found = files_discover(root)
+    return sorted(c.rel_source for c in found.clips if Path(c.source).resolve() not in listed)

@@ -36,11 +36,13 @@ def dicom_fps(ds) -> float:
     return 0.0
 
 
-def to_frames(arr: np.ndarray, ds) -> np.ndarray:
-    """pixel_array -> uint8 [F, H, W] grey (MONOCHROME) or [F, H, W, 3] RGB."""
+def to_frames(arr: np.ndarray, ds, levels: tuple[float, float] | None = None, one_frame: bool = False) -> np.ndarray:
+    """pixel_array (or one frame of it: one_frame) -> uint8 [F, H, W] grey (MONOCHROME) or
+    [F, H, W, 3] RGB. More than 8 bits map `levels` (lo, hi) to 0..255; None: the 0.5 / 99.5
+    percentiles of `arr`."""
     pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     spp = int(ds.get("SamplesPerPixel", 1))
-    nframes = int(ds.get("NumberOfFrames", 1) or 1)
+    nframes = 1 if one_frame else int(ds.get("NumberOfFrames", 1) or 1)
     if pi == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
 
@@ -52,30 +54,42 @@ def to_frames(arr: np.ndarray, ds) -> np.ndarray:
         arr = arr[None]
     if arr.dtype != np.uint8:
         a = arr.astype(np.float32)
-        lo, hi = np.percentile(a, [0.5, 99.5])
+        lo, hi = levels if levels is not None else np.percentile(a, [0.5, 99.5])
         arr = np.clip((a - lo) * (255.0 / max(hi - lo, 1e-6)), 0, 255).astype(np.uint8)
     if pi == "MONOCHROME1":
         arr = 255 - arr
     return np.ascontiguousarray(arr)
 
 
-def read_dicom(path: str | Path) -> Decoded:
-    """Decode a DICOM file's frames; raises DataError naming the file when it cannot."""
+def read_dicom(path: str | Path, short_side: int = 0) -> Decoded:
+    """Decode a DICOM file frame by frame (pydicom's iter_pixels) through a size-bounded sink;
+    raises DataError naming the file when it cannot. Deeper than 8 bits: the first frame's
+    0.5 / 99.5 percentiles set the grey levels for the whole cine."""
     import pydicom
+    from pydicom.pixels import iter_pixels
 
+    from ..video_io import FrameSink
+
+    sink, levels = FrameSink(short_side=short_side), None
     try:
-        ds = pydicom.dcmread(str(path))
-        if "PixelData" not in ds:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        if "Rows" not in ds:
             raise DataError(f"{path}: DICOM has no pixel data")
-        arr = ds.pixel_array
+        for arr in iter_pixels(str(path)):
+            if arr.dtype != np.uint8 and levels is None:
+                levels = tuple(np.percentile(arr.astype(np.float32), [0.5, 99.5]))
+            for frame in to_frames(arr, ds, levels, one_frame=True):
+                sink.add(frame)
     except DataError:
         raise
     except Exception as e:  # pydicom raises many types on damaged/unsupported files
         raise DataError(f"{path}: cannot decode DICOM pixels ({type(e).__name__}: {e})") from e
-    return Decoded(frames=to_frames(arr, ds), fps=dicom_fps(ds))
+    if not sink.frames:
+        raise DataError(f"{path}: DICOM has no frames")
+    return Decoded(frames=sink.result(), fps=dicom_fps(ds), source_size=sink.source_size, scale=sink.scale)
 
 
-def discover_files(paths: list[Path], base: Path, dataset: str) -> list[Clip]:
+def discover_files(paths: list[Path], base: Path, dataset: str, from_path: bool = False) -> list[Clip]:
     """Clips for DICOM files (headers only; `files.discover` finds them in folders). Files without image rows (DICOMDIR, SR) are
     skipped; unreadable headers still become clips, so the worker records them as rejects."""
     import pydicom
@@ -92,6 +106,6 @@ def discover_files(paths: list[Path], base: Path, dataset: str) -> list[Clip]:
         except Exception:  # damaged header: let the worker reject it with the reason
             pass
         clips.append(Clip(source=str(q), rel_source=str(q.relative_to(base)), reader="dicom",
-                          dataset=dataset, patient=patient, view=view))
+                          dataset=dataset, patient=patient, view=view, dataset_from_path=from_path))
     return clips
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .base import Clip, SegSpec
+from .base import Clip, Discovery, SegSpec
 
 
 def _polygon_area(pts: list[tuple[float, float]]) -> float:
@@ -51,7 +51,7 @@ def read_tracings(path: Path) -> dict[str, dict[int, list[tuple[float, float]]]]
     return out
 
 
-def discover(root: str | Path, dataset: str | None = None) -> list[Clip]:
+def discover(root: str | Path, dataset: str | None = None) -> Discovery:
     root = Path(root)
     fl = root / "FileList.csv"
     try:
@@ -84,4 +84,8 @@ def discover(root: str | Path, dataset: str | None = None) -> list[Clip]:
         clips.append(Clip(source=str(root / rel), rel_source=rel, reader="video", dataset=ds,
                           patient=stem, split=(r.get("Split") or "").strip() or None,
                           view="A4C", labels=labels, fps=float(fps) if fps else None, seg=seg))
-    return clips
+    listed = {c.rel_source for c in clips}
+    videos = root / "Videos"
+    unlisted = sorted(str(q.relative_to(root)) for q in videos.glob("*") if q.is_file()
+                      and str(q.relative_to(root)) not in listed) if videos.is_dir() else []
+    return Discovery(clips=clips, unlisted=unlisted)

@@ -1,0 +1,151 @@
+"""Regional compile and whole-step CUDA graphs (engine/compile.py): same numbers as eager, and
+clean fallbacks where they cannot run (CPU without a compiler, no CUDA, a failing compile)."""
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+
+from echofm.engine import compile as C
+from echofm.engine.masking import MaskConfig
+from echofm.engine.model import EchoFM, ModelConfig
+
+GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if GPU else "cpu")
+SMALL = dict(preset="echofm_tiny", num_frames=8, img_size=32, patch_size=8, tubelet=2, embed_dim=64, depth=2,
+             num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, pred_t_dim=4)
+# Inductor's CPU code generation compiles C++: ~90 s cold on 2 cores (seconds once cached).
+slow_inductor = pytest.mark.skipif(not GPU and os.environ.get("ECHOFM_SLOW") != "1",
+                                   reason="inductor on CPU compiles C++ (~90 s cold): set ECHOFM_SLOW=1 to run it")
+
+
+def model_and_batch(backend="auto", seed=0):
+    torch.manual_seed(seed)
+    model = EchoFM(ModelConfig(**SMALL, attn_backend=backend), MaskConfig(ratio=0.75)).to(DEVICE)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    video = torch.randint(0, 256, (2, 8, 32, 32, 3), generator=g, dtype=torch.uint8).to(DEVICE)
+    return model, video, model.draw_mask(2, DEVICE)
+
+
+def loss_and_grads(model, video, mask):
+    model.zero_grad(set_to_none=True)
+    loss = model(video, mask=mask)["loss"]
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def check_same(model, compiled, video, mask, tol):
+    loss, grads = loss_and_grads(model, video, mask)
+    loss_c, grads_c = loss_and_grads(compiled, video, mask)
+    assert C.is_compiled(compiled) and not C.is_compiled(model)
+    assert abs(loss_c.item() - loss.item()) <= tol * abs(loss.item())
+    assert grads.keys() == grads_c.keys()
+    limit = 1e-3 if tol < 1e-4 else 1e-2
+    for n in grads:
+        # floor 1e-6: phase_norm.bias has an exactly-zero true gradient (the contrastive
+        # loss centres the phase over time), so its computed one is rounding noise
+        err = (grads_c[n] - grads[n]).norm() / grads[n].norm().clamp(min=1e-6)
+        assert err < limit, n
+
+
+@pytest.mark.parametrize("attn", ["auto", "triton"])
+def test_regional_compile_matches_eager(attn):
+    # aot_eager: dynamo + AOTAutograd through the blocks (and the Triton custom op), without
+    # inductor's code generation; parameter names stay those of the eager model.
+    model, video, mask = model_and_batch(attn)
+    compiled = C.compile_regions(copy.deepcopy(model), backend="aot_eager")
+    assert compiled.state_dict().keys() == model.state_dict().keys()
+    assert len(C.regions(compiled)) == 2 + 1 + 1  # encoder blocks, decoder block, phase block
+    check_same(model, compiled, video, mask, tol=1e-5)
+
+
+@slow_inductor
+def test_inductor_compile_matches_eager():
+    model, video, mask = model_and_batch()
+    check_same(model, C.compile_regions(copy.deepcopy(model)), video, mask, tol=1e-4)
+
+
+def test_compile_unavailable_warns_and_stays_eager(monkeypatch):
+    model, video, mask = model_and_batch()
+    monkeypatch.setattr(C, "compile_unavailable", lambda device, backend="inductor": "no C++ compiler here")
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler here; the model runs eager"):
+        out = C.compile_regions(model)
+    assert out is model and not C.is_compiled(model)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        C.compile_regions(model, "fastest")
+
+
+def test_cpu_without_a_compiler_is_reported(monkeypatch):
+    monkeypatch.setattr(C.shutil, "which", lambda name: None)
+    assert "C++ compiler" in C.compile_unavailable(torch.device("cpu"))
+    assert C.compile_unavailable(torch.device("cpu"), backend="aot_eager") is None
+
+
+def test_failing_compile_falls_back_to_eager_on_the_first_step():
+    model, video, mask = model_and_batch()
+    loss_ref, _ = loss_and_grads(copy.deepcopy(model), video, mask)
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("backend exploded")
+
+    C.compile_regions(model, backend=broken_backend)
+    with pytest.warns(UserWarning, match="compiled step failed .*backend exploded.*running eager"):
+        loss, _ = C.first_step_or_eager(lambda v, m: loss_and_grads(model, v, m), model, video, mask)
+    assert not C.is_compiled(model)
+    assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-6)
+
+
+def make_step(model, opt):
+    def step(video, mask):
+        opt.zero_grad(set_to_none=True)
+        loss = model(video, mask=mask)["loss"]
+        loss.backward()
+        opt.step()
+        return loss.detach()
+    return step
+
+
+@pytest.mark.skipif(GPU, reason="checks the CPU fallback")
+def test_graphed_step_without_cuda_warns_and_runs_eager():
+    model, video, mask = model_and_batch()
+    twin = copy.deepcopy(model)
+    step = make_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    ref_step = make_step(twin, torch.optim.AdamW(twin.parameters(), lr=1e-3))
+    with pytest.warns(UserWarning, match="CUDA graphs need CUDA tensors"):
+        graphed = C.GraphedStep(step, video, mask)
+    assert not graphed.captured
+    for _ in range(2):
+        assert graphed(video, mask).item() == pytest.approx(ref_step(video, mask).item(), rel=1e-6)
+
+
+def test_static_inputs_must_keep_their_shapes():
+    _, video, mask = model_and_batch()
+    static = (C._static_copy(video), C._static_copy(mask))
+    assert static[1].ids_keep is not mask.ids_keep and torch.equal(static[1].ids_keep, mask.ids_keep)
+    other = EchoFM(ModelConfig(**SMALL), MaskConfig(ratio=0.5)).draw_mask(2, DEVICE)
+    with pytest.raises(ValueError, match="argument 1.ids_keep must stay"):
+        C._fill(static[1], other, "argument 1")
+    with pytest.raises(ValueError, match="argument 0 must stay"):
+        C._fill(static[0], video[:1], "argument 0")
+
+
+@pytest.mark.gpu(reason="CUDA graphs need a CUDA GPU")
+def test_graphed_step_replays_like_eager_steps():
+    model, video, mask = model_and_batch()
+    twin = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True, capturable=True)
+    ref_opt = torch.optim.AdamW(twin.parameters(), lr=1e-3, fused=True)
+    ref_step = make_step(twin, ref_opt)
+    graphed = C.GraphedStep(make_step(model, opt), video, mask, warmup=2)
+    for _ in range(2):  # the warmup calls were real steps (the capture only records one)
+        ref_step(video, mask)
+    assert graphed.captured
+    for seed in (1, 2):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        v = torch.randint(0, 256, video.shape, generator=g, dtype=torch.uint8).to(DEVICE)
+        m = model.draw_mask(2, DEVICE)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loss = graphed(v, m).item()
+        assert loss == pytest.approx(ref_step(v, m).item(), rel=1e-4)
