@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from echofm.engine import bench
-from echofm.loaders.synth import SynthConfig, make_corpus, plan_corpus, render_clip, write_video
-from echofm.loaders.synth_dicom import write_dicom
+from echofm.loaders.synth import SynthConfig, make_corpus, plan_corpus, render_clip, write_dicom, write_video
 
 
 def cpu_seconds() -> float:
@@ -59,7 +58,8 @@ def main() -> int:
             t = time.process_time()
             path = Path(tmp) / f"stage.{spec.container}"
             if spec.container == "dcm":
-                write_dicom(path, clip.video, fps=spec.fps, patient=spec.patient, name=spec.name, seed=0)
+                write_dicom(path, clip.video, fps=spec.fps, patient=spec.patient, study=spec.study, name=spec.name,
+                            seed=0)
             else:
                 write_video(path, clip.video, spec.fps, spec.container)
             stages["encode"] += time.process_time() - t

@@ -16,6 +16,10 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from echofm.loaders.synth import SynthConfig
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "pretrain" / "echofm_tiny.yaml"
 
@@ -37,6 +41,16 @@ class DemoConfig:
     seed: int = 0
 
 
+def demo_synth_config(cfg: DemoConfig) -> SynthConfig:
+    """The demo's synthetic corpus (`loaders.synth.SynthConfig`); benchmarks/supervised_ref.py
+    builds the same one. Small frames and clips keep generation and ingest short; the
+    held-out split is large because the comparison's CI is over test patients."""
+    from echofm.loaders.synth import SynthConfig
+
+    return SynthConfig(videos=cfg.videos, seed=cfg.seed, min_size=128, max_size=192, max_frames=90,
+                       test_fraction=cfg.test_fraction)
+
+
 def _stage(name: str, t0: float) -> float:
     now = time.time()
     print(f"[demo] {name}: {now - t0:.1f} s", flush=True)
@@ -47,7 +61,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     """Run every stage; returns (and writes to `<out>/demo_summary.json`) the summary."""
     from echofm.loaders.corpus import cached_corpus, cached_synth
     from echofm.loaders.ingest import IngestConfig
-    from echofm.loaders.synth import SynthConfig
 
     from .config import load_recipe
     from .export import export
@@ -59,9 +72,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     t_start = t = time.time()
     times: dict[str, float] = {}
 
-    # a large held-out split: the probe comparison's CI is over test patients
-    synth = SynthConfig(videos=cfg.videos, seed=cfg.seed, min_size=128, max_size=192, max_frames=90,
-                        test_fraction=cfg.test_fraction)
+    synth = demo_synth_config(cfg)
+
     def say(message: str) -> None:
         print(f"[demo] {message.strip()}", flush=True)
 

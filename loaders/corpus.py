@@ -25,7 +25,7 @@ from pathlib import Path
 from .errors import DataError
 
 SPEC = "cache_spec.json"
-SYNTH_CODE = ("synth", "synth_dicom", "video_io")
+SYNTH_CODE = ("synth", "video_io")
 """Modules (files or packages under loaders/) whose code decides the bytes of a synthetic corpus."""
 INGEST_CODE = ("ingest", "shards", "video_io", "sector", "cycles", "trim", "sources")
 """... and of its shards."""

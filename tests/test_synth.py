@@ -10,7 +10,8 @@ import pytest
 
 from echofm.engine.cli import main
 from echofm.loaders.synth import (LABEL_COLUMNS, VIEWS, ClipSpec, SynthConfig, cycle, make_corpus,
-                                  plan_corpus, read_labels, render_clip)
+                                  plan_corpus, read_labels, render_clip, write_dicom)
+from echofm.loaders.synth.plan import FOLLOW_UP_EF
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +48,58 @@ def test_labels_columns_and_coverage(synth_corpus, rows):
     assert {Path(r["file"]).suffix for r in rows} == {".mp4", ".avi", ".dcm"}
     assert {r["split"] for r in rows} == {"train", "val", "test"}
     assert any(r["frames"] < 32 for r in rows)
-    per_patient = defaultdict(list)
-    for r in rows:
-        per_patient[r["patient"]].append(r)
-    assert any(len(v) >= 2 for v in per_patient.values())
-    for patient, clips in per_patient.items():
-        # one split, one EF, one grade per patient; distinct views
-        assert len({(c["split"], c["ef"], c["grade"]) for c in clips}) == 1, patient
-        assert len({c["view"] for c in clips}) == len(clips), patient
     for r in rows:
         assert 15 <= r["ef"] <= 75 and 15 <= r["period"] <= 45 and 25 <= r["fps"] <= 60
         assert r["frames"] > r["period"], "every clip holds a full cycle"
+
+
+def test_patients_and_studies(rows):
+    per_patient, per_study = defaultdict(list), defaultdict(list)
+    for r in rows:
+        per_patient[r["patient"]].append(r)
+        per_study[r["study"]].append(r)
+    # the corpus holds a multi-view study and a multi-study patient (study-level pooling is testable)
+    assert any(len(v) >= 2 for v in per_study.values())
+    assert any(len({c["study"] for c in v}) >= 2 for v in per_patient.values())
+    for patient, clips in per_patient.items():
+        # one split and one grade per patient; study ids never contain the patient id
+        assert len({(c["split"], c["grade"]) for c in clips}) == 1, patient
+        assert not any(patient in c["study"] for c in clips), patient
+    for study, clips in per_study.items():
+        # one EF per study, distinct views, file names <study>_<view>
+        assert len({c["ef"] for c in clips}) == 1, study
+        assert len({c["view"] for c in clips}) == len(clips), study
+        assert all(Path(c["file"]).stem == f"{study}_{c['view'].lower()}" for c in clips)
+
+
+def test_plan_studies():
+    # a larger plan (no rendering): every study size and follow-up EF rule, deterministic ids
+    cfg = SynthConfig(videos=120, seed=7, max_views_per_study=3, max_studies_per_patient=3)
+    specs = plan_corpus(cfg)
+    assert len(specs) == 120 and [s.name for s in specs] == [s.name for s in plan_corpus(cfg)]
+    studies = defaultdict(list)
+    for s in specs:
+        studies[s.study].append(s)
+    assert {len(v) for v in studies.values()} == {1, 2, 3}
+    studies_of = defaultdict(list)  # patient -> study ids in order
+    for s in specs:
+        if s.study not in studies_of[s.patient]:
+            studies_of[s.patient].append(s.study)
+    assert {len(v) for v in studies_of.values()} == {1, 2, 3}
+    first = {s.patient: s.ef for s in specs if s.study == studies_of[s.patient][0]}
+    follow_ups = [s for s in specs if s.study != studies_of[s.patient][0]]
+    assert all(abs(s.ef - first[s.patient]) <= FOLLOW_UP_EF + 0.01 for s in follow_ups)
+    assert any(s.ef != first[s.patient] for s in follow_ups)
+    one = plan_corpus(SynthConfig(videos=30, seed=7, max_views_per_study=1, max_studies_per_patient=1))
+    assert len({s.study for s in one}) == len({s.patient for s in one}) == 30
+
+
+def test_dicom_study_uid(tmp_path):
+    video = np.zeros((2, 16, 16), np.uint8)
+    for name, study in (("a", "s1e0000"), ("b", "s1e0000"), ("c", "s1e0001")):
+        write_dicom(tmp_path / f"{name}.dcm", video, fps=30, patient="p0", study=study, name=name, seed=1)
+    uid = {n: pydicom.dcmread(tmp_path / f"{n}.dcm").StudyInstanceUID for n in "abc"}
+    assert uid["a"] == uid["b"] != uid["c"]
 
 
 def test_ef_and_ed_es_from_masks(synth_corpus, rows):
@@ -241,3 +283,7 @@ def test_config_validation():
         SynthConfig(min_size=300, max_size=100).validate()
     with pytest.raises(ValueError, match="min_period"):
         SynthConfig(min_period=40, max_period=30).validate()
+    with pytest.raises(ValueError, match="heart_scale"):
+        SynthConfig(heart_scale=1.6).validate()
+    with pytest.raises(ValueError, match="max_views_per_study"):
+        SynthConfig(max_views_per_study=5).validate()
