@@ -65,8 +65,9 @@ setup(
         # Not installed by the tests: tests/test_logging.py drives both through fake modules.
         "wandb": ["wandb>=0.17,<1"],  # the W&B client (0.x releases; run.log / run.finish)
         "mlflow": ["mlflow-skinny>=2.10,<4"],  # the tracking client `import mlflow` (no server)
-        # Tests: pytest, and webdataset to prove the shards are plain WebDataset (test_packaging).
-        "dev": ["pytest>=8,<10", "webdataset>=0.2.100,<2"],
+        # Tests: pytest; pytest-timeout, so a hung test fails with its stack instead of stalling
+        # CI (pytest.ini); webdataset to prove the shards are plain WebDataset (test_packaging).
+        "dev": ["pytest>=8,<10", "pytest-timeout>=2.2,<3", "webdataset>=0.2.100,<2"],
     },
     entry_points={"console_scripts": ["echofm = echofm.engine.cli:main"]},
 )

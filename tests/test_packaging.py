@@ -131,3 +131,16 @@ def test_makefile_installs_existing_extras_and_the_tested_torch():
     (torch_pin,) = re.findall(r"pip install -q torch==([\d.]+)", make)
     (torch_req,) = [r for r in reqs if r.name == "torch"]
     assert torch_req.specifier.contains(torch_pin), f"Makefile's torch {torch_pin} is outside setup.py's {torch_req}"
+
+
+def test_a_hung_test_fails_instead_of_stalling_ci():
+    """Regression (CI ran out of its 90 minutes on one hung test): pytest.ini sets a per-test
+    timeout, and the plugin that enforces it is a dev dependency and loaded."""
+    import configparser
+
+    ini = configparser.ConfigParser()
+    ini.read(ROOT / "pytest.ini")
+    assert 60 <= int(ini["pytest"]["timeout"]) <= 900
+    _, extras = _setup_literals()
+    assert "pytest-timeout" in {r.name for r in extras["dev"]}
+    importlib.metadata.version("pytest-timeout")
