@@ -153,8 +153,9 @@ def test_missing_test_split_is_refused_naming_it(tiny_shards, tmp_path, capsys):
     args = ("finetune", "recipes/downstream/synthetic_view.yaml", *_set(*sets(no_test, tmp_path / "runs")))
     assert _cli(*args) == 2
     err = capsys.readouterr().err.strip().splitlines()
+    have = json.loads((no_test / "manifest.json").read_text())["splits"]
     assert len(err) == 1 and err[0].startswith(f"echofm: error: {no_test}: split 'test' (downstream.test_split) "
-                                               "is empty (the shards have train 10, val 3)")
+                                               f"is empty (the shards have train {have['train']}, val {have['val']})")
     assert not (tmp_path / "runs").exists()  # refused before anything was written
     no_val = split_subset(tiny_shards, tmp_path / "no_val", ("train", "test"))
     res = run(recipe("view", no_val, tmp_path, "downstream.epochs=5"), log=print)

@@ -95,7 +95,7 @@ def require_splits(shards: str, needed: dict[str, str]) -> dict[str, int]:
     splits = present_splits(shards)
     for split, key in needed.items():
         if not splits.get(split):
-            have = ", ".join(f"{k} {v}" for k, v in splits.items() if v) or "no samples"
+            have = ", ".join(f"{k} {v}" for k, v in sorted(splits.items()) if v) or "no samples"
             raise UserError(f"{shards}: split '{split}' ({key}) is empty (the shards have {have}); give some "
                             f"patients split '{split}' in the source (e.g. a CSV `split` column) and ingest into "
                             f"a new folder, or set {key} to a split that has samples")
