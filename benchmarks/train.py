@@ -56,9 +56,11 @@ CPU (no CUDA, no --smoke):
 2. Trainer: `echofm pretrain` of the tiny recipe on shards of a synthetic corpus (DALI CPU
    decode, DeepSpeed): steps/s, sampled / decoded fps, data-wait fraction of step time.
 
-Writes benchmarks/results/train_gpu.json (CUDA) or train_cpu.json (CPU; --smoke writes
-only to an explicit --out) and prints a table; the GPU table ends with the issue's bar and
-the recipe line of each preset's winner.
+Prints a table and writes train_gpu.json (CUDA) or train_cpu.json (CPU) into a new run
+folder, or where --out says (benchmarks/results/... updates the committed results;
+gpu_check.sh does); --smoke writes only to an explicit --out. The GPU table ends with the
+issue's bar and the recipe line of each preset's winner. Shards are cached in
+~/.cache/echofm/bench/train/ (`echofm bench --clean train` removes them).
 """
 from __future__ import annotations
 
@@ -75,7 +77,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -654,7 +655,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: what the trainer picks: cores minus 1 decode thread)")
     ap.add_argument("--videos", type=int, default=24)
-    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/echofm/bench_train")
+    ap.add_argument("--cache", type=Path, default=None, help="default: engine.bench.cache_dir('train')")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--skip-trainer", action="store_true")
     ap.add_argument("--smoke", action="store_true",
@@ -681,9 +682,13 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     res: dict = {"host": platform.node(), "device": torch.cuda.get_device_name() if cuda else "cpu",
                  "threads": args.threads, "torch": torch.__version__}
-    out = args.out or (None if args.smoke else RESULTS / ("train_gpu.json" if cuda else "train_cpu.json"))
+    from echofm.engine import bench
+
+    args.cache = args.cache or bench.cache_dir("train")
+    out = args.out or (None if args.smoke else bench.results_path("train", None, f"train_{device.type}.json"))
 
     def save_json(extra: dict | None = None) -> None:
+        """Written after each stage, so a run cut short by its time limit keeps what it measured."""
         res.update(extra or {})
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -696,9 +701,10 @@ def main(argv=None) -> int:
         print_gpu(gpu_section(args, device, save_json))
     else:
         cpu_section(args, device, res)
-    save_json()
     if out is not None:
-        print(f"wrote {out}")
+        bench.write_json(out, res)
+    if not args.skip_trainer and not cuda and not args.smoke:
+        bench.announce_cache(args.cache)
     return 0
 
 
