@@ -68,7 +68,7 @@ variant, ...): written by export_official, read by load_official; the official
 MaskedAutoencoderViT(**model_args) swallows it in **kwargs."""
 
 
-def _read(source: str | Path | Mapping) -> tuple[dict, str]:
+def read_checkpoint(source: str | Path | Mapping) -> tuple[dict, str]:
     """A path (torch.load weights_only) or an already loaded mapping -> (dict, label)."""
     if isinstance(source, Mapping):
         return dict(source), "<state dict>"
@@ -271,7 +271,7 @@ def load_official(source: str | Path | Mapping, mask_cfg: MaskConfig | None = No
     """An official EchoFM checkpoint (path or loaded dict) -> EchoFM with those weights,
     input normalisation, mask and loss (mask_cfg / loss_cfg replace the checkpoint's).
     `model.adapter_report` lists the settings read from the file and those defaulted."""
-    ckpt, label = _read(source)
+    ckpt, label = read_checkpoint(source)
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, Mapping) else ckpt
     if not isinstance(sd, Mapping):
         raise CheckpointError(f"{label}: expected {{'model': state_dict, 'model_args': ...}}")
@@ -329,7 +329,7 @@ def load_videomae(source: str | Path | Mapping, num_frames: int = 16, img_size: 
     ImageNet-normalised input (mean / std travel in model.cfg and its exports), fresh
     projector / decoder (echofm_vit_base decoder). `model.adapter_report` says what was
     loaded and approximated."""
-    ckpt, label = _read(source)
+    ckpt, label = read_checkpoint(source)
     sd = ckpt
     for key in ("model", "module", "state_dict"):
         if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
