@@ -370,6 +370,8 @@ def _add_embed(sub) -> None:
     p.add_argument("--recipe", default=None, help="recipe whose model: builds 'random' / VideoMAE and whose "
                    "data: gives the stride (default: the defaults)")
     _add_set(p)
+    p.add_argument("--part-rows", type=int, default=4096, help="rows per Parquet part: the most work a kill "
+                   "loses (default 4096)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(run=_run_embed)
 
@@ -384,10 +386,9 @@ def _run_embed(args) -> int:
 
         recipe = (load_recipe(args.recipe, args.overrides) if args.recipe
                   else recipe_from_data(apply_overrides({}, args.overrides), file="--set"))
-    if args.clips < 1 or args.batch < 0:
-        raise UserError("embed: --clips must be >= 1 and --batch >= 0")
     cfg = EmbedConfig(shards=args.shards, backbone=args.backbone, out=args.out, split=args.split, clips=args.clips,
-                      features=args.features, batch=args.batch, device=args.device, progress=args.progress)
+                      features=args.features, batch=args.batch, device=args.device, part_rows=args.part_rows,
+                      progress=args.progress)
     embed(cfg, recipe)
     return 0
 

@@ -62,6 +62,15 @@ class EmbedConfig:
     progress: bool = True
     """A progress bar on stderr."""
 
+    def validate(self) -> None:
+        from .downstream.config import FEATURES
+
+        parts = self.features.split("+")
+        if any(p not in FEATURES for p in parts) or len(set(parts)) != len(parts):
+            raise UserError(f"embed: features {self.features!r}: join distinct parts of {', '.join(FEATURES)} with '+'")
+        if self.clips < 1 or self.batch < 0 or self.part_rows < 1:
+            raise UserError("embed: clips and part_rows must be >= 1, batch >= 0")
+
 
 def rank_world() -> tuple[int, int]:
     """(RANK, WORLD_SIZE) from torchrun's environment; (0, 1) without it."""
@@ -140,8 +149,9 @@ def _rows(batch: dict, emb: torch.Tensor, phase: torch.Tensor) -> list[dict]:
 
 
 class PartWriter:
-    """Rows -> part-<rank>-<n>.parquet files of about `part_rows` rows, each written under a
-    temporary name and renamed into place; only samples with all their clips are written."""
+    """Rows -> part-<rank>-<n>.parquet files of `part_rows` rows (rounded down to whole
+    samples; the last part fewer), each written under a temporary name and renamed into
+    place; only samples with all their clips are written."""
 
     def __init__(self, out: Path, rank: int, clips: int, part_rows: int, meta: dict) -> None:
         self.out, self.rank, self.clips, self.part_rows = out, rank, clips, part_rows
@@ -161,17 +171,23 @@ class PartWriter:
             if len(clips) == self.clips:
                 self.ready += sorted(self.pending.pop(r["key"]), key=lambda x: x["clip"])
                 self.samples += 1
-        if len(self.ready) >= self.part_rows:
-            self.flush()
+        cut = max(self.part_rows // self.clips, 1) * self.clips  # whole samples per part
+        while len(self.ready) >= cut:
+            self._write(self.ready[:cut])
+            self.ready = self.ready[cut:]
 
     def flush(self) -> None:
+        """Write the complete samples still held (the end of the run)."""
+        if self.ready:
+            self._write(self.ready)
+            self.ready = []
+
+    def _write(self, rows: list[dict]) -> None:
         import numpy as np
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        if not self.ready:
-            return
-        cols = {c: [r[c] for r in self.ready] for c in COLUMNS}
+        cols = {c: [r[c] for r in rows] for c in COLUMNS}
         arrays = {c: pa.array(v, pa.int32() if c == "clip" else pa.string()) for c, v in cols.items()
                   if c not in ("embedding", "phase")}
         for c in ("embedding", "phase"):
@@ -183,7 +199,6 @@ class PartWriter:
         pq.write_table(table, tmp)
         tmp.replace(self.out / name)
         self.next += 1
-        self.ready = []
 
 
 def embed(cfg: EmbedConfig, recipe=None, log=print) -> dict:
@@ -197,6 +212,7 @@ def embed(cfg: EmbedConfig, recipe=None, log=print) -> dict:
     from .downstream.data import list_samples
     from .downstream.features import stream_config
 
+    cfg.validate()
     rank, world = rank_world()
     device = _device(cfg.device)
     recipe = _recipe_for(cfg, recipe)
