@@ -307,7 +307,7 @@ def _run_synth(args) -> int:
 
 # ---------------------------------------------------------------- bench
 
-BENCHMARKS = ("synth", "ingest", "loader", "kernels", "train", "probe_gap", "integrity")
+BENCHMARKS = ("synth", "ingest", "loader", "kernels", "train", "probe_gap", "integrity", "embed")
 
 
 def _add_bench(sub) -> None:

@@ -96,7 +96,7 @@ def written_keys(out: Path) -> set[str]:
     return done
 
 
-def _device(spec: str) -> torch.device:
+def embed_device(spec: str) -> torch.device:
     from .downstream.backbone import pick_device
 
     if spec == "auto" and torch.cuda.is_available():
@@ -214,7 +214,7 @@ def embed(cfg: EmbedConfig, recipe=None, log=print) -> dict:
 
     cfg.validate()
     rank, world = rank_world()
-    device = _device(cfg.device)
+    device = embed_device(cfg.device)
     recipe = _recipe_for(cfg, recipe)
     model, info = B.load_backbone(cfg.backbone, recipe)
     stream = dataclasses.replace(recipe.data, num_frames=model.cfg.num_frames, size=model.cfg.img_size)

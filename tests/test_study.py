@@ -6,7 +6,6 @@ import csv
 import hashlib
 import json
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import pytest

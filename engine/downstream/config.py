@@ -24,8 +24,9 @@ class DownstreamConfig:
     """probe: frozen backbone, features cached once, head only; finetune: whole network."""
     backbone: str = "random"
     """'random' (seeded init of the recipe's `model:`), an `echofm export` dir, a training
-    checkpoint dir, or an official EchoFM .pth; prefix 'export:', 'checkpoint:' or
-    'official:' to force the kind. The recipe's `model:` must describe the backbone's encoder
+    checkpoint dir, an official EchoFM .pth or a VideoMAE .pth (told apart by their keys;
+    VideoMAE's clip length, frame size and heads from the recipe's `model:`); prefix
+    'export:', 'checkpoint:', 'official:' or 'videomae:' to force the kind. The recipe's `model:` must describe the backbone's encoder
     (a mismatch is an error naming each key)."""
     level: Literal["video", "study"] = "video"
     """What one prediction is: 'video' (a sample: its clips' scores averaged) or 'study' (an
