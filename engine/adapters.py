@@ -324,11 +324,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def load_videomae(source: str | Path | Mapping, num_frames: int = 16, img_size: int = 224,
                   num_heads: int | None = None, mask_cfg: MaskConfig | None = None,
-                  loss_cfg: LossConfig | None = None, attn_backend: str = "auto") -> EchoFM:
+                  loss_cfg: LossConfig | None = None, attn_backend: str = "auto", seed: int = 0) -> EchoFM:
     """A VideoMAE checkpoint's encoder -> EchoFM without an encoder CLS (cls_embed=False),
     ImageNet-normalised input (mean / std travel in model.cfg and its exports), fresh
-    projector / decoder (echofm_vit_base decoder). `model.adapter_report` says what was
-    loaded and approximated."""
+    projector / decoder (echofm_vit_base decoder), initialised from `seed` without touching
+    the global RNG: every load of a file is the same model (weight fingerprint, phase
+    embeddings), as a downstream head and a resumed `echofm embed` need.
+    `model.adapter_report` says what was loaded and approximated."""
     ckpt, label = read_checkpoint(source)
     sd = ckpt
     for key in ("model", "module", "state_dict"):
@@ -350,7 +352,9 @@ def load_videomae(source: str | Path | Mapping, num_frames: int = 16, img_size: 
                       mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / d, pred_t_dim=num_frames,
                       cls_embed=False, attn_backend=attn_backend,
                       mean=IMAGENET_MEAN if c == 3 else (0.5,) * c, std=IMAGENET_STD if c == 3 else (0.5,) * c)
-    model = EchoFM(cfg, mask_cfg, loss_cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = EchoFM(cfg, mask_cfg, loss_cfg)
     c_ = model.cfg
     state: dict[str, torch.Tensor] = {}
     notes: list[str] = []

@@ -180,6 +180,9 @@ def test_every_backbone_kind(tiny_shards, tmp_path):
     # (no CLS, ImageNet mean / std) passes the finetune / evaluate check.
     vm, info = load_backbone(str(tmp_path / "videomae.pth"), recipe)
     assert info["kind"] == "videomae" and not vm.cfg.cls_embed
+    # Its fresh phase projector is seeded: every load is the same model (a head and a resumed
+    # embed rely on the fingerprint).
+    assert info["fingerprint"] == load_backbone(f"videomae:{tmp_path / 'videomae.pth'}", recipe)[1]["fingerprint"]
     described = _recipe(tiny_shards, "model.cls_embed=false", "model.mean=[0.485,0.456,0.406]",
                         "model.std=[0.229,0.224,0.225]")
     check_model_section(described, vm, "videomae.pth")
@@ -228,3 +231,20 @@ def test_trained_backbone_puts_same_patient_and_view_together(tiny_shards, tmp_p
     # The command reads the same folder: its nearest sample is of the query's group when one exists.
     key = t.column("key")[0].as_py()
     assert neighbours(out, key, k=1)[0]["cosine"] <= 1.0 + 1e-6
+
+
+def test_neighbours_command_prints_the_table_and_names_an_unknown_key(tmp_path, capsys):
+    from echofm.engine.cli import main
+    from echofm.engine.embed import PartWriter
+
+    w = PartWriter(tmp_path, 0, 1, 100, {})
+    for key, v in (("a", [1.0, 0.0]), ("b", [0.6, 0.8]), ("c", [0.0, 1.0])):
+        w.add([{"key": key, "clip": 0, "patient": "p", "study": "s", "view": "A4C", "split": "test",
+                "labels": "{}", "embedding": np.asarray(v, np.float32), "phase": np.zeros(2, np.float32)}])
+    w.flush()
+    assert main(["neighbours", str(tmp_path), "a", "--k", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:2] == ["0.6000", "b"] and lines[2].split()[:2] == ["0.0000", "c"]
+    assert main(["neighbours", str(tmp_path), "zz"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no sample 'zz'" in err[0]

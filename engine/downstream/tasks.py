@@ -197,7 +197,7 @@ def make_task(cfg: DownstreamConfig, train_metas: list[dict]) -> Task:
     if not classes and cfg.task == "grade":
         classes = list(GRADE_CLASSES)
     if not classes:
-        present = {_class_name(_lookup(m, key)) for m in train_metas}
+        present = {_class_name(_lookup(m, key)) for m in train_metas if not cfg.views or m.get("view") in cfg.views}
         classes = sorted(c for c in present if c is not None)
     if len(classes) < 2:
         raise DataError(f"task {cfg.task!r}: label '{key}' has {len(classes)} class(es) in the "
