@@ -35,7 +35,7 @@ def video_predictions(task: Task, head, fs: FeatureSet, *, batch: int = 4096):
     study = task.cfg.level == "study"
     outs = [head(fs.feats[i:i + batch]) for i in range(0, len(fs.feats), batch)]
     raw = torch.cat(outs).float() if outs else torch.zeros(0, task.out_dim)
-    per_clip = raw if study else task.to_scores(raw)
+    per_clip = (raw if study else task.to_scores(raw)).double()
     groups: OrderedDict[str, list[int]] = OrderedDict()
     for i, m in enumerate(fs.metas):
         if task.target(m) is not None:
@@ -75,7 +75,8 @@ def score_video_task(task: Task, head, fs: FeatureSet, *, png: str | Path | None
                      title: str = "", bootstrap: int | None = None,
                      csv_path: str | Path | None = None) -> dict:
     """Metrics of one split for view / grade / ef; writes the split's PNG when `png` and
-    one row per video (key, patient, label, prediction, scores) when `csv_path`."""
+    one row per video or study (downstream.level: key or study, patient, label, prediction,
+    scores) when `csv_path`."""
     keys, y, scores, patients = video_predictions(task, head, fs)
     unit = task.cfg.level
     if not keys:

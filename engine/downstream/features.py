@@ -51,9 +51,10 @@ def forward_batches(model, cfg, *, device: torch.device, forward, keys=None):
 
     stream = ClipStream(cfg, train=False, rank=0, world_size=1, device=device, keys=keys)
     model = model.to(device).eval()
-    with torch.no_grad():
-        for b in stream:
-            yield b, forward(model, b["video"])
+    for b in stream:
+        with torch.no_grad():  # only around the forward: the consumer's code runs in its own mode
+            out = forward(model, b["video"])
+        yield b, out
     if stream.damaged:  # data.on_error=skip: say what is missing from these features
         stream.check_dropped()
         print(f"[echofm] split {cfg.split!r}: {len(stream.damaged)} damaged sample(s) skipped: "
