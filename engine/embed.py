@@ -279,9 +279,9 @@ def load(embed_dir: str | Path, columns: list[str] | None = None):
 
 
 def matrix(table, column: str = "embedding"):
-    """A fixed-size-list column -> float32 numpy [rows, dim]."""
+    """A fixed-size-list column -> float32 numpy [rows, dim] (a writable copy)."""
     col = table.column(column).combine_chunks()
-    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1).copy()
 
 
 def neighbours(embed_dir: str | Path, key: str, k: int = 10) -> list[dict]:

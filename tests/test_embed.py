@@ -207,7 +207,8 @@ def test_neighbours_on_a_constructed_folder(tmp_path):
 
 def test_trained_backbone_puts_same_patient_and_view_together(tiny_shards, tmp_path):
     """After a few dozen CPU pretraining steps, a clip's nearest clips (cosine) share its
-    synthetic patient and view far more often than chance."""
+    synthetic patient and view far more often than chance (mostly the other clips of its own
+    video: a random init passes that part too, hence the other-sample view check)."""
     from echofm.engine.trainer import pretrain
 
     recipe = _recipe(tiny_shards, "data.batch_size=4", f"train.out_dir={tmp_path}", "train.steps=30",
@@ -228,9 +229,20 @@ def test_trained_backbone_puts_same_patient_and_view_together(tiny_shards, tmp_p
     same = (group[:, None] == group[None, :]).sum(1) - 1
     chance = float(np.mean(same / (len(group) - 1)))
     assert recall > max(0.6, 5 * chance), (recall, chance)
-    # The command reads the same folder: its nearest sample is of the query's group when one exists.
-    key = t.column("key")[0].as_py()
-    assert neighbours(out, key, k=1)[0]["cosine"] <= 1.0 + 1e-6
+    # A harder check than the clips of one video: the nearest clip of ANOTHER sample shows
+    # the same view well above chance (measured: 0.66 here; a random init gets 0.52).
+    keys, views = np.asarray(t.column("key").to_pylist()), np.asarray(t.column("view").to_pylist())
+    sim[keys[:, None] == keys[None, :]] = -np.inf
+    nearest = np.argmax(sim, axis=1)
+    others = keys[:, None] != keys[None, :]
+    view_chance = float(np.mean(((views[:, None] == views[None, :]) & others).sum(1) / others.sum(1)))
+    assert np.mean(views[nearest] == views) > 2 * view_chance, view_chance
+    # `neighbours` (what the command prints) agrees with this matrix for the first sample.
+    key = keys[0]
+    q = x[keys == key].mean(0)
+    order = [i for i in np.argsort(-(x @ q), kind="stable") if keys[i] != key][:3]
+    assert [(r["key"], r["clip"]) for r in neighbours(out, key, k=3)] == [(keys[i], int(t.column("clip")[i].as_py()))
+                                                                          for i in order]
 
 
 def test_neighbours_command_prints_the_table_and_names_an_unknown_key(tmp_path, capsys):
