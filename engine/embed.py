@@ -214,6 +214,10 @@ def embed(cfg: EmbedConfig, recipe=None, log=print) -> dict:
 
     cfg.validate()
     rank, world = rank_world()
+    samples = list_samples(cfg.shards, cfg.split)  # a bad shard folder fails before anything is written
+    if not samples:
+        raise UserError(f"{cfg.shards}: split {cfg.split!r} has no samples")
+    mine = rank_keys([m["key"] for m in samples], rank, world)
     device = embed_device(cfg.device)
     recipe = _recipe_for(cfg, recipe)
     model, info = B.load_backbone(cfg.backbone, recipe)
@@ -224,7 +228,6 @@ def embed(cfg: EmbedConfig, recipe=None, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     settings = _settings(cfg, info, stream, [model.cfg.t_grid, model.cfg.embed_dim])
     _check_meta(out, settings)
-    mine = rank_keys([m["key"] for m in list_samples(cfg.shards, cfg.split)], rank, world)
     done = written_keys(out)
     todo = [k for k in mine if k not in done]
     writer = PartWriter(out, rank, cfg.clips, cfg.part_rows, settings)
