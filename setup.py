@@ -52,6 +52,7 @@ setup(
         "pillow>=10,<14",  # tested: 13.0.0 (pydicom's JPEG decoder)
         "nibabel>=5,<6",  # tested: 5.4.2
         "safetensors>=0.4,<1",  # tested: 0.8.0
+        "pyarrow>=14,<30",  # tested: 26.0.1 (`echofm embed` writes Parquet, `echofm neighbours` reads it)
         "tensorboard>=2.15,<3",
         "matplotlib>=3.8,<4",
         "tqdm>=4.66,<5",

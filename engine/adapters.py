@@ -68,7 +68,7 @@ variant, ...): written by export_official, read by load_official; the official
 MaskedAutoencoderViT(**model_args) swallows it in **kwargs."""
 
 
-def _read(source: str | Path | Mapping) -> tuple[dict, str]:
+def read_checkpoint(source: str | Path | Mapping) -> tuple[dict, str]:
     """A path (torch.load weights_only) or an already loaded mapping -> (dict, label)."""
     if isinstance(source, Mapping):
         return dict(source), "<state dict>"
@@ -271,7 +271,7 @@ def load_official(source: str | Path | Mapping, mask_cfg: MaskConfig | None = No
     """An official EchoFM checkpoint (path or loaded dict) -> EchoFM with those weights,
     input normalisation, mask and loss (mask_cfg / loss_cfg replace the checkpoint's).
     `model.adapter_report` lists the settings read from the file and those defaulted."""
-    ckpt, label = _read(source)
+    ckpt, label = read_checkpoint(source)
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, Mapping) else ckpt
     if not isinstance(sd, Mapping):
         raise CheckpointError(f"{label}: expected {{'model': state_dict, 'model_args': ...}}")
@@ -324,12 +324,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def load_videomae(source: str | Path | Mapping, num_frames: int = 16, img_size: int = 224,
                   num_heads: int | None = None, mask_cfg: MaskConfig | None = None,
-                  loss_cfg: LossConfig | None = None, attn_backend: str = "auto") -> EchoFM:
+                  loss_cfg: LossConfig | None = None, attn_backend: str = "auto", seed: int = 0) -> EchoFM:
     """A VideoMAE checkpoint's encoder -> EchoFM without an encoder CLS (cls_embed=False),
     ImageNet-normalised input (mean / std travel in model.cfg and its exports), fresh
-    projector / decoder (echofm_vit_base decoder). `model.adapter_report` says what was
-    loaded and approximated."""
-    ckpt, label = _read(source)
+    projector / decoder (echofm_vit_base decoder), initialised from `seed` without touching
+    the global RNG: every load of a file is the same model (weight fingerprint, phase
+    embeddings), as a downstream head and a resumed `echofm embed` need.
+    `model.adapter_report` says what was loaded and approximated."""
+    ckpt, label = read_checkpoint(source)
     sd = ckpt
     for key in ("model", "module", "state_dict"):
         if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
@@ -350,7 +352,9 @@ def load_videomae(source: str | Path | Mapping, num_frames: int = 16, img_size: 
                       mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / d, pred_t_dim=num_frames,
                       cls_embed=False, attn_backend=attn_backend,
                       mean=IMAGENET_MEAN if c == 3 else (0.5,) * c, std=IMAGENET_STD if c == 3 else (0.5,) * c)
-    model = EchoFM(cfg, mask_cfg, loss_cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = EchoFM(cfg, mask_cfg, loss_cfg)
     c_ = model.cfg
     state: dict[str, torch.Tensor] = {}
     notes: list[str] = []

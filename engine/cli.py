@@ -307,7 +307,7 @@ def _run_synth(args) -> int:
 
 # ---------------------------------------------------------------- bench
 
-BENCHMARKS = ("synth", "ingest", "loader", "kernels", "train", "probe_gap", "integrity")
+BENCHMARKS = ("synth", "ingest", "loader", "kernels", "train", "probe_gap", "integrity", "embed")
 
 
 def _add_bench(sub) -> None:
@@ -351,12 +351,72 @@ def _run_bench(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- embed / neighbours
+
+
+def _add_embed(sub) -> None:
+    p = sub.add_parser("embed", help="a backbone's clip and phase embeddings of a shard set -> Parquet "
+                       "(1 process or torchrun; resumable)")
+    p.add_argument("shards", help="shard directory written by `echofm ingest`")
+    p.add_argument("--backbone", required=True, help="export dir, checkpoint dir, official EchoFM or "
+                   "VideoMAE file (prefix official: / videomae: to force), or 'random'")
+    p.add_argument("--out", required=True, help="output folder (part-<rank>-<n>.parquet, embed.json)")
+    p.add_argument("--clips", type=int, default=1, help="evenly spaced clips per sample (default 1)")
+    p.add_argument("--split", default="all", help="manifest split, or 'all' (default)")
+    p.add_argument("--features", default="tokens", help="pooled features of the embedding column, "
+                   "'+'-joined tokens, cls, phase, dynamics (default tokens)")
+    p.add_argument("--batch", type=int, default=0, help="clips per forward (default 64 on CUDA, 8 on CPU)")
+    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if a GPU is visible), cpu, cuda:N")
+    p.add_argument("--recipe", default=None, help="recipe whose model: builds 'random' / VideoMAE and whose "
+                   "data: gives the stride (default: the defaults)")
+    _add_set(p)
+    p.add_argument("--part-rows", type=int, default=4096, help="rows per Parquet part: the most work a kill "
+                   "loses (default 4096)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(run=_run_embed)
+
+
+def _run_embed(args) -> int:
+    from .embed import EmbedConfig, embed
+
+    recipe = None
+    if args.recipe or args.overrides:
+        from .config import load_recipe, recipe_from_data
+        from .yaml_io import apply_overrides
+
+        recipe = (load_recipe(args.recipe, args.overrides) if args.recipe
+                  else recipe_from_data(apply_overrides({}, args.overrides), file="--set"))
+    cfg = EmbedConfig(shards=args.shards, backbone=args.backbone, out=args.out, split=args.split, clips=args.clips,
+                      features=args.features, batch=args.batch, device=args.device, part_rows=args.part_rows,
+                      progress=args.progress)
+    embed(cfg, recipe)
+    return 0
+
+
+def _add_neighbours(sub) -> None:
+    p = sub.add_parser("neighbours", help="nearest clips (cosine) to a sample in an `echofm embed` folder")
+    p.add_argument("embed_dir")
+    p.add_argument("key", help="sample key")
+    p.add_argument("--k", type=int, default=10, help="how many (default 10)")
+    p.set_defaults(run=_run_neighbours)
+
+
+def _run_neighbours(args) -> int:
+    from .embed import neighbours
+
+    print(f"{'cosine':>7}  {'key':<48} {'clip':>4}  {'view':<6} {'split':<5} patient / study")
+    for r in neighbours(args.embed_dir, args.key, args.k):
+        print(f"{r['cosine']:7.4f}  {r['key']:<48} {r['clip']:>4}  {str(r['view']):<6} {str(r['split']):<5} "
+              f"{r['patient']} / {r['study']}")
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 # Each entry adds one subcommand; later features append theirs here.
 SUBCOMMANDS: list[Callable] = [_add_synth, _add_ingest, _add_shards, _add_pretrain, _add_export,
                                _add_convert, _add_finetune, _add_evaluate, _add_bench, _add_demo,
-                               _add_config]
+                               _add_config, _add_embed, _add_neighbours]
 
 
 class _Version(argparse.Action):

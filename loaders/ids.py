@@ -70,6 +70,13 @@ def patient_hash(key: bytes, dataset: str, patient: str) -> str:
     return keyed(key, f"patient:{dataset}:{patient}")
 
 
+def study_hash(key: bytes, dataset: str, patient: str, study: str) -> str:
+    """An exam's identity, keyed like the patient. `study` is the source's study id in
+    clear (DICOM StudyInstanceUID, a CSV `study` cell); '' for a source that records none:
+    then the patient has one study (EchoNet, CAMUS, loose files), hashed from the patient."""
+    return keyed(key, f"study:{dataset}:{patient}:{study}")
+
+
 def path_hash(key: bytes, rel_path: str) -> str:
     """A source path (relative to the root the user named) as it appears in json and rejects."""
     return keyed(key, f"path:{rel_path}")

@@ -180,6 +180,8 @@ class Job:
     key: str
     phash: str
     """HMAC of the patient id."""
+    study: str
+    """HMAC of (patient, study id): `ids.study_hash`."""
     split: str
     sha256: str
     """Content hash of the source file (the resume and duplicate identity)."""
@@ -244,6 +246,7 @@ def plan(clips: list[Clip], shas: list[str], cfg: IngestConfig, existing: list[d
     for c, sha in zip(clips, shas):
         ds = safe_name(cfg.dataset or c.dataset) or "data"  # the key's first part: no '_'
         ph = ids.patient_hash(key, ds, c.patient)
+        study = ids.study_hash(key, ds, c.patient, c.study)
         if c.dataset_from_path and not cfg.dataset:
             ds = "d" + ids.keyed(key, f"dataset:{ds}", 8)  # a folder's name may name a patient
         s = _source_split(c, ph, named)
@@ -251,7 +254,7 @@ def plan(clips: list[Clip], shas: list[str], cfg: IngestConfig, existing: list[d
             raise DataError(f"patient {ph}: already ingested in split {by_patient[ph]!r}, "
                             f"{c.rel_source or os.path.basename(c.source)} says {s!r}")
         tag = (safe_name(c.clip_id) + "-") if c.clip_id else ""
-        jobs.append(Job(clip=c, key=f"{ds}_{ph}_{tag}{sha[:12]}", phash=ph, split=s or "", sha256=sha,
+        jobs.append(Job(clip=c, key=f"{ds}_{ph}_{tag}{sha[:12]}", phash=ph, study=study, split=s or "", sha256=sha,
                         source=ids.path_hash(key, c.rel_source or os.path.basename(c.source))))
     for j in jobs:
         j.split = by_patient.get(j.phash) or named.get(j.phash, (None,))[0] or hash_split(j.phash, cfg.split_fractions)
@@ -422,7 +425,8 @@ def _meta(job: Job, cfg: IngestConfig, dec, fps: float, fps_assumed: bool, n: in
         "key": job.key, "frames": n, "fps": round(float(fps), 4), "height": cfg.size, "width": cfg.size,
         "period": None if cyc.period is None else round(cyc.period, 3), "ed": cyc.ed, "es": cyc.es,
         "period_confidence": round(cyc.period_confidence, 3), "ed_es_confidence": round(cyc.ed_es_confidence, 3),
-        "rhythm_cv": cyc.rhythm_cv, "view": c.view, "labels": c.labels, "patient": job.phash, "split": job.split,
+        "rhythm_cv": cyc.rhythm_cv, "view": c.view, "labels": c.labels, "patient": job.phash, "study": job.study,
+        "split": job.split,
         "source": job.source, "source_sha256": job.sha256, "codec": cfg.codec, "dataset": job.key.split("_", 1)[0],
         "source_size": [int(src_h), int(src_w)], "sector_box": box,
         "sector_shape": None if sector is None else sector.shape,
@@ -532,7 +536,7 @@ def _select(clips: list[Clip], corpus: _Corpus, cfg: IngestConfig, report: Inges
     early, todo, todo_sha, seen = [], [], [], set()
     for c, h in zip(uniq, shas):
         if isinstance(h, Reject):
-            stub = Job(clip=c, key="", phash="", split="", sha256="",
+            stub = Job(clip=c, key="", phash="", study="", split="", sha256="",
                        source=ids.path_hash(corpus.key, c.rel_source or os.path.basename(c.source)))
             early.append(ClipResult(job=stub, reject=h))
         elif h in corpus.done or h in corpus.rejected:
@@ -604,8 +608,8 @@ class _Writer:
                                     CorpusStats())
             self.next_index += 1
         w, stats = self.shards[j.split]
-        rec = SampleRecord(key=j.key, source=j.source, source_sha256=j.sha256, patient=j.phash, split=j.split,
-                           frames=r.frames)
+        rec = SampleRecord(key=j.key, source=j.source, source_sha256=j.sha256, patient=j.phash, study=j.study,
+                           split=j.split, frames=r.frames)
         try:
             w.add(j.key, r.components, rec)
         except BaseException:

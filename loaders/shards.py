@@ -89,12 +89,16 @@ class SampleRecord:
     patient: str
     split: str
     frames: int
+    study: str = ""
+    """Keyed hash of the sample's study (exam); '' in sidecars of an older ingest."""
     member_sha256: dict[str, str] = field(default_factory=dict)
     """{extension: sha256 hex} of the sample's tar members; filled by `ShardWriter.add`."""
 
     def to_dict(self) -> dict:
         d = {"key": self.key, "source": self.source, "source_sha256": self.source_sha256,
              "patient": self.patient, "split": self.split, "frames": self.frames}
+        if self.study:
+            d["study"] = self.study
         if self.member_sha256:
             d["member_sha256"] = dict(self.member_sha256)
         return d

@@ -7,7 +7,7 @@ import pytest
 from echofm.engine.cli import SUBCOMMANDS, build_parser, main
 
 EXPECTED = {"synth", "ingest", "shards", "pretrain", "export", "convert", "finetune", "evaluate", "bench", "demo",
-            "config"}
+            "config", "embed", "neighbours"}
 
 
 def test_help_lists_every_subcommand(capsys):

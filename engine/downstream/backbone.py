@@ -1,9 +1,13 @@
-"""Load a backbone for downstream use and turn its outputs into task features.
+"""Load a backbone for downstream use (finetune, evaluate, embed) and turn its outputs into
+task features. The one resolver of backbone specs: `echofm finetune`, `evaluate` and
+`embed` all load through `load_backbone`.
 
-Four sources: an `echofm export` directory (model.safetensors + config.json), a training
+Five sources: an `echofm export` directory (model.safetensors + config.json), a training
 checkpoint (`echofm.engine.checkpoint.load_model_state`), the official EchoFM checkpoint
-(`echofm.engine.adapters.load_official`), or a seeded random init of the recipe's model
-(the baseline every pretrained number is compared against).
+(`echofm.engine.adapters.load_official`), a VideoMAE checkpoint's encoder
+(`echofm.engine.adapters.load_videomae`, at the recipe's num_frames / img_size), or a
+seeded random init of the recipe's model (the baseline every pretrained number is compared
+against).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from torch import nn
 
 from ..errors import ConfigError, UserError
 
-KINDS = ("random", "export", "checkpoint", "official")
+KINDS = ("random", "export", "checkpoint", "official", "videomae")
 ENCODER_KEYS = ("num_frames", "img_size", "patch_size", "tubelet", "in_chans", "embed_dim", "depth", "num_heads",
                 "mlp_ratio", "cls_embed", "attention", "mean", "std")
 """ModelConfig keys that shape what the encoder computes: a recipe's `model:` must agree with
@@ -33,8 +37,8 @@ def pick_device(spec: str) -> torch.device:
 
 def resolve_kind(spec: str) -> tuple[str, str]:
     """'random' | '[kind:]path' -> (kind, path). Without a prefix: a directory with
-    config.json is an export, another directory a training checkpoint, a file the
-    official format."""
+    config.json is an export, another directory a training checkpoint, a file the official
+    format or VideoMAE (told apart by its keys when loaded: `file_kind`)."""
     if spec == "random":
         return "random", ""
     kind, sep, rest = spec.partition(":")
@@ -42,8 +46,8 @@ def resolve_kind(spec: str) -> tuple[str, str]:
         return kind, rest
     p = Path(spec)
     if not p.exists():
-        raise UserError(f"downstream.backbone: {spec!r} does not exist (an export dir, a training "
-                        "checkpoint dir, an official .pth, or 'random')")
+        raise UserError(f"backbone {spec!r} does not exist (an export dir, a training checkpoint dir, "
+                        "an official EchoFM or VideoMAE .pth, or 'random')")
     if p.is_dir():
         return ("export" if (p / "config.json").is_file() else "checkpoint"), spec
     return "official", spec
@@ -70,14 +74,43 @@ def load_backbone(spec: str, recipe, *, seed: int = 0) -> tuple[nn.Module, dict]
         model = EchoFM(r.model, r.mask, r.loss)
         _load_state(model, state, path)
     else:
-        from ..adapters import load_official
-
-        loaded = load_official(path)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model, kind = _load_file(kind, path, recipe, forced=spec.startswith(f"{kind}:"))
     model.eval()
     info = {"spec": spec, "kind": kind, "path": str(Path(path).resolve()) if path else "",
             "seed": seed if kind == "random" else None, "fingerprint": fingerprint(model)}
     return model, info
+
+
+def file_kind(ckpt) -> str:
+    """'videomae' or 'official' for a loaded checkpoint dict, from its keys: VideoMAE has
+    `encoder.*` (pretraining) or a patch embed without the official CLS / separable position
+    tables (fine-tuned)."""
+    sd = ckpt
+    for key in ("model", "module", "state_dict"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    keys = set(sd) if isinstance(sd, dict) else set()
+    if any(k.startswith("encoder.patch_embed.") for k in keys):
+        return "videomae"
+    if "patch_embed.proj.weight" in keys and "pos_embed_spatial" not in keys and "cls_token" not in keys:
+        return "videomae"
+    return "official"
+
+
+def _load_file(kind: str, path: str, recipe, *, forced: bool) -> tuple[nn.Module, str]:
+    """An official EchoFM or VideoMAE file (read once; `file_kind` picks when not forced) ->
+    (model, kind). VideoMAE's clip length and frame size (not in its weights) come from the
+    recipe's model section."""
+    from ..adapters import load_official, load_videomae, read_checkpoint
+
+    ckpt, _ = read_checkpoint(path)
+    if not forced and file_kind(ckpt) == "videomae":
+        kind = "videomae"
+    if kind == "videomae":
+        m = recipe.model.resolved()
+        return load_videomae(ckpt, num_frames=m.num_frames, img_size=m.img_size, num_heads=m.num_heads), kind
+    return load_official(ckpt), kind
 
 
 def check_model_section(recipe, model: nn.Module, spec: str) -> None:
@@ -136,9 +169,21 @@ def encode(model: nn.Module, video: torch.Tensor, features: str, *, grid: bool =
     float [B, T', h, w, D]."""
     tokens, cls, phase = model.encode(video)
     g = tokens.reshape(tokens.shape[0], *grid_shape(model))              # [B, T', h, w, D]
-    if grid:
-        return g
+    return g if grid else pool(g, cls, phase, features)
+
+
+def pool(g: torch.Tensor, cls: torch.Tensor, phase: torch.Tensor, features: str) -> torch.Tensor:
+    """Token grid [B, T', h, w, D], cls [B, D], phase [B, T', D] -> float32 [B, F]: the
+    '+'-joined `features` side by side (see `encode`)."""
     per_slice = g.mean((2, 3))                                           # [B, T', D]
-    parts = {"tokens": lambda: tokens.mean(1), "cls": lambda: cls, "phase": lambda: phase.mean(1),
+    parts = {"tokens": lambda: g.flatten(1, 3).mean(1), "cls": lambda: cls, "phase": lambda: phase.mean(1),
              "dynamics": lambda: per_slice.std(1, unbiased=False)}
-    return torch.cat([parts[p]() for p in features.split("+")], dim=-1).float()
+    return torch.cat([parts[p]().float() for p in features.split("+")], dim=-1)
+
+
+def embed(model: nn.Module, video: torch.Tensor, features: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward -> (clip embedding float32 [B, F] as `encode`, per-slice phase
+    embeddings float32 [B, T', D])."""
+    tokens, cls, phase = model.encode(video)
+    g = tokens.reshape(tokens.shape[0], *grid_shape(model))
+    return pool(g, cls, phase, features), phase.float()

@@ -12,6 +12,7 @@ from typing import Literal
 
 TASKS = ("view", "ef", "grade", "seg")
 FEATURES = ("tokens", "cls", "phase", "dynamics")
+LEVELS = ("video", "study")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -23,9 +24,18 @@ class DownstreamConfig:
     """probe: frozen backbone, features cached once, head only; finetune: whole network."""
     backbone: str = "random"
     """'random' (seeded init of the recipe's `model:`), an `echofm export` dir, a training
-    checkpoint dir, or an official EchoFM .pth; prefix 'export:', 'checkpoint:' or
-    'official:' to force the kind. The recipe's `model:` must describe the backbone's encoder
+    checkpoint dir, an official EchoFM .pth or a VideoMAE .pth (told apart by their keys;
+    VideoMAE's clip length, frame size and heads from the recipe's `model:`); prefix
+    'export:', 'checkpoint:', 'official:' or 'videomae:' to force the kind. The recipe's `model:` must describe the backbone's encoder
     (a mismatch is an error naming each key)."""
+    level: Literal["video", "study"] = "video"
+    """What one prediction is: 'video' (a sample: its clips' scores averaged) or 'study' (an
+    exam, the json's `study`: the mean logits (view-free tasks: grade) or mean EF over the
+    clips of all the study's videos the task uses, see `views`). Metrics, patient-bootstrap
+    CIs and the predictions CSV then count studies. Not for task view or seg."""
+    views: list[str] = field(default_factory=list)
+    """Views the task uses (e.g. [A4C, A2C] for EF): clips of other views are left out of
+    training and scoring. Empty: every view."""
     label_key: str = ""
     """Where the label lives in the sample json: 'view' (top level) or a key of 'labels'.
     Empty: the task's default (view -> view, ef -> ef, grade -> grade, seg -> the mask)."""
@@ -88,6 +98,11 @@ class DownstreamConfig:
     """Clips per forward pass when caching probe features."""
 
     def validate(self) -> None:
+        if self.level not in LEVELS:
+            raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {self.level!r}")
+        if self.level == "study" and self.task in ("view", "seg"):
+            raise ValueError(f"level study pools a study's views into one prediction: task {self.task!r} "
+                             "is per video (use level video)")
         parts = self.features.split("+")
         bad = [p for p in parts if p not in FEATURES]
         if bad or len(set(parts)) != len(parts):

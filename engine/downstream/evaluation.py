@@ -1,5 +1,7 @@
-"""Score a split: head outputs -> video-level predictions (averaged over clips) -> metrics
-with patient-bootstrap CIs -> PNGs. Shared by probe, fine-tune and `evaluate`.
+"""Score a split: head outputs -> one prediction per video (its clips' scores averaged) or,
+with `downstream.level: study`, per study (the mean logits / EF of the study's clips of the
+views the task uses) -> metrics with patient-bootstrap CIs -> PNGs. Shared by probe,
+fine-tune and `evaluate`.
 """
 from __future__ import annotations
 
@@ -23,38 +25,70 @@ MIN_CI_PATIENTS = 10
 
 @torch.no_grad()
 def video_predictions(task: Task, head, fs: FeatureSet, *, batch: int = 4096):
-    """Clip outputs averaged per video (sample key) -> (keys [V], y [V], scores float64
-    [V, C], patients [V]); videos without a label for the task are left out."""
+    """One prediction per unit of `task.cfg.level` -> (keys [V] (sample keys, or study
+    hashes), y [V], scores float64 [V, C], patients [V]); units without a label for the task
+    (or without a clip of the views it uses) are left out.
+
+    video: the clips' scores (probabilities / EF) averaged; study: the head's raw outputs
+    (logits / EF) averaged over every clip of the study, then turned into scores."""
     head = head.eval().cpu()
-    outs = [task.to_scores(head(fs.feats[i:i + batch])) for i in range(0, len(fs.feats), batch)]
-    scores = torch.cat(outs).double().numpy()
+    study = task.cfg.level == "study"
+    outs = [head(fs.feats[i:i + batch]) for i in range(0, len(fs.feats), batch)]
+    raw = torch.cat(outs).float() if outs else torch.zeros(0, task.out_dim)
+    per_clip = (raw if study else task.to_scores(raw)).double()
     groups: OrderedDict[str, list[int]] = OrderedDict()
     for i, m in enumerate(fs.metas):
-        groups.setdefault(str(m.get("key", i)), []).append(i)
+        if task.target(m) is not None:
+            groups.setdefault(study_of(m) if study else str(m.get("key", i)), []).append(i)
     keys, ys, sc, pats = [], [], [], []
     for k, rows in groups.items():
-        y = task.target(fs.metas[rows[0]])
-        if y is None:
-            continue
         keys.append(k)
-        ys.append(y)
-        sc.append(scores[rows].mean(0))
+        ys.append(_unit_label(task, [fs.metas[r] for r in rows], k))
+        pooled = per_clip[rows].mean(0, keepdim=True)
+        sc.append((task.to_scores(pooled) if study else pooled)[0].double().numpy())
         pats.append(patient_of(fs.metas[rows[0]]))
     return keys, np.asarray(ys), np.asarray(sc).reshape(len(keys), -1), pats
+
+
+def study_of(meta: dict) -> str:
+    """The sample's study hash; DataError for shards written before ingest recorded studies."""
+    s = meta.get("study")
+    if not s:
+        raise DataError(f"sample {meta.get('key')}: no 'study' in its json (shards from an ingest before "
+                        "studies were recorded): re-ingest, or set downstream.level=video")
+    return str(s)
+
+
+def _unit_label(task: Task, metas: list[dict], unit: str):
+    """The label of a video or study: its clips' (a study's videos share one EF and grade;
+    EF values that differ are averaged, classes that differ are an error naming the study)."""
+    ys = [task.target(m) for m in metas]
+    if task.kind == "regression":
+        return float(np.mean(ys))
+    if len(set(ys)) > 1:
+        raise DataError(f"study {unit}: its videos disagree on label '{task.key}' "
+                        f"({sorted({task.classes[y] for y in ys})}); one study-level prediction needs one label")
+    return ys[0]
 
 
 def score_video_task(task: Task, head, fs: FeatureSet, *, png: str | Path | None = None,
                      title: str = "", bootstrap: int | None = None,
                      csv_path: str | Path | None = None) -> dict:
     """Metrics of one split for view / grade / ef; writes the split's PNG when `png` and
-    one row per video (key, patient, label, prediction, scores) when `csv_path`."""
+    one row per video or study (downstream.level: key or study, patient, label, prediction,
+    scores) when `csv_path`."""
     keys, y, scores, patients = video_predictions(task, head, fs)
+    unit = task.cfg.level
     if not keys:
-        raise DataError(f"no labelled videos for task {task.name!r} (label '{task.key}')")
+        views = f" of views {task.cfg.views}" if task.cfg.views else ""
+        raise DataError(f"no labelled {unit}s{views} for task {task.name!r} (label '{task.key}')")
     if csv_path is not None:
-        write_predictions(csv_path, task, keys, patients, y, scores)
+        write_predictions(csv_path, task, keys, patients, y, scores, unit=unit)
     res = task.evaluate(y, scores, patients, bootstrap=bootstrap)
-    res["videos"], res["patients"], res["clips"] = len(keys), len(set(patients)), len(fs.metas)
+    used = [m for m in fs.metas if task.target(m) is not None]
+    res["videos"], res["patients"], res["clips"] = len({m.get("key") for m in used}), len(set(patients)), len(used)
+    if unit == "study":
+        res["studies"] = len(keys)
     if png is not None:
         if task.kind == "classification":
             plots.confusion_png(np.asarray(res["confusion_matrix"]), task.classes, png, title)
@@ -115,17 +149,19 @@ def score(task: Task, head, fs: FeatureSet, *, png=None, title: str = "", csv_pa
 
 
 def write_predictions(path: str | Path, task: Task, keys: list[str], patients: list[str],
-                      y: np.ndarray, scores: np.ndarray) -> None:
-    """CSV: key, patient, true label, prediction (class name or EF), then the scores."""
+                      y: np.ndarray, scores: np.ndarray, *, unit: str = "video") -> None:
+    """CSV, one row per video (first column `key`) or study (first column `study`): patient,
+    true label, prediction (class name or EF), then the scores."""
     import csv
 
+    first = "key" if unit == "video" else "study"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         if task.kind == "classification":
-            w.writerow(["key", "patient", "label", "pred", *[f"p_{c}" for c in task.classes]])
+            w.writerow([first, "patient", "label", "pred", *[f"p_{c}" for c in task.classes]])
             for k, p, t, s in zip(keys, patients, y, scores):
                 w.writerow([k, p, task.classes[int(t)], task.classes[int(s.argmax())], *[f"{v:.6f}" for v in s]])
         else:
-            w.writerow(["key", "patient", "label", "pred"])
+            w.writerow([first, "patient", "label", "pred"])
             for k, p, t, s in zip(keys, patients, y, scores):
                 w.writerow([k, p, f"{float(t):.6f}", f"{float(s[0]):.6f}"])

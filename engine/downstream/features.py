@@ -42,21 +42,34 @@ def stream_config(data, split: str, clips: int, *, batch: int, seg: bool):
                                random_resized_crop=None, batch_size=batch, segmentation=seg)
 
 
-@torch.no_grad()
+def forward_batches(model, cfg, *, device: torch.device, forward, keys=None):
+    """Yield (batch, forward(model, batch["video"])) for every batch of a deterministic
+    evaluation read (`cfg`: a StreamConfig from `stream_config`) of `keys` (None: the whole
+    split) on `device`, the model in eval mode without gradients. Shared by the feature
+    cache and `echofm embed`; says what the stream skipped as damaged."""
+    from echofm.loaders.stream import ClipStream
+
+    stream = ClipStream(cfg, train=False, rank=0, world_size=1, device=device, keys=keys)
+    model = model.to(device).eval()
+    for b in stream:
+        with torch.no_grad():  # only around the forward: the consumer's code runs in its own mode
+            out = forward(model, b["video"])
+        yield b, out
+    if stream.damaged:  # data.on_error=skip: say what is missing from these features
+        stream.check_dropped()
+        print(f"[echofm] split {cfg.split!r}: {len(stream.damaged)} damaged sample(s) skipped: "
+              + "; ".join(list(stream.damaged.values())[:3]), flush=True)
+
+
 def extract(model, data, split: str, clips: int, *, features: str, grid: bool,
             device: torch.device, batch: int = 8, keep_frames: int = 4) -> FeatureSet:
     """Run every clip of `split` (`clips` per video) through `model` (eval mode).
 
     data: the recipe's StreamConfig. grid=True keeps token grids + masks (segmentation)."""
-    from echofm.loaders.stream import ClipStream
-
     cfg = stream_config(data, split, clips, batch=batch, seg=grid)
-    stream = ClipStream(cfg, train=False, rank=0, world_size=1, device=device)
-    model = model.to(device).eval()
     feats, metas, segs, valid, frames = [], [], [], [], []
-    for b in stream:
-        video = b["video"]
-        f = B.encode(model, video, features, grid=grid)
+    for b, f in forward_batches(model, cfg, device=device,
+                                forward=lambda m, video: B.encode(m, video, features, grid=grid)):
         feats.append(f.to("cpu", torch.float16 if grid else torch.float32))
         metas += [dict(m) for m in b["meta"]]
         if grid:
@@ -64,11 +77,7 @@ def extract(model, data, split: str, clips: int, *, features: str, grid: bool,
             valid.append(torch.stack([annotated_frames(m, fi) for m, fi in
                                       zip(b["meta"], b["frames_index"].cpu())]))
             if sum(len(x) for x in frames) < keep_frames:
-                frames.append(video[:keep_frames].cpu())
-    if stream.damaged:  # data.on_error=skip: say what is missing from these features
-        stream.check_dropped()
-        print(f"[echofm] split {split!r}: {len(stream.damaged)} damaged sample(s) skipped: "
-              + "; ".join(list(stream.damaged.values())[:3]), flush=True)
+                frames.append(b["video"][:keep_frames].cpu())
     if not metas:
         raise DataError(f"{data.shards}: split {split!r} has no samples")
     return FeatureSet(feats=torch.cat(feats), metas=metas,

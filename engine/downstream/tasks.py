@@ -65,6 +65,10 @@ class Task(ABC):
     def target(self, meta: dict) -> Any:
         """The sample's label in this task's form, or None when it has none."""
 
+    def uses(self, meta: dict) -> bool:
+        """The sample's view is one the task uses (downstream.views; empty: every view)."""
+        return not self.cfg.views or meta.get("view") in self.cfg.views
+
     def _n(self, bootstrap: int | None) -> int:
         """Bootstrap resamples: the config's unless overridden (0 while selecting a head)."""
         return self.cfg.bootstrap if bootstrap is None else bootstrap
@@ -77,6 +81,8 @@ class ClassificationTask(Task):
     """view / grade. Target: class index (int); raw output: logits [B, C]."""
 
     def target(self, meta: dict) -> int | None:
+        if not self.uses(meta):
+            return None
         c = _class_name(_lookup(meta, self.key))
         return self.classes.index(c) if c in self.classes else None
 
@@ -105,6 +111,8 @@ class RegressionTask(Task):
     """ef. Target: EF in percent (float); raw output: standardised value [B, 1]."""
 
     def target(self, meta: dict) -> float | None:
+        if not self.uses(meta):
+            return None
         v = _lookup(meta, self.key)
         try:
             v = float(v)
@@ -139,7 +147,7 @@ class SegTask(Task):
     """seg. Target: the stream's mask [T, H, W] remapped to 0 bg, 1..S = `seg_labels`."""
 
     def target(self, meta: dict) -> str | None:
-        return "seg" if meta.get("seg_frames") or meta.get("has_seg") else None
+        return "seg" if self.uses(meta) and (meta.get("seg_frames") or meta.get("has_seg")) else None
 
     def remap(self, mask: torch.Tensor) -> torch.Tensor:
         """uint8 mask values -> int64 class ids (values not in seg_labels become 0)."""
@@ -189,7 +197,7 @@ def make_task(cfg: DownstreamConfig, train_metas: list[dict]) -> Task:
     if not classes and cfg.task == "grade":
         classes = list(GRADE_CLASSES)
     if not classes:
-        present = {_class_name(_lookup(m, key)) for m in train_metas}
+        present = {_class_name(_lookup(m, key)) for m in train_metas if not cfg.views or m.get("view") in cfg.views}
         classes = sorted(c for c in present if c is not None)
     if len(classes) < 2:
         raise DataError(f"task {cfg.task!r}: label '{key}' has {len(classes)} class(es) in the "

@@ -44,6 +44,9 @@ class Clip:
     different folders apart."""
     patient: str
     """Patient id in clear text; ingest hashes it before anything is written."""
+    study: str = ""
+    """Study (exam) id in clear text (DICOM StudyInstanceUID, a CSV `study` column); ingest
+    hashes it with the patient. '' : the source records none, one study per patient."""
     clip_id: str = ""
     """Non-identifying tag for the key (e.g. the CAMUS view "2CH"); never a file name, which
     often embeds patient ids. Ingest appends a hash of the source path."""

@@ -6,7 +6,8 @@ array is 2-D is one frame. `_gt` label maps: 0 background, 1 LV cavity, 2 myocar
 
 Info_*.cfg lines `Key: value`: ED and ES (1-based frame numbers -> 0-based `ed_true` /
 `es_true` labels), NbFrame, EF, ImageQuality (Good / Medium / Poor), optional FrameRate.
-CAMUS gives no split: patients are hashed into splits by ingest.
+CAMUS gives no split: patients are hashed into splits by ingest. One exam per patient: the
+2CH and 4CH clips of a patient form one study (ingest's rule for sources without a study id).
 """
 from __future__ import annotations
 

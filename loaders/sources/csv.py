@@ -1,7 +1,8 @@
 """CSV manifest adapter: one row per clip, a path column plus any label columns.
 
 Recognised columns (case-insensitive): the path (`path`, `file`, `filename`, `video`;
-relative paths resolve against the CSV's folder), `patient`, `split`, `view`, `mask`
+relative paths resolve against the CSV's folder), `patient`, `study` (the exam; hashed with
+the patient; absent: one study per patient), `split`, `view`, `mask`
 (a uint8 [F, H, W] `.npy`), `fps`. `period`, `ed`, `es` are the source's ground truth and
 become labels `period_true`, `ed_true`, `es_true` (ingest measures the cycle itself).
 `frames` is ignored (ingest counts decoded frames). Every other non-empty column is a
@@ -55,7 +56,7 @@ def discover(csv_path: str | Path, dataset: str | None = None) -> Discovery:
         raise DataError(f"{csv_path}: no path column (one of {', '.join(PATH_COLUMNS)}); "
                         f"columns are {', '.join(rows[0].keys())}")
     ds = dataset or safe_name(root.resolve().name) or "csv"
-    special = {path_col, *(cols.get(c) for c in ("patient", "split", "view", "mask", "fps", "frames"))}
+    special = {path_col, *(cols.get(c) for c in ("patient", "study", "split", "view", "mask", "fps", "frames"))}
     clips = []
     for i, row in enumerate(rows, start=2):
         rel = (row.get(path_col) or "").strip()
@@ -80,7 +81,7 @@ def discover(csv_path: str | Path, dataset: str | None = None) -> Discovery:
         fps = get("fps")
         clips.append(Clip(
             source=str(src), rel_source=rel, reader=reader_for(src), dataset=ds,
-            patient=get("patient") or Path(rel).stem, dataset_from_path=dataset is None,
+            patient=get("patient") or Path(rel).stem, study=get("study"), dataset_from_path=dataset is None,
             split=get("split").lower() or None, view=get("view") or None, labels=labels,
             fps=float(fps) if fps else None,
             seg=SegSpec(kind="npy", path=str(root / mask)) if mask else None))

@@ -4,7 +4,8 @@ Photometric interpretations: MONOCHROME1/2 (grey -> 3 equal channels; MONOCHROME
 inverted), RGB, YBR_FULL / YBR_FULL_422 (pydicom's `pixel_array` converts YBR to RGB),
 PALETTE COLOR (through its LUT). More than 8 bits are scaled to 8. Grey stays one channel. Frame rate from
 FrameTime (ms), else CineRate, else RecommendedDisplayFrameRate, else FrameTimeVector.
-The patient is PatientID (hashed by ingest; it never reaches a key or json in clear).
+The patient is PatientID, the study StudyInstanceUID (both hashed by ingest; neither
+reaches a key or json in clear).
 """
 from __future__ import annotations
 
@@ -96,16 +97,18 @@ def discover_files(paths: list[Path], base: Path, dataset: str, from_path: bool 
 
     clips = []
     for q in paths:
-        patient, view = q.stem, None
+        patient, view, study = q.stem, None, ""
         try:
             ds = pydicom.dcmread(str(q), stop_before_pixels=True)
             if "Rows" not in ds:
                 continue
             patient = str(ds.get("PatientID", "") or "") or f"unknown-{q.stem}"
             view = str(ds.get("ViewName", "") or "") or None
+            study = str(ds.get("StudyInstanceUID", "") or "")
         except Exception:  # damaged header: let the worker reject it with the reason
             pass
         clips.append(Clip(source=str(q), rel_source=str(q.relative_to(base)), reader="dicom",
-                          dataset=dataset, patient=patient, view=view, dataset_from_path=from_path))
+                          dataset=dataset, patient=patient, study=study, view=view,
+                          dataset_from_path=from_path))
     return clips
 

@@ -2,7 +2,7 @@
 
 - FileList.csv: FileName (with or without `.avi`), EF, ESV, EDV, FrameHeight, FrameWidth,
   FPS, NumberOfFrames, Split (TRAIN / VAL / TEST). EchoNet has no patient ids: each video
-  is its own patient.
+  is its own patient, with one study.
 - VolumeTracings.csv: FileName (with `.avi`), X1, Y1, X2, Y2, Frame. Per traced frame the
   first row is the LV long axis, the rest are chords across the cavity; the LV polygon is
   the chords' (X1, Y1) ends in order, then their (X2, Y2) ends in reverse (as the
