@@ -52,8 +52,6 @@ class DemoConfig:
     """Fine-tune epochs at each of `fractions` (the same for both backbones)."""
     test_clips: int = 2
     """Clips per test video (predictions averaged) in the fine-tune and probe scores."""
-    probe: bool = True
-    """Run the linear probes (pretrained vs random) as the secondary line."""
     phase: bool = True
     """Run the cycle-phase retrieval (pretrained vs random vs pixels)."""
     seed: int = 0
@@ -116,10 +114,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     weights = out / "export"
     export(summary["run_dir"], weights)
     clock.stage("export", f"4/7 export -> {weights}")
-    finetune, raw = _finetune_all(cfg, recipe, weights, out)
-    clock.stage("finetune", "5/7 fine-tunes")
-    probe = _probe(recipe, weights, out) if cfg.probe else None
-    clock.stage("probe", "6/7 linear probes")
+    print("[demo] 5/7 linear probes: pretrained vs random init (view, EF; the fine-tunes start from these heads)",
+          flush=True)
+    probe, heads = _probes(cfg, recipe, weights)
+    clock.stage("probe", "5/7 linear probes")
+    finetune, raw = _finetune_all(cfg, recipe, weights, out, heads)
+    clock.stage("finetune", "6/7 fine-tunes")
     phase = _phase(cfg, recipe, weights) if cfg.phase else None
     clock.stage("phase", "7/7 phase retrieval")
     run_dir = Path(summary["run_dir"])
@@ -128,7 +128,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "metrics": str(run_dir / "metrics.jsonl"), "tensorboard": str(run_dir / "tb"),
         "figures": str(run_dir / "figures"), "checkpoint": summary["last_checkpoint"],
         "weights": str(weights), "pretrain": summary, "objective": _objective(recipe),
-        "finetune": finetune, "probe": compare(probe) if probe else None, "phase": phase,
+        "finetune": finetune, "probe": {f: compare(per) for f, per in probe.items()}, "phase": phase,
         "ceiling": ceiling(), "seconds": clock.total(), "provenance": provenance(recipe),
     }
     result["bar"] = bar(result["finetune"], chance_floor(result["ceiling"]))
@@ -181,17 +181,65 @@ def _objective(recipe) -> dict:
             "mask_ratio": recipe.mask.ratio, "recipe": str(RECIPE.name)}
 
 
-# ---------------------------------------------------------------- fine-tune
+# ---------------------------------------------------------------- probes and fine-tunes
 
 
-FINETUNE = {"mode": "finetune", "lr": 1.0e-3, "backbone_lr": 5.0e-4, "layer_decay": 0.75, "warmup_epochs": 1}
-"""Fine-tune settings of the demo (head lr, top-layer lr, layer-wise decay; the finetune
-engine's AdamW, cosine schedule and the recipe's batch of 4)."""
+FINETUNE = {"mode": "finetune", "lr": 1.0e-3, "backbone_lr": 1.0e-4, "layer_decay": 0.75, "warmup_epochs": 0}
+"""Fine-tune settings of the demo: head lr, top-layer lr with layer-wise decay, no warmup
+(the head starts trained: LP-FT); the finetune engine's AdamW, cosine schedule, batch 4."""
 
 
-def _finetune_all(cfg: DemoConfig, recipe, weights: Path, out: Path) -> tuple[dict, dict]:
-    """Stage 5: for each label fraction and task, fine-tune the pretrained and the random
-    backbone (same seed, patients, steps) and score the test split
+def _spec(name: str, weights: Path) -> str:
+    return f"export:{weights}" if name == "pretrained" else "random"
+
+
+def _probes(cfg: DemoConfig, recipe, weights: Path) -> tuple[dict, dict]:
+    """Stage 5: each backbone's features of train / val / test (computed once), a linear
+    probe per task and label fraction (weight decay picked on val, the same rule for both)
+    -> ({fraction: {backbone: {task: test results}}}, {(backbone, task, fraction): (task, head)})."""
+    import dataclasses
+
+    from .downstream.backbone import load_backbone, pick_device
+    from .downstream.features import extract
+    from .downstream.probe import fit_video_probe
+    from .downstream.tasks import make_task
+
+    dc = recipe.downstream
+    kw = dict(features=dc.features, grid=False, device=pick_device(dc.device), batch=dc.feature_batch)
+    results = {f"{f:g}": {b: {} for b in BACKBONES} for f in cfg.fractions}
+    heads = {}
+    for name in BACKBONES:
+        model, _ = load_backbone(_spec(name, weights), recipe, seed=dc.seed)
+        train, val, test = (extract(model, recipe.data, split, clips, **kw) for split, clips in (
+            (dc.train_split, dc.train_clips), (dc.val_split, dc.test_clips), (dc.test_split, dc.test_clips)))
+        for task_name in TASKS:
+            for frac in cfg.fractions:
+                tcfg = dataclasses.replace(dc, task=task_name, label_key="", classes=[], label_fraction=frac)
+                task = make_task(tcfg, train.metas)
+                head, fit = fit_video_probe(task, train, val, tcfg)
+                results[f"{frac:g}"][name][task_name] = dict(_scored(task, head, test, dc.bootstrap), fit=fit)
+                heads[(name, task_name, frac)] = (task, head)
+        print(f"[demo] probes [{name}]: " + ", ".join(
+            f"{t} {HEADLINE[t]} {results[f'{f:g}'][name][t][HEADLINE[t]]['value']:.3f} ({f:.0%})"
+            for f in cfg.fractions for t in TASKS), flush=True)
+    return results, heads
+
+
+def _scored(task, head, test, bootstrap: int) -> dict:
+    """Test metrics (patient-bootstrap CIs) + the per-video predictions a paired bootstrap needs."""
+    from .downstream import evaluation as E
+
+    res = E.score_video_task(task, head, test, bootstrap=bootstrap)
+    keys, y, scores, patients = E.video_predictions(task, head, test)
+    pred = scores.argmax(1) if task.kind == "classification" else scores[:, 0]
+    res["per_video"] = {"key": keys, "patient": patients, "y": y.tolist(), "pred": pred.tolist()}
+    return res
+
+
+def _finetune_all(cfg: DemoConfig, recipe, weights: Path, out: Path, heads: dict) -> tuple[dict, dict]:
+    """Stage 6: for each label fraction and task, fine-tune the pretrained and the random
+    backbone end to end, each starting from its own linear-probe head (LP-FT; same seed,
+    patients and steps for both), and score the test split
     -> ({fraction: comparison (see `compare`)}, {fraction: {backbone: {task: full results}}})."""
     res: dict[str, dict] = {}
     raw: dict[str, dict] = {}
@@ -201,39 +249,33 @@ def _finetune_all(cfg: DemoConfig, recipe, weights: Path, out: Path) -> tuple[di
         per: dict[str, dict] = {b: {} for b in BACKBONES}
         for task in TASKS:
             for name in BACKBONES:
-                spec = str(weights) if name == "pretrained" else "random"
-                print(f"[demo] 5/7 fine-tune {task} on {frac:.0%} of the training patients, {name} init, "
+                print(f"[demo] 6/7 fine-tune {task} on {frac:.0%} of the training patients, {name} init, "
                       f"{epochs} epoch(s)", flush=True)
-                per[name][task] = _finetune_one(recipe, spec, task, frac, epochs,
+                per[name][task] = _finetune_one(recipe, _spec(name, weights), heads[(name, task, frac)], frac, epochs,
                                                 out / "downstream" / f"ft_{task}_{frac:g}_{name}")
         res[f"{frac:g}"], raw[f"{frac:g}"] = dict(compare(per), epochs=epochs), per
     return res, raw
 
 
-def _finetune_one(recipe, spec: str, task_name: str, fraction: float, epochs: int, run_dir: Path) -> dict:
-    """One fine-tune (the finetune engine, resumable) and its test-split score, with the
-    per-video predictions the paired bootstrap needs."""
+def _finetune_one(recipe, spec: str, task_head: tuple, fraction: float, epochs: int, run_dir: Path) -> dict:
+    """One fine-tune (the finetune engine, resumable) from a probe head, and its test score."""
+    import copy
     import dataclasses
 
-    from .downstream import evaluation as E
     from .downstream.backbone import load_backbone, pick_device
-    from .downstream.data import list_samples
     from .downstream.features import extract
     from .downstream.finetune import finetune
-    from .downstream.tasks import make_task
 
-    dc = dataclasses.replace(recipe.downstream, task=task_name, label_key="", classes=[], label_fraction=fraction,
-                             epochs=epochs, **FINETUNE)
+    task, head = task_head
+    dc = dataclasses.replace(recipe.downstream, task=task.name, label_key="", classes=list(task.classes),
+                             label_fraction=fraction, epochs=epochs, **FINETUNE)
     r = dataclasses.replace(recipe, downstream=dc)
-    model, _ = load_backbone(spec if spec == "random" else f"export:{spec}", r, seed=dc.seed)
-    task = make_task(dc, list_samples(r.data.shards, dc.train_split))
-    net, fit = finetune(task, model, r, run_dir=run_dir, resume="auto", log=lambda m: print(f"[demo] {m}"))
+    model, _ = load_backbone(spec, r, seed=dc.seed)
+    net, fit = finetune(task, model, r, run_dir=run_dir, resume="auto", head=copy.deepcopy(head),
+                        log=lambda m: print(f"[demo] {m}"))
     test = extract(net.backbone, r.data, dc.test_split, dc.test_clips, features=dc.features, grid=False,
                    device=pick_device(dc.device), batch=dc.feature_batch)
-    res = E.score_video_task(task, net.head, test, bootstrap=dc.bootstrap)
-    keys, y, scores, patients = E.video_predictions(task, net.head, test)
-    pred = scores.argmax(1) if task.kind == "classification" else scores[:, 0]
-    res["per_video"] = {"key": keys, "patient": patients, "y": y.tolist(), "pred": pred.tolist()}
+    res = _scored(task, net.head, test, dc.bootstrap)
     res["fit"] = {k: fit[k] for k in ("train_patients", "steps", "final_loss", "seconds")}
     return res
 
@@ -318,18 +360,7 @@ def ceiling(path: Path = CEILING) -> dict | None:
             **{k: ref["rows"][k] for k in ("cnn", "pixels", "chance") if k in ref.get("rows", {})}}
 
 
-# ---------------------------------------------------------------- probes and phase
-
-
-def _probe(recipe, weights: Path, out: Path) -> dict | None:
-    """Linear probes (view, EF) of the exported backbone and a random init on the demo shards."""
-    try:
-        from .downstream.probe import compare_backbones
-    except ImportError as e:
-        print(f"[demo] 6/7 linear probes skipped: the downstream package is not importable ({e})")
-        return None
-    print("[demo] 6/7 linear probes: pretrained vs random init (view, EF)", flush=True)
-    return compare_backbones({"pretrained": str(weights), "random": "random"}, recipe, tasks=TASKS)
+# ---------------------------------------------------------------- phase
 
 
 def _phase(cfg: DemoConfig, recipe, weights: Path) -> dict:
@@ -342,7 +373,7 @@ def _phase(cfg: DemoConfig, recipe, weights: Path) -> dict:
     pre, _ = load_backbone(f"export:{weights}", recipe)
     rnd, _ = load_backbone("random", recipe, seed=dc.seed)
     print("[demo] 7/7 cycle-phase retrieval on the test clips: pretrained vs random vs pixels", flush=True)
-    slices, skipped = P.split_slices({"pretrained": pre, "random": rnd}, recipe.data, dc.test_split, 4,
+    slices, skipped = P.split_slices({"pretrained": pre, "random": rnd}, recipe.data, dc.test_split, dc.test_clips,
                                      tubelet=pre.cfg.tubelet, device=pick_device(dc.device), batch=dc.feature_batch)
     res = {k: P.phase_retrieval(s, bootstrap=dc.bootstrap, seed=dc.seed) for k, s in slices.items()}
     out = {k: {m: v for m, v in r.items() if m != "per_query"} for k, r in res.items()}
@@ -390,9 +421,9 @@ def summary_lines(r: dict) -> list[str]:
         pats = cmp[any_task].get("fit", {}).get("pretrained", {}).get("train_patients", "?")
         lines.append(f"  fine-tune, {float(frac):.0%} of the labels ({pats} training patients, {cmp['epochs']} epochs):")
         lines += [f"    {comparison_line(t, cmp[t])}" for t in TASKS if t in cmp]
-    if r.get("probe"):
-        lines.append("  linear probe (secondary):")
-        lines += [f"    {comparison_line(t, r['probe'][t])}" for t in TASKS if t in r["probe"]]
+    for frac, cmp in (r.get("probe") or {}).items():
+        lines.append(f"  linear probe (secondary), {float(frac):.0%} of the labels:")
+        lines += [f"    {comparison_line(t, cmp[t])}" for t in TASKS if t in cmp]
     lines += _phase_lines(r.get("phase")) + _ceiling_lines(r.get("ceiling"))
     lines.append(f"  BAR (fine-tune, fewest labels): {r['bar']['line']}")
     lines.append("  seconds       " + ", ".join(f"{k[:-2]} {v}" for k, v in s.items()))

@@ -13,7 +13,7 @@ def test_demo_runs_every_stage_at_toy_size(tmp_path, capsys):
     res = run_demo(cfg)
     saved = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     assert saved["bar"] == res["bar"] and saved["bar"]["fraction"] == 0.5
-    for section in (saved["finetune"]["0.5"], saved["probe"]):
+    for section in (saved["finetune"]["0.5"], saved["probe"]["0.5"]):
         for task in ("view", "ef"):
             d = section[task]["difference"]
             assert d["ci_low"] <= d["value"] <= d["ci_high"]

@@ -77,11 +77,11 @@ def test_summary_lines_state_every_comparison(tmp_path):
                  difference_vs_pixels={"value": 0.0, "ci_low": -0.01, "ci_high": 0.01, "verdict": "within noise"})
     r = {"pretrain": {"steps": 3, "first_loss": 2.0, "last_loss": 1.0}, "seconds": {"total_s": 10, "total_cpu_s": 15},
          "objective": {"variant": "official", "triplet_weight": 1.0, "cycle_weight": 1.0, "mask_ratio": 0.75},
-         "finetune": ft, "probe": compare(_per(2.0, 2.0, view_rnd_wrong=False)), "phase": phase,
+         "finetune": ft, "probe": {"1": compare(_per(2.0, 2.0, view_rnd_wrong=False))}, "phase": phase,
          "ceiling": ceiling(tmp_path / "ref.json"), "bar": bar(ft),
          **{k: k for k in ("corpus", "shards", "metrics", "tensorboard", "figures", "checkpoint", "weights")}}
     text = "\n".join(summary_lines(r))
-    assert "fine-tune, 10% of the labels" in text
+    assert "fine-tune, 10% of the labels" in text and "linear probe (secondary), 100% of the labels:" in text
     assert "view accuracy 1.000 vs 0.500, difference +0.500 [+0.500, +0.500] (better beyond noise)" in text
     assert "ef mae 2.000 vs 2.000, difference +0.000 [+0.000, +0.000] (within noise)" in text  # the probe line
     assert "chance 0.250" in text and "pretrained - random +0.000 [-0.010, +0.010] (within noise)" in text
