@@ -48,12 +48,15 @@ class DemoConfig:
     """Share of patients held out for the test split (the CIs are over test patients)."""
     fractions: tuple[float, ...] = (0.1, 1.0)
     """Fine-tune label fractions (of training patients, stratified, seeded)."""
-    finetune_epochs: tuple[int, ...] = (6, 1)
+    finetune_epochs: tuple[int, ...] = (4, 1)
     """Fine-tune epochs at each of `fractions` (the same for both backbones)."""
-    test_clips: int = 2
-    """Clips per test video (predictions averaged) in the fine-tune and probe scores."""
+    test_clips: int = 1
+    """Clips per val / test video (predictions averaged) in the probe, fine-tune and phase
+    scores; the probes' training features take one clip per video too."""
     phase: bool = True
     """Run the cycle-phase retrieval (pretrained vs random vs pixels)."""
+    phase_clips: int = 2
+    """Clips per test video for the phase retrieval (more clips: more beats to match)."""
     seed: int = 0
 
     def validate(self) -> None:
@@ -170,7 +173,8 @@ def _recipe(cfg: DemoConfig, out: Path, shards: Path):
         f"data.shards={shards}", f"train.out_dir={out / 'runs'}", f"train.steps={cfg.steps}",
         f"train.seed={cfg.seed}", f"train.checkpoint_every={every}", f"logging.plot_every={every}",
         f"downstream.out_dir={out / 'downstream'}", "downstream.bootstrap=1000",
-        f"downstream.test_clips={cfg.test_clips}", f"downstream.seed={cfg.seed}"])
+        f"downstream.test_clips={cfg.test_clips}", f"downstream.train_clips={cfg.test_clips}",
+        f"downstream.seed={cfg.seed}"])
     recipe.validate()
     return recipe
 
@@ -373,7 +377,7 @@ def _phase(cfg: DemoConfig, recipe, weights: Path) -> dict:
     pre, _ = load_backbone(f"export:{weights}", recipe)
     rnd, _ = load_backbone("random", recipe, seed=dc.seed)
     print("[demo] 7/7 cycle-phase retrieval on the test clips: pretrained vs random vs pixels", flush=True)
-    slices, skipped = P.split_slices({"pretrained": pre, "random": rnd}, recipe.data, dc.test_split, dc.test_clips,
+    slices, skipped = P.split_slices({"pretrained": pre, "random": rnd}, recipe.data, dc.test_split, cfg.phase_clips,
                                      tubelet=pre.cfg.tubelet, device=pick_device(dc.device), batch=dc.feature_batch)
     res = {k: P.phase_retrieval(s, bootstrap=dc.bootstrap, seed=dc.seed) for k, s in slices.items()}
     out = {k: {m: v for m, v in r.items() if m != "per_query"} for k, r in res.items()}
