@@ -40,14 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     base = json.loads(Path(args.baseline).read_text()) if args.baseline else None
     print(f"\npretrained vs random, {args.steps} steps" + (f" (baseline: {base['pretrain']['steps']} steps)"
                                                            if base else ""))
-    for section in ("finetune", "probe"):
-        for frac, cmp in (res[section].items() if section == "finetune" else [("probe", res[section] or {})]):
+    for section in ("finetune", "probe"):  # both {fraction: {task: comparison}}
+        for frac, cmp in res[section].items():
+            old = (base.get(section) or {}).get(frac, {}) if base else {}
             for task in ("view", "ef"):
-                if task not in cmp:
-                    continue
-                old = (base[section][frac] if section == "finetune" else base[section]) if base else None
-                print(f"  {section} {frac:<5} {comparison_line(task, cmp[task])}"
-                      + (f"   | baseline: {comparison_line(task, old[task])}" if old and task in old else ""))
+                if task in cmp:
+                    print(f"  {section} {frac:<4} {comparison_line(task, cmp[task])}"
+                          + (f"   | baseline: {comparison_line(task, old[task])}" if task in old else ""))
     keep = ("pretrain", "objective", "finetune", "probe", "phase", "bar", "seconds")
     out = {"steps": args.steps, "work": str(work), **{k: res[k] for k in keep},
            "baseline": {k: base[k] for k in keep if k in base} if base else None,
