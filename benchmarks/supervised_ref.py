@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import platform
 import resource
@@ -44,6 +43,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from echofm.engine import bench
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "pretrain" / "echofm_tiny.yaml"
 METRICS = ("view_accuracy", "ef_mae", "ef_r2")
@@ -276,8 +277,8 @@ def main() -> int:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--no-probe", action="store_true", help="skip the pixel and random-ViT probes")
     ap.add_argument("--out", type=Path, default=None,
-                    help="results JSON (default: a new run folder; benchmarks/results/supervised_ref.json updates "
-                         "the committed one)")
+                    help="results file (default: a new run folder runs/bench/supervised_ref-<timestamp>/; the "
+                    "committed numbers: --out benchmarks/results/supervised_ref.json)")
     args = ap.parse_args()
     if min(args.epochs, args.batch, args.train_clips, args.test_clips) < 1:
         ap.error("--epochs, --batch, --train-clips and --test-clips must be >= 1")
@@ -297,10 +298,8 @@ def main() -> int:
            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
            "rows": rows, "seconds": secs, "threads": torch.get_num_threads(), "host": platform.node(),
            "torch": torch.__version__}
-    from echofm.engine import bench
-
     print(f"seconds: {secs}")
-    bench.write_json(bench.results_path("supervised_ref", args.out, "supervised_ref.json"), out)
+    bench.write_json(bench.results_path("supervised_ref", args.out, "supervised_ref.json"), out, recipe)
     return 0
 
 

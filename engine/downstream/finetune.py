@@ -74,15 +74,16 @@ def layer_decay_groups(net: DownstreamNet, cfg: DownstreamConfig, weight_decay: 
 
 
 def finetune(task: Task, backbone: nn.Module, recipe, *, run_dir: Path, resume: str | None = None,
-             log=print) -> tuple[DownstreamNet, dict]:
+             log=print, head: nn.Module | None = None) -> tuple[DownstreamNet, dict]:
     """Train backbone + head on the label-fraction patients of the train split, on the
     pretraining `Trainer` (non-finite skip, checkpoints, resume, SIGTERM save); every rank
     reads its own part of those patients' clips.
 
     run_dir: the training folder (checkpoints/, metrics.jsonl, summary.json, recipe.yaml);
     resume: None (fresh; refuses a folder with checkpoints), "auto" or a checkpoint path, as
-    `echofm pretrain --resume`. Returns (the trained net on the CPU, in eval mode; info for
-    the results)."""
+    `echofm pretrain --resume`. head: a trained video head to start from (LP-FT: e.g. a
+    linear probe's on this backbone's features) instead of a fresh one. Returns (the trained
+    net on the CPU, in eval mode; info for the results)."""
     cfg: DownstreamConfig = recipe.downstream
     if recipe.deepspeed.zero_stage == 3:
         raise ConfigError("deepspeed.zero_stage=3 partitions the parameters, which the fine-tuned backbone "
@@ -91,7 +92,8 @@ def finetune(task: Task, backbone: nn.Module, recipe, *, run_dir: Path, resume: 
     dist = init_distributed(recipe.train.collective_timeout_s)
     metas = list_samples(recipe.data.shards, cfg.train_split)
     keep = label_fraction_patients(metas, task.stratum, cfg.label_fraction, cfg.seed)
-    net = _build_net(task, backbone, cfg, metas, keep)
+    net = _build_net(task, backbone, cfg, metas, keep) if head is None else \
+        DownstreamNet(backbone, head.train(), cfg.features, grid=False)
     grid = isinstance(task, SegTask)
     data = dataclasses.replace(recipe.data, split=cfg.train_split, segmentation=grid)
     keys = {m["key"] for m in metas if patient_of(m) in keep and task.target(m) is not None}
