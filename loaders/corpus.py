@@ -22,12 +22,13 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from . import ids
 from .errors import DataError
 
 SPEC = "cache_spec.json"
 SYNTH_CODE = ("synth", "video_io")
 """Modules (files or packages under loaders/) whose code decides the bytes of a synthetic corpus."""
-INGEST_CODE = ("ingest", "shards", "video_io", "sector", "cycles", "trim", "sources")
+INGEST_CODE = ("ingest", "shards", "video_io", "sector", "cycles", "trim", "sources", "ids", "corpus")
 """... and of its shards."""
 NOT_OUTPUT = ("workers", "progress")
 """Settings that change how fast a corpus is made, not what it holds."""
@@ -86,6 +87,8 @@ def cached_corpus(synth_cfg, ingest_cfg, cache_dir: str | Path, *, folders: tupl
 
     def build(path: Path) -> None:
         log(f"  ingest: {src} -> {path} ({ingest_cfg.codec}, {ingest_cfg.size}^2)")
+        if ingest_cfg.id_key is None:
+            _synthetic_id_key(ids.default_key_path(path), spec["corpus"])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # sizes < 128 px are intended for CPU corpora
             report = ingest([src], path, ingest_cfg)
@@ -94,6 +97,16 @@ def cached_corpus(synth_cfg, ingest_cfg, cache_dir: str | Path, *, folders: tupl
                             f"see {path / 'rejects.jsonl'})")
 
     return _ensure(Path(cache_dir) / name, spec, build)
+
+
+def _synthetic_id_key(path: Path, corpus_spec: dict) -> None:
+    """A synthetic corpus's id key, derived from the corpus's spec instead of drawn at random:
+    the same corpus then gets the same patient and study hashes on every machine and run, so
+    seeded draws over patients (label fractions) repeat. Written before every (re)build: a
+    resumed build derives the same key, a rebuild for another corpus its own. Synthetic
+    patients have no privacy to protect; real corpora keep a random key (loaders/ids.py)."""
+    seed = json.dumps(corpus_spec, sort_keys=True).encode()
+    path.write_text(hashlib.sha256(b"echofm synthetic id key\0" + seed).hexdigest() + "\n")
 
 
 def _ensure(folder: Path, spec: dict, build: Callable[[Path], None]) -> Path:

@@ -64,3 +64,24 @@ def test_cached_corpus_builds_once_per_config(tmp_path, monkeypatch):
     other = C.cached_corpus(synth, IngestConfig(size=32, codec="mjpeg", progress=False), tmp_path,
                             log=lambda _m: None)  # same corpus (not rebuilt), other shards
     assert other != shards and json.loads((other / "manifest.json").read_text())["height"] == 32
+
+
+def test_synthetic_shards_get_the_same_patient_ids_in_every_cache(tmp_path):
+    """Regression: each fresh build drew a random id key, so the patient hashes, and with them
+    the seeded label-fraction draw over patients, changed between two runs of the demo."""
+    def synth(seed):
+        return SynthConfig(videos=6, seed=seed, min_size=128, max_size=128, min_frames=24, max_frames=24,
+                           avi_fraction=0.0, dicom_fraction=0.0, short_fraction=0.0)
+
+    ingest = IngestConfig(size=32, codec="mjpeg", progress=False)
+
+    def patients(cache, seed=0):
+        shards = C.cached_corpus(synth(seed), ingest, cache, log=lambda _m: None)
+        rows = [json.loads(line) for f in sorted(shards.glob("*.samples.jsonl")) for line in f.read_text().splitlines()]
+        return sorted((r["key"], r["patient"]) for r in rows)
+
+    a = patients(tmp_path / "a")
+    assert len({p for _, p in a}) >= 2 and a == patients(tmp_path / "b")
+    other = {p for _, p in patients(tmp_path / "a", seed=1)}  # another corpus: its own key
+    keys = {f.read_text() for f in (tmp_path / "a").glob("*.idkey")}
+    assert len(keys) == 2 and other
