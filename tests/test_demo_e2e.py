@@ -20,6 +20,8 @@ def test_demo_runs_every_stage_at_toy_size(tmp_path, capsys):
             assert section[task]["verdict"] in ("better beyond noise", "worse beyond noise", "within noise")
     assert saved["finetune"]["0.5"]["view"]["fit"]["pretrained"]["steps"] == \
         saved["finetune"]["0.5"]["view"]["fit"]["random"]["steps"]  # same budget for both backbones
+    for b in ("pretrained", "random"):  # regression: at 10x these lrs the LP-FT loss went from ~1e-5 to 11-28
+        assert saved["finetune"]["0.5"]["view"]["fit"][b]["final_loss"] < 2.0
     ph = saved["phase"]
     assert ph["pretrained"]["queries"] == ph["random"]["queries"] == ph["pixels"]["queries"] > 0
     assert 0 <= ph["pixels"]["error"]["value"] <= 0.5
