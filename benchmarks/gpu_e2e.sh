@@ -47,9 +47,6 @@ fi
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 TRITON_INTERPRET="${TRITON_INTERPRET:-0}"
 if [[ -n "$CPU" ]]; then
     export DS_ACCELERATOR=cpu   # (CPU tensors take the kernels' torch path)
-    # DeepSpeed's CPU accelerator JIT-builds a comm op (~40 s) into a cache that every venv
-    # shares and each rebuilds for its own torch: one cache per interpreter keeps it built.
-    export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions/echofm_$("$PY" -c "import sys; print(sys.prefix)" | sha1sum | cut -c1-8)}"
 fi
 SHIM="$(mktemp -d)"
 trap 'rm -rf "$SHIM"' EXIT

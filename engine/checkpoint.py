@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import pickle
@@ -46,6 +45,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from echofm.loaders.shards import sha256_file
 
 from .errors import CheckpointError
 
@@ -113,14 +114,6 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
         if m and p.is_dir() and is_complete(p):
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def verify(path: str | Path) -> dict:
