@@ -256,7 +256,7 @@ def time_stream(plan: Plan, shards: Path, backend: str, stride: int, threads: in
     s.close()
     codec = json.loads((shards / "manifest.json").read_text())["codec"]
     out = {"backend": backend, "codec": codec, "stride": stride, "threads": threads,
-           "batch": plan.batch, "clips": n, "seconds": round(dt, 3), "clips_s": round(n / dt, 1),
+           "batch": plan.batch, "clips": n, "seconds": round(dt, 4), "clips_s": round(n / dt, 1),
            "sampled_fps": round(n * FRAMES / dt), "decoded_fps": round(decoded / dt),
            "cpu_cores_used": round(cpu / dt, 2), "cpu_ms_per_clip": round(cpu / max(n, 1) * 1e3, 3)}
     if util is not None:
