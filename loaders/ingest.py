@@ -570,7 +570,9 @@ def _select(clips: list[Clip], corpus: _Corpus, cfg: IngestConfig, report: Inges
             paths.add(a)
             uniq.append(c)
     hashed = _hash_sources(uniq, None if cfg.dry_run else corpus.out_dir / HASH_CACHE, corpus.key)
-    held = {(r["key"].split("_", 1)[0], r["source"]): r["key"] for r in corpus.records}
+    # one source = dataset + patient + path (relative to the root named); two sites' `clip1.mp4`
+    # under one --dataset differ by patient
+    held = {(r["key"].split("_", 1)[0], r["patient"], r["source"]): r["key"] for r in corpus.records}
     early, todo, todo_sha, seen, stat = [], [], [], set(), {}
     for c, got in zip(uniq, hashed):
         h = got if isinstance(got, Reject) else got[2]
@@ -591,7 +593,7 @@ def _select(clips: list[Clip], corpus: _Corpus, cfg: IngestConfig, report: Inges
     jobs = []
     for j in plan(todo, todo_sha, cfg, corpus.records, corpus.key):
         j.size, j.mtime_ns = stat[j.sha256]
-        old = held.get((j.key.split("_", 1)[0], j.source))
+        old = held.get((j.key.split("_", 1)[0], j.phash, j.source))
         if old is None:
             jobs.append(j)
         else:  # a file rewritten (or finished growing) after it was ingested: one sample per source

@@ -203,8 +203,10 @@ def test_a_full_disk_ends_the_ingest_with_one_line_and_keeps_what_was_complete(t
     with pytest.raises(DataError, match=r"shards: No space left on device \(ingest stopped"):
         _run(src, out)
     monkeypatch.setattr(shards_mod.ShardWriter, "add", real)
-    assert read_manifest(out)["total_samples"] == 1 and verify(out, decode=False).ok
-    assert _run(src, out).added == 2  # the rerun resumes
+    kept = read_manifest(out)["total_samples"]  # 1, or 0 when the half-written shard held the first
+    assert kept <= 1 and verify(out, decode=False).ok
+    assert _run(src, out).added == 3 - kept  # the rerun resumes
+    assert read_manifest(out)["total_samples"] == 3 and verify(out, decode=False).ok
 
 
 def test_a_read_only_out_is_one_line(tmp_path, monkeypatch):
@@ -227,3 +229,24 @@ def test_an_id_key_inside_the_shard_directory_is_warned_about(tmp_path):
     _video(src / "c.mp4", seed=21)
     with pytest.warns(UserWarning, match="id key is inside the shard directory"):
         ingest([src], out, IngestConfig(size=64, progress=False, id_key=str(out / "secret.idkey")))
+
+
+def test_two_sites_with_the_same_relative_path_under_one_dataset_are_both_ingested(tmp_path):
+    """The one-sample-per-source rule keys the source by dataset, patient and relative path:
+    another site's `clip.mp4` (another patient) is not mistaken for a changed source."""
+    out = tmp_path / "shards"
+    for i, site in enumerate(("siteA", "siteB")):
+        d = tmp_path / site
+        d.mkdir()
+        _video(d / "clip.mp4", seed=40 + i)
+        (d / "labels.csv").write_text(f"path,patient\nclip.mp4,{site}-P1\n")
+        rep = _run(d, out, dataset="echo")
+        assert (rep.added, rep.rejected) == (1, 0)
+
+
+def test_a_csv_manifest_that_is_not_utf8_is_one_line(tmp_path):
+    src = tmp_path / "raw"
+    src.mkdir()
+    (src / "labels.csv").write_bytes(b"path,patient\nc.mp4,M\xfcller\n")
+    with pytest.raises(DataError, match=r"labels\.csv: not UTF-8 text at byte 20"):
+        _run(src, tmp_path / "shards")
