@@ -10,7 +10,6 @@ read; weights must be finite. Each problem is one CheckpointError line naming th
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
