@@ -204,7 +204,7 @@ class Job:
     source: str
     """HMAC of the source path relative to its root (json `source`, rejects)."""
     size: int = 0
-    mtime_ns: int = 0
+    mtime_ns: int | None = None
     """The source's size and mtime when it was hashed: the decode must see the same file."""
 
 
@@ -378,7 +378,7 @@ def _decode(job: Job, cfg: IngestConfig):
         return Reject(kind=Kind.IO, message=_scrub(f"cannot read ({type(e).__name__}: {e})", c))
     except Exception as e:  # a decoder library choking on a damaged file
         return Reject(kind=Kind.DECODE, message=_scrub(f"cannot decode ({type(e).__name__}: {e})", c))
-    if job.mtime_ns and not (_same_file(before, after) and (before.st_size, before.st_mtime_ns) == (job.size, job.mtime_ns)):
+    if job.mtime_ns is not None and not (_same_file(before, after) and (before.st_size, before.st_mtime_ns) == (job.size, job.mtime_ns)):
         return Reject(kind=Kind.GROWING, message=_GROWING)
     if dec.problems:
         return Reject(kind=Kind.CORRUPT, message=f"damaged file: {dec.problems}")

@@ -93,7 +93,7 @@ def imap_supervised(fn: Callable, tasks: Iterable, workers: int, *, init: Callab
                     w.conn.send((nxt, tasks[nxt]))
                     nxt += 1
             busy = [w for w in pool if w.task is not None]
-            left = None if timeout is None else max(0.0, min(w.since for w in busy) + timeout - time.monotonic())
+            left = None if timeout is None else max(0.0, min((w.since for w in busy), default=time.monotonic()) + timeout - time.monotonic())
             ready = set(wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=left))
             for k, w in enumerate(pool):
                 if w.task is None:
