@@ -173,7 +173,7 @@ def _model_from_config(path: Path, attn_backend: str | None):
                              f"more than {MAX_PARAMS / 1e9:.0f} B: refused")
         mask = MaskConfig(**_section(MaskConfig, data.get("mask", {}), f, "mask"))
         loss = LossConfig(**_section(LossConfig, data.get("loss", {}), f, "loss"))
-    except (ValueError, TypeError, AttributeError) as e:
+    except (ValueError, TypeError, AttributeError, KeyError, ArithmeticError) as e:  # e.g. patch_size 0
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise CheckpointError(msg if msg.startswith(str(f)) else f"{f}: {msg}") from None
     return mcfg, mask, loss
@@ -203,7 +203,10 @@ def load_export(path: str | Path, *, map_location: str | torch.device = "cpu",
         if _DTYPES[hd] != dtype or hs != shape:
             raise CheckpointError(f"{weights}: tensor {k!r} is {hd} {hs}; config.json's model has "
                                   f"{str(dtype).replace('torch.', '')} {shape}")
-    state = load_file(str(weights), device="cpu")
+    try:
+        state = load_file(str(weights), device="cpu")
+    except Exception as e:  # safetensors' own checks (alignment, ...) beyond the header's
+        raise CheckpointError(f"{weights}: cannot read ({str(e).splitlines()[0][:120]})") from None
     bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
         raise CheckpointError(f"{weights}: tensor {bad!r} holds NaN or inf")

@@ -116,6 +116,12 @@ def test_a_config_asking_for_a_51_gb_model_is_refused_before_building(export_dir
     with pytest.raises(CheckpointError, match=r"config\.json: asks for a model of ~\d+\.\d B parameters"):
         load_export(export_dir)
     assert time.perf_counter() - t0 < 2.0
+    data["model"]["patch_size"] = 0
+    cfg.write_text(json.dumps(data))
+    write_checksums(export_dir)
+    with pytest.raises(CheckpointError, match=r"config\.json: "):
+        load_export(export_dir)
+    data["model"]["patch_size"] = 16
     data["model"]["depth"] = -3
     cfg.write_text(json.dumps(data))
     write_checksums(export_dir)
