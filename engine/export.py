@@ -1,5 +1,6 @@
 """`echofm export`: a training checkpoint -> model.safetensors + config.json, the form that
-`EchoFM.from_pretrained` (and downstream runs) load without DeepSpeed."""
+`EchoFM.from_pretrained` (and downstream runs) load without DeepSpeed, and a model card
+README.md (engine/model_card.py)."""
 from __future__ import annotations
 
 import os
@@ -8,11 +9,13 @@ from pathlib import Path
 from .checkpoint import load_model_state
 from .config import recipe_from_data
 from .model import EchoFM
+from .model_card import write_card
 
 
 def export(path: str | Path, out_dir: str | Path) -> Path:
     """Checkpoint (a checkpoint, checkpoints/ or run folder: its newest complete checkpoint,
-    hashed and read weights-only) -> `out_dir` with model.safetensors + config.json."""
+    hashed and read weights-only) -> `out_dir` with model.safetensors, config.json and
+    the model card README.md."""
     state, recipe_dict = load_model_state(path)
     recipe = recipe_from_data(recipe_dict, file=f"{path} (stored recipe)")
     recipe.validate()
@@ -20,7 +23,8 @@ def export(path: str | Path, out_dir: str | Path) -> Path:
     model.load_state_dict(state)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
-    publish(out_dir / "model.safetensors", out_dir / "config.json")
+    card = write_card(out_dir, recipe, model, path)
+    publish(out_dir / "model.safetensors", out_dir / "config.json", card)
     return out_dir
 
 

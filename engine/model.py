@@ -516,9 +516,10 @@ class EchoFM(nn.Module):
     def from_pretrained(cls, path: str | Path, mask_cfg: MaskConfig | None = None,
                         loss_cfg: LossConfig | None = None, map_location: str | torch.device = "cpu",
                         attn_backend: str | None = None) -> EchoFM:
-        """Load a directory written by save_pretrained. mask_cfg / loss_cfg / attn_backend,
-        when given, replace the saved ones; version-1 files (no "mask" / "loss") get the
-        current defaults for those two."""
+        """Load a directory written by save_pretrained (or `echofm export`), in eval mode
+        (call `.train()` to fine-tune). mask_cfg / loss_cfg / attn_backend, when given,
+        replace the saved ones; version-1 files (no "mask" / "loss") get the current
+        defaults for those two."""
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -536,7 +537,7 @@ class EchoFM(nn.Module):
         loss_cfg = loss_cfg or LossConfig(**_section(LossConfig, data.get("loss", {}), cfg_file, "loss"))
         model = cls(ModelConfig(**kw), mask_cfg, loss_cfg)
         model.load_state_dict(load_file(str(weights), device=str(map_location)))
-        return model.to(map_location)
+        return model.to(map_location).eval()
 
 
 CONFIG_VERSION = 2

@@ -47,8 +47,8 @@ def _use_triton(t: torch.Tensor, backend: str, choices: tuple[str, ...], name: s
     if backend == "auto":
         return t.is_cuda
     if backend == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"{name}: backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set "
-                           "before importing echofm.kernels to run CPU tensors in the interpreter")
+        raise reference.BackendUnavailable(f"{name}: backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 "
+                                           "set before importing echofm.kernels to run CPU tensors in the interpreter")
     return backend == "triton"
 
 
