@@ -186,6 +186,7 @@ def _add_ingest(sub) -> None:
 
 def _run_ingest(args) -> int:
     from echofm.loaders.ingest import REPORT, IngestConfig, ingest
+    from echofm.loaders.reject_log import console_lines, log_path
 
     size = args.size
     if size is None and args.recipe:
@@ -210,6 +211,9 @@ def _run_ingest(args) -> int:
           + ("" if args.dry_run else f" ({args.out}/rejects.jsonl), {len(r.shards)} shard(s)")
           + f", {r.frames} frames, {r.clips_per_s:.1f} clips/s, {r.input_mb_per_s:.1f} MB/s in")
     for line in r.quality.lines():
+        print(f"ingest: {line}")
+    log = None if args.dry_run else log_path(args.out)
+    for line in console_lines(r.rejected_files, log):
         print(f"ingest: {line}")
     if not args.dry_run:
         print(f"ingest: report written to {args.out}/{REPORT}")
