@@ -72,7 +72,7 @@ class Kind:
 
 @dataclass(kw_only=True, slots=True)
 class IngestConfig:
-    """How sources become shards (DESIGN §2)."""
+    """How sources become shards (docs/shards.md)."""
 
     size: int = 224
     """Output height = width in pixels (even; >= 128 for NVDEC in production)."""
@@ -419,7 +419,7 @@ def _encode(out: np.ndarray, fps: float, cfg: IngestConfig):
 
 
 def _meta(job: Job, cfg: IngestConfig, dec, fps: float, fps_assumed: bool, n: int, sector, cyc) -> dict:
-    """The sample's json (DESIGN §2 plus what ingest measured, with its confidence)."""
+    """The sample's json (docs/shards.md: what ingest measured, with its confidence)."""
     c = job.clip
     src_h, src_w = dec.source_size
     box = None if sector is None else [int(round(v / dec.scale)) for v in sector.box]

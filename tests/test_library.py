@@ -227,3 +227,20 @@ def test_evaluate_on_a_cohort_without_the_labels_is_one_line(tiny_shards, synth_
     assert main(["evaluate", str(tmp_path / r.name), "--data", str(tmp_path / "cohort")]) == 2
     line = _one_error_line(capsys)
     assert f"{tmp_path / 'cohort'}: split '" in line and "no labelled videos for task 'view'" in line
+
+
+# ---------------------------------------------------------------- no document users do not have
+
+
+def test_no_reference_to_a_document_outside_the_repository():
+    """What a user can read (code, docstrings, recipes, benchmarks, docs) cites the docs/
+    pages, never the maintainers' notes (`help(EchoFM)` showed "DESIGN §5")."""
+    cited = re.compile(r"DESIGN §|DESIGN\.md|PLATFORM\.md|STYLE\.md|\.\./shared")
+    files = [p for folder in ("engine", "loaders", "kernels", "benchmarks", "recipes", "docs", "echofm")
+             for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".yaml", ".md", ".sh")]
+    bad = [f"{p.relative_to(ROOT)}:{i}" for p in files + [ROOT / "README.md", ROOT / "setup.py"]
+           for i, line in enumerate(p.read_text().splitlines(), 1) if cited.search(line)]
+    assert not bad, f"cites a document users do not have: {bad}"
+    from echofm.engine.model import EchoFM
+
+    assert "DESIGN" not in (EchoFM.__doc__ or "")
