@@ -93,7 +93,7 @@ def _run_pretrain(args) -> int:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="training checkpoint -> model.safetensors + config.json")
+    p = sub.add_parser("export", help="training checkpoint -> model.safetensors + config.json + model card")
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (newest checkpoint)")
     p.add_argument("--out", required=True, help="output folder (EchoFM.from_pretrained loads it; "
                    "README.md there is the model card)")
@@ -359,7 +359,7 @@ def _run_bench(args) -> int:
     import runpy
 
     from . import bench
-    from .resources import BENCHMARKS
+    from .resources import BENCHMARKS as SCRIPTS
 
     if args.clean:
         removed = bench.clean([args.name] if args.name else None)
@@ -371,7 +371,7 @@ def _run_bench(args) -> int:
     if args.name is None:
         raise UserError("bench: name a benchmark (" + ", ".join(BENCHMARKS) + ") or pass --clean")
     # Scripts, run as __main__: benchmarks/ in a checkout, echofm/benchmarks in a wheel.
-    script = BENCHMARKS / f"{args.name}.py"
+    script = SCRIPTS / f"{args.name}.py"
     if not script.is_file():
         raise UserError(f"{script}: not found; this echofm was installed without its benchmarks "
                         "(reinstall it from the repository: pip install .)")
