@@ -215,9 +215,13 @@ def test_evaluate_on_a_cohort_without_the_labels_is_one_line(tiny_shards, synth_
 
     src = tmp_path / "videos"
     src.mkdir()
-    for f in sorted((synth_corpus / "videos").glob("*.mp4"))[:4]:
-        shutil.copy(f, src / f.name)  # plain files: no labels.csv, so no view labels
-    ingest([src], tmp_path / "cohort", IngestConfig(size=112, progress=False))
+    rows = ["path,patient,split"]  # every clip in 'test', and no view column: no view labels
+    for i, f in enumerate(sorted((synth_corpus / "videos").glob("*.mp4"))[:4]):
+        shutil.copy(f, src / f.name)
+        rows.append(f"{f.name},p{i},test")
+    (src / "cohort.csv").write_text("\n".join(rows) + "\n")
+    ingest([src / "cohort.csv"], tmp_path / "cohort", IngestConfig(size=112, progress=False))
+    assert json.loads((tmp_path / "cohort" / "manifest.json").read_text())["splits"] == {"test": 4}
     small = ["model.depth=1", "model.embed_dim=64", "model.num_heads=2", "model.decoder_embed_dim=32",
              "model.decoder_num_heads=2", "model.decoder_depth=1"]
     r = load_recipe("synthetic_view", [f"data.shards={tiny_shards}", "downstream.backbone=random",
@@ -226,7 +230,7 @@ def test_evaluate_on_a_cohort_without_the_labels_is_one_line(tiny_shards, synth_
     run(r, log=lambda *_: None)
     assert main(["evaluate", str(tmp_path / r.name), "--data", str(tmp_path / "cohort")]) == 2
     line = _one_error_line(capsys)
-    assert f"{tmp_path / 'cohort'}: split '" in line and "no labelled videos for task 'view'" in line
+    assert line.startswith(f"echofm: error: {tmp_path / 'cohort'}: split 'test': no labelled videos for task 'view'")
 
 
 # ---------------------------------------------------------------- no document users do not have
