@@ -107,7 +107,9 @@ def render(recipe, model, *, checkpoint: Path | None, step: int | None, weights_
 def write_card(out_dir: Path, recipe, model, source: str | Path) -> Path:
     """Write `out_dir/README.md` for the model exported from `source` (the checkpoint, run
     or checkpoints folder `echofm export` was given)."""
-    ckpt = find_checkpoint(source)  # the folder load_model_state resolved (already verified)
+    # The newest complete checkpoint, unhashed: the one load_model_state loaded unless that
+    # one was damaged (it then said so and fell back); hashing it again would double the cost.
+    ckpt = find_checkpoint(source)
     step = None
     if ckpt is not None and (ckpt / META).is_file():
         step = json.loads((ckpt / META).read_text()).get("step")
