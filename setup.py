@@ -18,10 +18,16 @@ release for the packages whose internals the engine leans on (torch, triton, DAL
 DeepSpeed, numba), the next major release for the rest (PyAV: the next after 18), so a new
 release is tested before its bound moves. tests/test_packaging.py checks the bounds, the
 extras and the Makefile.
+
+Recipes and benchmarks are part of the product: `recipes/` and `benchmarks/` (top-level
+folders too) install as `echofm/recipes` and `echofm/benchmarks`, beside `echofm/engine` as
+in the checkout, so `echofm pretrain echofm_tiny`, `echofm demo` and `echofm bench NAME`
+work from any folder after a plain `pip install .` (engine/resources.py finds them).
 """
 from setuptools import find_packages, setup
 
 FOLDERS = ("engine", "kernels", "loaders")
+DATA_FOLDERS = ("recipes", "benchmarks")  # no __init__.py: shipped as files, run as scripts
 
 packages = ["echofm"]
 package_dir = {"echofm": "echofm"}
@@ -30,6 +36,9 @@ for folder in FOLDERS:
         name = "echofm." + sub
         packages.append(name)
         package_dir[name] = sub.replace(".", "/")
+for folder in DATA_FOLDERS:
+    packages.append(f"echofm.{folder}")
+    package_dir[f"echofm.{folder}"] = folder
 
 # Literals (not computed): benchmarks/gpu_kit.sh and tests/test_packaging.py read them with ast.
 setup(
@@ -39,7 +48,11 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"echofm.kernels": ["attention_table.json"]},  # the measured attention dispatch table
+    package_data={
+        "echofm.kernels": ["attention_table.json"],  # the measured attention dispatch table
+        "echofm.recipes": ["pretrain/*.yaml", "downstream/*.yaml"],
+        "echofm.benchmarks": ["*.sh", "*.md", "results/*"],  # the scripts (*.py) come as modules
+    },
     install_requires=[
         "torch>=2.11,<2.14",  # tested: 2.13.0+cpu (everything), 2.11+cu130 (GPU kernels, model)
         "triton>=3.6,<3.10",  # tested: 3.9.0 (interpreter), 3.6.0 (H200)
@@ -63,12 +76,18 @@ setup(
         "cuda13": ["nvidia-dali-cuda130>=2.4,<2.5"],  # tested: 2.4.0 (the CPU pipeline)
         "cuda12": ["nvidia-dali-cuda120>=2.4,<2.5"],  # same release, CUDA 12 build
         # Optional experiment trackers (logging.wandb / logging.mlflow; imported only when enabled).
-        # Not installed by the tests: tests/test_logging.py drives both through fake modules.
-        "wandb": ["wandb>=0.17,<1"],  # the W&B client (0.x releases; run.log / run.finish)
-        "mlflow": ["mlflow-skinny>=2.10,<4"],  # the tracking client `import mlflow` (no server)
+        "wandb": ["wandb>=0.17,<1"],  # tested: 0.31.0 (offline mode; run.log / run.finish)
+        "mlflow": [
+            "mlflow-skinny>=2.10,<4",  # tested: 3.18.0; the tracking client `import mlflow` (no server)
+            # MLflow 3's default store is sqlite:///mlflow.db, which skinny cannot open without these
+            "sqlalchemy>=2,<3",  # tested: 2.1.9
+            "alembic>=1.10,<2",  # tested: 1.20.1
+        ],
         # Tests: pytest; pytest-timeout, so a hung test fails with its stack instead of stalling
-        # CI (pytest.ini); webdataset to prove the shards are plain WebDataset (test_packaging).
-        "dev": ["pytest>=8,<10", "pytest-timeout>=2.2,<3", "webdataset>=0.2.100,<2"],
+        # CI (pytest.ini); webdataset to prove the shards are plain WebDataset (test_packaging);
+        # the real tracker clients (tests/test_trackers.py: W&B offline, MLflow on a local store).
+        "dev": ["pytest>=8,<10", "pytest-timeout>=2.2,<3", "webdataset>=0.2.100,<2",
+                "wandb>=0.17,<1", "mlflow-skinny>=2.10,<4", "sqlalchemy>=2,<3", "alembic>=1.10,<2"],
     },
     entry_points={"console_scripts": ["echofm = echofm.engine.cli:main"]},
 )

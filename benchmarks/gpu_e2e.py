@@ -9,7 +9,7 @@ benchmarks/gpu_e2e.sh runs the stages in order, each in its own process under it
 timeout (a hang costs one stage, not the call). Each stage writes WORK/stages/<stage>.json
 and reuses what an earlier call left in WORK (corpus, shards): a rerun on a warm machine
 skips finished work. `report` merges the stages into RESULTS/gpu_e2e.json (gpu_e2e_cpu.json
-with --cpu; RESULTS: --results, else a new run folder runs/bench/gpu_e2e-<timestamp>/) and prints the summary with the goals measured in the same run (DESIGN §7):
+with --cpu; RESULTS: --results, else a new run folder runs/bench/gpu_e2e-<timestamp>/) and prints the summary with the goals measured in the same run (docs/mfu.md):
 the NVDEC stream at >= 1,500 clips/s at 16 x 224^2 (what a ViT-B step at 40% MFU consumes)
 and data wait < 5% of step time in the real pretrain.
 
@@ -35,7 +35,7 @@ from echofm.engine import bench
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 STAGES = ("preflight", "corpus", "stream", "pretrain", "resume", "replay", "report")
-NEED_CLIPS_S = 1500.0  # DESIGN §7: ViT-B video MAE at 40% MFU on one H200
+NEED_CLIPS_S = 1500.0  # docs/mfu.md: ViT-B video MAE at 40% MFU on one H200
 MAX_DATA_WAIT = 0.05
 FRAMES = 16
 

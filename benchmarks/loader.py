@@ -34,7 +34,7 @@ folder runs/bench/loader-<timestamp>/ (or to --out: the committed numbers are
 --out benchmarks/results/loader.json). The cache (~/.cache/echofm/bench/loader/: corpora,
 shards, extracted videos) is announced with its size; `echofm bench --clean` removes it.
 With CUDA it also runs the mixed (NVDEC)
-backend at 224^2 and compares clips/s with a ViT-B step's need (DESIGN §7: ~1,500 clips/s).
+backend at 224^2 and compares clips/s with a ViT-B step's need (docs/mfu.md: ~1,500 clips/s).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ import numpy as np
 from echofm.engine import bench
 
 T, STRIDE, BATCH = 16, 2, 8
-VITB_NEED_CLIPS_S = 1500.0  # DESIGN §7: ViT-B video MAE at 40% MFU on one H200
+VITB_NEED_CLIPS_S = 1500.0  # docs/mfu.md: ViT-B video MAE at 40% MFU on one H200
 
 
 # ---------------------------------------------------------------- corpus

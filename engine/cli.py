@@ -1,8 +1,10 @@
 """The `echofm` command: one small parser function and one run function per subcommand.
 
 Imports of heavy modules (torch, DALI, DeepSpeed) happen inside the run functions, so
-`echofm --help` is instant. Errors a user can fix (bad recipe, bad input file) print one
-line `echofm: error: ...` and exit 2; anything else is a bug and keeps its traceback.
+`echofm --help` is instant. Errors a user can fix (bad recipe, bad input file, a file that
+cannot be read or written, an attention backend that is not installed) print one line
+`echofm: error: ...` and exit 2; anything else is a bug and keeps its traceback. A RECIPE
+argument is a file or a shipped preset's name (`echofm config list`).
 """
 from __future__ import annotations
 
@@ -11,6 +13,11 @@ import sys
 from collections.abc import Callable
 
 from .errors import UserError
+
+
+RECIPE_HELP = "recipe file, or a shipped preset's name (echofm config list), e.g. echofm_tiny"
+DOWNSTREAM_KEYS = ("downstream.task", "downstream.backbone")
+"""What a finetune / evaluate recipe must set itself: defaults would probe a random backbone."""
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -22,13 +29,23 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 
 def _add_config(sub) -> None:
-    p = sub.add_parser("config", help="show a resolved recipe")
+    p = sub.add_parser("config", help="list the shipped recipes, show a resolved recipe")
     csub = p.add_subparsers(dest="config_cmd", required=True)
     show = csub.add_parser("show", help="print the recipe after includes, --set, validation and the "
                            "model preset (its dimensions filled in)")
-    show.add_argument("recipe")
+    show.add_argument("recipe", help=RECIPE_HELP)
     _add_set(show)
     show.set_defaults(run=_run_config_show)
+    ls = csub.add_parser("list", help="the shipped recipes: name, kind, file")
+    ls.set_defaults(run=_run_config_list)
+
+
+def _run_config_list(args) -> int:
+    from .resources import recipe_names
+
+    for name, path in recipe_names().items():
+        print(f"{name:<28} {path.parent.name:<11} {path}")
+    return 0
 
 
 def _run_config_show(args) -> int:
@@ -51,7 +68,7 @@ def _run_config_show(args) -> int:
 def _add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain EchoFM from a recipe (DeepSpeed; 1 process, "
                        "torchrun or the deepspeed launcher)")
-    p.add_argument("recipe")
+    p.add_argument("recipe", help=RECIPE_HELP)
     _add_set(p)
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="auto: newest complete checkpoint of this run; or a checkpoint/run folder")
@@ -64,7 +81,9 @@ def _run_pretrain(args) -> int:
     from .config import load_recipe
     from .trainer import pretrain
 
-    summary = pretrain(load_recipe(args.recipe, args.overrides), resume=args.resume)
+    recipe = load_recipe(args.recipe, args.overrides)
+    check_attn_backend(recipe.model.attn_backend)
+    summary = pretrain(recipe, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":
         dropped = (f", {summary['damaged_samples']} damaged sample(s) skipped"
                    if summary.get("damaged_samples") else "")
@@ -74,9 +93,10 @@ def _run_pretrain(args) -> int:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="training checkpoint -> model.safetensors + config.json")
+    p = sub.add_parser("export", help="training checkpoint -> model.safetensors + config.json + model card")
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (newest checkpoint)")
-    p.add_argument("--out", required=True, help="output folder (EchoFM.from_pretrained loads it)")
+    p.add_argument("--out", required=True, help="output folder (EchoFM.from_pretrained loads it; "
+                   "README.md there is the model card)")
     p.set_defaults(run=_run_export)
 
 
@@ -170,6 +190,7 @@ def _add_ingest(sub) -> None:
 
 def _run_ingest(args) -> int:
     from echofm.loaders.ingest import REPORT, IngestConfig, ingest
+    from echofm.loaders.reject_log import console_lines, log_path
 
     size = args.size
     if size is None and args.recipe:
@@ -194,6 +215,9 @@ def _run_ingest(args) -> int:
           + ("" if args.dry_run else f" ({args.out}/rejects.jsonl), {len(r.shards)} shard(s)")
           + f", {r.frames} frames, {r.clips_per_s:.1f} clips/s, {r.input_mb_per_s:.1f} MB/s in")
     for line in r.quality.lines():
+        print(f"ingest: {line}")
+    log = None if args.dry_run else log_path(args.out)
+    for line in console_lines(r.rejected_files, log):
         print(f"ingest: {line}")
     if not args.dry_run:
         print(f"ingest: report written to {args.out}/{REPORT}")
@@ -225,7 +249,8 @@ def _run_shards_verify(args) -> int:
 def _add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="downstream run: linear probe or full fine-tune of a backbone "
                        "(fine-tune: 1 process, torchrun or the deepspeed launcher)")
-    p.add_argument("recipe", help="downstream recipe, e.g. recipes/downstream/ef_regression.yaml")
+    p.add_argument("recipe", help="downstream recipe (it sets downstream.task and downstream.backbone): a "
+                   "file or a preset name, e.g. ef_regression")
     _add_set(p)
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="mode finetune: auto = continue the run's newest checkpoint; or a checkpoint folder")
@@ -236,7 +261,9 @@ def _run_finetune(args) -> int:
     from .config import load_recipe
     from .downstream.run import run
 
-    run(load_recipe(args.recipe, args.overrides), resume=args.resume)
+    recipe = load_recipe(args.recipe, args.overrides, require=DOWNSTREAM_KEYS)
+    check_attn_backend(recipe.model.attn_backend)
+    run(recipe, resume=args.resume)
     return 0
 
 
@@ -259,12 +286,17 @@ def _add_evaluate(sub) -> None:
 
 
 def _run_evaluate(args) -> int:
+    from .config import load_recipe
     from .downstream.run import evaluate, load_run_recipe
 
     run_dir, recipe_file = args.run_dir, args.recipe
     if args.checkpoint:  # `echofm evaluate RECIPE --checkpoint RUN_DIR` (before the run folder held its recipe)
         run_dir, recipe_file = args.checkpoint, args.run_dir
-    evaluate(load_run_recipe(run_dir, args.overrides, recipe_file), run_dir, data=args.data)
+    if recipe_file:  # the run folder's own recipe.yaml has every key
+        load_recipe(recipe_file, args.overrides, require=DOWNSTREAM_KEYS)
+    recipe = load_run_recipe(run_dir, args.overrides, recipe_file)
+    check_attn_backend(recipe.model.attn_backend)
+    evaluate(recipe, run_dir, data=args.data)
     return 0
 
 
@@ -316,7 +348,7 @@ BENCHMARKS = ("synth", "ingest", "loader", "kernels", "train", "probe_gap", "int
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (table + JSON in a run folder)",
-                       description="Run benchmarks/NAME.py. Results go to a new run folder "
+                       description="Run benchmarks/NAME.py (shipped with echofm). Results go to a new run folder "
                        "runs/bench/NAME-<timestamp>/ unless the script's --out names a file (the committed "
                        "results in benchmarks/results/ are written only that way). Synthetic corpora and other "
                        "caches are kept in ~/.cache/echofm/bench/NAME/ (announced with their size); "
@@ -329,9 +361,9 @@ def _add_bench(sub) -> None:
 
 def _run_bench(args) -> int:
     import runpy
-    from pathlib import Path
 
     from . import bench
+    from .resources import BENCHMARKS as SCRIPTS
 
     if args.clean:
         removed = bench.clean([args.name] if args.name else None)
@@ -342,11 +374,11 @@ def _run_bench(args) -> int:
         return 0
     if args.name is None:
         raise UserError("bench: name a benchmark (" + ", ".join(BENCHMARKS) + ") or pass --clean")
-    # Benchmarks are scripts beside the code folders, not package modules: they exist in a
-    # source checkout (the editable install the README sets up).
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{args.name}.py"
+    # Scripts, run as __main__: benchmarks/ in a checkout, echofm/benchmarks in a wheel.
+    script = SCRIPTS / f"{args.name}.py"
     if not script.is_file():
-        raise UserError(f"{script}: not found; `echofm bench` needs a source checkout of the repository")
+        raise UserError(f"{script}: not found; this echofm was installed without its benchmarks "
+                        "(reinstall it from the repository: pip install .)")
     sys.argv = [str(script), *args.args]
     try:
         runpy.run_path(str(script), run_name="__main__")
@@ -371,8 +403,8 @@ def _add_embed(sub) -> None:
                    "'+'-joined tokens, cls, phase, dynamics (default tokens)")
     p.add_argument("--batch", type=int, default=0, help="clips per forward (default 64 on CUDA, 8 on CPU)")
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if a GPU is visible), cpu, cuda:N")
-    p.add_argument("--recipe", default=None, help="recipe whose model: builds 'random' / VideoMAE and whose "
-                   "data: gives the stride (default: the defaults)")
+    p.add_argument("--recipe", default=None, help="recipe (file or preset name) whose model: builds 'random' / "
+                   "VideoMAE and whose data: gives the stride (default: the defaults)")
     _add_set(p)
     p.add_argument("--part-rows", type=int, default=4096, help="rows per Parquet part: the most work a kill "
                    "loses (default 4096)")
@@ -446,6 +478,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_attn_backend(backend: str) -> None:
+    """model.attn_backend=xformers needs the xformers package and a CUDA GPU: refused up front
+    (one line) rather than inside the first forward."""
+    if backend != "xformers":
+        return
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("xformers") is None:
+        raise UserError("model.attn_backend=xformers: xformers is not installed (pip install xformers, on a "
+                        "CUDA machine); use auto")
+    if not torch.cuda.is_available():
+        raise UserError("model.attn_backend=xformers: needs a CUDA GPU (xformers has no CPU kernel); use auto")
+
+
+def _backend_unavailable(e: RuntimeError) -> bool:
+    """A kernels.reference.BackendUnavailable (looked up only if the kernels were imported:
+    importing them here would load torch for every command)."""
+    ref = sys.modules.get("echofm.kernels.reference")
+    return ref is not None and isinstance(e, ref.BackendUnavailable)
+
+
+def _os_error_line(e: OSError) -> str:
+    """'FILE: what went wrong' (both files for a rename / copy) or the error's own text."""
+    what = e.strerror or str(e)
+    if e.filename is None:
+        return what
+    files = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else str(e.filename)
+    return f"{files}: {what}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from echofm.loaders.errors import DataError
@@ -453,6 +517,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except (UserError, DataError) as e:
+        print(f"echofm: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file that is missing, unreadable, unwritable, or a full disk
+        print(f"echofm: error: {_os_error_line(e)}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if not _backend_unavailable(e):
+            raise
         print(f"echofm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

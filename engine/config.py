@@ -20,10 +20,11 @@ from .losses import LossConfig
 from .masking import MaskConfig
 from .model import ModelConfig
 from .optim import OptimConfig, ScheduleConfig
+from .resources import recipe_names, resolve_recipe
 from .trainer import DeepSpeedConfig, TrainConfig
 from .yaml_io import apply_overrides, dump_yaml, from_dict, read_yaml, to_dict
 
-__all__ = ["ConfigError", "Recipe", "dump_yaml", "load_recipe", "recipe_from_data", "to_dict"]
+__all__ = ["ConfigError", "Recipe", "dump_yaml", "load_recipe", "recipe_from_data", "recipe_names", "to_dict"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -62,11 +63,29 @@ class Recipe:
             raise ConfigError("data.shards: empty; set it to a shard folder written by `echofm ingest`")
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, *,
+                require: tuple[str, ...] = ()) -> Recipe:
     """Read a recipe YAML (with includes), apply `--set` overrides, check every section
-    (the cross-section checks are `Recipe.validate`)."""
+    (the cross-section checks are `Recipe.validate`). `path` is a file or a shipped
+    preset's name (`echofm_tiny`, `ef_regression`; `echofm config list`). `require`: dotted
+    keys the file or --set must give themselves (their defaults would run the wrong job)."""
+    path = resolve_recipe(path)
     data = apply_overrides(read_yaml(path), overrides or [])
+    missing = [k for k in require if not _has_key(data, k)]
+    if missing:
+        raise ConfigError(f"{path}: does not set {' or '.join(missing)}, so it is not a downstream recipe (a "
+                          "pretrain one?); name a downstream recipe (`echofm config list`, e.g. synthetic_ef) or "
+                          "add --set downstream.task=view|ef|grade|seg --set downstream.backbone=EXPORT_DIR")
     return from_dict(Recipe, data, file=str(path), validate=False)
+
+
+def _has_key(data: dict, dotted: str) -> bool:
+    node = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def recipe_from_data(data: dict, file: str = "<dict>") -> Recipe:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
-import re
 import sys
 import textwrap
 import types
@@ -51,12 +50,8 @@ string x; `list[T]` and `tuple[T, ...]` are YAML lists.
 # ---------------------------------------------------------------- reading the classes
 
 
-_DESIGN_REF = re.compile(r"\s*\((?:see )?DESIGN §\d+\)")
-"""'(DESIGN §N)' in a docstring points at a maintainers' document users do not get: dropped."""
-
-
 def _prose(doc: str) -> str:
-    return _DESIGN_REF.sub("", " ".join(inspect.cleandoc(doc).split()))
+    return " ".join(inspect.cleandoc(doc).split())
 
 
 def field_docs(cls: type) -> dict[str, str]:

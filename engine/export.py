@@ -1,5 +1,6 @@
-"""`echofm export`: a training checkpoint -> model.safetensors + config.json (+ checksums.sha256),
-the form that `EchoFM.from_pretrained` and downstream runs load without DeepSpeed.
+"""`echofm export`: a training checkpoint -> model.safetensors + config.json + a model card
+README.md (engine/model_card.py) + checksums.sha256, the form that `EchoFM.from_pretrained`
+and downstream runs load without DeepSpeed.
 
 `load_export` is the checked way in (downstream backbones, `embed`): every file against
 checksums.sha256 (`sha256sum -c` reads it too), config.json's model bounded in size before
@@ -22,6 +23,7 @@ from .checkpoint import load_model_state
 from .config import recipe_from_data
 from .errors import CheckpointError
 from .model import EchoFM
+from .model_card import write_card
 
 CHECKSUMS = "checksums.sha256"
 FILES = ("config.json", "model.safetensors")
@@ -36,8 +38,8 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 def export(path: str | Path, out_dir: str | Path) -> Path:
     """Checkpoint (a checkpoint, checkpoints/ or run folder: its newest complete checkpoint,
-    hashed and read weights-only) -> `out_dir` with model.safetensors + config.json +
-    checksums.sha256."""
+    hashed and read weights-only) -> `out_dir` with model.safetensors, config.json, the model
+    card README.md and checksums.sha256 (of the weights and config)."""
     state, recipe_dict = load_model_state(path)
     recipe = recipe_from_data(recipe_dict, file=f"{path} (stored recipe)")
     recipe.validate()
@@ -45,8 +47,9 @@ def export(path: str | Path, out_dir: str | Path) -> Path:
     model.load_state_dict(state)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
+    card = write_card(out_dir, recipe, model, path)
     write_checksums(out_dir)
-    publish(*(out_dir / f for f in FILES + (CHECKSUMS,)))
+    publish(*(out_dir / f for f in FILES + (CHECKSUMS,)), card)
     return out_dir
 
 

@@ -9,7 +9,7 @@ the loss arithmetic are not matmuls and are left out. A training step is 3x the 
 (backward = 2x forward), the usual MFU convention.
 
 `tests/test_flops.py` checks this against torch's FlopCounterMode on a real forward and
-against the VideoMAE-B figure of DESIGN §7 (~71 GFLOPs forward per clip).
+against the VideoMAE-B figure in docs/mfu.md (~71 GFLOPs forward per clip).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .masking import MaskConfig, keep_count
 from .model import ModelConfig
 
 H200_BF16_PEAK = 790e12
-"""Dense bf16 FLOP/s measured on an H200 (DESIGN §7)."""
+"""Dense bf16 FLOP/s measured on an H200 (docs/mfu.md)."""
 
 PEAK_BF16_TFLOPS = {"GH200": 989.0, "H200": H200_BF16_PEAK / 1e12, "H100": 989.0, "B200": 2250.0, "A100": 312.0,
                     "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "4090": 165.0, "3090": 71.0}

@@ -8,16 +8,20 @@ Every logged step also gets one human-readable line in `train.log` (with the run
 messages), and on stdout too when the progress bar is off (`logging.progress: false`, e.g.
 under a batch scheduler). W&B and MLflow are imported only when enabled (extras
 `echofm[wandb]`, `echofm[mlflow]`); a resumed run continues the same tracker run (its id
-is kept in `trackers.json`).
+is kept in `trackers.json`). A tracker key the recipe leaves at null is the client's own
+setting, so the environment a user sets (WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY,
+MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME) is honoured unless the recipe sets that key.
 Figures: input / masked / reconstructed frames of one clip (predicted patches outlined),
-and the temporal self-similarity matrix S next to the cycle prior P (DESIGN §4), every
-`plot_every` steps under `figures/`.
+and the temporal self-similarity matrix S next to the cycle prior P (docs/fidelity.md),
+every `plot_every` steps under `figures/`.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -40,12 +44,13 @@ class WandbConfig:
 
     enabled: bool = False
     """Also send the step metrics (and the recipe, as the run config) to a W&B run."""
-    project: str = "echofm"
-    """W&B project."""
-    entity: str = ""
-    """W&B team or user; empty: your default entity."""
-    mode: Literal["online", "offline"] = "online"
-    """offline: write under `<run>/wandb/` only, for a later `wandb sync`."""
+    project: str | None = None
+    """W&B project; null: $WANDB_PROJECT, else 'echofm'."""
+    entity: str | None = None
+    """W&B team or user; null: $WANDB_ENTITY, else your default entity."""
+    mode: Literal["online", "offline", "disabled"] | None = None
+    """offline: write under `<run>/wandb/` only, for a later `wandb sync`; null: $WANDB_MODE,
+    else online (which needs `wandb login` or $WANDB_API_KEY)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -54,10 +59,12 @@ class MlflowConfig:
 
     enabled: bool = False
     """Also send the step metrics (and the recipe, as run params) to an MLflow run."""
-    tracking_uri: str = ""
-    """Tracking server or store; empty: MLflow's default (MLFLOW_TRACKING_URI, else ./mlruns)."""
-    experiment: str = "echofm"
-    """Experiment name (created when missing)."""
+    tracking_uri: str | None = None
+    """Tracking server or store, e.g. http://host:5000 or sqlite:///mlflow.db; null:
+    $MLFLOW_TRACKING_URI, else the installed MLflow's default (3.x: sqlite:///mlflow.db in
+    the current folder; 2.x: ./mlruns)."""
+    experiment: str | None = None
+    """Experiment name (created when missing); null: $MLFLOW_EXPERIMENT_NAME, else 'echofm'."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -210,6 +217,17 @@ def _import(module: str, key: str, extra: str):
                         f"pip install 'echofm[{extra}]' (or set {key}=false)") from None
 
 
+@contextlib.contextmanager
+def _tracker_errors(key: str, fix: str):
+    """A tracker client that cannot start (no login, a store it refuses, a missing driver)
+    -> one UserError line naming the sink and the fix, not the client's traceback."""
+    try:
+        yield
+    except Exception as e:  # the clients raise many unrelated types; any of them stops the run here
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise UserError(f"{key}: {type(e).__name__}: {first}; {fix} (or set {key}.enabled=false)") from e
+
+
 def open_trackers(cfg: LoggingConfig, run_dir: Path, *, resumed: bool, config: dict, name: str) -> list:
     """The enabled W&B / MLflow sinks. A resumed run continues the tracker runs whose ids
     `<run_dir>/trackers.json` keeps; a fresh one starts new runs and records their ids."""
@@ -235,8 +253,11 @@ class WandbSink:
     def __init__(self, wandb, cfg: WandbConfig, run_dir: Path, *, run_id: str | None, config: dict,
                  name: str) -> None:
         self.run_id = run_id or uuid.uuid4().hex[:12]
-        self.run = wandb.init(project=cfg.project, entity=cfg.entity or None, name=f"{run_dir.name}/{name}",
-                              id=self.run_id, resume="allow", dir=str(run_dir), config=config, mode=cfg.mode)
+        project = cfg.project or os.environ.get("WANDB_PROJECT") or "echofm"
+        with _tracker_errors("logging.wandb", "set WANDB_MODE=offline (or logging.wandb.mode=offline), or run "
+                             "`wandb login`"):
+            self.run = wandb.init(project=project, entity=cfg.entity, name=f"{run_dir.name}/{name}",
+                                  id=self.run_id, resume="allow", dir=str(run_dir), config=config, mode=cfg.mode)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         self.run.log(scalars, step=step)
@@ -253,14 +274,17 @@ class MlflowSink:
         from mlflow.entities import Metric, Param
 
         self.metric = Metric
-        self.client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri or None)
-        if run_id is None:
-            exp = self.client.get_experiment_by_name(cfg.experiment)
-            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(cfg.experiment)
-            run_id = self.client.create_run(exp_id, run_name=name).info.run_id
-            params = [Param(k, str(v)[:500]) for k, v in _flatten(config)]  # MLflow's value limit
-            for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
-                self.client.log_batch(run_id, params=params[i:i + 100])
+        experiment = cfg.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "echofm"
+        with _tracker_errors("logging.mlflow", "set MLFLOW_TRACKING_URI or logging.mlflow.tracking_uri to a "
+                             "store this MLflow accepts (e.g. sqlite:///mlflow.db, or http://HOST:PORT)"):
+            self.client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
+            if run_id is None:
+                exp = self.client.get_experiment_by_name(experiment)
+                exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(experiment)
+                run_id = self.client.create_run(exp_id, run_name=name).info.run_id
+                params = [Param(k, str(v)[:500]) for k, v in _flatten(config)]  # MLflow's value limit
+                for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
+                    self.client.log_batch(run_id, params=params[i:i + 100])
         self.run_id = run_id
 
     def log(self, step: int, scalars: dict[str, float]) -> None:

@@ -1,4 +1,4 @@
-"""Losses: masked (norm-pix) reconstruction + the periodic-driven contrastive loss (DESIGN §4).
+"""Losses: masked (norm-pix) reconstruction + the periodic-driven contrastive loss (docs/fidelity.md).
 
 One objective, the official EchoFM code's (SekeunKim/EchoFM `MaskedAutoencoderViT.forward`):
 

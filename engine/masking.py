@@ -1,4 +1,4 @@
-"""Token masking: which patches of a clip the encoder sees (DESIGN §4).
+"""Token masking: which patches of a clip the encoder sees (docs/fidelity.md).
 
 The token grid of a clip is (T', L): T' = num_frames / tubelet temporal slices, L = h * w
 spatial patches, flattened as n = t * L + s (the (t, h, w) order of `gather_patches`).
@@ -13,7 +13,7 @@ spatial patches, flattened as n = t * L + s (the (t, h, w) order of `gather_patc
 Kept counts use the official code's expression `int(L * (1 - r))` (truncation in float
 arithmetic), not round(): ViT-B at r = 0.9 with L = 196 keeps 19 positions (round: 20),
 and L = 100 at r = 0.9 keeps 9 (1 - 0.9 is 0.0999... in binary). A departure from
-DESIGN §4 (which says round) for bit-for-bit parity with official checkpoints; at
+the usual round() for bit-for-bit parity with official checkpoints; at
 least one is always kept (the official code would build an empty encoder input).
 
 Everything is drawn on the tensors' device with torch ops (argsort of uniform noise, an
@@ -33,7 +33,7 @@ import torch
 
 @dataclass(kw_only=True, slots=True)
 class MaskConfig:
-    """Which tokens the encoder sees (DESIGN §4)."""
+    """Which tokens the encoder sees (docs/fidelity.md)."""
 
     kind: Literal["tube", "random", "frame"] = "tube"
     """tube: one spatial mask shared by every temporal slice (the paper's); random: per

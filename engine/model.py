@@ -56,7 +56,7 @@ from .losses import LossConfig
 from .masking import Mask, MaskConfig, draw_mask, full_mask
 
 PRESETS: dict[str, dict[str, int]] = {
-    # The paper's model (DESIGN §5).
+    # The paper's model (docs/api.md#model-presets).
     "echofm_vit_large": dict(num_frames=32, img_size=224, patch_size=16, tubelet=4, embed_dim=1024, depth=24,
                              num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
                              pred_t_dim=8),
@@ -74,7 +74,7 @@ LN_EPS = 1e-6  # the official presets' LayerNorm eps
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
-    """Architecture. `preset` fills every field left at None (DESIGN §5); `resolved()` does it."""
+    """Architecture. `preset` fills every field left at None (docs/api.md#model-presets); `resolved()` does it."""
 
     preset: Literal["echofm_vit_large", "echofm_vit_base", "echofm_tiny"] = "echofm_tiny"
     num_frames: int | None = None
@@ -243,7 +243,7 @@ class Block(nn.Module):
 
 
 class EchoFM(nn.Module):
-    """The EchoFM video MAE. Parameter names follow the official checkpoints (DESIGN §5)
+    """The EchoFM video MAE. Parameter names follow the official checkpoints (docs/fidelity.md)
     except: `patch_embed` is a Linear (official: Conv3d `patch_embed.proj`), `attn.qkv`
     is fused (official: attn.q/k/v), and the phase projector is `phase_block`,
     `phase_norm`, `phase_cls_token` (official: decoder_block, prj_norm,
@@ -516,9 +516,10 @@ class EchoFM(nn.Module):
     def from_pretrained(cls, path: str | Path, mask_cfg: MaskConfig | None = None,
                         loss_cfg: LossConfig | None = None, map_location: str | torch.device = "cpu",
                         attn_backend: str | None = None) -> EchoFM:
-        """Load a directory written by save_pretrained. mask_cfg / loss_cfg / attn_backend,
-        when given, replace the saved ones; version-1 files (no "mask" / "loss") get the
-        current defaults for those two."""
+        """Load a directory written by save_pretrained (or `echofm export`), in eval mode
+        (call `.train()` to fine-tune). mask_cfg / loss_cfg / attn_backend, when given,
+        replace the saved ones; version-1 files (no "mask" / "loss") get the current
+        defaults for those two."""
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -536,7 +537,7 @@ class EchoFM(nn.Module):
         loss_cfg = loss_cfg or LossConfig(**_section(LossConfig, data.get("loss", {}), cfg_file, "loss"))
         model = cls(ModelConfig(**kw), mask_cfg, loss_cfg)
         model.load_state_dict(load_file(str(weights), device=str(map_location)))
-        return model.to(map_location)
+        return model.to(map_location).eval()
 
 
 CONFIG_VERSION = 2

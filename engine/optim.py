@@ -1,9 +1,9 @@
 """AdamW with MAE-style parameter groups and the linear-warmup + half-cycle-cosine schedule.
 
-The paper-era recipe (DESIGN §5): AdamW (0.9, 0.95), weight decay 0.05 on weight matrices
+The paper-era recipe (docs/api.md#model-presets): AdamW (0.9, 0.95), weight decay 0.05 on weight matrices
 only, lr = base_lr x global_batch / 256, linear warmup then a half cycle of cosine to
 min_lr. The optimizer is a plain torch one handed to DeepSpeed by the client (a DeepSpeed
-config optimizer would JIT-compile fused_adam; PLATFORM.md), fused on CUDA. The lr is a
+config optimizer would JIT-compile fused_adam, ~50 s), fused on CUDA. The lr is a
 pure function of the optimizer step (`LrSchedule`), set by the trainer before each step.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 
 @dataclass(kw_only=True, slots=True)
 class OptimConfig:
-    """AdamW as in the paper era (DESIGN §5)."""
+    """AdamW as in the paper era (docs/api.md#model-presets)."""
 
     base_lr: float = 1.0e-3
     """lr = base_lr * global_batch / 256 (global batch = micro batch x grad_accum x ranks)."""

@@ -1,6 +1,6 @@
 """Triton kernels for masked video pretraining, with torch reference twins.
 
-Public API (DESIGN §4: masking gather, tube attention); all four are differentiable:
+Public API (masking gather, tube attention); all four are differentiable:
 
 - `gather_tokens(x, ids)`: x [B, N, D], ids int64 [B, K] -> [B, K, D].
 - `scatter_tokens(y, ids, fill, n)`: [B, n, D] with y [B, K, D] at ids, fill ([D], or
@@ -23,7 +23,7 @@ lets torch pick its kernel, `sdpa-*` pin one (torch.nn.attention.sdpa_kernel); a
 name always forces that backend. `triton` also runs CPU tensors when TRITON_INTERPRET=1 was
 set before this package was imported (that is how the tests run it).
 
-Imports nothing else of ours (DESIGN §8).
+Imports nothing else of ours (README: What is where).
 """
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ def _use_triton(t: torch.Tensor, backend: str, choices: tuple[str, ...], name: s
     if backend == "auto":
         return t.is_cuda
     if backend == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"{name}: backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set "
-                           "before importing echofm.kernels to run CPU tensors in the interpreter")
+        raise reference.BackendUnavailable(f"{name}: backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 "
+                                           "set before importing echofm.kernels to run CPU tensors in the interpreter")
     return backend == "triton"
 
 

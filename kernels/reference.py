@@ -12,6 +12,12 @@ import torch
 import torch.nn.functional as F
 
 MODES = ("joint", "slice", "tube")
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced kernel backend that this machine cannot run (not installed, no GPU); the
+    message says which and what to use instead (the CLI prints it as one line)."""
+
 # Pinned SDPA backends: tube_attention backend name -> torch.nn.attention.SDPBackend member.
 SDPA_PINNED = {"sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-flash": "FLASH_ATTENTION",
                "sdpa-efficient": "EFFICIENT_ATTENTION"}
@@ -172,7 +178,7 @@ def tube_attention_sdpa(
     except RuntimeError as e:
         if not any(m in str(e) for m in ("No available kernel", "No viable backend")):  # CUDA / CPU wording
             raise
-        raise RuntimeError(f"tube_attention backend {pinned!r}: torch has no such SDPA kernel for "
+        raise BackendUnavailable(f"tube_attention backend {pinned!r}: torch has no such SDPA kernel for "
                            f"{q.device.type} {q.dtype} Dh {q.shape[-1]} (use 'sdpa' or 'auto')") from e
     return _unfold(o, mode, q.shape)
 
@@ -182,12 +188,12 @@ def tube_attention_xformers(
 ) -> torch.Tensor:
     """xformers memory_efficient_attention (CUDA only), imported on first use."""
     if not q.is_cuda:
-        raise RuntimeError("tube_attention backend 'xformers' needs CUDA tensors (xformers has no CPU kernel); "
+        raise BackendUnavailable("tube_attention backend 'xformers' needs CUDA tensors (xformers has no CPU kernel); "
                            "use backend='sdpa' or 'math' on CPU")
     try:
         import xformers.ops as xops
     except ImportError as e:
-        raise RuntimeError("tube_attention backend 'xformers' needs `pip install xformers`") from e
+        raise BackendUnavailable("tube_attention backend 'xformers' needs `pip install xformers`") from e
     # xformers wants [batch, seq, heads, Dh]: fold the groups into the batch.
     qg, kg, vg = (_groups(t, mode) for t in (q, k, v))
     lead = qg.shape[:-2]

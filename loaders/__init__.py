@@ -1,4 +1,4 @@
 """Data path: synthetic phantom, source adapters, ingest to WebDataset shards, DALI stream.
 
-Imports nothing else of ours (DESIGN §8): the engine imports loaders, never the reverse.
+Imports nothing else of ours (README: What is where): the engine imports loaders, never the reverse.
 """

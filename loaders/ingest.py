@@ -39,6 +39,7 @@ import numpy as np
 from . import ids
 from .errors import DataError
 from .quality import SPLITS, ClipStats, CorpusStats, QualityReport
+from .reject_log import RejectedFile, rejected_file, write_log
 from .shards import (DirLock, SampleRecord, ShardWriter, add_shard, clean_orphans, new_manifest, npy_bytes,
                      pack_nframes, read_manifest, read_sample_records, sha256_file, write_manifest)
 from .sources.base import Clip, Discovery, allowed_labels, looks_identifying, safe_name
@@ -76,7 +77,7 @@ class Kind:
 
 @dataclass(kw_only=True, slots=True)
 class IngestConfig:
-    """How sources become shards (DESIGN §2)."""
+    """How sources become shards (docs/shards.md)."""
 
     size: int = 224
     """Output height = width in pixels (even; >= 128 for NVDEC in production)."""
@@ -173,6 +174,8 @@ class IngestReport:
     """The id key file used (keep it: later runs need it)."""
     id_key_created: bool = False
     quality: QualityReport = field(default_factory=QualityReport)
+    rejected_files: list[RejectedFile] = field(default_factory=list)
+    """This run's rejects by path: for the console and `<out>.rejects.jsonl` (reject_log.py), never the shards."""
 
     @property
     def clips_per_s(self) -> float:
@@ -183,7 +186,8 @@ class IngestReport:
         return self.input_bytes / 2**20 / max(self.seconds, 1e-9)
 
     def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "quality"}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name not in ("quality", "rejected_files")}
         d.update(clips_per_s=self.clips_per_s, input_mb_per_s=self.input_mb_per_s, quality=self.quality.to_dict())
         return d
 
@@ -449,7 +453,7 @@ def _encode(out: np.ndarray, fps: float, cfg: IngestConfig):
 
 
 def _meta(job: Job, cfg: IngestConfig, dec, fps: float, fps_assumed: bool, n: int, sector, cyc) -> dict:
-    """The sample's json (DESIGN §2 plus what ingest measured, with its confidence)."""
+    """The sample's json (docs/shards.md: what ingest measured, with its confidence)."""
     c = job.clip
     src_h, src_w = dec.source_size
     box = None if sector is None else [int(round(v / dec.scale)) for v in sector.box]
@@ -643,9 +647,11 @@ class _Writer:
             self._add(r)
 
     def _reject(self, r: ClipResult) -> None:
+        j = r.job
+        self.report.rejected_files.append(rejected_file(j.clip.source, r.reject.kind, r.reject.message,
+                                                        r.reject.transient, j.source))
         if self.rejects is None:
             return
-        j = r.job
         self.rejects.write(json.dumps({
             "source": j.source, "source_sha256": j.sha256 or None, "dataset": j.key.split("_", 1)[0] or None,
             "kind": r.reject.kind, "reason": r.reject.message, "transient": r.reject.transient,
@@ -737,6 +743,8 @@ def _run(sources: list[str | Path], out_dir: Path, cfg: IngestConfig) -> IngestR
     finally:
         writer.close()
         bar.close()
+        if not cfg.dry_run:
+            write_log(out_dir, report.rejected_files)  # paths stay outside the shard folder
     report.seconds = time.perf_counter() - t0
     report.quality.added, report.quality.skipped = report.added, report.skipped
     _finish_quality(report.quality, corpus, cfg)

@@ -12,7 +12,7 @@ integers:
   fraction per sample, the random-resized-crop windows, the flip flags, in that order.
 - `clip_frames`: T frames at stride S from a start uniform over the valid starts
   (training) or evenly spaced (evaluation); indices wrap modulo the frame count, so a
-  video shorter than the clip loops (never pads with black frames, DESIGN §3).
+  video shorter than the clip loops (never pads with black frames, docs/data.md).
 - `Position`: the loader state (epoch, next batch) and the settings a resume must share.
 """
 from __future__ import annotations

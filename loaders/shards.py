@@ -1,4 +1,4 @@
-"""WebDataset shard files (DESIGN §2): tar writer with its DALI index, manifest, verify.
+"""WebDataset shard files (docs/shards.md): tar writer with its DALI index, manifest, verify.
 
 A shard directory holds `shard-NNNNNN.tar` (the samples), `shard-NNNNNN.idx` (DALI's
 `wds2idx` v1.2 index, written from the offsets we know while writing, so no second pass),

@@ -1,4 +1,4 @@
-"""Shards -> device-resident uint8 clip batches (DESIGN §3): the PyTorch-facing `ClipStream`.
+"""Shards -> device-resident uint8 clip batches (docs/data.md): the PyTorch-facing `ClipStream`.
 
 The DALI graph (`pipeline.py`) does the heavy work on its own threads: decode (NVDEC with
 the "mixed" backend, libavcodec with "cpu") of exactly the clip's frames (`frames=`), then
@@ -9,7 +9,7 @@ a json parse, and cutting the video to the GOPs the clip needs (trim.py: DALI's 
 decoder would otherwise decode from frame 0 to the clip start; ~0.2 ms per clip).
 
 Why the order lives here and not in `fn.readers.webdataset`: DALI cannot checkpoint a
-pipeline that contains `fn.decoders.video` (PLATFORM.md), and its reader only shuffles
+pipeline that contains `fn.decoders.video` (DALI 2.4), and its reader only shuffles
 within a buffer whose state depends on every earlier epoch. Instead, each epoch's order is
 a full permutation of the split drawn from (seed, epoch); rank r takes its contiguous
 part; batch b's random numbers come from (seed, epoch, rank, b). The loader state is then
@@ -59,7 +59,7 @@ NVCUVID = "libnvcuvid.so.1"
 
 @dataclass(kw_only=True, slots=True)
 class StreamConfig:
-    """Where clips come from and how they are sampled (DESIGN §3)."""
+    """Where clips come from and how they are sampled (docs/data.md)."""
 
     shards: str = ""
     """Shard directory (holds manifest.json) written by `echofm ingest`."""
@@ -375,7 +375,7 @@ class _Live:
 
 
 class ClipStream:
-    """Iterate shards as clip batches (DESIGN §3) on `device`.
+    """Iterate shards as clip batches (docs/data.md) on `device`.
 
     Yields dicts: "video" uint8 [B, T, H, W, 3] on `device`, "frames_index" int64 [B, T]
     (source frame of each clip frame; indices wrap on videos shorter than the clip span),

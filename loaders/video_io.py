@@ -1,4 +1,4 @@
-"""Video decode (any codec PyAV reads) and the shard encode (DESIGN §2: one codec per corpus,
+"""Video decode (any codec PyAV reads) and the shard encode (docs/shards.md: one codec per corpus,
 yuv420p, constant frame rate, no B-frames, GOP <= 8).
 
 Frames are numpy uint8 `[F, H, W, 3]` RGB, or `[F, H, W]` for grey clips (most echo is

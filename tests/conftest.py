@@ -1,4 +1,4 @@
-"""Test-wide environment. Set before any kernel module is imported (PLATFORM.md)."""
+"""Test-wide environment. Set before any kernel module is imported (Triton reads TRITON_INTERPRET at import)."""
 import os
 from pathlib import Path
 

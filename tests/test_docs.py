@@ -135,7 +135,7 @@ def test_every_recipe_key_is_in_the_reference_with_a_description():
 
 @dataclass(kw_only=True, slots=True)
 class _Inner:
-    """Inner things (DESIGN §9). Second sentence."""
+    """Inner things. Second sentence."""
 
     mode: Literal["a", "b"] = "a"
     """Mode | with a pipe."""
@@ -155,14 +155,14 @@ class _Outer:
 
 def test_reference_reads_docstrings_types_and_defaults():
     """The generator on a made-up recipe: nested sections, Literal / Optional / tuple types,
-    default factories, a key without a docstring, '(DESIGN §N)' dropped."""
+    default factories, a key without a docstring."""
     from echofm.engine.config_reference import generate
 
     text = generate(_Outer)
     assert "| `inner.mode` | `'a' \\| 'b'` | `a` | Mode \\| with a pipe. |" in text
     assert "| `inner.ratio` | `float \\| null` | `null` |  |" in text
     assert "| `inner.pair` | `tuple[int, int]` | `[1, 2]` | A pair. |" in text
-    assert "Inner things. Second sentence." in text and "DESIGN" not in text
+    assert "Inner things. Second sentence." in text
     assert "| `name` | The name. (`str`, default `\"\"`) |" in text
     assert "`tags`" in text  # a non-dataclass field of the top level is listed, not a section
 

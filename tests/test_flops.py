@@ -1,4 +1,4 @@
-"""Analytic FLOPs: exact against torch's FlopCounterMode, and DESIGN §7's VideoMAE-B figure."""
+"""Analytic FLOPs: exact against torch's FlopCounterMode, and the VideoMAE-B figure of docs/mfu.md."""
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -32,7 +32,7 @@ def test_analytic_flops_match_flop_counter(kind, attention, cls_embed):
 
 
 def test_videomae_b_reference_figure():
-    """DESIGN §7: VideoMAE-B (16 x 224^2, tubelet 2, 90% mask, decoder 384 x 4) ~71 GFLOPs forward."""
+    """docs/mfu.md: VideoMAE-B (16 x 224^2, tubelet 2, 90% mask, decoder 384 x 4) ~71 GFLOPs forward."""
     f = model_flops(ModelConfig(preset="echofm_vit_base"), MaskConfig(kind="tube", ratio=0.9))
     # 8 slices x int(196 * 0.1) = 19 kept positions (the official count; round() gives 20)
     assert f["parts"]["patch_embed"] == 2 * 8 * 19 * 1536 * 768

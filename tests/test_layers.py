@@ -1,4 +1,4 @@
-"""The house plan, checked on the source (DESIGN §8, STYLE): layers import one way, no module
+"""The house plan, checked on the source (README: What is where): layers import one way, no module
 of engine/, loaders/ or kernels/ is part of an import cycle, no function is over 80 lines.
 
 Every module is parsed with `ast`, imports inside functions included (a lazy import that
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("engine", "loaders", "kernels")
 MAX_LINES = 80
 LOWER = {"kernels": (), "loaders": (), "engine": ("kernels", "loaders")}
-"""What each layer may import of ours besides itself (DESIGN §8)."""
+"""What each layer may import of ours besides itself (README: What is where)."""
 
 
 @dataclass(frozen=True)

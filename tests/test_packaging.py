@@ -144,3 +144,15 @@ def test_a_hung_test_fails_instead_of_stalling_ci():
     _, extras = _setup_literals()
     assert "pytest-timeout" in {r.name for r in extras["dev"]}
     importlib.metadata.version("pytest-timeout")
+
+
+def test_dev_extra_installs_the_real_tracker_clients():
+    """tests/test_trackers.py runs W&B and MLflow for real: the dev extra carries what the
+    `wandb` and `mlflow` extras install, at the same bounds (MLflow 3's default sqlite store
+    needs SQLAlchemy and alembic beside mlflow-skinny)."""
+    _, extras = _setup_literals()
+    dev = {r.name: str(r.specifier) for r in extras["dev"]}
+    for extra in ("wandb", "mlflow"):
+        for r in extras[extra]:
+            assert dev.get(r.name) == str(r.specifier), f"dev extra lacks {r} (from the {extra} extra)"
+    assert {"sqlalchemy", "alembic"} <= {r.name for r in extras["mlflow"]}

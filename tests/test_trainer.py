@@ -109,8 +109,18 @@ def test_run_logs_metrics_figures_checkpoints_and_exports(reference, tiny_shards
 
     assert main(["export", str(run), "--out", str(tmp_path / "exported")]) == 0
     model = EchoFM.from_pretrained(tmp_path / "exported")
+    assert not model.training  # from_pretrained: eval mode, ready to embed
     state, recipe = ckpt.load_model_state(run)
     assert model.cfg.embed_dim == 32 and recipe["train"]["steps"] == 6
+    # the model card: what it is, what it saw (the manifest's digest), steps, provenance
+    from echofm.loaders.shards import sha256_file
+
+    card = (tmp_path / "exported" / "README.md").read_text()
+    for want in ("## Architecture", "## Objective", "## Intended use", "## Limits", "optimizer steps: 6 of 6",
+                 f"manifest.json sha256: `{sha256_file(tiny_shards / 'manifest.json')}`",
+                 f"model.safetensors sha256: `{sha256_file(tmp_path / 'exported' / 'model.safetensors')}`",
+                 f"git commit {summary['provenance']['git']['commit'] or 'unknown'}", "width 32"):
+        assert want in card, want
     mine = model.state_dict()
     assert state.keys() == mine.keys() and all(torch.equal(state[k], mine[k]) for k in state)
 

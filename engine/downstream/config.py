@@ -1,4 +1,4 @@
-"""Downstream run config: the `downstream:` section of a recipe (DESIGN §6).
+"""Downstream run config: the `downstream:` section of a recipe (README: Downstream).
 
 The recipe's `data:` section says where the shards are and how clips are cut; `model:`
 gives the architecture of a random-init backbone. This section says which task, which

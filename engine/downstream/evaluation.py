@@ -47,7 +47,8 @@ def video_predictions(task: Task, head, fs: FeatureSet, *, batch: int = 4096):
         pooled = per_clip[rows].mean(0, keepdim=True)
         sc.append((task.to_scores(pooled) if study else pooled)[0].double().numpy())
         pats.append(patient_of(fs.metas[rows[0]]))
-    return keys, np.asarray(ys), np.asarray(sc).reshape(len(keys), -1), pats
+    scores = np.asarray(sc).reshape(len(keys), -1) if keys else np.zeros((0, per_clip.shape[1]))  # none labelled
+    return keys, np.asarray(ys), scores, pats
 
 
 def study_of(meta: dict) -> str:
@@ -81,7 +82,8 @@ def score_video_task(task: Task, head, fs: FeatureSet, *, png: str | Path | None
     unit = task.cfg.level
     if not keys:
         views = f" of views {task.cfg.views}" if task.cfg.views else ""
-        raise DataError(f"no labelled {unit}s{views} for task {task.name!r} (label '{task.key}')")
+        raise DataError(f"no labelled {unit}s{views} for task {task.name!r} (label '{task.key}'): score shards "
+                        "ingested with that label (e.g. a CSV manifest with the column)")
     if csv_path is not None:
         write_predictions(csv_path, task, keys, patients, y, scores, unit=unit)
     res = task.evaluate(y, scores, patients, bootstrap=bootstrap)
