@@ -46,9 +46,8 @@ def export(path: str | Path, out_dir: str | Path) -> Path:
     model = EchoFM(recipe.model, recipe.mask, recipe.loss)
     model.load_state_dict(state)
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir)  # writes checksums.sha256 too
     card = write_card(out_dir, recipe, model, path)
-    write_checksums(out_dir)
     publish(*(out_dir / f for f in FILES + (CHECKSUMS,)), card)
     return out_dir
 
@@ -183,8 +182,9 @@ def _model_from_config(path: Path, attn_backend: str | None):
 
 
 def load_export(path: str | Path, *, map_location: str | torch.device = "cpu",
-                attn_backend: str | None = None) -> EchoFM:
-    """An export directory -> EchoFM, checked (see the module docstring)."""
+                attn_backend: str | None = None, mask_cfg=None, loss_cfg=None) -> EchoFM:
+    """An export directory -> EchoFM (train mode), checked (see the module docstring).
+    mask_cfg / loss_cfg, when given, replace the saved ones (the weights do not depend on them)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -213,6 +213,6 @@ def load_export(path: str | Path, *, map_location: str | torch.device = "cpu",
     bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
         raise CheckpointError(f"{weights}: tensor {bad!r} holds NaN or inf")
-    model = EchoFM(mcfg, mask, loss)
+    model = EchoFM(mcfg, mask_cfg or mask, loss_cfg or loss)
     model.load_state_dict(state)
     return model.to(map_location)

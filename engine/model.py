@@ -500,8 +500,11 @@ class EchoFM(nn.Module):
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write model.safetensors (all weights) + config.json: the resolved ModelConfig
         (input mean / std included), the MaskConfig and the LossConfig the model was built
-        with, so whatever it was trained with travels with it (format version 2)."""
+        with, so whatever it was trained with travels with it (format version 2); and
+        checksums.sha256 of both, which `from_pretrained` checks."""
         from safetensors.torch import save_file
+
+        from .export import write_checksums  # export.py builds on this module
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -510,6 +513,7 @@ class EchoFM(nn.Module):
         cfg = {"format": "echofm", "version": CONFIG_VERSION, "model": dataclasses.asdict(self.cfg),
                "mask": dataclasses.asdict(self.mask_cfg), "loss": dataclasses.asdict(self.loss_cfg)}
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
+        write_checksums(out)
         return out
 
     @classmethod
@@ -520,24 +524,12 @@ class EchoFM(nn.Module):
         (call `.train()` to fine-tune). mask_cfg / loss_cfg / attn_backend, when given,
         replace the saved ones; version-1 files (no "mask" / "loss") get the current
         defaults for those two."""
-        from safetensors.torch import load_file
+        # The checked reader (checksums, size bound, header vs model before any weight is
+        # read: docs/failures.md); imported here because export.py builds on this module.
+        from .export import load_export
 
-        path = Path(path)
-        cfg_file, weights = path / "config.json", path / "model.safetensors"
-        for f in (cfg_file, weights):
-            if not f.is_file():
-                raise FileNotFoundError(f"{f}: missing (expected a directory written by EchoFM.save_pretrained)")
-        data = json.loads(cfg_file.read_text())
-        if data.get("format") != "echofm" or "model" not in data:
-            raise ValueError(f"{cfg_file}: not an EchoFM config (no 'format': 'echofm' / 'model')")
-        kw = _section(ModelConfig, data["model"], cfg_file, "model")
-        if attn_backend is not None:
-            kw["attn_backend"] = attn_backend
-        mask_cfg = mask_cfg or MaskConfig(**_section(MaskConfig, data.get("mask", {}), cfg_file, "mask"))
-        loss_cfg = loss_cfg or LossConfig(**_section(LossConfig, data.get("loss", {}), cfg_file, "loss"))
-        model = cls(ModelConfig(**kw), mask_cfg, loss_cfg)
-        model.load_state_dict(load_file(str(weights), device=str(map_location)))
-        return model.to(map_location).eval()
+        return load_export(path, map_location=map_location, attn_backend=attn_backend,
+                           mask_cfg=mask_cfg, loss_cfg=loss_cfg).eval()
 
 
 CONFIG_VERSION = 2

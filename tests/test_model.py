@@ -187,11 +187,15 @@ def test_save_and_load_pretrained_carry_normalisation_mask_and_loss(tmp_path):
                                                         "std": [0.229, 0.224, 0.225]}}
     old["model"].pop("cls_embed")
     (tmp_path / "export" / "config.json").write_text(json.dumps(old))
-    m3 = EchoFM.from_pretrained(tmp_path / "export")
+    with pytest.raises(ValueError, match="does not match checksums.sha256"):  # edited after saving
+        EchoFM.from_pretrained(tmp_path / "export")
+    (tmp_path / "export" / "checksums.sha256").unlink()  # old folders had none: loads, with a warning
+    with pytest.warns(UserWarning, match="no checksums.sha256"):
+        m3 = EchoFM.from_pretrained(tmp_path / "export")
     assert m3.mask_cfg == MaskConfig() and m3.loss_cfg == LossConfig() and m3.cfg.mean == (0.485, 0.456, 0.406)
     data["loss"]["typo"] = 1
     (tmp_path / "export" / "config.json").write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"unknown loss keys \['typo'\]"):
+    with pytest.raises(ValueError, match=r"unknown loss keys \['typo'\]"), pytest.warns(UserWarning):
         EchoFM.from_pretrained(tmp_path / "export")
 
 
