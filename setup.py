@@ -68,7 +68,11 @@ setup(
         "mlflow": ["mlflow-skinny>=2.10,<4"],  # the tracking client `import mlflow` (no server)
         # Tests: pytest; pytest-timeout, so a hung test fails with its stack instead of stalling
         # CI (pytest.ini); webdataset to prove the shards are plain WebDataset (test_packaging).
-        "dev": ["pytest>=8,<10", "pytest-timeout>=2.2,<3", "webdataset>=0.2.100,<2"],
+        # Shards on S3 / MinIO / Ceph (data.shards=s3://...; docs/data.md): the AWS client only.
+        "s3": ["boto3>=1.34,<2"],  # tested: 1.44
+        # + moto's S3 server (tests/test_remote.py starts one on localhost) and boto3.
+        "dev": ["pytest>=8,<10", "pytest-timeout>=2.2,<3", "webdataset>=0.2.100,<2",
+                "moto[server]>=5,<6", "boto3>=1.34,<2"],
     },
     entry_points={"console_scripts": ["echofm = echofm.engine.cli:main"]},
 )

@@ -268,3 +268,17 @@ def test_a_live_writer_is_waited_for_not_duplicated(http_shards, many_shards, tm
     assert out["a"] == out["b"] and a.downloads + b.downloads == 1
     assert hashlib.sha256(out["a"].read_bytes()).hexdigest() == e["sha256"]
     a.close(), b.close()
+
+
+def test_cli_push_and_pull(s3, many_shards, tmp_path, capsys):
+    from echofm.engine.cli import main
+
+    assert main(["shards", "push", str(many_shards), "s3://echo/cli"]) == 0
+    assert main(["shards", "pull", "s3://echo/cli", str(tmp_path / "back")]) == 0
+    assert "10 shard(s) copied and verified" in capsys.readouterr().out
+    assert (tmp_path / "back/manifest.json").read_bytes() == (many_shards / "manifest.json").read_bytes()
+    assert main(["shards", "pull", "s3://echo/nothing", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("echofm: error: s3://echo/nothing/manifest.json: no such object"), err
+    assert main(["shards", "pull", "s3://nobucket/x", str(tmp_path / "none")]) == 2
+    assert "no such bucket 'nobucket'" in capsys.readouterr().err
