@@ -45,7 +45,7 @@ class ShardCache:
     def __init__(self, store: Store, root: str | Path, limit: int, threads: int = 4) -> None:
         self.store, self.root, self.limit = store, Path(root), int(limit)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.peak_bytes = 0
+        self.peak_bytes = self.used_bytes()
         """Largest bytes (entries + reserved downloads) this process saw in the folder."""
         self.downloads = 0
         self.downloaded_bytes = 0
