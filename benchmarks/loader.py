@@ -2,6 +2,7 @@
 
     python benchmarks/loader.py [--shards-112 DIR] [--shards-224 DIR] [--videos 48] [--clips 192]
                                 [--threads 2] [--repeats 3] [--cache DIR] [--out FILE]
+    python benchmarks/loader.py --remote [--remote-videos 96] [--shard-kb 256] [--clips 80] [--out FILE]
 
 Same corpus, same clip spec, same CPU threads for every loader:
 - corpus: `loaders.synth` phantoms ingested by `loaders.ingest` (VP9, GOP 8) at 112^2 and at
@@ -33,6 +34,10 @@ with ratios to the official-style loader, writes loader.json and loader.png to a
 folder runs/bench/loader-<timestamp>/ (or to --out: the committed numbers are
 --out benchmarks/results/loader.json). The cache (~/.cache/echofm/bench/loader/: corpora,
 shards, extracted videos) is announced with its size; `echofm bench --clean` removes it.
+`--remote` instead reads the same shards from local disk and from an S3 server on localhost
+(moto, its own process): cold cache, warm cache and a cache bounded below the corpus, with
+the peak cache bytes against the limit (docs/data.md; committed as
+--out benchmarks/results/loader_remote.json).
 With CUDA it also runs the mixed (NVDEC)
 backend at 224^2 and compares clips/s with a ViT-B step's need (DESIGN §7: ~1,500 clips/s).
 """

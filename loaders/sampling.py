@@ -1,19 +1,21 @@
 """Which clip, which frames, which random numbers: the stream's exact-resume logic, pure numpy.
 
 `stream.py` reads bytes and runs DALI; everything it decides is decided here, from
-(seed, epoch, rank, batch) alone, so it can be tested without DALI and resumed from two
-integers:
+(seed, epoch, global position) alone, so it can be tested without DALI and resumed from
+two integers (epoch, global cursor), at any world size:
 
-- `epoch_plan`: training draws one permutation of the split per epoch from (seed, epoch);
-  rank r takes its contiguous, equal share (every rank runs the same number of steps) and
-  cuts it into batches. Evaluation reads every clip of every video in order, contiguous
-  per rank.
-- `batch_draws`: batch b's random numbers come from (seed, epoch, rank, b): the clip start
-  fraction per sample, the random-resized-crop windows, the flip flags, in that order.
+- `epoch_plan`: training draws one permutation of the split per epoch from (seed, epoch),
+  cuts it into global batches of batch_size x world_size, and rank r takes part r of each
+  (every rank runs the same number of steps). Evaluation reads every clip of every video
+  in order, contiguous per rank.
+- `batch_draws`: a global batch's random numbers come from (seed, epoch, its first
+  position): the clip start fraction per sample, the random-resized-crop windows, the
+  flip flags, in that order; each rank takes its part.
 - `clip_frames`: T frames at stride S from a start uniform over the valid starts
   (training) or evenly spaced (evaluation); indices wrap modulo the frame count, so a
   video shorter than the clip loops (never pads with black frames, DESIGN §3).
-- `Position`: the loader state (epoch, next batch) and the settings a resume must share.
+- `Position`: the loader state (epoch, next batch, global cursor) and the settings a resume
+  must share (or may change: elastic resume).
 """
 from __future__ import annotations
 

@@ -11,13 +11,15 @@ decoder would otherwise decode from frame 0 to the clip start; ~0.2 ms per clip)
 Why the order lives here and not in `fn.readers.webdataset`: DALI cannot checkpoint a
 pipeline that contains `fn.decoders.video` (PLATFORM.md), and its reader only shuffles
 within a buffer whose state depends on every earlier epoch. Instead, each epoch's order is
-a full permutation of the split drawn from (seed, epoch); rank r takes its contiguous
-part; batch b's random numbers come from (seed, epoch, rank, b). The loader state is then
-just (epoch, next batch position): resume is exact by construction, `set_epoch` can jump
-to any epoch without replaying earlier ones, and there is no second pipeline to run (the
+a full permutation of the split drawn from (seed, epoch), cut into global batches of
+batch_size x world_size; rank r takes part r of each, and a global batch's random numbers
+come from (seed, epoch, its first position). The loader state is then just (epoch, global
+cursor): resume is exact by construction, also at another world size or batch size
+(elastic, docs/data.md), `set_epoch` can jump to any epoch without replaying earlier ones, and there is no second pipeline to run (the
 verified two-pipeline workaround costs ~11%). A full permutation also shuffles better
 than a reader's shuffle buffer; the price is random reads within shards (page cache /
-SSD friendly; each read is one clip of tens of KB). Those decisions are pure functions in
+SSD friendly; each read is one clip of tens of KB; shards at a URL are read whole into a
+node-local cache first: cache.py). Those decisions are pure functions in
 `sampling.py` (tested without DALI); this module reads the bytes and runs the graph.
 
 Usage (a trainer):
