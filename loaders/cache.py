@@ -62,7 +62,10 @@ class ShardCache:
             with self._mu:
                 fut = self._pending.get(final.name)
             if fut is not None:
-                fut.result()
+                try:
+                    fut.result()
+                except DataError:
+                    pass  # (a failed prefetch) fetched again below: a second failure is raised
             if not self._ready(final, shard):
                 self._fetch(shard)
         try:
