@@ -342,6 +342,7 @@ def remote_main(args) -> int:
         push(shards, "s3://bench/loader", log=lambda _m: None)
         tight = dict(fetch_threads=2, fetch_ahead=1, prefetch=1)  # in use at once: 2 + 3 x 8 shards
         bounded_gb = (2 + 3 * BATCH) * biggest / 1e9
+        bandwidth = max(store_bandwidth("bench", "loader/", m) for _ in range(args.repeats))
         runs = {"local": [], "s3_cold": [], "s3_warm": [], "s3_bounded": []}
         run_stream(str(shards), 112, args.threads, args.clips)  # untimed: imports, DALI's first start, page cache
         for r in range(args.repeats):  # interleaved: the machine's load moves all of them alike
@@ -368,6 +369,12 @@ def remote_main(args) -> int:
            "loaders": {k: {**b[0], "cache": b[1], "runs": [x[0]["sampled_fps"] for x in runs[k]],
                            "peak_bytes_runs": [x[1].get("peak_bytes") for x in runs[k]]} for k, b in best.items()}}
     loc = best["local"][0]["sampled_fps"]
+    need = loc / T * total / len(m["shards"]) / 1e6  # MB/s a cold epoch needs at the local clip rate
+    res["store_MB_s"] = round(bandwidth, 1)
+    res["cold_bound"] = {"needed_MB_s_at_local_rate": round(need, 1),
+                         "max_cold_ratio": round(min(1.0, bandwidth / need), 3),
+                         "note": "a cold epoch reads each clip's shard once (here ~1 clip per shard): its rate "
+                                 "is at most the store's bandwidth / bytes per clip"}
     for k in runs:
         res["loaders"][k]["ratio_vs_local"] = round(best[k][0]["sampled_fps"] / loc, 3)
     peaks = [x[1]["peak_bytes"] <= x[1]["limit_bytes"] for k in runs if k != "local" for x in runs[k]]
@@ -385,8 +392,24 @@ def remote_main(args) -> int:
               f"{c.get('peak_bytes', 0) / 1e6:14.2f} {c.get('limit_bytes', 0) / 1e6:9.1f} "
               f"{min(x[0]['cpu_ms_per_clip'] for x in runs[k]):12.2f}")
     print(f"cache within its limit in every run: {res['cache_within_limit']}; bar: {res['bar']}")
+    print(f"store bandwidth (8 parallel GETs, best): {bandwidth:.0f} MB/s; a cold epoch at the local clip rate "
+          f"needs {need:.0f} MB/s: cold can reach at most {res['cold_bound']['max_cold_ratio']:.2f}x here")
     bench.write_json(bench.results_path("loader", args.out, "loader_remote.json"), res)
     return 0
+
+
+def store_bandwidth(bucket: str, prefix: str, manifest: dict, threads: int = 8) -> float:
+    """MB/s of whole-shard GETs from the store, `threads` at a time (what a cold cache can get)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+
+    client = boto3.client("s3")
+    keys = [prefix + e["tar"] for e in manifest["shards"]]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as ex:
+        got = sum(ex.map(lambda k: len(client.get_object(Bucket=bucket, Key=k)["Body"].read()), keys))
+    return got / (time.perf_counter() - t0) / 1e6
 
 
 def bench_port() -> int:

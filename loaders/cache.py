@@ -24,7 +24,7 @@ import fcntl
 import hashlib
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,9 +49,10 @@ class ShardCache:
         """Largest bytes (entries + reserved downloads) this process saw in the folder."""
         self.downloads = 0
         self.downloaded_bytes = 0
-        self._pool = ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix="echofm-fetch")
+        self.threads = max(threads, 1)
+        self._pool: ThreadPoolExecutor | None = None  # started on the first `want` (again after close)
         self._pending: dict[str, Future] = {}
-        self._mu = threading.Lock()
+        self._mu = threading.RLock()  # (a future already done runs its callback, which takes it, at once)
 
     # -- use ------------------------------------------------------------------------
 
@@ -64,8 +65,8 @@ class ShardCache:
             if fut is not None:
                 try:
                     fut.result()
-                except DataError:
-                    pass  # (a failed prefetch) fetched again below: a second failure is raised
+                except (DataError, CancelledError):
+                    pass  # (a failed or cancelled prefetch) fetched again below: a second failure is raised
             if not self._ready(final, shard):
                 self._fetch(shard)
         try:
@@ -86,6 +87,8 @@ class ShardCache:
                     continue
                 except FileNotFoundError:
                     pass
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="echofm-fetch")
                 fut = self._pool.submit(self._fetch, s)
                 self._pending[name] = fut
                 fut.add_done_callback(lambda _, n=name: self._done(n))
@@ -95,7 +98,11 @@ class ShardCache:
             self._pending.pop(name, None)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the background downloads (queued ones are dropped, running ones finish)."""
+        with self._mu:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     @staticmethod
     def _ready(final: Path, shard: dict) -> bool:
@@ -126,11 +133,13 @@ class ShardCache:
                 f.flush()
                 os.fsync(f.fileno())
             if digest != shard["sha256"]:
-                part.unlink(missing_ok=True)
+                with self._locked():
+                    part.unlink(missing_ok=True)
                 raise DataError(f"{self.store.where(shard['tar'])}: sha256 {digest[:16]}... differs from the "
                                 f"manifest's {shard['sha256'][:16]}... (the object changed or was damaged "
                                 "after the manifest was written); not cached")
-            os.replace(part, final)
+            with self._locked():  # (a listing never misses a file being renamed: the count stays exact)
+                os.replace(part, final)
             self.downloads += 1
             self.downloaded_bytes += size
         finally:
@@ -143,7 +152,9 @@ class ShardCache:
         while True:
             with self._locked():
                 if final.exists():
-                    return None
+                    if final.stat().st_size == size:
+                        return None
+                    final.unlink()  # damaged since (its size is wrong): download it again
                 fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

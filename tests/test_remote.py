@@ -122,6 +122,8 @@ def test_s3_batches_equal_local_batches(pushed, many_shards, tmp_path):
         assert hashlib.sha256((cache.root / entry_name(e)).read_bytes()).hexdigest() == e["sha256"]
     assert cache.downloads == len(LENGTHS)
     s.close()
+    assert next(iter(s))["video"].shape[0] == 2  # a closed stream reopens when iterated
+    s.close()
     # a second stream on the warm cache downloads nothing
     again = ClipStream(_cfg(pushed, cache_dir=str(tmp_path)))
     _same(_epochs(again, 1), local[: len(local) // 2])
@@ -247,6 +249,10 @@ def test_kill_9_during_a_download_leaves_no_entry_that_is_used(http_shards, many
     got = r.cache.path(e)  # the dead writer's .part is taken over and rewritten
     assert got == final and not part.exists()
     assert hashlib.sha256(final.read_bytes()).hexdigest() == e["sha256"]
+    with open(final, "r+b") as f:  # an entry cut short on disk later is not used: fetched again
+        f.truncate(e["bytes"] // 2)
+    assert r.cache.path(e) == final and r.cache.downloads == 2
+    assert hashlib.sha256(final.read_bytes()).hexdigest() == e["sha256"]
     r.close()
     # an http(s) store serves the same batches as the folder
     _same(_epochs(ClipStream(_cfg(url, cache_dir=str(tmp_path))), 1), _epochs(ClipStream(_cfg(many_shards)), 1))
@@ -282,3 +288,17 @@ def test_cli_push_and_pull(s3, many_shards, tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith("echofm: error: s3://echo/nothing/manifest.json: no such object"), err
     assert main(["shards", "pull", "s3://nobucket/x", str(tmp_path / "none")]) == 2
     assert "no such bucket 'nobucket'" in capsys.readouterr().err
+
+
+def test_want_does_not_deadlock_on_downloads_that_finish_at_once(tmp_path):
+    """Regression: a prefetch done before its callback was added ran the callback under the
+    (non-reentrant) queue lock, and the stream hung on its first batch."""
+    c = ShardCache(open_store("https://example.invalid/x"), tmp_path, 10**9, threads=4)
+    c._fetch = lambda s: None  # instant downloads: the race on every call
+    fake = [{"tar": f"s{i}.tar", "sha256": f"{i:064x}", "bytes": 1} for i in range(200)]
+    t = threading.Thread(target=c.want, args=(fake,), daemon=True)
+    t.start()
+    t.join(timeout=20)
+    assert not t.is_alive(), "want() deadlocked"
+    c.close()
+    assert not c._pending
