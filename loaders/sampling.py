@@ -96,7 +96,8 @@ def batch_draws(s: Sampling, epoch: int, rows: np.ndarray) -> Draws:
     """The random numbers of the batch `rows` (an `epoch_plan` batch of this rank).
 
     They are drawn for the whole global batch the rows belong to, from (seed, epoch, its
-    first position), and this rank takes its part: the same whenever the batch is made,
+    first position: [seed, epoch, 0, k] for global batch k on the grid of batch_size x
+    world_size, [seed, epoch, 1, position] off it), and this rank takes its part: the same whenever the batch is made,
     whatever came before, and the same sample gets the same clip, crop and flip at any
     world size with the same global batch."""
     n = len(rows)
@@ -105,7 +106,10 @@ def batch_draws(s: Sampling, epoch: int, rows: np.ndarray) -> Draws:
     else:
         lo, size = s.rank * n, n * s.world_size
         g0 = int(rows[0, 0]) - lo if n else 0
-    rng = np.random.default_rng([s.seed, epoch, g0])
+    G = s.batch_size * s.world_size
+    # Global batch k of a plan from position 0 draws from [seed, epoch, 0, k]: one rank's batch k
+    # draws what it always has. A plan resumed at another global batch size is off that grid.
+    rng = np.random.default_rng([s.seed, epoch, 0, g0 // G] if g0 % G == 0 else [s.seed, epoch, 1, g0])
     u = rng.random(size)
     rois = crop_windows(rng, size, s.crop_scale, s.frame)[lo:lo + n] if s.crop_scale is not None else None
     return Draws(u=u[lo:lo + n], rois=rois, flips=(rng.random(size) < 0.5)[lo:lo + n])

@@ -34,9 +34,10 @@ def test_plan_and_draws_are_functions_of_seed_epoch_rank():
                   batch_draws(s, 4, rows), batch_draws(s, 3, epoch_plan(50, 3, s)[6]),
                   batch_draws(_s(rank=1, world_size=2, seed=8), 3, rows)):
         assert not np.array_equal(other.u, d1.u)
-    # The reference: numpy's generator seeded with [seed, epoch, first position of the global
-    # batch] draws the whole global batch's numbers; rank 1 takes the second half.
-    rng = np.random.default_rng([7, 3, 30])
+    # The reference: numpy's generator seeded with [seed, epoch, 0, global batch] draws the whole
+    # global batch's numbers; rank 1 takes the second half. (One rank: [seed, epoch, 0, batch],
+    # the numbers of the layout before global batches, so single-rank runs are unchanged.)
+    rng = np.random.default_rng([7, 3, 0, 5])
     assert np.array_equal(d1.u, rng.random(6)[3:]) and np.array_equal(d1.flips, (rng.random(6) < 0.5)[3:])
 
 
