@@ -122,6 +122,14 @@ class ShardCache:
         if size > self.limit:
             raise DataError(f"{self.store.where(shard['tar'])}: {size / 1e9:.2f} GB, larger than the whole cache "
                             f"(data.cache_limit_gb={self.limit / 1e9:g})")
+        try:
+            self._download(shard, part, final)
+        except OSError as e:  # the cache's own disk: full, read-only, gone
+            raise DataError(f"{self.root}: cannot write the shard cache ({e.strerror or e}); set data.cache_dir "
+                            "to a writable local disk with room for data.cache_limit_gb") from None
+
+    def _download(self, shard: dict, part: Path, final: Path) -> None:
+        size = int(shard["bytes"])
         fd = self._reserve(part, final, size)
         if fd is None:
             return  # present now (another process or thread finished it)
@@ -260,7 +268,12 @@ class RemoteShards:
         self.manifest, raw = read_remote_manifest(self.store)
         root = cache_root(cache_dir, url)
         self.meta_dir = root / "meta" / hashlib.sha256(raw).hexdigest()[:16]
-        self.meta_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.meta_dir.mkdir(parents=True, exist_ok=True)
+            (root / "tars").mkdir(exist_ok=True)
+        except OSError as e:
+            raise DataError(f"{root}: cannot create the shard cache ({e.strerror or e}); set data.cache_dir "
+                            "to a writable local disk") from None
         names = [n for s in self.manifest["shards"]
                  for n in (s["idx"], s.get("samples_file", s["tar"].replace(".tar", ".samples.jsonl")))]
         with ThreadPoolExecutor(max_workers=max(threads, 1)) as pool:

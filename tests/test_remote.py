@@ -302,3 +302,11 @@ def test_want_does_not_deadlock_on_downloads_that_finish_at_once(tmp_path):
     assert not t.is_alive(), "want() deadlocked"
     c.close()
     assert not c._pending
+
+
+def test_unwritable_cache_dir_is_one_named_error(pushed, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "file").write_text("")
+    with pytest.raises(DataError, match="cannot create the shard cache"):
+        ClipStream(_cfg(pushed, cache_dir=str(ro / "file")))
