@@ -85,9 +85,13 @@ setup(
         ],
         # Tests: pytest; pytest-timeout, so a hung test fails with its stack instead of stalling
         # CI (pytest.ini); webdataset to prove the shards are plain WebDataset (test_packaging);
-        # the real tracker clients (tests/test_trackers.py: W&B offline, MLflow on a local store).
+        # the real tracker clients (tests/test_trackers.py: W&B offline, MLflow on a local store);
+        # moto's S3 server and boto3 (tests/test_remote.py starts a server on localhost).
         "dev": ["pytest>=8,<10", "pytest-timeout>=2.2,<3", "webdataset>=0.2.100,<2",
-                "wandb>=0.17,<1", "mlflow-skinny>=2.10,<4", "sqlalchemy>=2,<3", "alembic>=1.10,<2"],
+                "wandb>=0.17,<1", "mlflow-skinny>=2.10,<4", "sqlalchemy>=2,<3", "alembic>=1.10,<2",
+                "moto[server]>=5,<6", "boto3>=1.34,<2"],
+        # Shards on S3 / MinIO / Ceph (data.shards=s3://...; docs/data.md): the AWS client only.
+        "s3": ["boto3>=1.34,<2"],  # tested: 1.44
     },
     entry_points={"console_scripts": ["echofm = echofm.engine.cli:main"]},
 )

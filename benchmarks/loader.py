@@ -2,6 +2,7 @@
 
     python benchmarks/loader.py [--shards-112 DIR] [--shards-224 DIR] [--videos 48] [--clips 192]
                                 [--threads 2] [--repeats 3] [--cache DIR] [--out FILE]
+    python benchmarks/loader.py --remote [--remote-videos 96] [--shard-kb 256] [--clips 80] [--out FILE]
 
 Same corpus, same clip spec, same CPU threads for every loader:
 - corpus: `loaders.synth` phantoms ingested by `loaders.ingest` (VP9, GOP 8) at 112^2 and at
@@ -33,6 +34,10 @@ with ratios to the official-style loader, writes loader.json and loader.png to a
 folder runs/bench/loader-<timestamp>/ (or to --out: the committed numbers are
 --out benchmarks/results/loader.json). The cache (~/.cache/echofm/bench/loader/: corpora,
 shards, extracted videos) is announced with its size; `echofm bench --clean` removes it.
+`--remote` instead reads the same shards from local disk and from an S3 server on localhost
+(moto, its own process): cold cache, warm cache and a cache bounded below the corpus, with
+the peak cache bytes against the limit (docs/data.md; committed as
+--out benchmarks/results/loader_remote.json).
 With CUDA it also runs the mixed (NVDEC)
 backend at 224^2 and compares clips/s with a ViT-B step's need (docs/mfu.md: ~1,500 clips/s).
 """
@@ -253,6 +258,179 @@ def _rates(n: int, decoded: int, dt: float, cpu: float) -> dict:
             "sampled_fps_per_core": round(n * T / max(cpu, 1e-9), 1)}
 
 
+# ---------------------------------------------------------------- remote shards (s3://)
+
+
+def _moto_server(port: int):
+    """moto's S3 server as its own process (as a real store is): -> Popen."""
+    import subprocess
+    import urllib.request
+
+    p = subprocess.Popen([sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1",
+                          "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+            return p
+        except OSError:
+            time.sleep(0.05)
+    p.kill()
+    raise RuntimeError("moto server did not start")
+
+
+def run_stream(shards: str, size: int, threads: int, clips: int, warm: int = 2, **kw) -> tuple[dict, dict]:
+    """The same protocol for local and remote shards -> (rates, cache stats): `startup_s` (stream
+    construction: client, manifest, index files) and `first_batch_s` are reported apart; the
+    rates are timed from batch `warm` on, over `clips` clips (as the loaders above)."""
+    import torch
+
+    from echofm.loaders.stream import ClipStream, StreamConfig
+
+    cfg = StreamConfig(shards=shards, split="all", num_frames=T, stride=STRIDE, size=size, batch_size=BATCH,
+                       num_threads=threads, backend="cpu", **kw)
+    t_start = time.perf_counter()
+    s = ClipStream(cfg, train=True, device=torch.device("cpu"))
+    startup, first = time.perf_counter() - t_start, None
+    n = seen = base_dec = 0
+    t0 = c0 = None
+    while n < clips:
+        for b in s:
+            seen += 1
+            if first is None:
+                first = time.perf_counter() - t_start
+            if seen == warm:
+                t0, base_dec, c0 = time.perf_counter(), s.stats["decoded_frames"], _cpu_seconds([os.getpid()])
+                continue
+            if t0 is None:
+                continue
+            n += b["video"].shape[0]
+            if n >= clips:
+                break
+    dt, cpu = time.perf_counter() - t0, _cpu_seconds([os.getpid()]) - c0
+    remote = s._corpus.remote
+    cache = {} if remote is None else {
+        "downloads": remote.cache.downloads, "downloaded_bytes": remote.cache.downloaded_bytes,
+        "peak_bytes": remote.cache.peak_bytes, "limit_bytes": remote.cache.limit,
+        "end_bytes": remote.cache.used_bytes()}
+    rates = _rates(n, s.stats["decoded_frames"] - base_dec, dt, cpu)
+    s.close()
+    return {**rates, "startup_s": round(startup, 3), "first_batch_s": round(first, 3)}, cache
+
+
+def remote_main(args) -> int:
+    """--remote: the same shards from local disk and from a local S3 server (cold and warm
+    cache; a cache bounded below the corpus) side by side, best of --repeats, interleaved."""
+    import shutil
+    import tempfile
+
+    from echofm.loaders.remote import push
+    from echofm.loaders.shards import read_manifest
+
+    shards = args.shards_112 or build_sharded(args.cache, args.remote_videos, args.shard_kb)
+    m = read_manifest(shards)
+    total, biggest = sum(e["bytes"] for e in m["shards"]), max(e["bytes"] for e in m["shards"])
+    port = bench_port()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update(env)
+    server = _moto_server(port)
+    work = Path(tempfile.mkdtemp(prefix="echofm-remote-"))
+    try:
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="bench")
+        push(shards, "s3://bench/loader", log=lambda _m: None)
+        tight = dict(fetch_threads=2, fetch_ahead=1, prefetch=1)  # in use at once: 2 + 3 x 8 shards
+        bounded_gb = (2 + 3 * BATCH) * biggest / 1e9
+        bandwidth = max(store_bandwidth("bench", "loader/", m) for _ in range(args.repeats))
+        runs = {"local": [], "s3_cold": [], "s3_warm": [], "s3_bounded": []}
+        run_stream(str(shards), 112, args.threads, args.clips)  # untimed: imports, DALI's first start, page cache
+        for r in range(args.repeats):  # interleaved: the machine's load moves all of them alike
+            cold = work / f"cold{r}"
+            runs["local"].append(run_stream(str(shards), 112, args.threads, args.clips))
+            runs["s3_cold"].append(run_stream("s3://bench/loader", 112, args.threads, args.clips, cache_dir=str(cold)))
+            runs["s3_warm"].append(run_stream("s3://bench/loader", 112, args.threads, args.clips, cache_dir=str(cold)))
+            runs["s3_bounded"].append(run_stream("s3://bench/loader", 112, args.threads, args.clips,
+                                                 cache_dir=str(work / f"b{r}"), cache_limit_gb=bounded_gb, **tight))
+            for k, v in runs.items():
+                print(f"  run {r} {k:10s} {v[-1][0]['sampled_fps']:8.1f} sampled fps  {v[-1][1]}", flush=True)
+            shutil.rmtree(cold)
+    finally:
+        server.kill()
+        server.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    best = {k: max(v, key=lambda x: x[0]["sampled_fps"]) for k, v in runs.items()}
+    res = {"shards": len(m["shards"]), "corpus_bytes": total, "largest_shard_bytes": biggest,
+           "clips_timed": args.clips, "threads": args.threads, "best_of": args.repeats, "host": platform.node(),
+           "protocol": "rates timed from the 3rd batch over the clips (the loaders' protocol); stream "
+                       "construction (startup_s) and the first batch (first_batch_s) reported apart; the cold "
+                       "window lies within the first epoch (clips + 2 batches <= videos): the cache fills while "
+                       "timed; moto S3 server in its own process on localhost, on the same CPUs",
+           "loaders": {k: {**b[0], "cache": b[1], "runs": [x[0]["sampled_fps"] for x in runs[k]],
+                           "peak_bytes_runs": [x[1].get("peak_bytes") for x in runs[k]]} for k, b in best.items()}}
+    loc = best["local"][0]["sampled_fps"]
+    need = loc / T * total / len(m["shards"]) / 1e6  # MB/s a cold epoch needs at the local clip rate
+    res["store_MB_s"] = round(bandwidth, 1)
+    res["cold_bound"] = {"needed_MB_s_at_local_rate": round(need, 1),
+                         "max_cold_ratio": round(min(1.0, bandwidth / need), 3),
+                         "note": "a cold epoch reads each clip's shard once (here ~1 clip per shard): its rate "
+                                 "is at most the store's bandwidth / bytes per clip"}
+    for k in runs:
+        res["loaders"][k]["ratio_vs_local"] = round(best[k][0]["sampled_fps"] / loc, 3)
+    peaks = [x[1]["peak_bytes"] <= x[1]["limit_bytes"] for k in runs if k != "local" for x in runs[k]]
+    res["cache_within_limit"] = all(peaks)
+    res["bar"] = {"warm_ge_0.95": res["loaders"]["s3_warm"]["ratio_vs_local"] >= 0.95,
+                  "cold_ge_0.7": res["loaders"]["s3_cold"]["ratio_vs_local"] >= 0.7}
+    print(f"\nRemote shards ({len(m['shards'])} shards, {total / 1e6:.1f} MB; {args.clips} clips timed after 2 "
+          f"batches, best of {args.repeats}; CPU-ms/clip: the leanest run, load-independent):")
+    print(f"{'source':12} {'sampled fps':>12} {'x local':>8} {'startup s':>10} {'1st batch s':>12} "
+          f"{'downloads':>10} {'peak cache MB':>14} {'limit MB':>9} {'CPU-ms/clip':>12}")
+    for k, v in res["loaders"].items():
+        c = v["cache"]
+        print(f"{k:12} {v['sampled_fps']:12.1f} {v['ratio_vs_local']:8.3f} {v['startup_s']:10.3f} "
+              f"{v['first_batch_s']:12.3f} {c.get('downloads', '-'):>10} "
+              f"{c.get('peak_bytes', 0) / 1e6:14.2f} {c.get('limit_bytes', 0) / 1e6:9.1f} "
+              f"{min(x[0]['cpu_ms_per_clip'] for x in runs[k]):12.2f}")
+    print(f"cache within its limit in every run: {res['cache_within_limit']}; bar: {res['bar']}")
+    print(f"store bandwidth (8 parallel GETs, best): {bandwidth:.0f} MB/s; a cold epoch at the local clip rate "
+          f"needs {need:.0f} MB/s: cold can reach at most {res['cold_bound']['max_cold_ratio']:.2f}x here")
+    bench.write_json(bench.results_path("loader", args.out, "loader_remote.json"), res)
+    return 0
+
+
+def store_bandwidth(bucket: str, prefix: str, manifest: dict, threads: int = 8) -> float:
+    """MB/s of whole-shard GETs from the store, `threads` at a time (what a cold cache can get)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+
+    client = boto3.client("s3")
+    keys = [prefix + e["tar"] for e in manifest["shards"]]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as ex:
+        got = sum(ex.map(lambda k: len(client.get_object(Bucket=bucket, Key=k)["Body"].read()), keys))
+    return got / (time.perf_counter() - t0) / 1e6
+
+
+def bench_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_sharded(cache: Path, videos: int, shard_kb: int) -> Path:
+    """The 112^2 benchmark corpus cut into many small shards (so a bounded cache must evict)."""
+    from echofm.loaders.corpus import cached_corpus
+    from echofm.loaders.ingest import IngestConfig
+    from echofm.loaders.synth import SynthConfig
+
+    return cached_corpus(SynthConfig(videos=videos, seed=0, dicom_fraction=0.0, workers=2),
+                         IngestConfig(size=112, codec="vp9", progress=False, workers=2, shard_size=shard_kb * 1024),
+                         cache, log=lambda m: print(m, flush=True))
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -301,7 +479,13 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cache", type=Path, default=bench.cache_dir("loader"))
     ap.add_argument("--out", type=Path, default=None, help="results JSON, PNG beside it (default: a new run folder)")
+    ap.add_argument("--remote", action="store_true",
+                    help="instead: local disk vs a local S3 server (cold/warm/bounded cache), 112^2")
+    ap.add_argument("--shard-kb", type=int, default=256, help="--remote: shard size of the built corpus")
+    ap.add_argument("--remote-videos", type=int, default=96, help="--remote: videos of the built corpus")
     args = ap.parse_args(argv)
+    if args.remote:
+        return remote_main(args)
 
     import torch
 

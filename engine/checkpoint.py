@@ -433,19 +433,21 @@ def _mismatch(path: Path, e: RuntimeError, meta: dict, recipe: dict | None) -> C
 
 
 def load(engine, path: str | Path, *, rank: int, world_size: int, recipe: dict | None = None,
-         verified: bool = False) -> dict:
+         verified: bool = False, elastic: bool = False) -> dict:
     """Restore engine (model, optimizer, scheduler) from checkpoint folder `path`;
     returns this rank's extras (`rank_state` given to `save`). Collective.
 
     The files are hashed first (`verify`; skipped when `verified`, e.g. by `find_checkpoint`)
     and read weights-only. `recipe` (the current one, as a dict) names the differing model
-    settings when the checkpoint does not fit the model.
+    settings when the checkpoint does not fit the model. `elastic`: another world size is
+    allowed (the caller checked that its state carries over, docs/data.md); a rank the
+    checkpoint has no file for gets rank 0's extras.
     """
     path = Path(path)
     meta = _meta(path) if verified else verify(path)
     if meta is None:
         raise CheckpointError(f"{path}: not a complete checkpoint (no valid {META} matching its files)")
-    if meta["world_size"] != world_size:
+    if meta["world_size"] != world_size and not elastic:
         raise CheckpointError(f"{path}: saved by {meta['world_size']} ranks, this run has {world_size}; "
                               "resume with the same number of processes")
     check_pickles(path, meta)
@@ -462,7 +464,7 @@ def load(engine, path: str | Path, *, rank: int, world_size: int, recipe: dict |
         raise err from None
     if loaded is None:
         raise CheckpointError(f"{path}/{DS_TAG}: DeepSpeed could not load this checkpoint")
-    return load_plain(path / f"rank_{rank:05d}.pt")
+    return load_plain(path / f"rank_{rank if rank < meta['world_size'] else 0:05d}.pt")
 
 
 # ---------------------------------------------------------------- downstream use

@@ -231,6 +231,32 @@ def _add_shards(sub) -> None:
     v.add_argument("dir")
     v.add_argument("--no-decode", action="store_true", help="skip decoding the videos (fast)")
     v.set_defaults(run=_run_shards_verify)
+    _add_shards_copy(ssub)
+
+
+def _add_shards_copy(ssub) -> None:
+    """`shards push LOCAL URL` / `shards pull URL LOCAL` (loaders/remote.py, docs/data.md)."""
+    for name, src, dst, text in (("push", "local", "url", "copy a shard folder to s3://bucket/prefix"),
+                                 ("pull", "url", "local", "copy a shard folder from s3:// or https:// to a folder")):
+        c = ssub.add_parser(name, help=f"{text}: every tar checked against the manifest's sha256, the "
+                            "manifest written last")
+        c.add_argument(src, help="shard folder" if src == "local" else "s3://bucket/prefix or https://...")
+        c.add_argument(dst, help="shard folder" if dst == "local" else "s3://bucket/prefix")
+        c.set_defaults(run=_run_shards_copy, copy=name)
+
+
+def _run_shards_copy(args) -> int:
+    from echofm.loaders import remote
+
+    try:
+        if args.copy == "push":
+            n = remote.push(args.local, args.url)
+        else:
+            n = remote.pull(args.url, args.local)
+    except OSError as e:
+        raise UserError(f"shards {args.copy}: {e.filename or ''}: {e.strerror or e}") from None
+    print(f"shards {args.copy}: {n} shard(s) copied and verified; manifest written last")
+    return 0
 
 
 def _run_shards_verify(args) -> int:

@@ -415,6 +415,7 @@ class Trainer:
         # Compiled regions: the steps up to the first compiled backward fall back to eager on failure.
         self.compile_guard = C.is_compiled(self.engine.module)
         # From here on each rank draws its own random numbers (masks).
+        self.seed = seed
         torch.manual_seed(seed + 1 + dist.rank)
         random.seed(seed + dist.rank)
         np.random.seed(seed + dist.rank)
@@ -425,6 +426,7 @@ class Trainer:
         self.elapsed_before, self.resumed_from, self.last_saved = 0.0, None, -1
         self.stop_requested = self._signalled = self.stopped = False
         self.grad_norm = None
+        self.resume_notes: list[str] = []
         self.drops = _Drops(stream, dist.rank)
         self.losses: list[float] = []
 
@@ -437,14 +439,48 @@ class Trainer:
         if start is None:
             return
         d = self.dist
+        meta = json.loads((Path(start) / ckpt.META).read_text())  # (resume_point checked it)
+        notes = self._resume_changes(Path(start), meta)
         state = ckpt.load(self.engine, start, rank=d.rank, world_size=d.world, recipe=to_dict(self.recipe),
-                          verified=True)
+                          verified=True, elastic=True)
         self.step, self.micro = state["step"], state["micro"]
         self.nonfinite_total, self.elapsed_before = state["nonfinite_total"], state["elapsed"]
         self.stream.load_state_dict(state["stream"])
-        ckpt.set_rng_state(state["rng"])
+        if meta["world_size"] == d.world:
+            ckpt.set_rng_state(state["rng"])
+        else:  # other ranks: fresh per-rank streams (masks), still a function of (seed, step, rank)
+            seq = np.random.SeedSequence([self.seed, self.step, d.rank]).generate_state(2)
+            torch.manual_seed(int(seq[0]))
+            random.seed(int(seq[1]))
+            np.random.seed(int(seq[1]))
+        self.resume_notes = getattr(self.stream, "resume_notes", []) + notes
         self.resumed_from, self.last_saved = start, self.step
         self.drops.announced |= set(self.stream.damaged)  # reported by the session that found them
+
+    def _resume_changes(self, start: Path, meta: dict) -> list[str]:
+        """Notes for the settings a resume may change (the stream adds its own); UserError
+        naming the setting for those DeepSpeed cannot load into."""
+        ds = (meta.get("recipe") or {}).get("deepspeed") or {}
+        cur, world, saved_world = self.recipe.deepspeed, self.dist.world, int(meta["world_size"])
+        stage = ds.get("zero_stage", cur.zero_stage)
+        if stage != cur.zero_stage:
+            raise UserError(f"{start}: saved with deepspeed.zero_stage={stage}, this run has {cur.zero_stage}; "
+                            "DeepSpeed cannot load one ZeRO stage's checkpoint into another: resume with "
+                            f"--set deepspeed.zero_stage={stage}")
+        if saved_world != world and stage > 0:
+            raise UserError(f"{start}: saved by {saved_world} ranks with deepspeed.zero_stage={stage}, whose "
+                            f"optimizer state is split {saved_world} ways; DeepSpeed cannot re-split it for "
+                            f"{world} rank(s): resume on {saved_world} ranks (an elastic resume needs "
+                            "deepspeed.zero_stage=0)")
+        notes = []
+        accum = ds.get("grad_accum", cur.grad_accum)
+        if accum != cur.grad_accum:
+            notes.append(f"deepspeed.grad_accum {accum} -> {cur.grad_accum}")
+        saved_batch = (meta.get("recipe") or {}).get("data", {}).get("batch_size", self.recipe.data.batch_size)
+        before, now = saved_batch * accum * saved_world, self.recipe.data.batch_size * cur.grad_accum * world
+        if before != now:
+            notes.append(f"global batch {before} -> {now} clips per step (the peak lr scales with it)")
+        return notes
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -606,6 +642,9 @@ class Trainer:
             start = f"resumed from {self.resumed_from}" if self.resumed_from else "fresh run"
             self.logger.message(f"[echofm] {start}: step {self.step}/{self.steps}, {d.world} rank(s) on "
                                 f"{d.device.type}, run folder {self.run_dir}")
+            if self.resume_notes:
+                self.logger.message(f"[echofm] note: resumed with {', '.join(self.resume_notes)}; the epoch goes "
+                                    "on from the clips all ranks had read, each sample once")
         # SIGTERM (schedulers, torchrun) and SIGINT: finish the step, checkpoint, return.
         # A second Ctrl-C interrupts at once.
         self._handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}

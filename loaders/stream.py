@@ -11,13 +11,15 @@ decoder would otherwise decode from frame 0 to the clip start; ~0.2 ms per clip)
 Why the order lives here and not in `fn.readers.webdataset`: DALI cannot checkpoint a
 pipeline that contains `fn.decoders.video` (DALI 2.4), and its reader only shuffles
 within a buffer whose state depends on every earlier epoch. Instead, each epoch's order is
-a full permutation of the split drawn from (seed, epoch); rank r takes its contiguous
-part; batch b's random numbers come from (seed, epoch, rank, b). The loader state is then
-just (epoch, next batch position): resume is exact by construction, `set_epoch` can jump
-to any epoch without replaying earlier ones, and there is no second pipeline to run (the
+a full permutation of the split drawn from (seed, epoch), cut into global batches of
+batch_size x world_size; rank r takes part r of each, and a global batch's random numbers
+come from (seed, epoch, its first position). The loader state is then just (epoch, global
+cursor): resume is exact by construction, also at another world size or batch size
+(elastic, docs/data.md), `set_epoch` can jump to any epoch without replaying earlier ones, and there is no second pipeline to run (the
 verified two-pipeline workaround costs ~11%). A full permutation also shuffles better
 than a reader's shuffle buffer; the price is random reads within shards (page cache /
-SSD friendly; each read is one clip of tens of KB). Those decisions are pure functions in
+SSD friendly; each read is one clip of tens of KB; shards at a URL are read whole into a
+node-local cache first: cache.py). Those decisions are pure functions in
 `sampling.py` (tested without DALI); this module reads the bytes and runs the graph.
 
 Usage (a trainer):
@@ -46,6 +48,8 @@ import numpy as np
 
 from .errors import DataError
 from .pipeline import GraphSpec, build_pipeline, decoder_reason
+from .cache import RemoteShards, default_cache_dir
+from .remote import is_url
 from .sampling import Position, Sampling, batch_draws, clip_frames, epoch_plan, items_digest
 from .shards import read_index, read_manifest, read_member_hashes
 from .trim import NotCuttable, cut_ivf, scan_frames
@@ -62,7 +66,8 @@ class StreamConfig:
     """Where clips come from and how they are sampled (docs/data.md)."""
 
     shards: str = ""
-    """Shard directory (holds manifest.json) written by `echofm ingest`."""
+    """Shard folder (holds manifest.json) written by `echofm ingest`: a local path, or a URL
+    (s3://bucket/prefix, https://...; docs/data.md), read through the node-local cache."""
     split: str = "train"
     """Manifest split to read ('train', 'val', 'test', or 'all')."""
     num_frames: int = 16
@@ -105,6 +110,16 @@ class StreamConfig:
     """Batches DALI decodes ahead of the consumer."""
     cut_gops: bool = True
     """Hand the decoder only the GOPs a clip needs (WebM VP8/VP9 shards; trim.py says why)."""
+    cache_dir: str = ""
+    """Remote shards: the node-local cache folder ("" = $ECHOFM_CACHE/shards or
+    ~/.cache/echofm/shards); the ranks of a node share it."""
+    cache_limit_gb: float = 100.0
+    """Remote shards: the most the node's cache holds (GB, 1e9 bytes); least-recently-used
+    shards are removed to stay within it."""
+    fetch_threads: int = 8
+    """Remote shards: concurrent shard downloads per rank."""
+    fetch_ahead: int = 4
+    """Remote shards: batches ahead of the decoder whose shards are downloaded in the background."""
 
     def validate(self) -> None:
         if self.num_frames < 1 or self.stride < 1:
@@ -125,6 +140,8 @@ class StreamConfig:
             raise ValueError(f"on_error must be raise or skip, got {self.on_error!r}")
         if not 0.0 <= self.max_dropped <= 1.0:
             raise ValueError(f"max_dropped is a fraction of the split in [0, 1], got {self.max_dropped}")
+        if self.cache_limit_gb <= 0 or self.fetch_threads < 1 or self.fetch_ahead < 0:
+            raise ValueError("cache_limit_gb > 0, fetch_threads >= 1 and fetch_ahead >= 0 are required")
 
 
 def require_nvdec(lib: str = NVCUVID) -> None:
@@ -145,6 +162,14 @@ def require_nvdec(lib: str = NVCUVID) -> None:
 # ---------------------------------------------------------------- the sample table
 
 
+class _Url(str):
+    """A remote shard's URL, shown in messages where a local shard shows its path."""
+
+    @property
+    def name(self) -> str:
+        return self.rsplit("/", 1)[-1]
+
+
 class _Corpus:
     """The samples of one split: key, shard and (offset, size) of each component.
 
@@ -158,14 +183,20 @@ class _Corpus:
     """Bytes of each member's sha256 kept in memory (64 B per sample for 4 members): ample to
     detect damage, 18 MB for a 290k-clip corpus."""
 
-    def __init__(self, shard_dir: str | Path, split: str, segmentation: bool, verify: bool = True) -> None:
-        self.dir = Path(shard_dir)
-        self.manifest = read_manifest(self.dir)
+    FDS_REMOTE = 16
+    """Remote shards: open shard files kept per process (an evicted one stays readable while open)."""
+
+    def __init__(self, shard_dir: str | Path, split: str, segmentation: bool, verify: bool = True,
+                 remote: RemoteShards | None = None) -> None:
+        self.remote = remote
+        self.dir = remote.meta_dir if remote is not None else Path(shard_dir)
+        self.manifest = remote.manifest if remote is not None else read_manifest(self.dir)
         m = self.manifest
         shards = [s for s in m["shards"] if split == "all" or s["split"] == split]
         if not shards:
-            raise DataError(f"{self.dir / 'manifest.json'}: no shards of split {split!r} "
+            raise DataError(f"{shard_dir}/manifest.json: no shards of split {split!r} "
                             f"(splits there: {m['splits']})")
+        self.entries = shards
         exts = {"video": m["video_ext"], "nframes": "nframes", "json": "json", "seg": "seg.npy"}
         self.tars: list[Path] = []
         self.keys: list[str] = []
@@ -178,7 +209,7 @@ class _Corpus:
                 raise DataError(f"{idx_path}: unreadable DALI index ({e})") from e
             hashes = read_member_hashes(self.dir, s) if verify else {}
             si = len(self.tars)
-            self.tars.append(self.dir / s["tar"])
+            self.tars.append(Path(self.dir / s["tar"]) if remote is None else _Url(remote.store.where(s["tar"])))
             for comps in entries:
                 by_ext = {ext: (off, size) for ext, off, size, _ in comps}
                 key = comps[0][3][: -len(comps[0][0]) - 1]
@@ -247,16 +278,35 @@ class _Corpus:
         si = int(self.shard[i])
         fd = self._fds.get(si)
         if fd is None:
-            try:
-                fd = self._fds[si] = os.open(self.tars[si], os.O_RDONLY)
-            except OSError as e:
-                raise DataError(f"{self.tars[si]}: cannot open shard ({e.strerror})") from e
+            fd = self._fds[si] = self._open(si)
         data = os.pread(fd, size, off)
         if len(data) != size:
             raise DataError(f"{self.where(i)}: component .{component} is truncated "
                             f"({len(data)} of {size} bytes at offset {off}; the shard file is damaged)")
         self.check(i, component, data)
         return data
+
+    def _open(self, si: int) -> int:
+        if self.remote is None:
+            try:
+                return os.open(self.tars[si], os.O_RDONLY)
+            except OSError as e:
+                raise DataError(f"{self.tars[si]}: cannot open shard ({e.strerror})") from e
+        while len(self._fds) >= self.FDS_REMOTE:  # the oldest opened: bounded disk held past eviction
+            os.close(self._fds.pop(next(iter(self._fds))))
+        for _ in range(3):  # another rank may evict it between the download and the open
+            try:
+                return os.open(self.remote.cache.path(self.entries[si]), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+        raise DataError(f"{self.tars[si]}: the cached shard keeps being evicted before it is read; "
+                        "raise data.cache_limit_gb")
+
+    def prefetch(self, items: np.ndarray) -> None:
+        """Remote shards: download the shards of these samples (corpus indices, in reading order)."""
+        if self.remote is not None and len(items):
+            si = list(dict.fromkeys(self.shard[items].tolist()))
+            self.remote.cache.want([self.entries[i] for i in si])
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -402,8 +452,12 @@ class ClipStream:
         self.cfg, self.train, self.rank, self.world_size = cfg, train, rank, world_size
         self.device = torch.device(device if device is not None else "cpu")
         self.backend = self._resolve_backend()
-        manifest_path = Path(cfg.shards) / "manifest.json"
-        self._corpus = _Corpus(cfg.shards, cfg.split, cfg.segmentation, cfg.verify)
+        manifest_path = f"{str(cfg.shards).rstrip('/')}/manifest.json"
+        remote = None
+        if is_url(cfg.shards):
+            remote = RemoteShards(cfg.shards, cfg.cache_dir or default_cache_dir(), int(cfg.cache_limit_gb * 1e9),
+                                  cfg.fetch_threads)
+        self._corpus = _Corpus(cfg.shards, cfg.split, cfg.segmentation, cfg.verify, remote=remote)
         m = self._corpus.manifest
         codec = str(m["codec"]).lower()
         if self.backend == "cpu" and codec not in CPU_CODECS:
@@ -433,7 +487,10 @@ class ClipStream:
                                   frame=(self._spec.in_height, self._spec.in_width))
         self.epoch = 0
         self._pos = 0
-        self._plan_cache: dict[int, list[np.ndarray]] = {}
+        self._start = (0, 0)  # (epoch, global position) its plan starts from: an elastic resume's cursor
+        self.resume_notes: list[str] = []
+        """The layout changes the last `load_state_dict` accepted ("world size 2 -> 1")."""
+        self._plan_cache: dict[tuple[int, int], list[np.ndarray]] = {}
         self._live: _Live | None = None
         self._bad: dict[int, str] = {}  # sample -> why it was skipped
         self.stats: dict[str, int] = {"batches": 0, "clips": 0, "frames": 0, "decoded_frames": 0,
@@ -441,10 +498,26 @@ class ClipStream:
         """clips/frames delivered (sampled), decoded_frames (frames the decoder produced, from
         the first frame of the stream it was given to the last needed one), skipped damaged
         samples."""
+        if remote is not None:
+            self._check_cache_limit(remote)
         if train and len(self) == 0:  # (an evaluation rank may legitimately get nothing)
             raise DataError(f"{manifest_path}: split {cfg.split!r} has {len(self._items)} samples"
                             f"{'' if keys is None else ' selected'}, too few for {world_size} rank(s) x "
                             f"batch_size {cfg.batch_size}")
+
+    def _check_cache_limit(self, remote: RemoteShards) -> None:
+        """DataError naming data.cache_limit_gb when the node's cache cannot hold the shards in
+        use at once (each batch may touch batch_size shards; every rank of the node reads and
+        prefetches its own), unless the whole split fits."""
+        cfg, entries = self.cfg, self._corpus.entries
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        in_use = cfg.fetch_threads + (cfg.fetch_ahead + cfg.prefetch + 1) * cfg.batch_size
+        need = min(sum(e["bytes"] for e in entries),
+                   local_ranks * min(in_use, len(entries)) * max(e["bytes"] for e in entries))
+        if need > remote.cache.limit:
+            raise DataError(f"data.cache_limit_gb={cfg.cache_limit_gb:g} is below the {need / 1e9:.2f} GB the "
+                            f"shards in use at once take ({local_ranks} rank(s) x up to {in_use} shards: "
+                            "fetch_threads + (fetch_ahead + prefetch + 1) x batch_size); raise it, or lower those")
 
     def _select(self, keys: Collection[str] | None) -> np.ndarray:
         """int64 [n]: corpus indices of the samples to read, in corpus order."""
@@ -486,8 +559,16 @@ class ClipStream:
             self.epoch, self._pos = int(epoch), 0
 
     def _position(self) -> Position:
-        return Position(epoch=self.epoch, position=self._pos, seed=self.cfg.seed, rank=self.rank,
-                        world_size=self.world_size, train=self.train, items=self._items_digest)
+        if self._pos >= len(self) > 0:  # the epoch's last batch was taken: the state is the next epoch's start
+            epoch, pos, start = self.epoch + 1, 0, 0
+        else:
+            epoch, pos, start = self.epoch, self._pos, self._start_of(self.epoch)
+        return Position(epoch=epoch, position=pos, start=start, seed=self.cfg.seed, rank=self.rank,
+                        world_size=self.world_size, batch_size=self.cfg.batch_size, shuffle=self.cfg.shuffle,
+                        train=self.train, items=self._items_digest)
+
+    def _start_of(self, epoch: int) -> int:
+        return self._start[1] if self._start[0] == epoch else 0
 
     def state_dict(self) -> dict:
         """Picklable loader state: the next batch is batch `position` of `epoch` (sampling.py
@@ -497,8 +578,8 @@ class ClipStream:
 
     def load_state_dict(self, state: dict) -> None:
         at = self._position()
-        at.load_state_dict(state)
-        self.epoch, self._pos = at.epoch, at.position
+        self.resume_notes = at.load_state_dict(state)
+        self.epoch, self._pos, self._start = at.epoch, at.position, (at.epoch, at.start)
         index = {k: i for i, k in enumerate(self._corpus.keys)}
         reasons = state.get("bad_reasons", {})
         self._bad = {index[k]: reasons.get(k, "damaged") for k in state.get("bad_keys", []) if k in index}
@@ -525,6 +606,8 @@ class ClipStream:
         """Stop the pipeline (DALI's threads) and close the shard files; iterating reopens."""
         self._drop_live()
         self._corpus.close()
+        if self._corpus.remote is not None:
+            self._corpus.remote.close()
 
     def __del__(self) -> None:
         if hasattr(self, "_corpus"):
@@ -534,20 +617,25 @@ class ClipStream:
 
     def _plan(self, epoch: int) -> list[np.ndarray]:
         """This rank's batches of `epoch`: int64 [b, 3] rows (position, corpus index, clip)."""
-        if epoch in self._plan_cache:
-            return self._plan_cache[epoch]
-        plan = epoch_plan(len(self._items), epoch, self._sampling)
+        key = (epoch, self._start_of(epoch))
+        if key in self._plan_cache:
+            return self._plan_cache[key]
+        plan = epoch_plan(len(self._items), epoch, self._sampling, start=key[1])
         for rows in plan:
             rows[:, 1] = self._items[rows[:, 1]]
-        self._plan_cache = {e: p for e, p in self._plan_cache.items() if e == epoch - 1} | {epoch: plan}
+        self._plan_cache = {k: p for k, p in self._plan_cache.items() if k[0] == epoch - 1} | {key: plan}
         return plan
 
     def _host_batch(self, epoch: int, b: int) -> _HostBatch:
         """Read batch b's components, choose its clips and draw its random numbers (all from
         (seed, epoch, rank, b): sampling.py, so a batch is the same whenever it is made)."""
         cfg, spec = self.cfg, self._spec
-        rows = self._plan(epoch)[b]
-        draws = batch_draws(self._sampling, epoch, b, len(rows))
+        plan = self._plan(epoch)
+        rows = plan[b]
+        if self._corpus.remote is not None:  # this batch first, then the next ones' shards
+            ahead = plan[b:b + 1 + self.cfg.fetch_ahead]
+            self._corpus.prefetch(np.concatenate([r[:, 1] for r in ahead]))
+        draws = batch_draws(self._sampling, epoch, rows)
         hb = _HostBatch(epoch=epoch, pos=b, items=[], meta=[], inputs={n: [] for n in spec.inputs()},
                         index=np.empty((0, cfg.num_frames), dtype=np.int64))
         index = []

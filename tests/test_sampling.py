@@ -26,14 +26,19 @@ def test_plan_and_draws_are_functions_of_seed_epoch_rank():
     assert all(np.array_equal(x, y) for x, y in zip(a, b)) and len(a) == 25 // 3
     assert _items(epoch_plan(50, 4, _s())) != _items(epoch_plan(50, 3, _s()))  # a new order each epoch
     assert _items(epoch_plan(50, 3, _s(seed=8))) != _items(epoch_plan(50, 3, _s()))
-    d1, d2 = batch_draws(_s(rank=1), 3, 5, 4), batch_draws(_s(rank=1), 3, 5, 4)
+    s = _s(rank=1, world_size=2)
+    rows = epoch_plan(50, 3, s)[5]  # global batch 5: positions 30..35, rank 1 takes 33..35
+    d1, d2 = batch_draws(s, 3, rows), batch_draws(s, 3, rows)
     assert np.array_equal(d1.u, d2.u) and np.array_equal(d1.flips, d2.flips)
-    for other in (batch_draws(_s(rank=0), 3, 5, 4), batch_draws(_s(rank=1), 4, 5, 4),
-                  batch_draws(_s(rank=1), 3, 6, 4), batch_draws(_s(rank=1, seed=8), 3, 5, 4)):
+    for other in (batch_draws(_s(rank=0, world_size=2), 3, epoch_plan(50, 3, _s(rank=0, world_size=2))[5]),
+                  batch_draws(s, 4, rows), batch_draws(s, 3, epoch_plan(50, 3, s)[6]),
+                  batch_draws(_s(rank=1, world_size=2, seed=8), 3, rows)):
         assert not np.array_equal(other.u, d1.u)
-    # The reference: the numbers are numpy's generator seeded with [seed, epoch, rank, batch].
-    rng = np.random.default_rng([7, 3, 1, 5])
-    assert np.array_equal(d1.u, rng.random(4)) and np.array_equal(d1.flips, rng.random(4) < 0.5)
+    # The reference: numpy's generator seeded with [seed, epoch, 0, global batch] draws the whole
+    # global batch's numbers; rank 1 takes the second half. (One rank: [seed, epoch, 0, batch],
+    # the numbers of the layout before global batches, so single-rank runs are unchanged.)
+    rng = np.random.default_rng([7, 3, 0, 5])
+    assert np.array_equal(d1.u, rng.random(6)[3:]) and np.array_equal(d1.flips, (rng.random(6) < 0.5)[3:])
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -44,10 +49,15 @@ def test_ranks_take_disjoint_equal_parts_of_one_permutation(world):
     assert len(set(flat)) == len(flat)  # disjoint
     assert all(len(p) == n // world for p in parts)  # equal shares: the same number of steps
     order = np.random.default_rng([7, 2]).permutation(n)
-    assert flat == order[: n // world * world].tolist()  # contiguous parts of the epoch's permutation
-    positions = [int(p) for r in range(world) for rows in epoch_plan(n, 2, _s(rank=r, world_size=world,
-                                                                             drop_last=False)) for p in rows[:, 0]]
-    assert positions == list(range(n // world * world))
+    positions = sorted(int(p) for r in range(world) for rows in epoch_plan(n, 2, _s(rank=r, world_size=world,
+                                                                                    drop_last=False)) for p in rows[:, 0])
+    assert positions == list(range(n // world * world))  # a prefix of the epoch's permutation
+    assert sorted(flat) == sorted(order[: n // world * world].tolist())
+    # global batch k = positions [k*3*world, (k+1)*3*world), rank r takes part r of it
+    plans = [epoch_plan(n, 2, _s(rank=r, world_size=world)) for r in range(world)]
+    for k in range(len(plans[0])):
+        assert [int(p) for r in range(world) for p in plans[r][k][:, 0]] == list(range(k * 3 * world,
+                                                                                    (k + 1) * 3 * world))
     # drop_last: each rank keeps only whole batches
     assert all(len(rows) == 3 for rows in epoch_plan(n, 2, _s(rank=0, world_size=world)))
 
@@ -68,11 +78,13 @@ def test_mid_epoch_resume_gives_the_same_next_batch():
     resumed.load_state_dict(state)
     assert (resumed.epoch, resumed.position) == (5, 3)
     # the batch a never-stopped run would make next, made from the restored position alone
-    ref_rows, ref = epoch_plan(40, 5, s)[3], batch_draws(s, 5, 3, 3)
-    rows, draws = epoch_plan(40, resumed.epoch, s)[resumed.position], batch_draws(s, resumed.epoch, resumed.position, 3)
+    ref_rows = epoch_plan(40, 5, s)[3]
+    ref = batch_draws(s, 5, ref_rows)
+    rows = epoch_plan(40, resumed.epoch, s, start=resumed.start)[resumed.position]
+    draws = batch_draws(s, resumed.epoch, rows)
     assert np.array_equal(rows, ref_rows) and np.array_equal(draws.u, ref.u)
     assert all(np.array_equal(a, b) for a, b in zip(draws.rois, ref.rois))
-    for key, value in (("world_size", 4), ("seed", 8), ("items", items_digest(["a"]))):
+    for key, value in (("shuffle", False), ("seed", 8), ("items", items_digest(["a"]))):
         with pytest.raises(DataError, match=key):
             Position(seed=s.seed, rank=1, world_size=2, items=items_digest(["a", "b"])).load_state_dict(
                 dict(state, **{key: value}))
@@ -100,3 +112,49 @@ def test_crop_windows_fit_the_frame_and_the_scale():
         area = (y1 - y0) * (x1 - x0)
         assert 0.3 - 1e-6 <= area <= 0.6 + 1e-6
         assert 3 / 4 - 1e-4 <= ((x1 - x0) * 160) / ((y1 - y0) * 120) <= 4 / 3 + 1e-4
+
+
+@pytest.mark.parametrize("saved, resumed", [((2, 3), (1, 3)), ((1, 4), (2, 4)), ((2, 3), (3, 2)), ((3, 2), (2, 5))])
+def test_elastic_resume_reads_each_sample_of_the_epoch_once(saved, resumed):
+    """Half an epoch at (world, batch) `saved`, the rest at `resumed`: the epoch's samples
+    exactly once; with the same global batch the same samples get the same random numbers."""
+    n, epoch = 60, 4
+    (w0, b0), (w1, b1) = saved, resumed
+    steps = len(epoch_plan(n, epoch, _s(world_size=w0, batch_size=b0))) // 2
+    first = [rows for r in range(w0) for rows in epoch_plan(n, epoch, _s(rank=r, world_size=w0, batch_size=b0))[:steps]]
+    at = Position(epoch=epoch, position=steps, seed=7, world_size=w0, batch_size=b0)
+    state = at.state_dict()
+    assert state["cursor"] == steps * w0 * b0
+    new = Position(seed=7, world_size=w1, batch_size=b1)
+    notes = new.load_state_dict(state)
+    assert notes == [f"world size {w0} -> {w1}"] + ([f"data.batch_size {b0} -> {b1}"] if b0 != b1 else [])
+    assert (new.epoch, new.position, new.start) == (epoch, 0, state["cursor"])
+    rest = [rows for r in range(w1) for rows in epoch_plan(n, epoch, _s(rank=r, world_size=w1, batch_size=b1),
+                                                            start=new.start)]
+    items = [int(v) for rows in first + rest for v in rows[:, 1]]
+    assert len(items) == len(set(items))
+    assert set(items) == set(range(n))  # (the rest of the epoch divides into global batches here)
+    if w0 * b0 == w1 * b1:  # same global batch: the same clip, crop and flip for every sample
+        ref = {}
+        for r in range(w0):
+            s0 = _s(rank=r, world_size=w0, batch_size=b0)
+            for rows in epoch_plan(n, epoch, s0):
+                ref.update(zip(rows[:, 1].tolist(), batch_draws(s0, epoch, rows).u.tolist()))
+        for r in range(w1):
+            s1 = _s(rank=r, world_size=w1, batch_size=b1)
+            for rows in epoch_plan(n, epoch, s1, start=new.start):
+                assert [ref[v] for v in rows[:, 1].tolist()] == batch_draws(s1, epoch, rows).u.tolist()
+
+
+def test_crop_windows_match_torchvisions_loop():
+    """The vectorised windows equal the per-sample first-fit rule they replace."""
+    rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
+    got = crop_windows(rng_a, 64, (0.08, 1.0), (120, 160))
+    s = rng_b.uniform(0.08, 1.0, size=(64, 10))
+    ratio = np.exp(rng_b.uniform(*np.log((3 / 4, 4 / 3)), size=(64, 10)))
+    w, h, where = np.sqrt(s * ratio * 120 / 160), np.sqrt(s / ratio * 160 / 120), rng_b.random((64, 2))
+    for i in range(64):
+        ok = np.nonzero((w[i] <= 1) & (h[i] <= 1))[0]
+        wi, hi = (w[i, ok[0]], h[i, ok[0]]) if len(ok) else (1.0, 1.0)
+        y0, x0 = where[i, 0] * (1 - hi), where[i, 1] * (1 - wi)
+        assert np.allclose(got[i], [y0, x0, y0 + hi, x0 + wi], atol=1e-6)

@@ -183,7 +183,7 @@ def test_epochs_run_on_after_a_loop_stops(ramp_shards):
     s = ClipStream(cfg)
     it = iter(s)
     head = [next(it) for _ in range(len(e0))]  # every batch of epoch 0, the loop not finished
-    assert s.state_dict()["position"] == len(e0)
+    assert (s.state_dict()["epoch"], s.state_dict()["position"]) == (1, 0)  # saved here: epoch 1 next
     assert _same(head, e0) and _same(_epoch(s), e1)  # a new loop is epoch 1, not an empty one
     assert s.epoch == 2
 
@@ -262,8 +262,8 @@ def test_exact_mid_epoch_resume(ramp_shards):
     resumed.set_epoch(4)  # a trainer's per-epoch call keeps the restored position
     assert _same(head + _epoch(resumed), full)
     assert resumed.epoch == 5 and resumed.state_dict()["position"] == 0
-    with pytest.raises(DataError, match="world_size"):
-        ClipStream(cfg, rank=0, world_size=2).load_state_dict(state)
+    with pytest.raises(DataError, match="data.seed=0, this stream has data.seed=1"):
+        ClipStream(_cfg(ramp_shards, batch_size=2, size=64, seed=1)).load_state_dict(state)
 
 
 def test_eval_clips_deterministic_and_evenly_spaced(ramp_shards):
