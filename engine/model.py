@@ -52,6 +52,9 @@ from torch.utils.checkpoint import checkpoint
 from echofm.kernels import ATTENTION_BACKENDS, gather_patches, scatter_tokens, tube_attention
 
 from . import losses
+from .errors import CheckpointError
+from .export_files import (FILES, MAX_PARAMS, check_checksums, check_layout, estimate_params, read_finite,
+                           write_checksums)
 from .losses import LossConfig
 from .masking import Mask, MaskConfig, draw_mask, full_mask
 
@@ -504,7 +507,6 @@ class EchoFM(nn.Module):
         checksums.sha256 of both, which `from_pretrained` checks."""
         from safetensors.torch import save_file
 
-        from .export import write_checksums  # export.py builds on this module
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -524,12 +526,21 @@ class EchoFM(nn.Module):
         (call `.train()` to fine-tune). mask_cfg / loss_cfg / attn_backend, when given,
         replace the saved ones; version-1 files (no "mask" / "loss") get the current
         defaults for those two."""
-        # The checked reader (checksums, size bound, header vs model before any weight is
-        # read: docs/failures.md); imported here because export.py builds on this module.
-        from .export import load_export
-
-        return load_export(path, map_location=map_location, attn_backend=attn_backend,
-                           mask_cfg=mask_cfg, loss_cfg=loss_cfg).eval()
+        # Checked before anything is built or read (engine/export_files.py, docs/failures.md).
+        path = Path(path)
+        for f in FILES:
+            if not (path / f).is_file():
+                raise CheckpointError(f"{path / f}: missing (expected a folder written by "
+                                      "EchoFM.save_pretrained or `echofm export`)")
+        check_checksums(path)
+        mcfg, mask, loss = _configs_from_json(path / "config.json", attn_backend)
+        with torch.device("meta"):  # shapes and dtypes only: nothing allocated
+            want = {k: (v.dtype, list(v.shape)) for k, v in cls(mcfg, mask, loss).state_dict().items()}
+        weights = path / "model.safetensors"
+        check_layout(weights, want)
+        model = cls(mcfg, mask_cfg or mask, loss_cfg or loss)
+        model.load_state_dict(read_finite(weights))
+        return model.to(map_location).eval()
 
 
 CONFIG_VERSION = 2
@@ -556,6 +567,37 @@ def param_count_millions(model: EchoFM) -> dict[str, float]:
     total = count_params(model)
     return {"encoder": enc / 1e6, "phase": phase / 1e6, "decoder": (total - enc - phase) / 1e6,
             "total": total / 1e6}
+
+
+def _configs_from_json(f: Path, attn_backend: str | None) -> tuple[ModelConfig, MaskConfig, LossConfig]:
+    """config.json -> its configs, the model bounded in size before anything is built;
+    CheckpointError naming the file."""
+    if f.stat().st_size > 2**20:
+        raise CheckpointError(f"{f}: {f.stat().st_size} bytes: not an EchoFM config.json")
+    try:
+        data = json.loads(f.read_text())
+        if data.get("format") != "echofm" or not isinstance(data.get("model"), dict):
+            raise ValueError("no 'format': 'echofm' / 'model'")
+        kw = _section(ModelConfig, data["model"], f, "model")
+        if attn_backend is not None:
+            kw["attn_backend"] = attn_backend
+        mcfg = ModelConfig(**kw)
+        mcfg.validate()
+        res = mcfg.resolved()
+        sizes = ("img_size", "patch_size", "num_frames", "tubelet", "embed_dim", "depth", "num_heads",
+                 "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "pred_t_dim", "in_chans")
+        if any(not isinstance(getattr(res, k), int) or getattr(res, k) < 1 for k in sizes):
+            raise ValueError(f"model sizes must be positive integers: {[k for k in sizes if not isinstance(getattr(res, k), int) or getattr(res, k) < 1]}")
+        n = estimate_params(res)
+        if n > MAX_PARAMS:
+            raise ValueError(f"asks for a model of ~{n / 1e9:.1f} B parameters ({4 * n / 2**30:.0f} GiB), "
+                             f"more than {MAX_PARAMS / 1e9:.0f} B: refused")
+        mask = MaskConfig(**_section(MaskConfig, data.get("mask", {}), f, "mask"))
+        loss = LossConfig(**_section(LossConfig, data.get("loss", {}), f, "loss"))
+    except (ValueError, TypeError, AttributeError, KeyError, ArithmeticError) as e:  # e.g. patch_size 0
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(msg if msg.startswith(str(f)) else f"{f}: {msg}") from None
+    return mcfg, mask, loss
 
 
 __all__ = ["EchoFM", "ModelConfig", "PRESETS", "count_params", "param_count_millions"]

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from echofm.engine.errors import CheckpointError
-from echofm.engine.export import CHECKSUMS, load_export, read_safetensors_header, write_checksums
+from echofm.engine.export import load_export
+from echofm.engine.export_files import CHECKSUMS, read_safetensors_header, write_checksums
 from echofm.engine.losses import LossConfig
 from echofm.engine.masking import MaskConfig
 from echofm.engine.model import EchoFM, ModelConfig

@@ -39,7 +39,7 @@ from echofm.loaders.errors import DataError
 from echofm.loaders.shards import manifest_sha256
 
 from ..errors import UserError
-from ..export import publish, write_checksums
+from ..export import publish
 from ..provenance import provenance
 from ..yaml_io import dump_yaml, to_dict
 from . import backbone as B
@@ -204,8 +204,7 @@ def run(recipe, log=print, *, resume: str | None = None) -> dict:
         if fit["rank"] != 0:
             return {}
         model, head, cached = net.backbone, net.head, {}
-        model.save_pretrained(run_dir / BACKBONE_DIR)
-        write_checksums(run_dir / BACKBONE_DIR)  # evaluate loads it as a checked export
+        model.save_pretrained(run_dir / BACKBONE_DIR)  # with checksums: evaluate loads it checked
         publish(*(run_dir / BACKBONE_DIR).iterdir())
         info = dict(info, fingerprint=B.fingerprint(model), finetuned=str(run_dir / BACKBONE_DIR))
     metrics, warnings = score_splits(task, head, model, recipe, run_dir, device, splits=splits, cached=cached,
