@@ -85,6 +85,11 @@ def _meta(path: Path) -> dict | None:
     files = meta.get("files")
     if not isinstance(files, dict) or not files:
         return None
+    for rel in files:  # a hostile meta.json must not make echofm read or write outside the folder
+        parts = Path(rel).parts
+        if not rel or Path(rel).is_absolute() or ".." in parts or "\0" in rel:
+            raise CheckpointError(f"{path / META}: file entry {rel[:80]!r} points outside the checkpoint folder: "
+                                  "refused")
     try:
         sizes = _sizes(meta)
     except (KeyError, TypeError):

@@ -161,6 +161,10 @@ def _add_ingest(sub) -> None:
                    help="retry sources rejected for good earlier (missing / unreadable files are always retried)")
     p.add_argument("--dry-run", action="store_true", help="scan, decode and measure; report; write nothing")
     p.add_argument("--recipe", default=None, help="take --size from this recipe's data.size")
+    p.add_argument("--label", action="append", default=[], metavar="COLUMN",
+                   help="keep this source label column too (beyond docs/shards.md#labels; repeatable)")
+    p.add_argument("--clip-timeout", type=float, default=600.0, metavar="S",
+                   help="seconds a worker may spend on one clip before it is killed and the clip rejected")
     p.set_defaults(run=_run_ingest)
 
 
@@ -177,7 +181,7 @@ def _run_ingest(args) -> int:
         cfg = IngestConfig(size=size or 224, codec=args.codec, fps=fps, shard_size=args.shard_size,
                            workers=args.workers, dataset=args.dataset, min_frames=args.min_frames,
                            sector=not args.no_sector, retry_rejects=args.retry_rejects, id_key=args.id_key,
-                           dry_run=args.dry_run)
+                           dry_run=args.dry_run, label_columns=tuple(args.label), clip_timeout=args.clip_timeout)
         cfg.validate()
     except ValueError as e:
         raise UserError(f"ingest: {e}") from e

@@ -9,6 +9,9 @@ whose counter has not changed for `timeout_s` (measured on the watcher's own clo
 clocks of different nodes need not agree) is reported with its pid and host, and the
 watcher exits with status `EXIT_STALLED`: the launcher (torchrun / deepspeed) then ends the
 whole run. Checkpoints are written atomically, so the last complete one stays intact.
+A stalled rank on the watcher's own host that is stopped (SIGSTOP: state T) is killed
+first: torchrun would otherwise wait its 30 s SIGTERM grace period on a process that cannot
+handle SIGTERM before it ends the job (docs/failures.md).
 
 The thread runs beside the training loop, which keeps it beating through long steps and
 checkpoint writes (torch and file I/O release the GIL); only a process that does not run at
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -99,6 +103,9 @@ class Heartbeat:
 
     def _report(self, r: int, beat: dict | None, silent: float) -> None:
         who = f"rank {r}" + (f" (pid {beat['pid']} on {beat['host']})" if beat else "")
+        if beat and beat.get("host") == socket.gethostname() and _stopped(beat.get("pid")):
+            os.kill(beat["pid"], signal.SIGKILL)  # SIGTERM stays pending in a stopped process
+            who += ", stopped (SIGSTOP) and now killed,"
         hint = self.hint()
         sys.stdout.flush()
         sys.stderr.write(f"echofm: error: {who} sent no heartbeat for {silent:.0f} s "
@@ -106,3 +113,12 @@ class Heartbeat:
                          f"rank {self.rank} ends the run{'; ' + hint if hint else ''}\n")
         sys.stderr.flush()
         os._exit(EXIT_STALLED)  # the main thread may be blocked in a collective: no clean exit exists
+
+
+def _stopped(pid) -> bool:
+    """True when `pid` is a process of this host in the stopped state (T / t in /proc)."""
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+    except (OSError, ValueError, TypeError):
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] in (["T"], ["t"])

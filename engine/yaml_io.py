@@ -9,11 +9,16 @@ YAML features: `include: base.yaml` (or a list; paths relative to the including 
 later files and the including file win, mappings merge deeply) and command-line
 overrides `--set model.depth=6` (values parsed as YAML scalars). Numbers follow YAML 1.2:
 `1e-4` and `1.0e5` are floats (PyYAML's YAML 1.1 reads them as strings).
+
+Hostile files end in one line, fast: aliases that would expand beyond `MAX_NODES` nodes (a
+"billion laughs"), a recursive alias, or nesting deeper than `MAX_DEPTH` are refused from
+the event stream, before anything is built; error messages show values truncated.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -39,9 +44,60 @@ _Loader.add_implicit_resolver(
     list("-+.0123456789"))
 
 
+MAX_NODES = 100_000
+"""Nodes a document may hold with every alias expanded (a recipe has a few hundred)."""
+MAX_DEPTH = 64
+"""Deepest nesting of mappings / lists (PyYAML's composer recurses: 1000 levels overflow it)."""
+
+
+class HostileYAML(yaml.YAMLError):
+    """Refused before building: too deep, or aliases expanding beyond MAX_NODES."""
+
+
+def _check_shape(text: str) -> None:
+    """Walk the parser's events (iterative, nothing built): depth and the expanded node count,
+    an alias counting as the size of what it names."""
+    anchors: dict[str, int] = {}
+    stack: list[list] = [[None, 0]]  # [anchor, size so far] per open collection
+    for ev in yaml.parse(text, Loader=_Loader):
+        if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            if len(stack) > MAX_DEPTH:
+                raise HostileYAML(f"nested deeper than {MAX_DEPTH} levels (line {ev.start_mark.line + 1})")
+            stack.append([ev.anchor, 1])
+            continue
+        if isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            anchor, n = stack.pop()
+        elif isinstance(ev, yaml.AliasEvent):
+            if ev.anchor not in anchors:
+                raise HostileYAML(f"alias *{ev.anchor} refers to an anchor that is not complete there "
+                                  f"(recursive or undefined; line {ev.start_mark.line + 1})")
+            anchor, n = None, anchors[ev.anchor]
+        elif isinstance(ev, yaml.ScalarEvent):
+            anchor, n = ev.anchor, 1
+        else:
+            continue
+        if anchor is not None:
+            anchors[anchor] = n
+        stack[-1][1] += n
+        if stack[-1][1] > MAX_NODES:
+            raise HostileYAML(f"aliases expand to more than {MAX_NODES:,} nodes (line {ev.start_mark.line + 1}): "
+                              "refused (an alias bomb?)")
+
+
 def parse_yaml(text: str):
-    """YAML text -> data, safe (no objects) and with YAML 1.2 numbers (see `_Loader`)."""
+    """YAML text -> data, safe (no objects) and with YAML 1.2 numbers (see `_Loader`); raises
+    HostileYAML (a yaml.YAMLError) for nesting or alias expansion beyond the bounds above."""
+    _check_shape(text)
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def short_repr(value: Any) -> str:
+    """repr() bounded to ~100 characters, without building the full one (an aliased value
+    can stand for gigabytes of text)."""
+    r = reprlib.Repr()  # keyword arguments only from Python 3.12
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 2, 4, 4, 4, 4
+    r.maxstring, r.maxother, r.maxlong = 60, 60, 40
+    return r.repr(value)
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
@@ -63,6 +119,8 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: recipe file not found")
     try:
         data = parse_yaml(path.read_text()) or {}
+    except HostileYAML as e:
+        raise ConfigError(f"{path}: {e}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -91,7 +149,7 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> 
         try:
             node[parts[-1]] = parse_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: {key.strip()}: value {raw!r} is not valid YAML "
+            raise ConfigError(f"{source}: {key.strip()}: value {short_repr(raw)} is not valid YAML "
                               f"({str(e).splitlines()[0]})") from None
     return data
 
@@ -116,7 +174,7 @@ def _convert(tp: Any, value: Any, key: str, file: str) -> Any:
 
     def bad() -> ConfigError:
         return ConfigError(f"{file}: {key}: expected {_type_name(tp)}, got "
-                           f"{type(value).__name__} {value!r}")
+                           f"{type(value).__name__} {short_repr(value)}")
 
     origin = typing.get_origin(tp)
     if tp is Any:

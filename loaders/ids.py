@@ -61,8 +61,9 @@ def fingerprint(key: bytes) -> str:
 
 
 def keyed(key: bytes, text: str, n: int = 16) -> str:
-    """n hex chars of HMAC-SHA256(key, text)."""
-    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()[:n]
+    """n hex chars of HMAC-SHA256(key, text). A file name that is not valid UTF-8 reaches
+    here with surrogate escapes (os.fsdecode): they encode back to the name's own bytes."""
+    return hmac.new(key, text.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:n]
 
 
 def patient_hash(key: bytes, dataset: str, patient: str) -> str:

@@ -41,7 +41,7 @@ from .errors import DataError
 from .quality import SPLITS, ClipStats, CorpusStats, QualityReport
 from .shards import (DirLock, SampleRecord, ShardWriter, add_shard, clean_orphans, new_manifest, npy_bytes,
                      pack_nframes, read_manifest, read_sample_records, sha256_file, write_manifest)
-from .sources.base import Clip, Discovery, safe_name
+from .sources.base import Clip, Discovery, allowed_labels, looks_identifying, safe_name
 from .video_io import CODECS
 
 REJECTS = "rejects.jsonl"
@@ -64,8 +64,13 @@ class Kind:
     NO_SECTOR = "no_sector"
     ENCODE = "encode_failed"
     WORKER = "worker_died"
+    TIMEOUT = "timeout"
     INTERNAL = "internal_error"
-    TRANSIENT = (MISSING, IO)
+    GROWING = "source_changing"
+    """The file changed between hashing and decoding (still being written?): retried."""
+    CHANGED = "source_changed"
+    """The corpus holds another content of the same source (dataset + path): never a second sample."""
+    TRANSIENT = (MISSING, IO, GROWING)
     """Retried by the next run without asking: the file may be back."""
 
 
@@ -109,6 +114,12 @@ class IngestConfig:
     """Scan, decode and measure every new clip and report; write nothing (no shards, no key)."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    label_columns: tuple[str, ...] = ()
+    """Source label columns to keep beyond the allowlist (`sources.base.LABEL_KEYS`, e.g. a
+    custom task's label); names that look like identifiers are refused."""
+    clip_timeout: float = 600.0
+    """Seconds one clip may take in a worker process (workers > 1); a worker past it (hung,
+    stopped) is killed and its clip rejected as `timeout`."""
 
     def validate(self) -> None:
         if self.codec not in CODECS:
@@ -121,6 +132,11 @@ class IngestConfig:
             raise ValueError("workers, min_frames and shard_size must be >= 1")
         if self.fps is not None and self.fps <= 0:
             raise ValueError(f"fps must be > 0 or None (keep), got {self.fps}")
+        bad = [c for c in self.label_columns if looks_identifying(c)]
+        if bad:
+            raise ValueError(f"label_columns {bad} look like patient identifiers: never written into shards")
+        if self.clip_timeout <= 0:
+            raise ValueError(f"clip_timeout must be > 0 seconds, got {self.clip_timeout}")
         if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6:
             raise ValueError(f"split_fractions must be 3 numbers summing to 1, got {self.split_fractions}")
 
@@ -188,6 +204,8 @@ class Job:
     source: str
     """HMAC of the source path relative to its root (json `source`, rejects)."""
     size: int = 0
+    mtime_ns: int | None = None
+    """The source's size and mtime when it was hashed: the decode must see the same file."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -262,9 +280,17 @@ def plan(clips: list[Clip], shas: list[str], cfg: IngestConfig, existing: list[d
     return jobs
 
 
-def _hash_sources(clips: list[Clip], cache_path: Path | None, key: bytes) -> list[str | Reject]:
-    """sha256 of every clip's file (threads; cached by keyed path + size + mtime), or a
-    transient Reject when the file is missing or unreadable."""
+_GROWING = "source changed while it was read (still being written?); retried by the next run"
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    """Same size and mtime: what was hashed is what is decoded (a growing file changes both)."""
+    return (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns)
+
+
+def _hash_sources(clips: list[Clip], cache_path: Path | None, key: bytes) -> list[list | Reject]:
+    """[size, mtime_ns, sha256] of every clip's file (threads; cached by keyed path + size +
+    mtime), or a transient Reject when the file is missing, unreadable or changed while read."""
     from concurrent.futures import ThreadPoolExecutor
 
     cache: dict = {}
@@ -281,9 +307,13 @@ def _hash_sources(clips: list[Clip], cache_path: Path | None, key: bytes) -> lis
             hit = cache.get(tag)
             if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
                 return tag, hit
-            return tag, [st.st_size, st.st_mtime_ns, sha256_file(c.source)]
+            sha = sha256_file(c.source)
+            if not _same_file(st, os.stat(c.source)):
+                return Reject(kind=Kind.GROWING, message=_GROWING)
+            return tag, [st.st_size, st.st_mtime_ns, sha]
         except FileNotFoundError:
-            return Reject(kind=Kind.MISSING, message="source file missing")
+            link = os.path.islink(c.source)
+            return Reject(kind=Kind.MISSING, message="source file missing" + (" (dangling symlink)" if link else ""))
         except OSError as e:
             return Reject(kind=Kind.IO, message=f"cannot read source ({type(e).__name__}: {e.strerror or e})")
 
@@ -294,7 +324,7 @@ def _hash_sources(clips: list[Clip], cache_path: Path | None, key: bytes) -> lis
         tmp = cache_path.with_name(cache_path.name + ".tmp")
         tmp.write_text(json.dumps({**cache, **fresh}))
         os.replace(tmp, cache_path)
-    return [g if isinstance(g, Reject) else g[1][2] for g in got]
+    return [g if isinstance(g, Reject) else g[1] for g in got]
 
 
 # ---------------------------------------------------------------- per clip (worker)
@@ -335,7 +365,9 @@ def _decode(job: Job, cfg: IngestConfig):
 
     c = job.clip
     try:
+        before = os.stat(c.source)
         dec = load_clip(c, short_side=cfg.keep_side)
+        after = os.stat(c.source)
     except FileNotFoundError:
         return Reject(kind=Kind.MISSING, message="source file missing")
     except DataError as e:
@@ -346,6 +378,8 @@ def _decode(job: Job, cfg: IngestConfig):
         return Reject(kind=Kind.IO, message=_scrub(f"cannot read ({type(e).__name__}: {e})", c))
     except Exception as e:  # a decoder library choking on a damaged file
         return Reject(kind=Kind.DECODE, message=_scrub(f"cannot decode ({type(e).__name__}: {e})", c))
+    if job.mtime_ns is not None and not (_same_file(before, after) and (before.st_size, before.st_mtime_ns) == (job.size, job.mtime_ns)):
+        return Reject(kind=Kind.GROWING, message=_GROWING)
     if dec.problems:
         return Reject(kind=Kind.CORRUPT, message=f"damaged file: {dec.problems}")
     return dec
@@ -468,6 +502,9 @@ def _open_corpus(out_dir: Path, cfg: IngestConfig) -> _Corpus:
     import secrets
 
     key_path = Path(cfg.id_key).resolve() if cfg.id_key else ids.default_key_path(out_dir)
+    if key_path.parent == out_dir.resolve() or out_dir.resolve() in key_path.parents:
+        warnings.warn(f"{key_path}: the id key is inside the shard directory {out_dir}: whoever gets a copy of "
+                      "the shards can link samples back to patients; keep it elsewhere (--id-key)", stacklevel=4)
     if (out_dir / "manifest.json").exists():
         manifest = read_manifest(out_dir)
         old = manifest["settings"]
@@ -532,12 +569,16 @@ def _select(clips: list[Clip], corpus: _Corpus, cfg: IngestConfig, report: Inges
         if a not in paths:
             paths.add(a)
             uniq.append(c)
-    shas = _hash_sources(uniq, None if cfg.dry_run else corpus.out_dir / HASH_CACHE, corpus.key)
-    early, todo, todo_sha, seen = [], [], [], set()
-    for c, h in zip(uniq, shas):
+    hashed = _hash_sources(uniq, None if cfg.dry_run else corpus.out_dir / HASH_CACHE, corpus.key)
+    # one source = dataset + patient + path (relative to the root named); two sites' `clip1.mp4`
+    # under one --dataset differ by patient
+    held = {(r["key"].split("_", 1)[0], r["patient"], r["source"]): r["key"] for r in corpus.records}
+    early, todo, todo_sha, seen, stat = [], [], [], set(), {}
+    for c, got in zip(uniq, hashed):
+        h = got if isinstance(got, Reject) else got[2]
+        src = ids.path_hash(corpus.key, c.rel_source or os.path.basename(c.source))
         if isinstance(h, Reject):
-            stub = Job(clip=c, key="", phash="", study="", split="", sha256="",
-                       source=ids.path_hash(corpus.key, c.rel_source or os.path.basename(c.source)))
+            stub = Job(clip=c, key="", phash="", study="", split="", sha256="", source=src)
             early.append(ClipResult(job=stub, reject=h))
         elif h in corpus.done or h in corpus.rejected:
             report.skipped += 1
@@ -548,9 +589,17 @@ def _select(clips: list[Clip], corpus: _Corpus, cfg: IngestConfig, report: Inges
             seen.add(h)
             todo.append(c)
             todo_sha.append(h)
-    jobs = plan(todo, todo_sha, cfg, corpus.records, corpus.key)
-    for j in jobs:
-        j.size = os.path.getsize(j.clip.source) if os.path.exists(j.clip.source) else 0
+            stat[h] = got[:2]
+    jobs = []
+    for j in plan(todo, todo_sha, cfg, corpus.records, corpus.key):
+        j.size, j.mtime_ns = stat[j.sha256]
+        old = held.get((j.key.split("_", 1)[0], j.phash, j.source))
+        if old is None:
+            jobs.append(j)
+        else:  # a file rewritten (or finished growing) after it was ingested: one sample per source
+            early.append(ClipResult(job=j, reject=Reject(kind=Kind.CHANGED, message=(
+                f"the corpus holds other content of this source as {old}; not ingested twice (ingest the new "
+                "version into a new --out, or rename it if it is another clip)"))))
     return jobs, early
 
 
@@ -563,8 +612,10 @@ def _results(jobs: list[Job], cfg: IngestConfig) -> Iterator[ClipResult]:
     if cfg.workers == 1 or len(jobs) <= 1:
         yield from map(fn, jobs)
         return
-    for job, r in zip(jobs, imap_supervised(fn, jobs, cfg.workers, init=_init_worker)):
-        yield ClipResult(job=job, reject=Reject(kind=Kind.WORKER, message=r.reason)) if isinstance(r, WorkerDied) else r
+    for job, r in zip(jobs, imap_supervised(fn, jobs, cfg.workers, init=_init_worker, timeout=cfg.clip_timeout)):
+        if isinstance(r, WorkerDied):
+            r = ClipResult(job=job, reject=Reject(kind=Kind.TIMEOUT if r.timeout else Kind.WORKER, message=r.reason))
+        yield r
 
 
 class _Writer:
@@ -649,11 +700,16 @@ def ingest(sources: list[str | Path], out_dir: str | Path, cfg: IngestConfig | N
         warnings.warn(f"ingest size {cfg.size} < 128: NVDEC (the GPU decoder) needs at least 128x128; "
                       "fine for CPU tests and demos only", stacklevel=2)
     out_dir = Path(out_dir)
-    if cfg.dry_run:
-        return _run(sources, out_dir, cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with DirLock(out_dir):
-        return _run(sources, out_dir, cfg)
+    try:
+        if cfg.dry_run:
+            return _run(sources, out_dir, cfg)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with DirLock(out_dir):
+            return _run(sources, out_dir, cfg)
+    except OSError as e:  # a full disk, a read-only --out: the shards written so far stay valid
+        where = os.fsdecode(e.filename) if e.filename else str(out_dir)
+        raise DataError(f"{where}: {e.strerror or e} (ingest stopped; the complete shards so far are kept "
+                        "and a rerun resumes)") from None
 
 
 def _run(sources: list[str | Path], out_dir: Path, cfg: IngestConfig) -> IngestReport:
@@ -665,7 +721,7 @@ def _run(sources: list[str | Path], out_dir: Path, cfg: IngestConfig) -> IngestR
     corpus = _open_corpus(out_dir, cfg)
     found = Discovery()
     for s in sources:
-        found.extend(discover(s, dataset=cfg.dataset))
+        found.extend(_keep_labels(discover(s, dataset=cfg.dataset), s, cfg))
     report = IngestReport(id_key=str(corpus.key_path), id_key_created=corpus.key_created)
     report.quality = QualityReport(dry_run=cfg.dry_run, unlisted=len(found.unlisted), renamed=len(found.renamed),
                                    ignored=dict(found.ignored))
@@ -685,6 +741,23 @@ def _run(sources: list[str | Path], out_dir: Path, cfg: IngestConfig) -> IngestR
     report.quality.added, report.quality.skipped = report.added, report.skipped
     _finish_quality(report.quality, corpus, cfg)
     return report
+
+
+def _keep_labels(found: Discovery, source, cfg: IngestConfig) -> Discovery:
+    """Only allowlisted labels reach the sample json (docs/shards.md#labels); a warning names
+    the columns dropped, and those that look like identifiers are never written."""
+    dropped, identifying = set(), set()
+    for c in found.clips:
+        c.labels, d, i = allowed_labels(c.labels, tuple(cfg.label_columns))
+        dropped |= d
+        identifying |= i
+    if identifying:
+        warnings.warn(f"{os.fsdecode(source)}: column(s) {', '.join(sorted(identifying))} look like patient "
+                      "identifiers: not written into the shards", stacklevel=3)
+    if dropped:
+        warnings.warn(f"{os.fsdecode(source)}: column(s) {', '.join(sorted(dropped))} are not labels echofm "
+                      "knows (docs/shards.md#labels): dropped; keep one with --label NAME", stacklevel=3)
+    return found
 
 
 def _finish_quality(q: QualityReport, corpus: _Corpus, cfg: IngestConfig) -> None:

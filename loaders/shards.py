@@ -404,6 +404,9 @@ class VerifyReport:
     splits: dict = field(default_factory=dict)
     decoder: str = ""
     problems: list[Problem] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)
+    """Keys of samples whose members have no sha256 recorded (an older ingest): their bytes
+    cannot be checked for damage (only decoded)."""
 
     @property
     def ok(self) -> bool:
@@ -414,6 +417,9 @@ class VerifyReport:
                 + ", ".join(f"{k}={v}" for k, v in sorted(self.splits.items()))
                 + f"; videos decoded with {self.decoder}")
         tail = "OK" if self.ok else f"{len(self.problems)} problem(s)"
+        if self.unchecked:
+            tail += (f"; WARNING: {len(self.unchecked)} sample(s) record no member sha256, their bytes cannot be "
+                     f"checked (e.g. {self.unchecked[0]}; re-ingest to record them)")
         return f"{head}: {tail}"
 
 
@@ -537,6 +543,11 @@ def _verify_shard(shard_dir: Path, s: dict, m: dict, rep: VerifyReport, seen: _S
         bad("member_hashes", str(e))
         hashes = {}
     samples = _tar_samples(tar, index, bad)
+    listed = list(dict.fromkeys([c[0][3].partition(".")[0] for c in index if c] + list(hashes)))
+    got = {k for k, _ in samples or []}
+    for k in listed:  # a tar cut at a member boundary just ends early: name what it lost
+        if k not in got:
+            bad("component", "not in the tar (truncated or removed); the index or sample list names it", k)
     if samples is None:
         return
     if len(samples) != s["samples"]:
@@ -545,6 +556,8 @@ def _verify_shard(shard_dir: Path, s: dict, m: dict, rep: VerifyReport, seen: _S
     frames = 0
     for key, comp in samples:
         rep.samples += 1
+        if not hashes.get(key):
+            rep.unchecked.append(key)
         damaged = [e for e, h in hashes.get(key, {}).items()
                    if comp.get(e) is not None and hashlib.sha256(comp[e]).hexdigest() != h]
         for e in damaged:

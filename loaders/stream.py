@@ -239,6 +239,10 @@ class _Corpus:
         if verify and len(self.keys) and not self.unchecked.any():
             warnings.warn(f"{self.dir}: the shards record no per-member sha256 (written by an older "
                           "ingest): samples are read unchecked; re-ingest to have damage detected", stacklevel=3)
+        elif verify and len(self.keys) and not self.unchecked.any(axis=1).all():
+            some = [self.keys[i] for i in np.flatnonzero(~self.unchecked.any(axis=1))]
+            warnings.warn(f"{self.dir}: {len(some)} sample(s) record no per-member sha256 (e.g. {some[0]}): they "
+                          "are read unchecked; `echofm shards verify` lists them", stacklevel=3)
         self._fds: dict[int, int] = {}
 
     def _digests(self, members: dict | None, exts: dict) -> tuple[bytes, list[bool]]:

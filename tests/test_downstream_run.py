@@ -253,3 +253,24 @@ def test_finetune_two_ranks_each_read_their_part(tiny_shards, tmp_path):
     clips = [s["stats"]["clips"] for s in states]
     assert clips[0] == clips[1] == results["fit"]["steps"]  # batch 1: one clip per step and rank
     assert results["fit"]["train_clips_seen"] == sum(clips)
+
+
+def test_evaluate_warns_when_the_shards_changed_since_the_run(tiny_shards, tmp_path, capsys):
+    """Regression (issue 29): evaluate after the shards changed gave other numbers silently;
+    results.json records the manifest's sha256 and evaluate names the mismatch."""
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    r = recipe("view", shards, tmp_path, "downstream.epochs=5", "downstream.select_wd=false")
+    run(r, log=lambda *_: None)
+    run_dir = tmp_path / r.name
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert len(saved["shards_manifest_sha256"]) == 64
+    assert evaluate(load_run_recipe(run_dir), run_dir, log=lambda *_: None)["warnings"] == saved["warnings"]
+    m = json.loads((shards / "manifest.json").read_text())
+    (shards / "manifest.json").write_text(json.dumps(m, indent=3))  # any change to the shards changes it
+    capsys.readouterr()
+    assert _cli("evaluate", run_dir) == 0
+    out = capsys.readouterr().out
+    assert f"WARNING: {shards}/manifest.json: sha256" in out and "the shards changed since the run" in out
+    ev = json.loads((run_dir / "evaluate.json").read_text())
+    assert "the shards changed since the run" in ev["warnings"][0]

@@ -174,3 +174,30 @@ def test_old_shards_without_member_hashes_warn(tmp_path):
         s = ClipStream(_cfg(d), train=False)
     assert len([m for b in s for m in b["meta"]]) == 2
     shutil.rmtree(d)
+
+
+def test_verify_names_every_sample_a_truncated_tar_lost(tmp_path):
+    """Regression (issue 29): a tar cut at a member boundary just ends early; the samples it
+    lost (the last one here) are named from the index and the sample list."""
+    d = _shards(tmp_path / "s")
+    last = read_index(d / "shard-000000.idx")[-1]
+    with open(d / "shard-000000.tar", "r+b") as f:
+        f.truncate(last[0][1] - 512)  # just before the last sample's first header
+    probs = verify(d, decode=False).problems
+    assert [(p.key, p.detail) for p in probs if p.key] == [
+        ("ds_p3_c3", "not in the tar (truncated or removed); the index or sample list names it")]
+    (d / "shard-000000.idx").write_text("garbage\n")  # without a usable index: the sample list names it
+    assert [p.key for p in verify(d, decode=False).problems if p.key] == ["ds_p3_c3"]
+
+
+def test_a_sample_without_member_hashes_is_reported_as_unchecked(tmp_path):
+    d = _shards(tmp_path / "s", n=3)
+    side = d / "shard-000000.samples.jsonl"
+    recs = [json.loads(x) for x in side.read_text().splitlines()]
+    recs[1].pop("member_sha256")
+    side.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    rep = verify(d, decode=False)
+    assert rep.ok and rep.unchecked == [recs[1]["key"]]
+    assert f"1 sample(s) record no member sha256, their bytes cannot be checked (e.g. {recs[1]['key']}" in rep.summary()
+    with pytest.warns(UserWarning, match=f"1 sample\\(s\\) record no per-member sha256 \\(e.g. {recs[1]['key']}\\)"):
+        ClipStream(_cfg(d), train=False)

@@ -166,3 +166,22 @@ def test_convert_single_pickled_file(tmp_path):
     got = torch.load(out, weights_only=True)
     assert rewritten == [str(src)] and got["args"] == {"lr": 0.1, "model": "vit"} and got["epoch"] == 3
     assert torch.equal(got["model"]["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("rel", ["../../outside.pt", "/tmp/abs.pt"])
+def test_convert_refuses_a_meta_json_pointing_outside_the_folder(good, tmp_path, capsys, rel):
+    """Regression (issue 29): `echofm convert` followed `../` in meta.json `files` and wrote
+    outside --out."""
+    import shutil
+
+    from echofm.engine.cli import main
+
+    old = tmp_path / "ck" / "step_00000001"
+    shutil.copytree(good / "checkpoints" / "step_00000001", old)
+    meta = json.loads((old / "meta.json").read_text())
+    meta["files"][rel] = meta["files"].pop("rank_00000.pt")
+    (old / "meta.json").write_text(json.dumps(meta))
+    assert main(["convert", str(old.parent), "--out", str(tmp_path / "out" / "new")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"echofm: error: {old / 'meta.json'}: file entry {rel!r} points outside the checkpoint folder: refused"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "outside.pt").exists()

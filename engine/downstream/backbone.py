@@ -64,7 +64,9 @@ def load_backbone(spec: str, recipe, *, seed: int = 0) -> tuple[nn.Module, dict]
         torch.manual_seed(seed)
         model = EchoFM(recipe.model, recipe.mask, recipe.loss)
     elif kind == "export":
-        model = EchoFM.from_pretrained(path)
+        from ..export import load_export
+
+        model = load_export(path)  # checksums, and the header against config.json's model
     elif kind == "checkpoint":
         from ..checkpoint import load_model_state
         from ..config import recipe_from_data

@@ -36,9 +36,10 @@ from pathlib import Path
 import torch
 
 from echofm.loaders.errors import DataError
+from echofm.loaders.shards import manifest_sha256
 
 from ..errors import UserError
-from ..export import publish
+from ..export import publish, write_checksums
 from ..provenance import provenance
 from ..yaml_io import dump_yaml, to_dict
 from . import backbone as B
@@ -204,6 +205,7 @@ def run(recipe, log=print, *, resume: str | None = None) -> dict:
             return {}
         model, head, cached = net.backbone, net.head, {}
         model.save_pretrained(run_dir / BACKBONE_DIR)
+        write_checksums(run_dir / BACKBONE_DIR)  # evaluate loads it as a checked export
         publish(*(run_dir / BACKBONE_DIR).iterdir())
         info = dict(info, fingerprint=B.fingerprint(model), finetuned=str(run_dir / BACKBONE_DIR))
     metrics, warnings = score_splits(task, head, model, recipe, run_dir, device, splits=splits, cached=cached,
@@ -212,6 +214,7 @@ def run(recipe, log=print, *, resume: str | None = None) -> dict:
     publish(run_dir / HEAD)
     results = _json_safe({"name": recipe.name, "task": task.summary(), "mode": cfg.mode,
                           "label_fraction": cfg.label_fraction, "backbone": info,
+                          "shards_manifest_sha256": manifest_sha256(recipe.data.shards),
                           "head": head_spec(head, task, model), "fit": fit, "metrics": metrics,
                           "warnings": warnings, "seconds": round(time.time() - t0, 2), "config": to_dict(recipe),
                           "provenance": provenance(recipe)})
@@ -306,8 +309,12 @@ def evaluate(recipe, checkpoint: str | Path, log=print, *, data: str | Path | No
     head = build_head(saved["head"])
     head.load_state_dict(load_file(str(run_dir / HEAD)))
     tag = "evaluate" if data is None else f"evaluate_{Path(data).resolve().name}"
+    changed = None if data is not None else _shards_changed(saved, recipe.data.shards)
+    if changed:
+        log(f"WARNING: {changed}")
     metrics, warnings = score_splits(task, head, model, recipe, run_dir, pick_device(cfg.device), splits=splits,
                                      prefix=f"{tag}_", log=log)
+    warnings = ([changed] if changed else []) + list(warnings)
     out = _json_safe({"name": recipe.name, "checkpoint": str(run_dir), "data": str(recipe.data.shards),
                       "task": task.summary(), "backbone": info, "metrics": metrics, "warnings": warnings,
                       "config": to_dict(recipe), "provenance": provenance(recipe)})
@@ -315,6 +322,19 @@ def evaluate(recipe, checkpoint: str | Path, log=print, *, data: str | Path | No
     log(summary_line(out))
     log(f"{recipe.name}: wrote {run_dir / f'{tag}.json'}")
     return out
+
+
+def _shards_changed(saved: dict, shards) -> str | None:
+    """A warning when the shards are not the ones the run scored (their manifest's sha256
+    differs from the one results.json recorded): evaluate then gives other numbers."""
+    then, now = saved.get("shards_manifest_sha256"), manifest_sha256(shards)
+    if then is None:
+        return (f"{shards}: the run recorded no shards manifest sha256 (an older run): cannot check that "
+                "these are the shards it scored")
+    if then != now:
+        return (f"{shards}/manifest.json: sha256 {now[:16]}... differs from the run's {then[:16]}...: the shards "
+                "changed since the run, so these numbers are not the run's")
+    return None
 
 
 def summary_line(results: dict) -> str:

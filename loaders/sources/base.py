@@ -7,6 +7,7 @@ picklable so it travels to worker processes. This module imports no adapter (the
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -123,3 +124,34 @@ def safe_name(s: str, max_len: int = 48) -> str:
 
     out = re.sub(r"[^A-Za-z0-9-]+", "-", s).strip("-")
     return out[:max_len]
+
+
+LABEL_KEYS = frozenset({"ef", "esv", "edv", "grade", "as_grade", "image_quality", "ed_true", "es_true", "period_true"})
+"""The labels a sample json may carry (docs/shards.md#labels): the downstream tasks' targets
+(`ef`, `grade`; `view` is a top-level field) and the public datasets' documented measurements.
+Any other column of a source is dropped with a warning unless the ingest names it
+(IngestConfig.label_columns); a column that looks like an identifier is never written."""
+
+_IDENTIFYING = re.compile(
+    r"name|mrn|medical.?rec|record.?(no|num|id)|birth|dob|date|accession|address|street|city|zip|post.?code|"
+    r"postal|phone|mobile|fax|e.?mail|ssn|social|insurance|nhs|passport|licen[cs]e|account|\bip\b|url|"
+    r"serial|contact|guardian|initials|signature|physician|doctor", re.IGNORECASE)
+
+
+def looks_identifying(column: str) -> bool:
+    """A column name that suggests a direct patient identifier (name, MRN, date of birth,
+    accession, address, phone, ...): such values never reach a shard file."""
+    return bool(_IDENTIFYING.search(column.replace("_", " ")))
+
+
+def allowed_labels(labels: dict, extra: tuple[str, ...] | frozenset = ()) -> tuple[dict, set[str], set[str]]:
+    """labels -> (the allowed ones, dropped label names, dropped identifier-like names)."""
+    keep, dropped, identifying = {}, set(), set()
+    for k, v in labels.items():
+        if looks_identifying(k):
+            identifying.add(k)
+        elif k in LABEL_KEYS or k in extra:
+            keep[k] = v
+        else:
+            dropped.add(k)
+    return keep, dropped, identifying

@@ -48,6 +48,8 @@ def discover(csv_path: str | Path, dataset: str | None = None) -> Discovery:
             rows = list(csv.DictReader(f))
     except OSError as e:
         raise DataError(f"{csv_path}: cannot read CSV manifest ({e})") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{csv_path}: not UTF-8 text at byte {e.start} (save the CSV manifest as UTF-8)") from None
     if not rows:
         raise DataError(f"{csv_path}: CSV manifest has no rows")
     cols = {c.lower().strip(): c for c in rows[0].keys() if c}

@@ -40,6 +40,10 @@ def sniff(path: Path) -> str | None:
     return None
 
 
+def _dangling(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
+
+
 def is_dicom(path: Path) -> bool:
     if path.suffix.lower() in (".dcm", ".dicom"):
         return True
@@ -48,7 +52,8 @@ def is_dicom(path: Path) -> bool:
 
 def discover(path: str | Path, dataset: str | None = None) -> Discovery:
     root = Path(path)
-    paths = [root] if root.is_file() else sorted(q for q in root.rglob("*") if q.is_file())
+    # a dangling symlink is listed too: as a video it becomes a `missing_file` reject, else it is ignored
+    paths = [root] if root.is_file() else sorted(q for q in root.rglob("*") if q.is_file() or _dangling(q))
     base = root.parent if root.is_file() else root
     ds = dataset or safe_name(base.resolve().name) or "files"
     found, dicoms = Discovery(), []
@@ -62,8 +67,9 @@ def discover(path: str | Path, dataset: str | None = None) -> Discovery:
         elif kind == "dicom":
             dicoms.append(q)
         else:
-            if ext not in _QUIET or root.is_file():
-                found.ignored[ext or "(none)"] = found.ignored.get(ext or "(none)", 0) + 1
+            what = "(dangling symlink)" if _dangling(q) else ext or "(none)"
+            if ext not in _QUIET or root.is_file() or _dangling(q):
+                found.ignored[what] = found.ignored.get(what, 0) + 1
             continue
         if ext not in VIDEO_EXTS and ext not in (".dcm", ".dicom", ""):
             found.renamed.append(rel)
