@@ -229,3 +229,15 @@ def test_neutral_chroma_implies_grey_rgb():
     for i, plane in enumerate(f.planes):
         plane.update(np.full((plane.height, plane.line_size), 131 if i == 2 else 128, np.uint8).tobytes())
     assert not neutral_chroma(f)
+
+
+def test_cli_fold_stride_defaults_to_gop_4(shards, tmp_path):
+    from echofm.engine.cli import main
+    from echofm.loaders.shards import read_manifest
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["ingest", str(shards["src"]), "--out", str(tmp_path / "s"), "--size", "112", "--no-sector",
+                     "--min-frames", "4", "--fold-stride", "2", "--id-key", str(tmp_path / "k")]) == 0
+    settings = read_manifest(tmp_path / "s")["settings"]
+    assert settings["fold_stride"] == 2 and settings["gop"] == 4
