@@ -523,6 +523,7 @@ def _open_corpus(out_dir: Path, cfg: IngestConfig) -> _Corpus:
                             "ingest into a new --out")
         key, created = ids.load_key(key_path, create=False)
         new = cfg.settings(key)
+        old.setdefault("fold_stride", 1)  # written before folding existed: every frame kept
         diff = [k for k in RESUME_KEYS if k in old and old[k] != new[k]]
         if "id_key" in diff:
             raise DataError(f"{key_path}: not the id key this corpus was ingested with (fingerprint {new['id_key']}, "

@@ -241,3 +241,21 @@ def test_cli_fold_stride_defaults_to_gop_4(shards, tmp_path):
                      "--min-frames", "4", "--fold-stride", "2", "--id-key", str(tmp_path / "k")]) == 0
     settings = read_manifest(tmp_path / "s")["settings"]
     assert settings["fold_stride"] == 2 and settings["gop"] == 4
+
+
+def test_folding_into_shards_written_before_folding_is_refused(shards, tmp_path):
+    """A manifest without settings.fold_stride holds unfolded samples: a folded resume is refused."""
+    import shutil
+
+    from echofm.loaders.ingest import IngestConfig, ingest
+
+    out = tmp_path / "old"
+    shutil.copytree(shards["plain"], out)
+    m = json.loads((out / "manifest.json").read_text())
+    del m["settings"]["fold_stride"]
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match=r"fold_stride=1.*fold_stride=2"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ingest([shards["src"]], out, IngestConfig(size=112, sector=False, progress=False, dataset="ramp",
+                                                  min_frames=4, fold_stride=2, gop=8,
+                                                  id_key=str(shards["plain"]) + ".idkey"))
