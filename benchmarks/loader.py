@@ -6,27 +6,29 @@
 
 Same corpus, same clip spec, same CPU threads for every loader:
 - corpus: `loaders.synth` phantoms ingested by `loaders.ingest` (VP9, GOP 8) at 112^2 and at
-  224^2 (cached; or pass --shards-*, which are only read). The baselines read the SAME
-  encoded videos: the shards' `.webm` components, extracted once to files in the cache
-  (keyed by the shards' manifest). So every loader decodes identical VP9 bitstreams.
+  224^2 (cached; or pass --shards-*, which are only read), and the same phantoms ingested
+  with the stride folded in (fold_stride 2, GOP 4: loaders/fold.py; docs/shards.md). The
+  baselines read the SAME encoded videos: the shards' `.webm` components, extracted once to
+  files in the cache (keyed by the shards' manifest).
 - clip: 16 frames at stride 2 (span 31), output size = the corpus size, batch 8, random
   start (the official-style loader takes the first frames, as the official code does).
 - threads: DALI num_threads = N; each baseline is a torch DataLoader with N worker
   processes, every worker single-threaded (cv2 / torch / FFmpeg thread_count = 1).
 
 Loaders:
-  (a) dali   ClipStream, CPU backend: the video cut to the clip's GOPs on the host
-             (loaders/trim.py), `frames=` decode, DALI resize, uint8 batches.
-      dali-uncut  the same with cut_gops=False: DALI 2.4's CPU decoder then decodes from
-             frame 0 to the clip (shows what the cut buys).
+  (a) dali   ClipStream, CPU backend, on the folded shards (stride 2 = shard stride 1): the
+             video cut to the clip's GOPs on the host (loaders/trim.py), `frames=` decode,
+             DALI resize, uint8 batches. dali-unfolded: the same on the unfolded shards.
   (b) official  decode the whole video with PyAV, resize every frame with PIL (bilinear),
              then take the first 16 frames at stride 2 (wrapping on short videos).
   (c) pyav   seek to the keyframe before a random start, decode only up to the last
              needed frame, keep the 16 needed frames, resize them with cv2 (INTER_AREA).
+             pyav-folded: the same on the folded videos at stride 1 (what the format alone
+             gives a plain loader). The bar compares dali with official and pyav.
 
 Reported per loader and size: clips/s, sampled fps (clips/s x 16, what the model gets) and
 decoded fps (frames the decoder produced per second, counted from the first frame of the
-stream each decoder was given). Each loader runs `--repeats` times interleaved (the machine
+stream each decoder was given; decoded / sampled is the decode waste). Each loader runs `--repeats` times interleaved (the machine
 may be shared) and the best run counts. The CPU time the loader's processes (main +
 workers, all threads) used in the timed window is read from /proc: CPU-ms per clip is the
 load-independent cost, since wall-clock rates move with other users' load. Prints a table
@@ -61,14 +63,16 @@ VITB_NEED_CLIPS_S = 1500.0  # docs/mfu.md: ViT-B video MAE at 40% MFU on one H20
 # ---------------------------------------------------------------- corpus
 
 
-def build_corpus(cache: Path, size: int, videos: int) -> Path:
-    """Synthetic corpus -> VP9 shards at `size` (cached by content: loaders/corpus.py) -> shard dir."""
+def build_corpus(cache: Path, size: int, videos: int, fold: int = 1) -> Path:
+    """Synthetic corpus -> VP9 shards at `size` (cached by content: loaders/corpus.py) -> shard dir.
+    fold > 1: the stride folded in (every fold-th frame, GOP 4: loaders/fold.py)."""
     from echofm.loaders.corpus import cached_corpus
     from echofm.loaders.ingest import IngestConfig
     from echofm.loaders.synth import SynthConfig
 
+    folded = {"fold_stride": fold, "gop": 4} if fold > 1 else {}
     return cached_corpus(SynthConfig(videos=videos, seed=0, dicom_fraction=0.0, workers=2),
-                         IngestConfig(size=size, codec="vp9", progress=False, workers=2), cache,
+                         IngestConfig(size=size, codec="vp9", progress=False, workers=2, **folded), cache,
                          log=lambda m: print(m, flush=True))
 
 
@@ -135,8 +139,8 @@ class OfficialStyle:
 class FairPyAV:
     """Seek to the keyframe before a random start, decode only what the clip needs, cv2 resize."""
 
-    def __init__(self, videos, size, seed=0):
-        self.videos, self.size, self.seed = videos, size, seed
+    def __init__(self, videos, size, seed=0, stride=STRIDE):
+        self.videos, self.size, self.seed, self.stride = videos, size, seed, stride
         self.calls = 0
 
     def __len__(self):
@@ -150,8 +154,8 @@ class FairPyAV:
         path, n = self.videos[i]
         self.calls += 1
         rng = np.random.default_rng([self.seed, i, self.calls])
-        start = int(rng.integers(0, max(n - ((T - 1) * STRIDE + 1) + 1, 1)))
-        want = [(start + t * STRIDE) % n for t in range(T)]
+        start = int(rng.integers(0, max(n - ((T - 1) * self.stride + 1) + 1, 1)))
+        want = [(start + t * self.stride) % n for t in range(T)]
         need = set(want)
         got: dict[int, np.ndarray] = {}
         decoded = 0
@@ -159,7 +163,7 @@ class FairPyAV:
             st = c.streams.video[0]
             st.codec_context.thread_count = 1
             fps = float(st.average_rate)
-            first = min(want) if max(want) - min(want) == (T - 1) * STRIDE else 0  # wrapped: from 0
+            first = min(want) if max(want) - min(want) == (T - 1) * self.stride else 0  # wrapped: from 0
             if first > 0:  # lands on the keyframe at or before `first`
                 c.seek(int(first / fps / st.time_base), stream=st, backward=True, any_frame=False)
             for f in c.decode(st):
@@ -442,12 +446,13 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = sorted(results["cpu"])
-    names = ["official", "pyav", "dali-uncut", "dali"]
+    names = list(LOADERS)
     labels = {"official": "official-style (PyAV all + PIL)", "pyav": "PyAV seek + DataLoader",
-              "dali-uncut": "DALI, whole streams (no GOP cut)", "dali": "ours: ClipStream (DALI cpu)"}
+              "pyav-folded": "PyAV on the folded videos", "dali-unfolded": "ClipStream, unfolded shards",
+              "dali": "ours: ClipStream, folded shards"}
     per_core = lambda b: T * 1e3 / b["best_cpu_ms_per_clip"]  # noqa: E731  sampled frames per CPU-s
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    w = 0.2
+    w = 0.16
     for ax, value, ylabel, title in (
         (axes[0], lambda b: b["sampled_fps"], "sampled frames / s",
          f"wall clock, {results['threads']} threads (best of {results['best_of']})"),
@@ -455,7 +460,7 @@ def plot(results: dict, path: Path) -> None:
     ):
         for j, name in enumerate(names):
             vals = [value(results["cpu"][s][name]) for s in sizes]
-            bars = ax.bar(np.arange(len(sizes)) + (j - 1.5) * w, vals, w, label=labels[name])
+            bars = ax.bar(np.arange(len(sizes)) + (j - (len(names) - 1) / 2) * w, vals, w, label=labels[name])
             for b, v in zip(bars, vals):
                 ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(np.arange(len(sizes)), [f"{s}x{s}" for s in sizes])
@@ -466,6 +471,60 @@ def plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+LOADERS = ("official", "pyav", "pyav-folded", "dali-unfolded", "dali")
+"""official and pyav read the unfolded videos at stride 2 (the issue's baselines); pyav-folded
+reads the folded ones at stride 1 (what the format alone gives a plain loader); dali-unfolded is
+our stream on unfolded shards; dali on the folded shards (loaders/fold.py)."""
+
+
+def run_size(args, size: int, given: Path | None) -> dict:
+    """Every loader at `size`, --repeats times interleaved -> {loader: best run + ratios}."""
+    shards = given or build_corpus(args.cache, size, args.videos)
+    folded = build_corpus(args.cache, size, args.videos, fold=STRIDE)
+    videos, fvideos = extract_videos(shards, args.cache), extract_videos(folded, args.cache)
+    print(f"{size}^2: {len(videos)} videos, mean {np.mean([n for _, n in videos]):.0f} frames "
+          f"({np.mean([n for _, n in fvideos]):.0f} folded)", flush=True)
+    runs = {k: [] for k in LOADERS}
+    for r in range(args.repeats):
+        for name in runs:
+            if name.startswith("dali"):
+                res = run_dali(folded if name == "dali" else shards, size, args.threads, args.clips, warm=2)
+            elif name == "official":
+                res = run_torch_loader(OfficialStyle(videos, size), args.threads, args.clips, warm=2)
+            elif name == "pyav":
+                res = run_torch_loader(FairPyAV(videos, size), args.threads, args.clips, warm=2)
+            else:
+                res = run_torch_loader(FairPyAV(fvideos, size, stride=1), args.threads, args.clips, warm=2)
+            runs[name].append(res)
+            print(f"  run {r} {name:13s} {res['sampled_fps']:8.1f} sampled fps "
+                  f"{res['decoded_fps']:8.1f} decoded fps {res['cpu_cores_used']:5.2f} cores "
+                  f"{res['cpu_ms_per_clip']:6.1f} CPU-ms/clip", flush=True)
+    best = {k: dict(max(v, key=lambda x: x["sampled_fps"])) for k, v in runs.items()}
+    lean = {k: min(x["cpu_ms_per_clip"] for x in v) for k, v in runs.items()}
+    for k in best:
+        best[k]["runs"] = runs[k]
+        best[k]["ratio_vs_official"] = round(best[k]["sampled_fps"] / best["official"]["sampled_fps"], 2)
+        best[k]["best_cpu_ms_per_clip"] = lean[k]
+        best[k]["cpu_ratio_vs_official"] = round(lean["official"] / lean[k], 2)
+        best[k]["cpu_ratio_vs_pyav"] = round(lean["pyav"] / lean[k], 2)
+        best[k]["decode_waste"] = round(best[k]["decoded_fps"] / best[k]["sampled_fps"], 3)
+    return best
+
+
+def bar(cpu: dict) -> dict:
+    """Issue 26's bar, in CPU-ms per clip: 224^2 >= 2x pyav and >= 5x official, 112^2 >= 3x pyav,
+    decode waste <= 1.2."""
+    out = {}
+    for size, best in cpu.items():
+        d = best["dali"]
+        need_pyav = 2.0 if size >= 224 else 3.0
+        out[size] = {"x_pyav": d["cpu_ratio_vs_pyav"], "x_official": d["cpu_ratio_vs_official"],
+                     "decode_waste": d["decode_waste"],
+                     "ok": d["cpu_ratio_vs_pyav"] >= need_pyav and d["decode_waste"] <= 1.2
+                     and (size < 224 or d["cpu_ratio_vs_official"] >= 5.0)}
+    return out
 
 
 def main(argv=None) -> int:
@@ -498,32 +557,8 @@ def main(argv=None) -> int:
                "note": "wall-clock rates move with other processes' load on a shared machine; "
                        "cpu_ms_per_clip (CPU of the loader's processes in the timed window) does not"}
     for size in args.sizes:
-        shards = given.get(size) or build_corpus(args.cache, size, args.videos)
-        videos = extract_videos(shards, args.cache)
-        print(f"{size}^2: {len(videos)} videos, mean {np.mean([n for _, n in videos]):.0f} frames",
-              flush=True)
-        runs = {"dali": [], "official": [], "pyav": [], "dali-uncut": []}
-        for r in range(args.repeats):
-            for name in runs:
-                if name.startswith("dali"):
-                    res = run_dali(shards, size, args.threads, args.clips, warm=2, cut=name == "dali")
-                elif name == "official":
-                    res = run_torch_loader(OfficialStyle(videos, size), args.threads, args.clips, warm=2)
-                else:
-                    res = run_torch_loader(FairPyAV(videos, size), args.threads, args.clips, warm=2)
-                runs[name].append(res)
-                print(f"  run {r} {name:10s} {res['sampled_fps']:8.1f} sampled fps "
-                      f"{res['decoded_fps']:8.1f} decoded fps {res['cpu_cores_used']:5.2f} cores "
-                      f"{res['cpu_ms_per_clip']:6.1f} CPU-ms/clip", flush=True)
-        best = {k: dict(max(v, key=lambda x: x["sampled_fps"])) for k, v in runs.items()}
-        lean = {k: min(x["cpu_ms_per_clip"] for x in v) for k, v in runs.items()}
-        for k in best:
-            best[k]["runs"] = runs[k]
-            best[k]["ratio_vs_official"] = round(best[k]["sampled_fps"] / best["official"]["sampled_fps"], 2)
-            best[k]["best_cpu_ms_per_clip"] = lean[k]
-            best[k]["cpu_ratio_vs_official"] = round(lean["official"] / lean[k], 2)
-        results["cpu"][size] = best
-        results["videos"] = len(videos)
+        results["cpu"][size] = run_size(args, size, given.get(size))
+    results["bar"] = bar(results["cpu"])
     if torch.cuda.is_available():
         shards = given.get(224) or build_corpus(args.cache, 224, args.videos)
         g = run_dali(shards, 224, args.threads, max(args.clips, 512), warm=4, backend="mixed", device="cuda")
@@ -532,15 +567,17 @@ def main(argv=None) -> int:
         results["gpu_mixed_224"] = g
 
     print(f"\nLoader throughput ({args.threads} CPU threads, {T} frames stride {STRIDE}, batch {BATCH}, "
-          f"VP9 GOP 8, best of {args.repeats}):")
-    print(f"{'size':>5} {'loader':10} {'clips/s':>8} {'sampled fps':>12} {'decoded fps':>12} {'x official':>11}"
-          f" {'cores used':>10} {'CPU-ms/clip':>12} {'x official/CPU':>15}")
+          f"best of {args.repeats}; waste = decoded / sampled frames):")
+    print(f"{'size':>5} {'loader':13} {'clips/s':>8} {'sampled fps':>12} {'decoded fps':>12} {'waste':>6} "
+          f"{'x official':>11} {'cores used':>10} {'CPU-ms/clip':>12} {'x official/CPU':>15} {'x pyav/CPU':>11}")
     for size, best in results["cpu"].items():
-        for name in ("official", "pyav", "dali-uncut", "dali"):
+        for name in LOADERS:
             b = best[name]
-            print(f"{size:>5} {name:10} {b['clips_s']:8.1f} {b['sampled_fps']:12.1f} {b['decoded_fps']:12.1f} "
-                  f"{b['ratio_vs_official']:10.2f}x {b['cpu_cores_used']:10.2f} {b['best_cpu_ms_per_clip']:12.1f} "
-                  f"{b['cpu_ratio_vs_official']:14.2f}x")
+            print(f"{size:>5} {name:13} {b['clips_s']:8.1f} {b['sampled_fps']:12.1f} {b['decoded_fps']:12.1f} "
+                  f"{b['decode_waste']:6.2f} {b['ratio_vs_official']:10.2f}x {b['cpu_cores_used']:10.2f} "
+                  f"{b['best_cpu_ms_per_clip']:12.1f} {b['cpu_ratio_vs_official']:14.2f}x {b['cpu_ratio_vs_pyav']:10.2f}x")
+    for size, b in results["bar"].items():
+        print(f"bar {size}^2: {b}")
     if "gpu_mixed_224" in results:
         g = results["gpu_mixed_224"]
         print(f"GPU mixed 224^2: {g['clips_s']:.0f} clips/s = {g['fraction_of_need']:.2f} x the ViT-B need "
@@ -548,6 +585,7 @@ def main(argv=None) -> int:
     else:
         print("GPU mixed backend: not run (no CUDA device here)")
     results["cpu"] = {str(k): v for k, v in results["cpu"].items()}
+    results["bar"] = {str(k): v for k, v in results["bar"].items()}
     out = bench.write_json(bench.results_path("loader", args.out, "loader.json"), results)
     png = out.with_suffix(".png")
     plot(results, png)

@@ -170,6 +170,10 @@ def _add_ingest(sub) -> None:
     p.add_argument("--size", type=int, default=None, help="output height = width (default 224, or the recipe's)")
     p.add_argument("--codec", choices=["vp9", "h264", "mjpeg"], default="vp9")
     p.add_argument("--fps", default="keep", help="'keep' or a frame rate to resample to")
+    p.add_argument("--fold-stride", type=int, default=1, metavar="S",
+                   help="keep every S-th frame: the training stride folded in, decoded at stride 1 (docs/shards.md)")
+    p.add_argument("--gop", type=int, default=None,
+                   help="keyframe interval, 1..8 (default 8, or 4 with --fold-stride > 1: docs/shards.md)")
     p.add_argument("--shard-size", type=_parse_bytes, default="256MB", help="bytes per shard, e.g. 256MB")
     p.add_argument("--workers", type=int, default=1, help="worker processes (a worker that dies costs its clip only)")
     p.add_argument("--dataset", default=None, help="dataset name in sample keys (default: from the layout)")
@@ -199,7 +203,9 @@ def _run_ingest(args) -> int:
         size = load_recipe(args.recipe, []).data.size
     try:
         fps = None if args.fps == "keep" else float(args.fps)
-        cfg = IngestConfig(size=size or 224, codec=args.codec, fps=fps, shard_size=args.shard_size,
+        cfg = IngestConfig(size=size or 224, codec=args.codec, fps=fps, fold_stride=args.fold_stride,
+                           gop=args.gop or (4 if args.fold_stride > 1 else 8),
+                           shard_size=args.shard_size,
                            workers=args.workers, dataset=args.dataset, min_frames=args.min_frames,
                            sector=not args.no_sector, retry_rejects=args.retry_rejects, id_key=args.id_key,
                            dry_run=args.dry_run, label_columns=tuple(args.label), clip_timeout=args.clip_timeout)

@@ -767,6 +767,8 @@ class _Interval:
                 "clips_per_s": clips / t if t else None,
                 "sampled_fps": clips * frames / t if t else None,
                 "decoded_fps": dec / t if t else None,
+                # frames the decoder produced per frame the model got (loaders/fold.py: ~1.1 folded)
+                "decode_waste": dec / (clips * frames) if clips else None,
                 "mfu": mfu(flops_per_clip, trained / t, peak, world) if flops_per_clip and peak and t else None}
 
     def reset(self, decoded: int) -> None:

@@ -38,6 +38,7 @@ import numpy as np
 
 from . import ids
 from .errors import DataError
+from .fold import fold_frames
 from .quality import SPLITS, ClipStats, CorpusStats, QualityReport
 from .reject_log import RejectedFile, rejected_file, write_log
 from .shards import (DirLock, SampleRecord, ShardWriter, add_shard, clean_orphans, new_manifest, npy_bytes,
@@ -51,7 +52,7 @@ HASH_CACHE = ".source_hashes.json"
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test"}
 # Settings that must match when a run resumes into an existing shard directory.
-RESUME_KEYS = ("size", "codec", "fps", "gop", "quality", "sector", "min_frames", "split_fractions", "id_key")
+RESUME_KEYS = ("size", "codec", "fps", "fold_stride", "gop", "quality", "sector", "min_frames", "split_fractions", "id_key")
 
 
 class Kind:
@@ -85,6 +86,9 @@ class IngestConfig:
     """Shard video codec: vp9 (CPU + GPU decode), h264 (GPU-only in DALI), mjpeg (intra-only)."""
     fps: float | None = None
     """Resample to this frame rate (nearest frame); None keeps the source rate."""
+    fold_stride: int = 1
+    """Keep every n-th frame (after `fps`): the training stride folded into the shards, so the
+    stream decodes at stride 1 what it samples (loaders/fold.py, docs/shards.md); 1 keeps all."""
     default_fps: float = 30.0
     """Frame rate assumed when a source has none (e.g. NIfTI); the json marks it fps_assumed."""
     shard_size: int = 256 * 2**20
@@ -133,6 +137,8 @@ class IngestConfig:
             raise ValueError("workers, min_frames and shard_size must be >= 1")
         if self.fps is not None and self.fps <= 0:
             raise ValueError(f"fps must be > 0 or None (keep), got {self.fps}")
+        if self.fold_stride < 1:
+            raise ValueError(f"fold_stride must be >= 1, got {self.fold_stride}")
         bad = [c for c in self.label_columns if looks_identifying(c)]
         if bad:
             raise ValueError(f"label_columns {bad} look like patient identifiers: never written into shards")
@@ -411,6 +417,9 @@ def _process(job: Job, cfg: IngestConfig) -> ClipResult:
     if cfg.fps and abs(cfg.fps - fps) > 1e-3:
         frames, seg, seg_frames = _retime(frames, seg, seg_frames, fps, cfg.fps)
         fps = cfg.fps
+    source_fps = fps
+    frames, seg, seg_frames = fold_frames(frames, seg, seg_frames, cfg.fold_stride)
+    fps = fps / cfg.fold_stride
     if len(frames) < cfg.min_frames:
         return fail(Kind.SHORT, f"too short: {len(frames)} frames < min_frames {cfg.min_frames}")
     sector = detect_sector(frames) if cfg.sector else None
@@ -426,6 +435,7 @@ def _process(job: Job, cfg: IngestConfig) -> ClipResult:
             return ClipResult(job=job, reject=video)
     n = len(out) if video is None else video[1]
     meta = _meta(job, cfg, dec, fps, fps_assumed, n, sector, cyc)
+    meta.update(stride_folded=cfg.fold_stride, source_fps=round(float(source_fps), 4))
     if seg is not None:
         meta["seg_frames"] = [int(t) for t in seg_frames]
     comps = []
@@ -517,6 +527,7 @@ def _open_corpus(out_dir: Path, cfg: IngestConfig) -> _Corpus:
                             "ingest into a new --out")
         key, created = ids.load_key(key_path, create=False)
         new = cfg.settings(key)
+        old.setdefault("fold_stride", 1)  # written before folding existed: every frame kept
         diff = [k for k in RESUME_KEYS if k in old and old[k] != new[k]]
         if "id_key" in diff:
             raise DataError(f"{key_path}: not the id key this corpus was ingested with (fingerprint {new['id_key']}, "

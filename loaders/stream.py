@@ -47,12 +47,13 @@ from typing import Any, Literal
 import numpy as np
 
 from .errors import DataError
+from .fold import folded_stride, stream_stride
 from .pipeline import GraphSpec, build_pipeline, decoder_reason
 from .cache import RemoteShards, default_cache_dir
 from .remote import is_url
 from .sampling import Position, Sampling, batch_draws, clip_frames, epoch_plan, items_digest
 from .shards import read_index, read_manifest, read_member_hashes
-from .trim import NotCuttable, cut_ivf, scan_frames
+from .trim import NotCuttable, cut_clip, scan_frames
 
 CPU_CODECS = ("vp9", "vp8", "mjpeg")
 """Codecs DALI's CPU video decoder reads; H.264/HEVC/AV1 need the mixed (GPU) backend."""
@@ -468,6 +469,9 @@ class ClipStream:
                 f"(data.backend=auto or mixed)."
             )
         self._codec = codec
+        self.fold = folded_stride(m)
+        """Source frames per shard frame (ingest's fold_stride, loaders/fold.py): the stream samples
+        shard frames at data.stride / fold; `frames_index` counts shard frames."""
         self._cuttable = cfg.cut_gops and codec in ("vp9", "vp8") and m["video_ext"] == "webm"
         crop = train and cfg.random_resized_crop is not None
         self._spec = GraphSpec(
@@ -481,7 +485,8 @@ class ClipStream:
         self._items = self._select(keys)
         self._items_digest = items_digest([self._corpus.keys[i] for i in self._items])
         self._sampling = Sampling(seed=cfg.seed, train=train, rank=rank, world_size=world_size,
-                                  batch_size=cfg.batch_size, num_frames=cfg.num_frames, stride=cfg.stride,
+                                  batch_size=cfg.batch_size, num_frames=cfg.num_frames,
+                                  stride=stream_stride(cfg.stride, self.fold, manifest_path),
                                   shuffle=cfg.shuffle, drop_last=cfg.drop_last, eval_clips=cfg.eval_clips,
                                   crop_scale=cfg.random_resized_crop if crop else None,
                                   frame=(self._spec.in_height, self._spec.in_width))
@@ -692,15 +697,11 @@ class ClipStream:
              nframes: int) -> tuple[np.ndarray, np.ndarray, int]:
         """The bytes to decode, the frame indices into them, and the frames the decoder will
         produce. DALI's CPU decoder decodes from the stream start up to the first requested
-        frame (trim.py), so a non-wrapping clip gets only its GOPs (`frames`: `_scan`'s table)."""
-        monotone = bool(np.all(np.diff(idx) >= 0))
-        if frames is not None and monotone and len(frames) == nframes:
-            try:
-                cut, k0 = cut_ivf(video, frames, int(idx[0]), int(idx[-1]), self._codec,
-                                  self._spec.in_height, self._spec.in_width)
-                return np.frombuffer(cut, dtype=np.uint8), idx - k0, int(idx[-1]) - k0 + 1
-            except NotCuttable:
-                pass  # decode the whole stream; exact, only slower
+        frame (trim.py), so a clip gets only its GOPs (`frames`: `_scan`'s table), one span per
+        increasing run of a clip that wraps around (trim.cut_clip)."""
+        if frames is not None and len(frames) == nframes:
+            cut, local = cut_clip(video, frames, idx, self._codec, self._spec.in_height, self._spec.in_width)
+            return np.frombuffer(cut, dtype=np.uint8), local, int(local[-1]) + 1
         runs = np.split(idx, np.flatnonzero(np.diff(idx) < 0) + 1)
         return np.frombuffer(video, dtype=np.uint8), idx, int(sum(r[-1] + 1 for r in runs))
 

@@ -83,3 +83,33 @@ def cut_ivf(data: bytes, frames: np.ndarray, first: int, last: int, codec: str, 
         parts.append(struct.pack("<IQ", size, i))
         parts.append(view[off:off + size])
     return b"".join(parts), k0
+
+
+def cut_clip(data: bytes, frames: np.ndarray, idx: np.ndarray, codec: str, height: int,
+             width: int) -> tuple[bytes, np.ndarray]:
+    """IVF stream for one clip's frames `idx` (int [T], any order) -> (bytes, int64 [T] indices
+    of the clip's frames in it).
+
+    `idx` is cut where it steps back (a clip wrapping around a short video) into increasing
+    runs; each run becomes the frames from the keyframe at or before its first frame to its
+    last one, and the runs are laid end to end. Every run starts at a keyframe (which resets
+    the decoder), so the frames are bit-identical to decoding the whole video, and the indices
+    into the cut stream increase: the decoder never seeks back, and a wrapped clip decodes
+    each run once instead of the video from frame 0 once per run. `frames` is `scan_frames(data)`.
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    runs = np.split(idx, np.flatnonzero(np.diff(idx) < 0) + 1)
+    keys = np.flatnonzero(frames[:, 2])
+    spans, local, base = [], [], 0
+    for r in runs:
+        k0 = int(keys[np.searchsorted(keys, r[0], side="right") - 1])
+        spans.append(frames[k0:int(r[-1]) + 1])
+        local.append(r - k0 + base)
+        base += int(r[-1]) + 1 - k0
+    sel = np.concatenate(spans)
+    parts = [b"DKIF", struct.pack("<HH4sHHIIII", 0, 32, _FOURCC[codec], width, height, 30, 1, len(sel), 0)]
+    view = memoryview(data)
+    for i, (off, size, _) in enumerate(sel.tolist()):
+        parts.append(struct.pack("<IQ", size, i))
+        parts.append(view[off:off + size])
+    return b"".join(parts), np.concatenate(local)

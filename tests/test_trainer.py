@@ -90,6 +90,9 @@ def test_run_logs_metrics_figures_checkpoints_and_exports(reference, tiny_shards
         assert d["mfu"] == pytest.approx(per_clip * 2 / d["step_time_s"] / (PEAK_TFLOPS * 1e12), rel=1e-9)
         assert d["loss"] == pytest.approx(d["loss_rec"] + d["loss_triplet"] + d["loss_cycle"], rel=1e-5)
         assert d["sampled_fps"] == pytest.approx(2 * 8 / d["step_time_s"], rel=1e-6)
+        # decode waste: decoded / sampled frames, the same interval (issue 26)
+        assert d["decode_waste"] == pytest.approx(d["decoded_fps"] / d["sampled_fps"], rel=1e-6)
+        assert d["decode_waste"] >= 1.0
         assert d["step_time_s"] == pytest.approx(d["data_wait_s"] + d["compute_s"], rel=1e-6)
     # lr used at step s is the schedule's value at 0-based step s - 1 (peak 2e-3, 2 warmup steps).
     sched = ScheduleConfig(warmup_steps=2, min_lr=1e-5)
