@@ -86,7 +86,7 @@ def checkpoint_hashing() -> dict:
     from echofm.engine import checkpoint as ckpt
     from echofm.engine.config import load_recipe, to_dict
     from echofm.engine.model import EchoFM
-    from echofm.engine.trainer import build_engine, init_distributed
+    from echofm.engine.distributed import build_engine, init_distributed
 
     init_distributed()
     r = load_recipe(ROOT / "recipes/pretrain/echofm_tiny.yaml")

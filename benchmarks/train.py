@@ -6,14 +6,14 @@ and on this CPU (tiny step vs the plain way, the whole trainer on shards).
     python benchmarks/train.py --smoke            # the GPU section's code on CPU, tiny preset
     python benchmarks/train.py [--steps 24] [--threads N] [--skip-trainer]     # CPU machine
 
-Every timed step is the trainer's own: `engine.trainer.micro_step` (forward and loss, the one
+Every timed step is the trainer's own: `engine.step.micro_step` (forward and loss, the one
 host read of the loss and its terms, backward, the engine's optimizer step) on a model
-prepared by `engine.trainer.prepare_model` (the recipe's train.compile and
+prepared by `engine.distributed.prepare_model` (the recipe's train.compile and
 deepspeed.activation_checkpointing), with the optimizer `engine.optim.build_optimizer` (torch
 AdamW, fused on CUDA) over `engine.optim.param_groups`. Each measurement's options are recipe
 overrides of the preset's recipe (`VARIANTS`), so the winner is a recipe line.
 
-The engine: DeepSpeed's (`engine.trainer.build_engine`, the recipe's ZeRO stage, bf16) when
+The engine: DeepSpeed's (`engine.distributed.build_engine`, the recipe's ZeRO stage, bf16) when
 `deepspeed` imports, which is exactly what `echofm pretrain` runs. The GPU image has no
 DeepSpeed unless its wheels are carried (benchmarks/gpu_check.sh); without it the engine is
 `StandInEngine`, the arithmetic of DeepSpeed 0.19's bf16 step: the module in bf16 (forward
@@ -123,7 +123,7 @@ def bench_recipe(preset: str, batch: int, overrides=(), *, ratio: float | None =
 
 class StandInEngine:
     """DeepSpeed 0.19's step arithmetic without DeepSpeed (module docstring), with the interface
-    `engine.trainer.micro_step` uses: module, __call__, backward, step, optimizer, global_steps.
+    `engine.step.micro_step` uses: module, __call__, backward, step, optimizer, global_steps.
 
     bf16 recipes: the module is cast to bf16 and AdamW (engine.optim.build_optimizer over
     param_groups, at the recipe's peak lr) steps fp32 masters; fp32: AdamW on the weights."""
@@ -183,9 +183,9 @@ def deepspeed_available() -> str | None:
 
 
 def make_engine(kind: str, model: torch.nn.Module, recipe, *, capturable: bool = False):
-    """The trainer's engine for `model` and `recipe`: "deepspeed" (engine.trainer.build_engine:
+    """The trainer's engine for `model` and `recipe`: "deepspeed" (engine.distributed.build_engine:
     prepare_model + DeepSpeed), or "standin" (prepare_model + StandInEngine)."""
-    from echofm.engine.trainer import build_engine, init_distributed, prepare_model, step_device
+    from echofm.engine.distributed import build_engine, init_distributed, prepare_model, step_device
 
     if kind == "deepspeed":
         init_distributed()
@@ -195,9 +195,9 @@ def make_engine(kind: str, model: torch.nn.Module, recipe, *, capturable: bool =
 
 
 def trainer_step(engine):
-    """(video, mask) -> the loss: `engine.trainer.micro_step` on {"video": video}, the model
+    """(video, mask) -> the loss: `engine.step.micro_step` on {"video": video}, the model
     drawing its own mask as in training (the mask argument is for GraphedStep's steps)."""
-    from echofm.engine.trainer import micro_step
+    from echofm.engine.step import micro_step
 
     def step(video, _mask=None):
         return micro_step(engine, {"video": video})[0].loss
@@ -675,7 +675,8 @@ def main(argv=None) -> int:
     args.compile_backend = args.compile_backend or ("aot_eager" if args.smoke else "inductor")
     cuda = torch.cuda.is_available() and not args.smoke
     if args.threads is None:
-        from echofm.engine.trainer import TrainConfig, cpu_threads
+        from echofm.engine.distributed import cpu_threads
+        from echofm.engine.trainer import TrainConfig
 
         args.threads = 8 if cuda else cpu_threads(TrainConfig(), argparse.Namespace(num_threads=1))
     torch.set_num_threads(args.threads)
@@ -697,7 +698,7 @@ def main(argv=None) -> int:
     if cuda or args.smoke:
         import triton
 
-        res.update(triton=triton.__version__, step="engine.trainer.micro_step (benchmarks/train.py docstring)")
+        res.update(triton=triton.__version__, step="engine.step.micro_step (benchmarks/train.py docstring)")
         print_gpu(gpu_section(args, device, save_json))
     else:
         cpu_section(args, device, res)

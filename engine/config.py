@@ -13,6 +13,7 @@ from pathlib import Path
 
 from echofm.loaders.stream import StreamConfig
 
+from .distributed import DeepSpeedConfig
 from .downstream.config import DownstreamConfig
 from .errors import ConfigError
 from .logging import LoggingConfig
@@ -21,7 +22,7 @@ from .masking import MaskConfig
 from .model import ModelConfig
 from .optim import OptimConfig, ScheduleConfig
 from .resources import recipe_names, resolve_recipe
-from .trainer import DeepSpeedConfig, TrainConfig
+from .trainer import TrainConfig
 from .yaml_io import apply_overrides, dump_yaml, from_dict, read_yaml, to_dict
 
 __all__ = ["ConfigError", "Recipe", "dump_yaml", "load_recipe", "recipe_from_data", "recipe_names", "to_dict"]

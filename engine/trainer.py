@@ -2,7 +2,9 @@
 
 `Trainer` is the loop (init / resume / train_step / log / save, read top to bottom like MAE's
 `train_one_epoch`); `pretrain` runs it on EchoFM (mask, encode, decode, losses), and
-`downstream/finetune.py` on a backbone + task head.
+`downstream/finetune.py` on a backbone + task head. Around it, one job each: distributed.py
+(process group, DeepSpeed engine, heartbeat), step.py (one micro-batch), metrics.py (what is
+logged), resume.py (where a run continues from).
 
 One code path from a laptop to a cluster:
 
@@ -37,19 +39,13 @@ first; auto-resume skips a damaged one for the previous complete one.
 """
 from __future__ import annotations
 
-import datetime
 import json
-import logging
-import os
 import random
 import signal
-import socket
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -57,41 +53,19 @@ import torch
 from echofm.loaders.stream import ClipStream
 
 from . import checkpoint as ckpt
-from . import compile as C
-from .compile import CompileConfig
-from .errors import NonFiniteLoss, UserError
-from .flops import device_peak, mfu, model_flops
-from .heartbeat import Heartbeat
+from .compile import CompileConfig, first_step_or_eager, is_compiled
+from .distributed import Dist, build_engine, collective_error, cpu_threads, init_distributed, start_heartbeat
+from .errors import NonFiniteLoss
+from .flops import model_flops
 from .logging import MetricsLogger, reconstruction_rows
+from .metrics import Drops, IntervalStats, StepStats, grad_norm, memory_gib, peak_flops
 from .model import EchoFM
-from .optim import LrSchedule, build_optimizer, peak_lr
-from .optim import param_groups as default_groups
 from .provenance import provenance
+from .resume import resume_changes, resume_point
+from .step import MicroRead, micro_step, model_loss
 from .yaml_io import dump_yaml, to_dict
 
-__all__ = ["DeepSpeedConfig", "Dist", "NonFiniteLoss", "TrainConfig", "Trainer", "build_engine",
-           "init_distributed", "micro_step", "pretrain", "prepare_model"]
-
-
-@dataclass(kw_only=True, slots=True)
-class DeepSpeedConfig:
-    """The DeepSpeed engine (ZeRO, precision, accumulation, activation checkpointing)."""
-
-    zero_stage: int = 0
-    """ZeRO stage 0-3 (1: optimizer states sharded, 2: + gradients, 3: + parameters)."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Training precision; bf16 on GPUs, fp32 (or bf16) on CPU. fp16 uses dynamic loss scaling."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step and rank."""
-    activation_checkpointing: bool = False
-    """Recompute encoder/decoder block activations in backward (model.set_grad_checkpointing):
-    less memory, about a third more compute; off wherever the batch fits without it."""
-
-    def validate(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+__all__ = ["TrainConfig", "Trainer", "plot_reconstruction", "pretrain", "resume_point"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -147,265 +121,26 @@ class TrainConfig:
                              f"{self.collective_timeout_s}, {self.heartbeat_timeout_s}")
 
 
-# ---------------------------------------------------------------- distributed setup
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Dist(NamedTuple):
-    """This process's place in the run."""
-
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-
-
-def init_distributed(timeout_s: float | None = None) -> Dist:
-    """Join (or create) the process group (a no-op when joined); returns (rank, world_size,
-    local_rank, device).
-
-    Launchers (torchrun, deepspeed) set RANK/WORLD_SIZE/...; a lone process gets rank 0
-    of 1 on a free local port. Without CUDA, DeepSpeed runs on its CPU accelerator (gloo).
-    timeout_s: the process group's collective timeout (None: DeepSpeed's default).
-    """
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    own_port = "MASTER_PORT" not in os.environ
-    if "RANK" not in os.environ or own_port:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
-    import deepspeed
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if not torch.distributed.is_initialized():
-        if device.type == "cpu":
-            _skip_shm_comm_op()
-        kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
-        deepspeed.init_distributed(verbose=False, **kw)
-    if own_port:  # used for the rendezvous only; child processes must pick their own
-        os.environ.pop("MASTER_PORT", None)
-    return Dist(rank, world, local_rank, device)
-
-
-def _skip_shm_comm_op() -> None:
-    """Keep DeepSpeed's CPU accelerator on plain gloo instead of its shared-memory comm op.
-
-    That op only speeds all-reduce between CPU ranks of one host; our CPU runs are tests,
-    CI and demos. Its first use JIT-compiles C++ (30-200 s on 2 cores), and a build that
-    is killed leaves a lock file that torch waits on forever: every later run on that
-    machine hangs in init_distributed (seen in CI). `__compatible_ops__` is the dict
-    DeepSpeed consults before building it (its own comment: edits to it persist).
-    """
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-# ---------------------------------------------------------------- engine
-
-
-def deepspeed_config(recipe, world_size: int) -> dict:
-    """The DeepSpeed config dict from the recipe's data/optim/deepspeed sections."""
-    ds = recipe.deepspeed
-    return {
-        "train_micro_batch_size_per_gpu": recipe.data.batch_size,
-        "gradient_accumulation_steps": ds.grad_accum,
-        "train_batch_size": recipe.data.batch_size * ds.grad_accum * world_size,
-        "gradient_clipping": recipe.optim.clip_grad or 0.0,
-        "zero_optimization": {"stage": ds.zero_stage},
-        "bf16": {"enabled": ds.precision == "bf16"},
-        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        "zero_allow_untested_optimizer": True,  # the client's torch AdamW
-        "steps_per_print": 2**62,
-        "wall_clock_breakdown": False,
-    }
-
-
-def step_device() -> torch.device:
-    """Where this process's step runs: its current CUDA device, else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def prepare_model(model: torch.nn.Module, recipe, device: torch.device) -> torch.nn.Module:
-    """The model as the recipe's step runs it, on `device`: activation checkpointing
-    (deepspeed.activation_checkpointing) and torch.compile of its blocks and loss
-    (train.compile, engine/compile.py). `build_engine` calls it; so does benchmarks/train.py
-    where it runs the trainer's step without DeepSpeed."""
-    mode = recipe.train.compile.mode
-    if recipe.train.compile.enabled and mode in C.GRAPH_MODES and recipe.deepspeed.grad_accum > 1:
-        raise UserError(f"train.compile.mode={mode!r} (CUDA graphs) needs deepspeed.grad_accum=1, got "
-                        f"{recipe.deepspeed.grad_accum}: a replay reuses the memory of the last one's "
-                        "gradients, which accumulation still holds; use mode 'default'")
-    if hasattr(model, "set_grad_checkpointing"):
-        model.set_grad_checkpointing(recipe.deepspeed.activation_checkpointing)
-    model = model.to(device)
-    return C.compile_for_training(model, recipe.train.compile, device)
-
-
-def build_engine(model: torch.nn.Module, recipe, *, world_size: int, total_steps: int | None = None,
-                 param_groups: list[dict] | None = None) -> tuple[Any, torch.optim.Optimizer, LrSchedule]:
-    """DeepSpeed engine + client AdamW + the lr schedule for `model`.
-
-    Returns (engine, optimizer, schedule); `schedule.apply(engine.optimizer, step)` sets the
-    lr before optimizer step `step` (the trainer does). `param_groups` overrides the default
-    decay / no-decay groups (e.g. layer-wise lr decay in fine-tuning, each group with its
-    own "lr"). Call `init_distributed()` first. The model is prepared (`prepare_model`: the
-    rank's device, checkpointing, compile) before the optimizer is built (fused AdamW needs
-    CUDA parameters).
-    """
-    import deepspeed
-
-    if recipe.deepspeed.precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("deepspeed.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
-    model = prepare_model(model, recipe, step_device())
-    cfg = deepspeed_config(recipe, world_size)
-    lr = peak_lr(recipe.optim, cfg["train_batch_size"])
-    groups = param_groups if param_groups is not None else default_groups(model, recipe.optim.weight_decay)
-    optimizer = build_optimizer(groups, recipe.optim, lr)
-    schedule = LrSchedule.build(optimizer, recipe.schedule, peak=lr, total=total_steps or recipe.train.steps)
-    engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
-    schedule.apply(engine.optimizer, 0)
-    return engine, ds_opt, schedule
-
-
-# ---------------------------------------------------------------- metrics helpers
-
-def peak_flops(cfg: TrainConfig) -> tuple[float | None, str]:
-    """(peak bf16 FLOP/s of one device, where the figure came from: train.peak_tflops, else
-    flops.PEAK_BF16_TFLOPS by device name); None on CPU or an unknown device."""
-    if cfg.peak_tflops is not None:
-        return cfg.peak_tflops * 1e12, "train.peak_tflops"
-    if not torch.cuda.is_available():
-        return None, "cpu"
-    name = torch.cuda.get_device_name()
-    peak = device_peak(name)
-    return (peak, f"table:{name}") if peak else (None, f"unknown device {name!r}: set train.peak_tflops")
-
-
-def memory_gib(device: torch.device) -> float:
-    """CUDA: the peak allocated memory since the last call (or the run's start), GiB: each call
-    reads the peak, then resets it. CPU: the process's resident memory now, GiB."""
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-        torch.cuda.reset_peak_memory_stats(device)
-        return peak
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**30
-
-
-def _all_sum(values: list[float], device: torch.device, world: int) -> list[float]:
-    if world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
-
-
-def cpu_threads(tc: TrainConfig, data) -> int:
-    """torch threads for one CPU process (see TrainConfig.cpu_threads)."""
-    if tc.cpu_threads is not None:
-        return tc.cpu_threads
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # the user's (or launcher's) choice
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
-    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-    return max(1, cores // local - data.num_threads)
-
-
-# ---------------------------------------------------------------- the trainer
-
-
-def model_loss(engine, batch: dict) -> tuple[torch.Tensor, dict, dict]:
-    """Pretraining's forward: EchoFM on the clip (masking, encode, decode, losses inside);
-    -> (loss, its terms (detached scalars), the whole output for figures)."""
-    out = engine(batch["video"])
-    return out["loss"], out.get("terms", {}), out
-
-
-class MicroRead(NamedTuple):
-    """One micro-batch's numbers from the host read, summed over ranks."""
-
-    loss: float
-    terms: dict[str, float]
-    finite: bool
-    """The loss was finite on every rank."""
-    extra: list[float]
-    """The caller's extra values, summed over ranks."""
-
-
-def host_read(loss: torch.Tensor, terms: dict, extra: Sequence[float], world: int) -> MicroRead:
-    """The micro-batch's one device-to-host transfer: [loss, *terms, non-finite, *extra] as one
-    float64 tensor, summed over ranks in one all-reduce (every rank must agree to skip a
-    micro-batch before the collective backward)."""
-    local = torch.tensor(list(extra), dtype=torch.float64)
-    vals = torch.cat([torch.stack([t.detach().double() for t in (loss, *terms.values())]),
-                      (~torch.isfinite(loss.detach())).double().reshape(1), local.to(loss.device, non_blocking=True)])
-    if world > 1:
-        torch.distributed.all_reduce(vals)
-    v = vals.tolist()
-    n = len(terms) + 1
-    return MicroRead(loss=v[0], terms=dict(zip(terms, v[1:n])), finite=v[n] == 0, extra=v[n + 1:])
-
-
-def micro_step(engine, batch: dict, loss_fn=model_loss, *, world: int = 1, extra=lambda: (), poison: bool = False,
-               before_step=None) -> tuple[MicroRead, dict | None]:
-    """The trainer's work on one micro-batch (MAE's train_one_epoch body), and what
-    benchmarks/train.py times: forward and loss (`loss_fn(engine, batch) -> (loss, terms,
-    out)`), the one host read (`host_read` of the loss, its terms and `extra()`), then, only
-    when the loss was finite on every rank, `engine.backward(loss)`, `before_step()` and
-    `engine.step()` (DeepSpeed updates at the accumulation boundary). poison: the loss becomes
-    NaN (train.nan_inject). `engine`: a DeepSpeed engine, or anything with its `module`,
-    `__call__`, `backward` and `step`. Returns (the read, the forward's output; None if skipped)."""
-    C.step_begin(engine.module)  # a new iteration for CUDA-graph modes
-    loss, terms, out = loss_fn(engine, batch)
-    if poison:
-        loss = loss * float("nan")
-    read = host_read(loss, terms, extra(), world)
-    if not read.finite:
-        return read, None
-    engine.backward(loss)
-    if before_step is not None:
-        before_step()
-    engine.step()
-    return read, out
-
-
 class Trainer:
     """One DeepSpeed run of `model` on `stream`, pretraining or fine-tuning alike:
 
-        trainer = Trainer(recipe, model, stream, dist=dist, run_dir=run_dir, steps=N, seed=s)
-        trainer.resume(checkpoint)   # optional: weights, optimizer, stream position, RNG
+        trainer = Trainer(recipe, model, stream, dist=dist, run_dir=run_dir, steps=N, seed=s,
+                          resume_from=checkpoint)  # optional: weights, optimizer, stream position, RNG
         summary = trainer.fit()      # train_step -> log -> save until step N (or SIGTERM)
 
     `loss_fn(engine, batch) -> (loss, terms, out)` is the forward (default `model_loss`);
     `figures(logger, step, module, batch, out)` draws PNGs every logging.plot_every steps.
-    The model must have been initialised the same way on every rank (seed first).
+    The model must have been initialised the same way on every rank (seed first). After
+    `__init__` the run is open (metrics logger, recipe.yaml, the stream's iterator, clocks):
+    `train_step()` and `log()` work without `fit()`; `close()` ends a run driven by hand.
     """
 
     def __init__(self, recipe, model: torch.nn.Module, stream, *, dist: Dist, run_dir: Path, steps: int,
                  seed: int, loss_fn=model_loss, param_groups: list[dict] | None = None, figures=None,
-                 flops_per_clip: float | None = None, name: str = "pretrain") -> None:
+                 flops_per_clip: float | None = None, name: str = "pretrain", resume_from: Path | None = None) -> None:
         self.recipe, self.stream, self.dist, self.run_dir = recipe, stream, dist, Path(run_dir)
         self.tc, self.steps, self.loss_fn, self.figures, self.name = recipe.train, steps, loss_fn, figures, name
-        self.heartbeat = _start_heartbeat(self.tc, self.run_dir, dist.rank, dist.world)
+        self.heartbeat = start_heartbeat(self.tc, self.run_dir, dist.rank, dist.world)
         if dist.device.type == "cpu":
             torch.set_num_threads(cpu_threads(self.tc, recipe.data))
         if self.tc.deterministic:
@@ -413,7 +148,7 @@ class Trainer:
         self.engine, _, self.schedule = build_engine(model, recipe, world_size=dist.world, total_steps=steps,
                                                      param_groups=param_groups)
         # Compiled regions: the steps up to the first compiled backward fall back to eager on failure.
-        self.compile_guard = C.is_compiled(self.engine.module)
+        self.compile_guard = is_compiled(self.engine.module)
         # From here on each rank draws its own random numbers (masks).
         self.seed = seed
         torch.manual_seed(seed + 1 + dist.rank)
@@ -427,17 +162,24 @@ class Trainer:
         self.stop_requested = self._signalled = self.stopped = False
         self.grad_norm = None
         self.resume_notes: list[str] = []
-        self.drops = _Drops(stream, dist.rank)
+        self.drops = Drops(stream, dist.rank)
         self.losses: list[float] = []
+        if resume_from is not None:
+            self._resume(resume_from)
+        self.logger = self._open_logger()
+        self._handlers: dict = {}  # fit's SIGTERM / SIGINT handlers, restored by close()
+        self._it = iter(self.stream)
+        if dist.device.type == "cuda":  # memory_gib: the peak since the last log line, this run's only
+            torch.cuda.reset_peak_memory_stats(dist.device)
+        self.t_run = time.perf_counter()
+        self.interval = IntervalStats(decoded0=self.stream.stats["decoded_frames"])
 
     # -- init / resume ----------------------------------------------------------------
 
-    def resume(self, start: Path | None) -> None:
-        """Continue from checkpoint `start` (None: a fresh run): model, optimizer, step
-        counters, the stream's epoch and position (the same next batch) and every RNG (the
-        same masks). The lr needs nothing: it is a function of the step."""
-        if start is None:
-            return
+    def _resume(self, start: Path) -> None:
+        """Continue from checkpoint `start`: model, optimizer, step counters, the stream's
+        epoch and position (the same next batch) and every RNG (the same masks). The lr needs
+        nothing: it is a function of the step."""
         d = self.dist
         meta = json.loads((Path(start) / ckpt.META).read_text())  # (resume_point checked it)
         notes = self._resume_changes(Path(start), meta)
@@ -458,36 +200,16 @@ class Trainer:
         self.drops.announced |= set(self.stream.damaged)  # reported by the session that found them
 
     def _resume_changes(self, start: Path, meta: dict) -> list[str]:
-        """Notes for the settings a resume may change (the stream adds its own); UserError
-        naming the setting for those DeepSpeed cannot load into."""
-        ds = (meta.get("recipe") or {}).get("deepspeed") or {}
-        cur, world, saved_world = self.recipe.deepspeed, self.dist.world, int(meta["world_size"])
-        stage = ds.get("zero_stage", cur.zero_stage)
-        if stage != cur.zero_stage:
-            raise UserError(f"{start}: saved with deepspeed.zero_stage={stage}, this run has {cur.zero_stage}; "
-                            "DeepSpeed cannot load one ZeRO stage's checkpoint into another: resume with "
-                            f"--set deepspeed.zero_stage={stage}")
-        if saved_world != world and stage > 0:
-            raise UserError(f"{start}: saved by {saved_world} ranks with deepspeed.zero_stage={stage}, whose "
-                            f"optimizer state is split {saved_world} ways; DeepSpeed cannot re-split it for "
-                            f"{world} rank(s): resume on {saved_world} ranks (an elastic resume needs "
-                            "deepspeed.zero_stage=0)")
-        notes = []
-        accum = ds.get("grad_accum", cur.grad_accum)
-        if accum != cur.grad_accum:
-            notes.append(f"deepspeed.grad_accum {accum} -> {cur.grad_accum}")
-        saved_batch = (meta.get("recipe") or {}).get("data", {}).get("batch_size", self.recipe.data.batch_size)
-        before, now = saved_batch * accum * saved_world, self.recipe.data.batch_size * cur.grad_accum * world
-        if before != now:
-            notes.append(f"global batch {before} -> {now} clips per step (the peak lr scales with it)")
-        return notes
+        return resume_changes(self.recipe, self.dist.world, start, meta)
 
     # -- the loop ---------------------------------------------------------------------
 
     def fit(self) -> dict:
         """Train until step `steps` (or a stop request: save and return); returns the summary."""
         self.engine.train()
-        self._open()
+        # SIGTERM (schedulers, torchrun) and SIGINT: finish the step, checkpoint, return.
+        # A second Ctrl-C interrupts at once.
+        self._handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             while self.step < self.steps:
                 self.log(self.train_step())
@@ -502,16 +224,16 @@ class Trainer:
             if not self.stopped and self.last_saved != self.step:
                 self.save()
         except RuntimeError as e:
-            raise _collective_error(e, self.tc) or e
+            raise collective_error(e, self.tc) or e
         finally:
-            self._close()
+            self.close()
         return self.summary()
 
-    def train_step(self) -> _Step:
+    def train_step(self) -> StepStats:
         """One optimizer step: micro-batches (`micro_step`) until `grad_accum` of them had a
         finite loss on every rank. Each micro-batch costs one host read."""
         t0 = time.perf_counter()
-        s = _Step(lr=self.schedule.apply(self.engine.optimizer, self.step))  # a function of the step
+        s = StepStats(lr=self.schedule.apply(self.engine.optimizer, self.step))  # a function of the step
         target = self.engine.global_steps + 1
         while self.engine.global_steps < target:
             batch, wait = self._next_batch()
@@ -551,13 +273,13 @@ class Trainer:
                        poison=self.micro in self.tc.nan_inject, before_step=self._before_step)
         if not self.compile_guard:
             return step()
-        read, out = C.first_step_or_eager(step, self.engine.module)
+        read, out = first_step_or_eager(step, self.engine.module)
         self.compile_guard = not read.finite  # until one compiled backward and step have run
         return read, out
 
     def _before_step(self) -> None:
         if self.own_norm and self.engine.is_gradient_accumulation_boundary() and self._logs(self.step + 1):
-            self.grad_norm = _grad_norm(self.engine.module)  # a tensor: read when logged
+            self.grad_norm = grad_norm(self.engine.module)  # a tensor: read when logged
 
     def _skip_nonfinite(self) -> None:
         self.nonfinite_total += 1
@@ -577,7 +299,7 @@ class Trainer:
     def _logs(self, step: int) -> bool:
         return step == self.steps or step % self.recipe.logging.every == 0
 
-    def log(self, s: _Step) -> None:
+    def log(self, s: StepStats) -> None:
         """Interval metrics every logging.every steps (a collective: every rank calls it),
         figures every logging.plot_every steps, the progress bar every step."""
         frames, world = self.recipe.data.num_frames, self.dist.world
@@ -630,38 +352,33 @@ class Trainer:
 
     # -- session ----------------------------------------------------------------------
 
-    def _open(self) -> None:
-        """Metrics logger, the run's recipe.yaml, SIGTERM / SIGINT handlers, clocks."""
+    def _open_logger(self) -> MetricsLogger:
+        """The metrics logger from this run's step on; rank 0 writes the run's recipe.yaml and
+        says where the run starts."""
         d = self.dist
-        self.logger = MetricsLogger(self.recipe.logging, self.run_dir, total_steps=self.steps,
-                                    start_step=self.step, enabled=d.rank == 0, desc=self.name,
-                                    config=to_dict(self.recipe))
+        logger = MetricsLogger(self.recipe.logging, self.run_dir, total_steps=self.steps, start_step=self.step,
+                               enabled=d.rank == 0, desc=self.name, config=to_dict(self.recipe))
         if d.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.yaml").write_text(dump_yaml(self.recipe))
             start = f"resumed from {self.resumed_from}" if self.resumed_from else "fresh run"
-            self.logger.message(f"[echofm] {start}: step {self.step}/{self.steps}, {d.world} rank(s) on "
-                                f"{d.device.type}, run folder {self.run_dir}")
+            logger.message(f"[echofm] {start}: step {self.step}/{self.steps}, {d.world} rank(s) on "
+                           f"{d.device.type}, run folder {self.run_dir}")
             if self.resume_notes:
-                self.logger.message(f"[echofm] note: resumed with {', '.join(self.resume_notes)}; the epoch goes "
-                                    "on from the clips all ranks had read, each sample once")
-        # SIGTERM (schedulers, torchrun) and SIGINT: finish the step, checkpoint, return.
-        # A second Ctrl-C interrupts at once.
-        self._handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        self._it = iter(self.stream)
-        if d.device.type == "cuda":  # memory_gib: the peak since the last log line, this run's only
-            torch.cuda.reset_peak_memory_stats(d.device)
-        self.t_run = time.perf_counter()
-        self.interval = _Interval(decoded0=self.stream.stats["decoded_frames"])
+                logger.message(f"[echofm] note: resumed with {', '.join(self.resume_notes)}; the epoch goes "
+                               "on from the clips all ranks had read, each sample once")
+        return logger
 
     def _on_signal(self, signum, _frame) -> None:
         if self._signalled and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self._signalled = True
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        """Restore the signal handlers, close the metrics logger, stop the heartbeat."""
         for s, h in self._handlers.items():
             signal.signal(s, h)
+        self._handlers = {}
         self.logger.close()
         if self.heartbeat is not None:
             self.heartbeat.stop()
@@ -689,130 +406,9 @@ def pretrain(recipe, *, resume: str | None = None, stream=None) -> dict:
         stream = ClipStream(recipe.data, train=True, rank=dist.rank, world_size=dist.world, device=dist.device)
     trainer = Trainer(recipe, model, stream, dist=dist, run_dir=run_dir, steps=tc.steps, seed=tc.seed,
                       figures=plot_reconstruction,
-                      flops_per_clip=model_flops(recipe.model, recipe.mask, recipe.loss)["train_step"])
-    trainer.resume(start)
+                      flops_per_clip=model_flops(recipe.model, recipe.mask, recipe.loss)["train_step"],
+                      resume_from=start)
     return trainer.fit()
-
-
-# ---------------------------------------------------------------- step bookkeeping
-
-
-@dataclass(kw_only=True, slots=True)
-class _Step:
-    """One optimizer step: its lr, times, clips (delivered; trained: of finite micro-batches)
-    and loss sums (rank sums) over finite micro-batches."""
-
-    lr: float
-    time: float = 0.0
-    wait: float = 0.0
-    clips: int = 0
-    trained: int = 0
-    n: int = 0
-    loss: float = 0.0
-    terms: dict = field(default_factory=dict)
-    batch: dict | None = None
-    out: dict | None = None
-
-    def add(self, read: MicroRead, clips: int) -> None:
-        self.n += 1
-        self.trained += clips
-        self.loss += read.loss
-        for k, v in read.terms.items():
-            self.terms[k] = self.terms.get(k, 0.0) + v
-
-
-@dataclass(kw_only=True, slots=True)
-class _Interval:
-    """Sums since the last log line (this rank's times and clips; losses already summed
-    over ranks), plus run totals."""
-
-    steps: int = 0
-    time: float = 0.0
-    wait: float = 0.0
-    clips: int = 0
-    trained: int = 0
-    loss: float = 0.0
-    terms: dict = field(default_factory=dict)
-    decoded0: int = 0
-    total_time: float = 0.0
-    total_wait: float = 0.0
-    total_clips: int = 0
-
-    def add(self, s: _Step) -> None:
-        self.steps += 1
-        self.time += s.time
-        self.wait += s.wait
-        self.clips += s.clips
-        self.trained += s.trained
-        self.loss += s.loss / s.n
-        for k, v in s.terms.items():
-            self.terms[k] = self.terms.get(k, 0.0) + v / s.n
-        self.total_time += s.time
-        self.total_wait += s.wait
-        self.total_clips += s.clips
-
-    def summary(self, decoded: int, frames: int, device: torch.device, world: int, *,
-                flops_per_clip: float | None = None, peak: float | None = None) -> dict:
-        """Interval metrics: clips and frames summed over ranks, losses and times averaged; MFU
-        (flops.mfu, docs/mfu.md) from the clips that completed a training step, all ranks together,
-        over `world` devices of `peak` FLOP/s (None without both)."""
-        vals = _all_sum([self.time, self.wait, float(self.clips), float(self.trained), float(decoded - self.decoded0)],
-                        device, world)
-        t, wait, clips, trained, dec = vals[0] / world, vals[1] / world, vals[2], vals[3], vals[4]
-        n = max(self.steps, 1)
-        return {"loss": self.loss / world / n,
-                **{f"loss_{k}": self.terms[k] / world / n for k in sorted(self.terms)},
-                "step_time_s": t / n, "data_wait_s": wait / n, "compute_s": (t - wait) / n,
-                "data_wait_fraction": wait / t if t else None,
-                "clips_per_s": clips / t if t else None,
-                "sampled_fps": clips * frames / t if t else None,
-                "decoded_fps": dec / t if t else None,
-                # frames the decoder produced per frame the model got (loaders/fold.py: ~1.1 folded)
-                "decode_waste": dec / (clips * frames) if clips else None,
-                "mfu": mfu(flops_per_clip, trained / t, peak, world) if flops_per_clip and peak and t else None}
-
-    def reset(self, decoded: int) -> None:
-        self.steps, self.time, self.wait, self.clips, self.trained, self.loss = 0, 0.0, 0.0, 0, 0, 0.0
-        self.terms = {}
-        self.decoded0 = decoded
-
-
-class _Drops:
-    """Damaged samples the stream skipped (data.on_error=skip): each rank prints its own as
-    they are found; every micro-batch's host read sums the counts over ranks, and all ranks
-    stop together beyond data.max_dropped."""
-
-    def __init__(self, stream, rank: int) -> None:
-        self.stream, self.rank = stream, rank
-        self.announced = set(stream.damaged)
-        self.counts = {"dropped_total": 0, "damaged_samples": 0}
-
-    def announce(self, log) -> None:
-        damaged = self.stream.damaged
-        for key in [k for k in damaged if k not in self.announced]:
-            line = f"[echofm] rank {self.rank}: skipped damaged sample: {damaged[key]}"
-            log.message(line) if self.rank == 0 else print(line, flush=True)
-            self.announced.add(key)
-
-    def local(self) -> list[float]:
-        """This rank's [damaged samples, dropped reads]."""
-        return [float(len(self.stream.damaged)), float(self.stream.stats["skipped"])]
-
-    def update(self, *, damaged: int, dropped: int) -> None:
-        """The counts summed over ranks; DataError beyond data.max_dropped."""
-        self.counts = {"dropped_total": dropped, "damaged_samples": damaged}
-        self.stream.check_dropped(damaged)
-
-    def summary_line(self) -> str:
-        c = self.counts
-        return (f"[echofm] data.on_error=skip: {c['damaged_samples']} damaged sample(s) skipped "
-                f"({c['dropped_total']} reads dropped); `echofm shards verify` names them all")
-
-
-def _grad_norm(module: torch.nn.Module) -> torch.Tensor | float:
-    """Global L2 norm of the gradients (before clipping), left on the device."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else 0.0
 
 
 def plot_reconstruction(log, step: int, model, batch: dict, out: dict) -> None:
@@ -821,55 +417,3 @@ def plot_reconstruction(log, step: int, model, batch: dict, out: dict) -> None:
     sim, prior = out.get("sim"), out.get("prior")
     log.figures(step, rows, sim[0].detach().float().cpu().numpy() if sim is not None else None,
                 prior[0].detach().float().cpu().numpy() if prior is not None else None)
-
-
-# ---------------------------------------------------------------- failure handling helpers
-
-
-def resume_point(resume: str | None, run_dir: Path, *, folder_key: str = "train.out_dir") -> Path | None:
-    """The checkpoint to continue from (hashed: damaged ones are skipped with a message when
-    searching a folder, an error when named directly), or None for a fresh run (refused
-    where `run_dir` has checkpoints; `folder_key` names the recipe key that places it)."""
-    ckpt_root = run_dir / "checkpoints"
-    say = print if os.environ.get("RANK", "0") == "0" else (lambda _m: None)
-    if resume == "auto":
-        start = ckpt.find_checkpoint(ckpt_root, check=True, log=say)
-        if start is None and ckpt.complete_checkpoints(ckpt_root):
-            raise UserError(f"{ckpt_root}: every checkpoint is damaged (see above); move them away to "
-                            "start afresh, or resume from a copy with --resume PATH")
-        return start
-    if resume:
-        start = ckpt.find_checkpoint(resume, check=True, log=say)
-        if start is None:
-            raise UserError(f"--resume {resume}: no complete checkpoint there")
-        return start
-    if ckpt.complete_checkpoints(ckpt_root):
-        raise UserError(f"{run_dir}: already has checkpoints; continue it with --resume auto, or "
-                        f"pick another {folder_key} or name")
-    return None
-
-
-def _start_heartbeat(tc: TrainConfig, run_dir: Path, rank: int, world: int) -> Heartbeat | None:
-    """Several ranks: beat and watch (heartbeat.py); None for a lone process."""
-    if world == 1:
-        return None
-
-    def hint() -> str:
-        last = ckpt.complete_checkpoints(run_dir / "checkpoints")
-        return f"last complete checkpoint: {last[-1] if last else 'none'} (continue with --resume auto)"
-
-    return Heartbeat(run_dir / "heartbeat", rank=rank, world_size=world, timeout_s=tc.heartbeat_timeout_s,
-                     hint=hint).start()
-
-
-def _collective_error(e: RuntimeError, tc: TrainConfig) -> UserError | None:
-    """A process-group timeout as one line (the heartbeat usually names the rank first)."""
-    def says_timeout(text: str) -> bool:
-        return "timed out" in text.lower() or "timeout" in text.lower()
-
-    text = str(e)
-    if not says_timeout(text):
-        return None
-    first = next((ln.strip() for ln in text.splitlines() if says_timeout(ln)), text)
-    return UserError(f"a collective did not complete within train.collective_timeout_s="
-                     f"{tc.collective_timeout_s:g} s: another rank is stalled or died ({first[:200]})")

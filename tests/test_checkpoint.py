@@ -11,7 +11,7 @@ from torch import nn
 
 from echofm.engine import checkpoint as ckpt
 from echofm.engine.config import Recipe, to_dict
-from echofm.engine.trainer import build_engine, init_distributed
+from echofm.engine.distributed import build_engine, init_distributed
 
 
 class StandIn(nn.Module):
@@ -172,7 +172,7 @@ def test_flipped_bytes_are_an_error_and_auto_resume_takes_the_previous(dist, tmp
     assert ckpt.verify(prev)["step"] == 1
     # --resume auto with nothing intact left: an error, not a silent fresh start.
     from echofm.engine.errors import UserError
-    from echofm.engine.trainer import resume_point
+    from echofm.engine.resume import resume_point
 
     assert resume_point("auto", tmp_path) == prev
     (prev / "recipe.yaml").write_text((prev / "recipe.yaml").read_text().replace("a", "b"))

@@ -102,7 +102,7 @@ def test_graph_mode_needs_cuda_and_one_micro_batch_per_step(monkeypatch):
 
     from echofm.engine.config import load_recipe
     from echofm.engine.errors import UserError
-    from echofm.engine.trainer import prepare_model
+    from echofm.engine.distributed import prepare_model
 
     seen = []
     monkeypatch.setattr(C, "compile_regions", lambda model, mode, **kw: seen.append((mode, kw)) or model)

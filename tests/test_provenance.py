@@ -76,7 +76,7 @@ def test_export_is_readable_by_others(tmp_path):
     from echofm.engine.config import to_dict
     from echofm.engine.export import export
     from echofm.engine.model import EchoFM
-    from echofm.engine.trainer import build_engine, init_distributed
+    from echofm.engine.distributed import build_engine, init_distributed
 
     init_distributed()
     small = ["model.depth=1", "model.embed_dim=64", "model.num_heads=2", "model.decoder_embed_dim=32",

@@ -16,7 +16,7 @@ from echofm.engine import checkpoint as ckpt
 from echofm.engine.checkpoint import CheckpointError
 from echofm.engine.config import load_recipe, to_dict
 from echofm.engine.model import EchoFM
-from echofm.engine.trainer import build_engine, init_distributed
+from echofm.engine.distributed import build_engine, init_distributed
 
 TINY = "recipes/pretrain/echofm_tiny.yaml"
 SMALL = ["model.num_frames=8", "model.img_size=32", "model.patch_size=8", "model.tubelet=2",

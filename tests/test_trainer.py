@@ -184,7 +184,8 @@ def test_sigterm_and_sigkill_then_resume_reproduce_losses(reference, tiny_shards
 
 
 def test_nonfinite_loss_is_skipped_and_counted(tiny_shards, tmp_path):
-    from echofm.engine.trainer import NonFiniteLoss, pretrain
+    from echofm.engine.errors import NonFiniteLoss
+    from echofm.engine.trainer import pretrain
 
     # Two micro-batches per step (and activation checkpointing on): micro-batch 2 is skipped,
     # so step 1 = micro-batches 1 and 3, step 2 = 4 and 5, step 3 = 6 and 7.
@@ -209,6 +210,43 @@ def test_nonfinite_loss_is_skipped_and_counted(tiny_shards, tmp_path):
                                           "train.max_nonfinite=2", "name=nan_abort"))
     with pytest.raises(NonFiniteLoss, match="non-finite for 2 micro-batches in a row"):
         pretrain(recipe)
+
+
+def test_trainer_is_complete_after_init(tiny_shards, tmp_path):
+    """`Trainer.__init__` opens the whole run: `train_step()` and `log()` work without `fit()`, and
+    neither they nor `fit()` create an attribute (issue 27: state that appears later is state a
+    reader of `__init__` cannot see). The hand-driven steps give the losses `fit()` gives."""
+    from echofm.engine.distributed import init_distributed
+    from echofm.engine.model import EchoFM
+    from echofm.engine.trainer import Trainer, pretrain
+    from echofm.loaders.stream import ClipStream
+
+    def build(name):
+        recipe = load_recipe(TINY, _overrides(tiny_shards, tmp_path, "train.steps=2", "train.checkpoint_every=0",
+                                              f"name={name}"))
+        dist = init_distributed()
+        torch.manual_seed(recipe.train.seed)
+        model = EchoFM(recipe.model, recipe.mask, recipe.loss)
+        stream = ClipStream(recipe.data, train=True, rank=dist.rank, world_size=dist.world, device=dist.device)
+        return Trainer(recipe, model, stream, dist=dist, run_dir=tmp_path / name, steps=2, seed=recipe.train.seed)
+
+    trainer = build("by_hand")
+    names = set(vars(trainer))
+    for _ in range(2):
+        trainer.log(trainer.train_step())
+    assert set(vars(trainer)) == names
+    trainer.close()
+    assert trainer.step == 2 and len(trainer.losses) == 2
+
+    fitted = build("fitted")
+    assert set(vars(fitted)) == names
+    fitted.fit()
+    assert set(vars(fitted)) == names
+    assert fitted.losses == trainer.losses
+    # and both are what `pretrain` (the CLI's path) logs
+    pretrain(load_recipe(TINY, _overrides(tiny_shards, tmp_path, "train.steps=2", "train.checkpoint_every=0",
+                                          "name=pretrained")))
+    assert list(_losses(tmp_path / "pretrained").values()) == trainer.losses
 
 
 def _compiled_run(tiny_shards, tmp_path, name, *extra):
@@ -259,7 +297,7 @@ def test_benchmark_stand_in_engine_steps_like_deepspeed(zero_stage):
     import importlib.util
 
     from echofm.engine.model import EchoFM
-    from echofm.engine.trainer import micro_step
+    from echofm.engine.step import micro_step
 
     spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "train.py")
     bench = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
@@ -289,7 +327,7 @@ def test_benchmark_stand_in_engine_steps_like_deepspeed(zero_stage):
 def test_memory_gib_is_the_peak_since_the_last_read(monkeypatch):
     """CUDA: each metrics line's memory_gib is the peak since the previous line (read, then
     reset), not the process's all-time peak (which read the same 24 GiB for every run)."""
-    from echofm.engine.trainer import memory_gib
+    from echofm.engine.metrics import memory_gib
 
     allocated = {"peak": 0}
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated["peak"])
@@ -303,7 +341,7 @@ def test_memory_gib_is_the_peak_since_the_last_read(monkeypatch):
 
 @pytest.mark.gpu(reason="reads the CUDA allocator")
 def test_memory_gib_resets_on_the_gpu():
-    from echofm.engine.trainer import memory_gib
+    from echofm.engine.metrics import memory_gib
 
     dev = torch.device("cuda", torch.cuda.current_device())
     memory_gib(dev)
@@ -485,7 +523,7 @@ def test_stale_torch_extension_lock_does_not_hang_init(tmp_path):
     (ext / "deepspeed_shm_comm" / "lock").touch()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
     env.update(TORCH_EXTENSIONS_DIR=str(ext), CUDA_VISIBLE_DEVICES="")
-    code = ("from echofm.engine.trainer import init_distributed\n"
+    code = ("from echofm.engine.distributed import init_distributed\n"
             "import torch.distributed as d\n"
             "r = init_distributed()\n"
             "print('world', d.get_world_size(), r.device)\n")

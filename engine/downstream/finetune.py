@@ -17,7 +17,9 @@ from echofm.loaders.stream import ClipStream
 
 from ..errors import ConfigError
 from ..optim import no_decay
-from ..trainer import Trainer, init_distributed, resume_point
+from ..distributed import init_distributed
+from ..resume import resume_point
+from ..trainer import Trainer
 from . import backbone as B
 from .config import DownstreamConfig
 from .data import annotated_frames, label_fraction_patients, list_samples, patient_of
@@ -104,8 +106,8 @@ def finetune(task: Task, backbone: nn.Module, recipe, *, run_dir: Path, resume: 
     groups = layer_decay_groups(net, cfg, recipe.optim.weight_decay)
     lrs = {str(g.pop("layer")): g["lr"] for g in groups}
     trainer = Trainer(run_recipe, net, stream, dist=dist, run_dir=run_dir, steps=steps, seed=cfg.seed,
-                      loss_fn=partial(task_loss, task, net.head), param_groups=groups, name="finetune")
-    trainer.resume(start)
+                      loss_fn=partial(task_loss, task, net.head), param_groups=groups, name="finetune",
+                      resume_from=start)
     summary = trainer.fit()
     log(f"finetune: {summary['steps']} steps ({cfg.epochs} epochs of {len(stream)}), loss "
         f"{summary['first_loss']} -> {summary['last_loss']}, {summary['wall_s']} s")
