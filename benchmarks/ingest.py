@@ -48,6 +48,17 @@ from echofm.engine import bench
 VARIANTS = ("today", "fast", "folded")
 
 
+def _decode(data: bytes):
+    """Encoded video bytes -> uint8 [F, H, W, 3] RGB (what the PSNR column compares)."""
+    import io
+
+    import av
+    import numpy as np
+
+    with av.open(io.BytesIO(data)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
 def variant_config(name: str, fold: int) -> dict:
     """IngestConfig fields of a variant (see the module docstring)."""
     return {"fold_stride": fold, "gop": 4} if name == "folded" else {"fold_stride": 1, "gop": 8}
@@ -134,7 +145,7 @@ def stage_times(corpus: Path, size: int, codec: str, limit: int, variant: str, f
     from echofm.loaders.ingest import IngestConfig
     from echofm.loaders.sector import crop_resize, detect_sector
     from echofm.loaders.sources import discover, load_clip
-    from echofm.loaders.video_io import decode_bytes, encode_video, to_gray
+    from echofm.loaders.video_io import encode_video, to_gray
 
     v = variant_config(variant, fold)
     clips = discover(corpus).clips[:limit]
@@ -164,7 +175,7 @@ def stage_times(corpus: Path, size: int, codec: str, limit: int, variant: str, f
                 t[k] += b - a
             frames += len(out)
             nbytes += len(data)
-            back = decode_bytes(data)
+            back = _decode(data)
             db.append(psnr(to_gray(back) if out.ndim == 3 else back, out))
     return {"clips": len(clips), "frames": frames, "ms_per_clip": {k: 1e3 * x / len(clips) for k, x in t.items()},
             "ms_per_frame": {k: 1e3 * x / frames for k, x in t.items()},
@@ -215,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from echofm.loaders.corpus import cached_synth
     from echofm.loaders.ingest import IngestConfig, ingest
-    from echofm.loaders.shards import verify
+    from echofm.loaders.shard_verify import verify
     from echofm.loaders.synth import SynthConfig
 
     sizes, codecs = list(map(int, args.sizes.split(","))), args.codecs.split(",")

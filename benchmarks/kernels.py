@@ -288,16 +288,16 @@ def ptxas_report(dtype: str = "bf16") -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from echofm.kernels import attention as A
+    from echofm.kernels import attention as attention_kernels
 
     ptrs = {n: dtype for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")} | {"LSE": "fp32", "DELTA": "fp32"}
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     rows = []
     for name, b, h, t, k, dh, mode in model_shapes():
-        groups, length, _ = A._geometry((b, h, t, k, dh), mode)
-        for kernel, fn in (("fwd", A._fwd_kernel), ("dkdv", A._bwd_dkdv_kernel), ("dq", A._bwd_dq_kernel)):
+        groups, length, _ = attention_kernels._geometry((b, h, t, k, dh), mode)
+        for kernel, fn in (("fwd", attention_kernels._fwd_kernel), ("dkdv", attention_kernels._bwd_dkdv_kernel), ("dq", attention_kernels._bwd_dq_kernel)):
             for flat in (True, False):
-                cfg = A._config(length, groups, dh, kernel)
+                cfg = attention_kernels._config(length, groups, dh, kernel)
                 warps, gpb = cfg.pop("num_warps"), cfg.pop("GPB")
                 consts = dict(cfg, PACKED=gpb > 1, FLAT=flat, PRECISION="tf32")
                 sig = {a: "constexpr" if a in consts else "*" + ptrs[a] if a in ptrs

@@ -91,7 +91,7 @@ def pixel_stats(video: torch.Tensor) -> torch.Tensor:
 
 def probe(cfg, task_name: str, feats: dict[str, torch.Tensor], metas: dict[str, list[dict]]) -> dict:
     """The demo's linear probe on precomputed features -> headline metric with its CI."""
-    from echofm.engine.downstream import evaluation as E
+    from echofm.engine.downstream import evaluation
     from echofm.engine.downstream.features import FeatureSet
     from echofm.engine.downstream.probe import HEADLINE, fit_video_probe
     from echofm.engine.downstream.tasks import make_task
@@ -100,7 +100,7 @@ def probe(cfg, task_name: str, feats: dict[str, torch.Tensor], metas: dict[str, 
     fs = {s: FeatureSet(feats=feats[s], metas=metas[s]) for s in feats}
     task = make_task(tcfg, fs["train"].metas)
     head, fit = fit_video_probe(task, fs["train"], fs.get("val"), tcfg)
-    m = E.score_video_task(task, head, fs["test"])[HEADLINE[task_name]]
+    m = evaluation.score_video_task(task, head, fs["test"])[HEADLINE[task_name]]
     return {"value": m["value"], "ci_low": m["ci_low"], "ci_high": m["ci_high"], "weight_decay": fit["weight_decay"]}
 
 

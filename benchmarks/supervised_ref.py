@@ -176,11 +176,11 @@ def predict(model: Small3DCNN, x: torch.Tensor, clips: int) -> tuple[np.ndarray,
 
 def score(view_y, view_p, ef_y, ef_p, patients, *, bootstrap: int, seed: int) -> dict:
     """View accuracy, EF MAE and R^2 with patient-bootstrap CIs (arrays: one row per video)."""
-    from echofm.engine.downstream import metrics as M
+    from echofm.engine.downstream import metrics as task_metrics
 
-    fns = {"view_accuracy": lambda i: M.accuracy(view_y[i], view_p[i]),
-           "ef_mae": lambda i: M.mae(ef_y[i], ef_p[i]), "ef_r2": lambda i: M.r2(ef_y[i], ef_p[i])}
-    return M.with_ci(fns, patients, samples=bootstrap, ci=0.95, seed=seed)
+    fns = {"view_accuracy": lambda i: task_metrics.accuracy(view_y[i], view_p[i]),
+           "ef_mae": lambda i: task_metrics.mae(ef_y[i], ef_p[i]), "ef_r2": lambda i: task_metrics.r2(ef_y[i], ef_p[i])}
+    return task_metrics.with_ci(fns, patients, samples=bootstrap, ci=0.95, seed=seed)
 
 
 def _probe_rows(results: dict) -> dict:
@@ -192,7 +192,7 @@ def _probe_rows(results: dict) -> dict:
 
 def pixel_probe(recipe, splits: dict[str, tuple[torch.Tensor, list[dict]]]) -> dict:
     """The demo's linear probe (view, EF) on pixel statistics of the decoded clips."""
-    from echofm.engine.downstream import evaluation as E
+    from echofm.engine.downstream import evaluation
     from echofm.engine.downstream.features import FeatureSet
     from echofm.engine.downstream.probe import fit_video_probe
     from echofm.engine.downstream.tasks import make_task
@@ -208,7 +208,7 @@ def pixel_probe(recipe, splits: dict[str, tuple[torch.Tensor, list[dict]]]) -> d
         cfg = dataclasses.replace(recipe.downstream, task=task_name, label_key="", classes=[])
         task = make_task(cfg, fs["train"].metas)
         head, _ = fit_video_probe(task, fs["train"], fs["val"], cfg)
-        out[task_name] = E.score_video_task(task, head, fs["test"])
+        out[task_name] = evaluation.score_video_task(task, head, fs["test"])
     return _probe_rows(out)
 
 

@@ -386,7 +386,7 @@ def _variant_recipe(run: dict, v: Variant, batch: int):
 
 def measure(run: dict, variant: str, batch: int, model_fn, target_s: float) -> dict:
     """One variant at one batch: recipe, engine, first (compiling) step, timed window, peak memory."""
-    from echofm.engine import compile as C
+    from echofm.engine import compile as compiling
     from echofm.engine.flops import mfu
 
     device, v = run["device"], VARIANTS[variant]
@@ -407,11 +407,11 @@ def measure(run: dict, variant: str, batch: int, model_fn, target_s: float) -> d
         step = (captured_step if v.graphs else trainer_step)(engine)
         torch.manual_seed(batch)  # the same masks for every variant at this batch
         t0 = time.perf_counter()
-        row["first_loss"] = float(C.first_step_or_eager(step, model, *inputs[0]))
+        row["first_loss"] = float(compiling.first_step_or_eager(step, model, *inputs[0]))
         row["first_step_s"] = time.perf_counter() - t0
-        row["compiled"] = C.is_compiled(model)
+        row["compiled"] = compiling.is_compiled(model)
         if v.graphs:
-            step = C.GraphedStep(step, *inputs[0], warmup=2)
+            step = compiling.GraphedStep(step, *inputs[0], warmup=2)
             row["graphed"] = step.captured
         # Compile or capture unavailable (CPU) or failed: eager numbers, not this variant's.
         row["fell_back"] = (recipe.train.compile.enabled and not row["compiled"]) or (v.graphs and not row["graphed"])

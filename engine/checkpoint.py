@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from echofm.loaders.shards import sha256_file
+from echofm.loaders.digest import sha256_file
 
 from .errors import CheckpointError
 

@@ -266,7 +266,7 @@ def _run_shards_copy(args) -> int:
 
 
 def _run_shards_verify(args) -> int:
-    from echofm.loaders.shards import verify
+    from echofm.loaders.shard_verify import verify
 
     rep = verify(args.dir, decode=not args.no_decode, progress=sys.stderr.isatty())
     for p in rep.problems:

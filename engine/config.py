@@ -14,7 +14,7 @@ from pathlib import Path
 from echofm.loaders.stream import StreamConfig
 
 from .distributed import DeepSpeedConfig
-from .downstream.config import DownstreamConfig
+from .downstream_config import DownstreamConfig
 from .errors import ConfigError
 from .logging import LoggingConfig
 from .losses import LossConfig

@@ -63,7 +63,7 @@ class EmbedConfig:
     """A progress bar on stderr."""
 
     def validate(self) -> None:
-        from .downstream.config import FEATURES
+        from .downstream_config import FEATURES
 
         parts = self.features.split("+")
         if any(p not in FEATURES for p in parts) or len(set(parts)) != len(parts):
@@ -208,7 +208,7 @@ def embed(cfg: EmbedConfig, recipe=None, log=print) -> dict:
     default: the default recipe with the clip length and size of the loaded backbone.
     Returns {"rank", "world", "samples" (this rank's), "written" (rows now), "skipped"
     (samples already in parts), "seconds", "clips_per_s"}."""
-    from .downstream import backbone as B
+    from .downstream import backbone as backbones
     from .downstream.data import list_samples
     from .downstream.features import stream_config
 
@@ -220,7 +220,7 @@ def embed(cfg: EmbedConfig, recipe=None, log=print) -> dict:
     mine = rank_keys([m["key"] for m in samples], rank, world)
     device = embed_device(cfg.device)
     recipe = _recipe_for(cfg, recipe)
-    model, info = B.load_backbone(cfg.backbone, recipe)
+    model, info = backbones.load_backbone(cfg.backbone, recipe)
     stream = dataclasses.replace(recipe.data, num_frames=model.cfg.num_frames, size=model.cfg.img_size)
     stream = stream_config(stream, cfg.split, cfg.clips, batch=cfg.batch or (64 if device.type == "cuda" else 8),
                            seg=False)
@@ -249,12 +249,12 @@ def _run(model, stream, todo: list[str], device: torch.device, cfg: EmbedConfig,
     """Forward `todo`'s clips (bf16 autocast on CUDA, fp32 on the CPU) into `writer`; -> clips."""
     from tqdm import tqdm
 
-    from .downstream import backbone as B
+    from .downstream import backbone as backbones
     from .downstream.features import forward_batches
 
     def forward(m, video):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            return B.embed(m, video, cfg.features)
+            return backbones.embed(m, video, cfg.features)
 
     bar = tqdm(total=len(todo) * cfg.clips, unit="clip", desc=f"embed rank {rank}", file=sys.stderr,
                disable=not cfg.progress, dynamic_ncols=True)

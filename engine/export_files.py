@@ -28,7 +28,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 
 def _sha256(path: Path) -> str:
-    from echofm.loaders.shards import sha256_file
+    from echofm.loaders.digest import sha256_file
 
     return sha256_file(path)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from echofm.loaders.shards import sha256_file
+from echofm.loaders.digest import sha256_file
 
 from .checkpoint import META, find_checkpoint
 from .provenance import provenance

@@ -28,7 +28,7 @@ from .errors import DataError
 SPEC = "cache_spec.json"
 SYNTH_CODE = ("synth", "video_io")
 """Modules (files or packages under loaders/) whose code decides the bytes of a synthetic corpus."""
-INGEST_CODE = ("ingest", "shards", "video_io", "sector", "cycles", "trim", "sources", "ids", "corpus")
+INGEST_CODE = ("ingest", "ingest_config", "ingest_clip", "shards", "video_io", "sector", "cycles", "trim", "sources", "ids", "corpus")
 """... and of its shards."""
 NOT_OUTPUT = ("workers", "progress")
 """Settings that change how fast a corpus is made, not what it holds."""

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import DataError
-from .shards import MANIFEST, read_manifest, sha256_file
+from .digest import sha256_file
+from .shards import MANIFEST, read_manifest
 
 SCHEMES = ("s3://", "http://", "https://")
 CHUNK = 1 << 20

@@ -84,10 +84,6 @@ class Sector:
     """'fan' (apex, two edges and an arc were fitted) or 'hull' (the core's convex hull)."""
 
     @property
-    def area_fraction(self) -> float:
-        return float(self.mask.mean())
-
-    @property
     def crop_fraction(self) -> float:
         """Fraction of the frame's pixels outside the box (what the crop removes)."""
         y0, y1, x0, x1 = self.box

@@ -266,14 +266,6 @@ def count_frames(data: bytes) -> int:
         return sum(1 for _ in c.decode(st))
 
 
-def decode_bytes(data: bytes) -> np.ndarray:
-    """Decode encoded video bytes to uint8 [F, H, W, 3] RGB."""
-    import av
-
-    with av.open(io.BytesIO(data)) as c:
-        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
-
-
 def to_gray(frames: np.ndarray) -> np.ndarray:
     """uint8 [F, H, W, 3] RGB (or already [F, H, W]) -> uint8 [F, H, W] luma, one cv2 call."""
     import cv2

@@ -171,14 +171,14 @@ def test_bad_arguments_name_the_problem(monkeypatch):
 def test_custom_ops_pass_opcheck(mode):
     # The Triton kernels are torch custom ops (so torch.compile and CUDA graphs see one opaque
     # call): schema, fake (meta) shapes, autograd registration and AOT dispatch must agree.
-    from echofm.kernels import attention as A
+    from echofm.kernels import attention as attention_kernels
 
     q, k, v = (t.requires_grad_() for t in qkv((1, 2, 3, 5, 16), torch.float32))
-    torch.library.opcheck(A._fwd_op, (q, k, v, mode, 0.25))
-    o, lse = A._fwd_op(q, k, v, mode, 0.25)
+    torch.library.opcheck(attention_kernels._fwd_op, (q, k, v, mode, 0.25))
+    o, lse = attention_kernels._fwd_op(q, k, v, mode, 0.25)
     do = torch.randn_like(o)
     args = (do, *(t.detach() for t in (q, k, v, o, lse)), mode, 0.25)  # no double backward
-    torch.library.opcheck(A._bwd_op, args)
+    torch.library.opcheck(attention_kernels._bwd_op, args)
 
 
 @pytest.mark.parametrize("mode,layout", [("slice", "qkv"), ("tube", "kmajor")])

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from echofm.engine import compile as C
+from echofm.engine import compile as compiling
 from echofm.engine import losses
 from echofm.engine.compile import CompileConfig
 from echofm.engine.masking import MaskConfig
@@ -41,7 +41,7 @@ def loss_and_grads(model, video, mask):
 def check_same(model, compiled, video, mask, tol):
     loss, grads = loss_and_grads(model, video, mask)
     loss_c, grads_c = loss_and_grads(compiled, video, mask)
-    assert C.is_compiled(compiled) and not C.is_compiled(model)
+    assert compiling.is_compiled(compiled) and not compiling.is_compiled(model)
     assert abs(loss_c.item() - loss.item()) <= tol * abs(loss.item())
     assert grads.keys() == grads_c.keys()
     limit = 1e-3 if tol < 1e-4 else 1e-2
@@ -57,23 +57,23 @@ def test_regional_compile_matches_eager(attn):
     # aot_eager: dynamo + AOTAutograd through the blocks (and the Triton custom op) and the
     # loss, without inductor's code generation; parameter names stay those of the eager model.
     model, video, mask = model_and_batch(attn)
-    compiled = C.compile_regions(copy.deepcopy(model), backend="aot_eager")
+    compiled = compiling.compile_regions(copy.deepcopy(model), backend="aot_eager")
     assert compiled.state_dict().keys() == model.state_dict().keys()
-    assert len(C.regions(compiled)) == 2 + 1 + 1  # encoder blocks, decoder block, phase block
+    assert len(compiling.regions(compiled)) == 2 + 1 + 1  # encoder blocks, decoder block, phase block
     assert compiled.loss_fn is not losses.compute and model.loss_fn is losses.compute
     check_same(model, compiled, video, mask, tol=1e-5)
 
 
 def test_blocks_and_loss_compile_separately_and_revert():
     model, video, mask = model_and_batch()
-    C.compile_regions(model, backend="aot_eager", blocks=False)
-    assert C.is_compiled(model) and all(b._compiled_call_impl is None for b in C.regions(model))
+    compiling.compile_regions(model, backend="aot_eager", blocks=False)
+    assert compiling.is_compiled(model) and all(b._compiled_call_impl is None for b in compiling.regions(model))
     loss_c, _ = loss_and_grads(model, video, mask)
-    C.uncompile_regions(model)
-    assert model.loss_fn is losses.compute and not C.is_compiled(model)
-    C.compile_regions(model, backend="aot_eager", loss=False)
-    assert model.loss_fn is losses.compute and C.is_compiled(model)
-    C.uncompile_regions(model)
+    compiling.uncompile_regions(model)
+    assert model.loss_fn is losses.compute and not compiling.is_compiled(model)
+    compiling.compile_regions(model, backend="aot_eager", loss=False)
+    assert model.loss_fn is losses.compute and compiling.is_compiled(model)
+    compiling.uncompile_regions(model)
     loss, _ = loss_and_grads(model, video, mask)
     assert loss_c.item() == pytest.approx(loss.item(), rel=1e-6)
 
@@ -105,16 +105,16 @@ def test_graph_mode_needs_cuda_and_one_micro_batch_per_step(monkeypatch):
     from echofm.engine.distributed import prepare_model
 
     seen = []
-    monkeypatch.setattr(C, "compile_regions", lambda model, mode, **kw: seen.append((mode, kw)) or model)
+    monkeypatch.setattr(compiling, "compile_regions", lambda model, mode, **kw: seen.append((mode, kw)) or model)
     model, _, _ = model_and_batch()
     cfg = CompileConfig(blocks=True, mode="reduce-overhead")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        C.compile_for_training(model, cfg, torch.device("cpu"))
+        compiling.compile_for_training(model, cfg, torch.device("cpu"))
     assert [str(w.message) for w in caught] == ["train.compile.mode='reduce-overhead': CUDA graphs need a CUDA "
                                                "device; compiling with mode 'default' on cpu"]
     assert seen == [("default", dict(backend="inductor", blocks=True, loss=False))]
-    C.compile_for_training(model, CompileConfig(), torch.device("cpu"))  # nothing to compile: no call
+    compiling.compile_for_training(model, CompileConfig(), torch.device("cpu"))  # nothing to compile: no call
     assert len(seen) == 1
     tiny = Path(__file__).resolve().parents[1] / "recipes/pretrain/echofm_tiny.yaml"
     recipe = load_recipe(tiny, ["train.compile.blocks=true", "train.compile.mode=reduce-overhead",
@@ -127,37 +127,37 @@ def test_step_begin_marks_an_iteration_only_for_graph_modes(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
     model, _, _ = model_and_batch()
-    C.compile_regions(model, "default", backend="aot_eager")
-    C.step_begin(model)
+    compiling.compile_regions(model, "default", backend="aot_eager")
+    compiling.step_begin(model)
     assert calls == []
-    C.compile_regions(model, "reduce-overhead")  # lazy: nothing compiles until called
-    C.step_begin(model)
+    compiling.compile_regions(model, "reduce-overhead")  # lazy: nothing compiles until called
+    compiling.step_begin(model)
     assert calls == [1]
-    C.uncompile_regions(model)
-    C.step_begin(model)
+    compiling.uncompile_regions(model)
+    compiling.step_begin(model)
     assert calls == [1]
 
 
 @slow_inductor
 def test_inductor_compile_matches_eager():
     model, video, mask = model_and_batch()
-    check_same(model, C.compile_regions(copy.deepcopy(model)), video, mask, tol=1e-4)
+    check_same(model, compiling.compile_regions(copy.deepcopy(model)), video, mask, tol=1e-4)
 
 
 def test_compile_unavailable_warns_and_stays_eager(monkeypatch):
     model, video, mask = model_and_batch()
-    monkeypatch.setattr(C, "compile_unavailable", lambda device, backend="inductor": "no C++ compiler here")
+    monkeypatch.setattr(compiling, "compile_unavailable", lambda device, backend="inductor": "no C++ compiler here")
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler here; the model runs eager"):
-        out = C.compile_regions(model)
-    assert out is model and not C.is_compiled(model)
+        out = compiling.compile_regions(model)
+    assert out is model and not compiling.is_compiled(model)
     with pytest.raises(ValueError, match="mode must be one of"):
-        C.compile_regions(model, "fastest")
+        compiling.compile_regions(model, "fastest")
 
 
 def test_cpu_without_a_compiler_is_reported(monkeypatch):
-    monkeypatch.setattr(C.shutil, "which", lambda name: None)
-    assert "C++ compiler" in C.compile_unavailable(torch.device("cpu"))
-    assert C.compile_unavailable(torch.device("cpu"), backend="aot_eager") is None
+    monkeypatch.setattr(compiling.shutil, "which", lambda name: None)
+    assert "C++ compiler" in compiling.compile_unavailable(torch.device("cpu"))
+    assert compiling.compile_unavailable(torch.device("cpu"), backend="aot_eager") is None
 
 
 def test_failing_compile_falls_back_to_eager_on_the_first_step():
@@ -167,10 +167,10 @@ def test_failing_compile_falls_back_to_eager_on_the_first_step():
     def broken_backend(gm, example_inputs):
         raise RuntimeError("backend exploded")
 
-    C.compile_regions(model, backend=broken_backend)
+    compiling.compile_regions(model, backend=broken_backend)
     with pytest.warns(UserWarning, match="compiled step failed .*backend exploded.*running eager"):
-        loss, _ = C.first_step_or_eager(lambda v, m: loss_and_grads(model, v, m), model, video, mask)
-    assert not C.is_compiled(model)
+        loss, _ = compiling.first_step_or_eager(lambda v, m: loss_and_grads(model, v, m), model, video, mask)
+    assert not compiling.is_compiled(model)
     assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-6)
 
 
@@ -191,7 +191,7 @@ def test_graphed_step_without_cuda_warns_and_runs_eager():
     step = make_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
     ref_step = make_step(twin, torch.optim.AdamW(twin.parameters(), lr=1e-3))
     with pytest.warns(UserWarning, match="CUDA graphs need CUDA tensors"):
-        graphed = C.GraphedStep(step, video, mask)
+        graphed = compiling.GraphedStep(step, video, mask)
     assert not graphed.captured
     for _ in range(2):
         assert graphed(video, mask).item() == pytest.approx(ref_step(video, mask).item(), rel=1e-6)
@@ -199,13 +199,13 @@ def test_graphed_step_without_cuda_warns_and_runs_eager():
 
 def test_static_inputs_must_keep_their_shapes():
     _, video, mask = model_and_batch()
-    static = (C._static_copy(video), C._static_copy(mask))
+    static = (compiling._static_copy(video), compiling._static_copy(mask))
     assert static[1].ids_keep is not mask.ids_keep and torch.equal(static[1].ids_keep, mask.ids_keep)
     other = EchoFM(ModelConfig(**SMALL), MaskConfig(ratio=0.5)).draw_mask(2, DEVICE)
     with pytest.raises(ValueError, match="argument 1.ids_keep must stay"):
-        C._fill(static[1], other, "argument 1")
+        compiling._fill(static[1], other, "argument 1")
     with pytest.raises(ValueError, match="argument 0 must stay"):
-        C._fill(static[0], video[:1], "argument 0")
+        compiling._fill(static[0], video[:1], "argument 0")
 
 
 @pytest.mark.gpu(reason="CUDA graphs need a CUDA GPU")
@@ -215,7 +215,7 @@ def test_graphed_step_replays_like_eager_steps():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True, capturable=True)
     ref_opt = torch.optim.AdamW(twin.parameters(), lr=1e-3, fused=True)
     ref_step = make_step(twin, ref_opt)
-    graphed = C.GraphedStep(make_step(model, opt), video, mask, warmup=2)
+    graphed = compiling.GraphedStep(make_step(model, opt), video, mask, warmup=2)
     for _ in range(2):  # the warmup calls were real steps (the capture only records one)
         ref_step(video, mask)
     assert graphed.captured

@@ -20,7 +20,8 @@ VIDEOS, STEPS, SEED = 160, 600, 11
                    reason="known gap (issue 8): the pretrained probe does not beat the random init beyond noise")
 def test_pretrained_probe_beats_random_init(tmp_path):
     from echofm.engine.config import load_recipe
-    from echofm.engine.downstream.probe import bar_verdict, compare_backbones, format_comparison, paired_gap
+    from echofm.engine.downstream.probe import compare_backbones, paired_gap
+    from probe_report import bar_verdict, format_comparison
     from echofm.engine.export import export
     from echofm.engine.trainer import pretrain
     from echofm.loaders.corpus import cached_corpus

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from echofm.engine.config import load_recipe
-from echofm.engine.downstream import features as F
+from echofm.engine.downstream import features
 from echofm.engine.downstream.backbone import fingerprint
 from echofm.engine.model import EchoFM
 from echofm.loaders.shards import (SampleRecord, ShardWriter, add_shard, new_manifest, pack_nframes,
@@ -52,22 +52,22 @@ def test_feature_cache_follows_the_shards_content(tmp_path, monkeypatch):
     info = {"fingerprint": fingerprint(model)}
     kw = dict(cache_dir=tmp_path / "cache", features="tokens", grid=False, device=torch.device("cpu"), batch=2)
 
-    first = F.cached_extract(model, info, recipe.data, "test", 1, **kw)
+    first = features.cached_extract(model, info, recipe.data, "test", 1, **kw)
     assert len(first.metas) == 4
     _ingest(shards, 1, ["ds_e_1", "ds_f_1"])  # more data, same folder
-    second = F.cached_extract(model, info, recipe.data, "test", 1, **kw)
+    second = features.cached_extract(model, info, recipe.data, "test", 1, **kw)
     assert len(second.metas) == 6  # was 4: the cache was keyed by the path
     assert torch.equal(second.feats[:4], first.feats)
 
     # Same content: served from the cache (extract not called), also from a moved folder.
-    monkeypatch.setattr(F, "extract", lambda *a, **k: pytest.fail("cache miss"))
-    assert len(F.cached_extract(model, info, recipe.data, "test", 1, **kw).metas) == 6
+    monkeypatch.setattr(features, "extract", lambda *a, **k: pytest.fail("cache miss"))
+    assert len(features.cached_extract(model, info, recipe.data, "test", 1, **kw).metas) == 6
     moved = tmp_path / "moved"
     shutil.copytree(shards, moved)
-    again = F.cached_extract(model, info, dataclasses.replace(recipe.data, shards=str(moved)), "test", 1, **kw)
+    again = features.cached_extract(model, info, dataclasses.replace(recipe.data, shards=str(moved)), "test", 1, **kw)
     assert torch.equal(again.feats, second.feats)
     # Another backbone or other stream settings: another key.
-    keys = {F.cache_key(info, recipe.data, "test", 1, kw),
-            F.cache_key({"fingerprint": "other"}, recipe.data, "test", 1, kw),
-            F.cache_key(info, dataclasses.replace(recipe.data, stride=1), "test", 1, kw)}
+    keys = {features.cache_key(info, recipe.data, "test", 1, kw),
+            features.cache_key({"fingerprint": "other"}, recipe.data, "test", 1, kw),
+            features.cache_key(info, dataclasses.replace(recipe.data, stride=1), "test", 1, kw)}
     assert len(keys) == 3

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from echofm.engine.downstream.config import DownstreamConfig
+from echofm.engine.downstream_config import DownstreamConfig
 from echofm.engine.downstream.data import annotated_frames, label_fraction_patients
 from echofm.engine.downstream.evaluation import video_predictions
 from echofm.engine.downstream.features import FeatureSet
@@ -187,7 +187,8 @@ def test_backbone_sources_give_the_same_weights(tmp_path):
 
 
 def test_paired_gap_by_hand():
-    from echofm.engine.downstream.probe import bar_verdict, paired_gap
+    from echofm.engine.downstream.probe import paired_gap
+    from probe_report import bar_verdict
 
     keys, pats = ["a", "b", "c", "d"], ["p1", "p1", "p2", "p3"]
     y = [0, 1, 2, 1]

@@ -16,8 +16,10 @@ import pytest
 
 from echofm.loaders.errors import DataError
 from echofm.loaders import ids
-from echofm.loaders.ingest import IngestConfig, hash_split, ingest, plan, resample_fps
-from echofm.loaders.shards import iter_tar_samples, read_manifest, verify
+from echofm.loaders.ingest import IngestConfig, hash_split, ingest, plan
+from echofm.loaders.ingest_clip import resample_fps
+from echofm.loaders.shard_verify import verify
+from echofm.loaders.shards import iter_tar_samples, read_manifest
 from echofm.loaders.sources.base import Clip
 from echofm.loaders.synth import ClipSpec, render_clip, write_video
 

@@ -15,7 +15,8 @@ from echofm.loaders import ingest as ingest_mod
 from echofm.loaders import shards as shards_mod
 from echofm.loaders.errors import DataError
 from echofm.loaders.ingest import IngestConfig, Kind, ingest
-from echofm.loaders.shards import read_manifest, verify
+from echofm.loaders.shard_verify import verify
+from echofm.loaders.shards import read_manifest
 from echofm.loaders.sources import load as load_mod
 from echofm.loaders.sources.base import looks_identifying
 from echofm.loaders.synth import ClipSpec, render_clip, write_video

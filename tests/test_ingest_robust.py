@@ -18,7 +18,8 @@ from echofm.loaders import ids
 from echofm.loaders import ingest as ingest_mod
 from echofm.loaders.errors import DataError
 from echofm.loaders.ingest import IngestConfig, ingest
-from echofm.loaders.shards import iter_tar_samples, read_manifest, verify
+from echofm.loaders.shard_verify import verify
+from echofm.loaders.shards import iter_tar_samples, read_manifest
 from echofm.loaders.synth import ClipSpec, render_clip, write_video
 from echofm.loaders.workers import WorkerDied, imap_supervised
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from echofm.loaders.errors import DataError
+from echofm.loaders.shard_verify import verify
 from echofm.loaders.shards import (SampleRecord, ShardWriter, add_shard, new_manifest, pack_nframes, read_index,
-                                   read_manifest, read_sample_records, verify, write_manifest)
+                                   read_manifest, read_sample_records, write_manifest)
 from echofm.loaders.stream import ClipStream, StreamConfig
 from echofm.loaders.video_io import encode_video
 

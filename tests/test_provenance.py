@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from echofm.engine import provenance as P
+from echofm.engine import provenance as prov
 from echofm.engine.config import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,25 +31,25 @@ def test_git_state_commit_and_uncommitted_changes(tmp_path):
     _git(repo, "add", "a.py")
     _git(repo, "commit", "-qm", "one")
     head = _git(repo, "rev-parse", "HEAD")
-    assert P.git_state(repo) == {"commit": head, "dirty": False}
+    assert prov.git_state(repo) == {"commit": head, "dirty": False}
     (repo / "new.txt").write_text("untracked files are not changes to the code")
-    assert P.git_state(repo)["dirty"] is False
+    assert prov.git_state(repo)["dirty"] is False
     (repo / "a.py").write_text("x = 2\n")
-    assert P.git_state(repo) == {"commit": head, "dirty": True}
+    assert prov.git_state(repo) == {"commit": head, "dirty": True}
     # an installed copy inside someone else's repository is not a checkout of echofm
     (repo / "site" / "echofm").mkdir(parents=True)
-    assert P.git_state(repo / "site") == {"commit": None, "dirty": None}
+    assert prov.git_state(repo / "site") == {"commit": None, "dirty": None}
 
 
 def test_recipe_hash_follows_the_settings():
     a = load_recipe("recipes/pretrain/echofm_tiny.yaml")
     b = load_recipe("recipes/pretrain/echofm_tiny.yaml", ["train.steps=7"])
-    assert P.recipe_hash(a) == P.recipe_hash(load_recipe("recipes/pretrain/echofm_tiny.yaml"))
-    assert P.recipe_hash(a) != P.recipe_hash(b) and len(P.recipe_hash(a)) == 16
+    assert prov.recipe_hash(a) == prov.recipe_hash(load_recipe("recipes/pretrain/echofm_tiny.yaml"))
+    assert prov.recipe_hash(a) != prov.recipe_hash(b) and len(prov.recipe_hash(a)) == 16
 
 
 def test_provenance_block():
-    p = P.provenance(load_recipe("recipes/pretrain/echofm_tiny.yaml"))
+    p = prov.provenance(load_recipe("recipes/pretrain/echofm_tiny.yaml"))
     assert set(p) == {"echofm", "git", "recipe_sha256", "python", "packages"}
     assert set(p["packages"]) == {"torch", "triton", "deepspeed", "numpy", "av", "dali"}
     import numpy
@@ -64,8 +64,8 @@ def test_version_command():
     echofm = str(Path(sys.executable).parent / "echofm")  # the installed command
     r = subprocess.run([echofm, "--version"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    commit = P.git_state()["commit"]
-    assert r.stdout.startswith(f"echofm {P.version()} (git {commit[:12]}")
+    commit = prov.git_state()["commit"]
+    assert r.stdout.startswith(f"echofm {prov.version()} (git {commit[:12]}")
 
 
 def test_export_is_readable_by_others(tmp_path):

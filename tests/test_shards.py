@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from echofm.loaders.errors import DataError
+from echofm.loaders.shard_verify import verify
 from echofm.loaders.shards import (SampleRecord, ShardWriter, add_shard, clean_orphans, new_manifest, npy_bytes,
-                                   pack_nframes, read_index, read_manifest, verify, write_manifest)
+                                   pack_nframes, read_index, read_manifest, write_manifest)
 from echofm.loaders.video_io import encode_video
 
 

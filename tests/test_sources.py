@@ -11,10 +11,11 @@ import pytest
 
 from echofm.loaders.ingest import IngestConfig, ingest
 from echofm.loaders.sector import Sector, crop_resize, crop_resize_seg, detect_sector
-from echofm.loaders.shards import iter_tar_samples, read_manifest, verify
+from echofm.loaders.shard_verify import verify
+from echofm.loaders.shards import iter_tar_samples, read_manifest
 from echofm.loaders.sources import discover
 from echofm.loaders.synth import ClipSpec, render_clip, write_video
-from echofm.loaders.video_io import decode_bytes
+from decoding import decode_bytes
 
 SIZE = 64
 

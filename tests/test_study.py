@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from echofm.engine.downstream.config import DownstreamConfig
+from echofm.engine.downstream_config import DownstreamConfig
 from echofm.engine.downstream.evaluation import score_video_task, video_predictions
 from echofm.engine.downstream.features import FeatureSet
 from echofm.engine.downstream.heads import VideoHead

@@ -116,7 +116,7 @@ def test_run_logs_metrics_figures_checkpoints_and_exports(reference, tiny_shards
     state, recipe = ckpt.load_model_state(run)
     assert model.cfg.embed_dim == 32 and recipe["train"]["steps"] == 6
     # the model card: what it is, what it saw (the manifest's digest), steps, provenance
-    from echofm.loaders.shards import sha256_file
+    from echofm.loaders.digest import sha256_file
 
     card = (tmp_path / "exported" / "README.md").read_text()
     for want in ("## Architecture", "## Objective", "## Intended use", "## Limits", "optimizer steps: 6 of 6",

@@ -13,7 +13,7 @@ import torch
 
 from echofm.loaders.errors import DataError
 
-from . import metrics as M
+from . import metrics as task_metrics
 from . import plots
 from .data import patient_of
 from .features import FeatureSet
@@ -114,7 +114,7 @@ def seg_predictions(task: SegTask, decoder, fs: FeatureSet, *, batch: int = 4):
         for j in range(pred.shape[0]):
             v = fs.valid[i + j]
             if v.any():
-                dice.append(M.dice_per_frame(pred[j][v].numpy(), target[j][v].numpy(), labels))
+                dice.append(task_metrics.dice_per_frame(pred[j][v].numpy(), target[j][v].numpy(), labels))
                 pats += [patient_of(fs.metas[i + j])] * int(v.sum())
     dice = np.concatenate(dice) if dice else np.zeros((0, len(labels)))
     return dice, pats, torch.cat(first) if first else None

@@ -16,7 +16,7 @@ import torch
 
 from echofm.loaders.errors import DataError
 
-from . import backbone as B
+from . import backbone as backbones
 from .data import annotated_frames
 
 
@@ -69,7 +69,7 @@ def extract(model, data, split: str, clips: int, *, features: str, grid: bool,
     cfg = stream_config(data, split, clips, batch=batch, seg=grid)
     feats, metas, segs, valid, frames = [], [], [], [], []
     for b, f in forward_batches(model, cfg, device=device,
-                                forward=lambda m, video: B.encode(m, video, features, grid=grid)):
+                                forward=lambda m, video: backbones.encode(m, video, features, grid=grid)):
         feats.append(f.to("cpu", torch.float16 if grid else torch.float32))
         metas += [dict(m) for m in b["meta"]]
         if grid:

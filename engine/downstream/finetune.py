@@ -15,13 +15,13 @@ from torch import nn
 
 from echofm.loaders.stream import ClipStream
 
+from ..distributed import init_distributed
+from ..downstream_config import DownstreamConfig
 from ..errors import ConfigError
 from ..optim import no_decay
-from ..distributed import init_distributed
 from ..resume import resume_point
 from ..trainer import Trainer
-from . import backbone as B
-from .config import DownstreamConfig
+from . import backbone as backbones
 from .data import annotated_frames, label_fraction_patients, list_samples, patient_of
 from .heads import SegDecoder, VideoHead
 from .tasks import SegTask, Task
@@ -39,7 +39,7 @@ class DownstreamNet(nn.Module):
         self.backbone, self.head, self.features, self.grid = backbone, head, features, grid
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
-        f = B.encode(self.backbone, video, self.features, grid=self.grid)
+        f = backbones.encode(self.backbone, video, self.features, grid=self.grid)
         return self.head(f) if self.grid else self.head.raw(f)
 
 
@@ -128,7 +128,7 @@ def _build_net(task: Task, backbone: nn.Module, cfg: DownstreamConfig, metas: li
         head = SegDecoder(c.embed_dim, len(cfg.seg_labels) + 1, hidden=cfg.hidden, tubelet=c.tubelet,
                           frame_size=c.img_size)
         return DownstreamNet(backbone, head, cfg.features, grid=True)
-    head = VideoHead(B.pooled_dim(backbone, cfg.features), task.out_dim, kind=cfg.head, hidden=cfg.hidden)
+    head = VideoHead(backbones.pooled_dim(backbone, cfg.features), task.out_dim, kind=cfg.head, hidden=cfg.hidden)
     if task.kind == "regression":
         ys = torch.tensor([task.target(m) for m in metas if patient_of(m) in keep
                            and task.target(m) is not None], dtype=torch.float32)

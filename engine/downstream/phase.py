@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import metrics as M
+from . import metrics as task_metrics
 
 HIT = 0.1
 """A retrieval is a hit when its phase error is under this fraction of a cycle."""
@@ -86,7 +86,7 @@ def phase_retrieval(s: Slices, *, bootstrap: int = 1000, ci: float = 0.95, seed:
     comparisons (`paired_difference`)."""
     rows, err, chance = retrieve(s)
     patients = s.patient[rows]
-    out = M.with_ci({"error": lambda i: float(err[i].mean()),
+    out = task_metrics.with_ci({"error": lambda i: float(err[i].mean()),
                      "hit_rate": lambda i: float((err[i] < HIT).mean()),
                      "chance_error": lambda i: float(chance[i].mean())},
                     patients, samples=bootstrap, ci=ci, seed=seed)
@@ -106,7 +106,7 @@ def paired_difference(a: dict, b: dict, *, bootstrap: int = 1000, ci: float = 0.
     def gap(i):
         return float(ea[i].mean() - eb[i].mean())
 
-    lo, hi = M.bootstrap_ci(gap, qa["patient"], samples=bootstrap, ci=ci, seed=seed)
+    lo, hi = task_metrics.bootstrap_ci(gap, qa["patient"], samples=bootstrap, ci=ci, seed=seed)
     return {"value": gap(np.arange(len(ea))), "ci_low": lo, "ci_high": hi}
 
 

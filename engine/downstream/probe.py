@@ -15,10 +15,10 @@ import torch
 
 from echofm.loaders.errors import DataError
 
-from . import evaluation as E
-from . import metrics as M
+from ..downstream_config import DownstreamConfig
+from . import evaluation
+from . import metrics as task_metrics
 from .backbone import check_model_section, load_backbone, pick_device
-from .config import DownstreamConfig
 from .data import label_fraction_patients, patient_of, present_splits
 from .features import FeatureSet, extract
 from .heads import SegDecoder, VideoHead
@@ -95,7 +95,7 @@ def fit_video_probe(task: Task, train: FeatureSet, val: FeatureSet | None,
     best = None
     for wd in grid:
         head = train_video_head(task, x, y, cfg, wd)
-        s = _val_score(task, E.score_video_task(task, head, val, bootstrap=0)) if len(grid) > 1 else 0.0
+        s = _val_score(task, evaluation.score_video_task(task, head, val, bootstrap=0)) if len(grid) > 1 else 0.0
         if best is None or s > best[0]:
             best = (s, wd, head)
     info = {"weight_decay": best[1], "train_patients": len(keep), "train_clips": len(rows),
@@ -162,9 +162,9 @@ def compare_backbones(backbones: dict[str, str], recipe, *, tasks: tuple[str, ..
             t1 = time.time()
             head, fit = fit_video_probe(task, train, val, tcfg)
             fit.update(feature_seconds=round(t_feat, 2), head_seconds=round(time.time() - t1, 2))
-            res = E.score_video_task(task, head, test)
+            res = evaluation.score_video_task(task, head, test)
             res["fit"] = fit
-            keys, y, scores, patients = E.video_predictions(task, head, test)
+            keys, y, scores, patients = evaluation.video_predictions(task, head, test)
             pred = scores.argmax(1) if task.kind == "classification" else scores[:, 0]
             res["per_video"] = {"key": keys, "patient": patients, "y": y.tolist(), "pred": pred.tolist()}
             out[name][task_name] = res
@@ -180,30 +180,6 @@ def format_row(res: dict[str, dict]) -> str:
                      f"[{r[HEADLINE[t]]['ci_low']:.3f}, {r[HEADLINE[t]]['ci_high']:.3f}]" for t, r in res.items())
 
 
-def format_comparison(results: dict[str, dict[str, dict]]) -> str:
-    """A small table: one row per backbone, headline test metric (95% CI) per task."""
-    names = list(results)
-    tasks = list(results[names[0]])
-    head = f"{'backbone':<12}" + "".join(f"{t + ' ' + HEADLINE[t]:>28}" for t in tasks)
-    rows = [head]
-    for n in names:
-        cells = []
-        for t in tasks:
-            m = results[n][t][HEADLINE[t]]
-            cells.append(f"{m['value']:>10.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]".rjust(28))
-        rows.append(f"{n:<12}" + "".join(cells))
-    return "\n".join(rows)
-
-
-def beats(results: dict[str, dict[str, dict]], a: str = "pretrained", b: str = "random") -> dict[str, bool]:
-    """Per task: does backbone `a` beat `b` on the headline test metric (accuracy up, MAE down)?"""
-    out = {}
-    for task in results[a]:
-        va, vb = results[a][task][HEADLINE[task]]["value"], results[b][task][HEADLINE[task]]["value"]
-        out[task] = va < vb if HEADLINE[task] == "mae" else va > vb
-    return out
-
-
 def paired_gap(results: dict[str, dict[str, dict]], task: str, a: str = "pretrained", b: str = "random", *,
                samples: int = 1000, ci: float = 0.95, seed: int = 0) -> dict[str, float]:
     """Headline-metric gap of `a` over `b` on the same test videos (positive = `a` better:
@@ -215,23 +191,9 @@ def paired_gap(results: dict[str, dict[str, dict]], task: str, a: str = "pretrai
     y, pa, pb = np.asarray(va["y"]), np.asarray(va["pred"]), np.asarray(vb["pred"])
     if HEADLINE[task] == "mae":
         def gap(i):
-            return M.mae(y[i], pb[i]) - M.mae(y[i], pa[i])
+            return task_metrics.mae(y[i], pb[i]) - task_metrics.mae(y[i], pa[i])
     else:
         def gap(i):
-            return M.accuracy(y[i], pa[i]) - M.accuracy(y[i], pb[i])
-    lo, hi = M.bootstrap_ci(gap, va["patient"], samples=samples, ci=ci, seed=seed)
+            return task_metrics.accuracy(y[i], pa[i]) - task_metrics.accuracy(y[i], pb[i])
+    lo, hi = task_metrics.bootstrap_ci(gap, va["patient"], samples=samples, ci=ci, seed=seed)
     return {"value": gap(np.arange(len(y))), "ci_low": lo, "ci_high": hi}
-
-
-def bar_verdict(results: dict[str, dict[str, dict]], a: str = "pretrained", b: str = "random") -> str:
-    """One line per task: both numbers, the paired gap with its 95% CI, and whether `a` is
-    better beyond noise (the CI of the gap excludes 0)."""
-    parts = []
-    for task, ok in beats(results, a, b).items():
-        m = HEADLINE[task]
-        g = paired_gap(results, task, a, b)
-        sure = g["ci_low"] > 0
-        word = "better beyond noise" if sure else ("better, within noise" if ok else "NOT better")
-        parts.append(f"{task} {m} {results[a][task][m]['value']:.3f} vs {results[b][task][m]['value']:.3f}, "
-                     f"gap {g['value']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}] ({word})")
-    return f"{a} vs {b}: " + "; ".join(parts)

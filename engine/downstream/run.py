@@ -38,14 +38,14 @@ import torch
 from echofm.loaders.errors import DataError
 from echofm.loaders.shards import manifest_sha256
 
+from ..downstream_config import DownstreamConfig
 from ..errors import UserError
 from ..export import publish
 from ..provenance import provenance
 from ..yaml_io import dump_yaml, to_dict
-from . import backbone as B
-from . import evaluation as E
+from . import backbone as backbones
+from . import evaluation
 from .backbone import pick_device
-from .config import DownstreamConfig
 from .data import present_splits
 from .features import cached_extract
 from .heads import SegDecoder, VideoHead
@@ -130,14 +130,14 @@ def score_splits(task: Task, head, model, recipe, out_dir: Path, device: torch.d
     out, warnings = {}, []
     for split in splits:
         fs = (cached or {}).get(split) or cached_extract(
-            model, {"fingerprint": B.fingerprint(model)}, recipe.data, split, cfg.test_clips, cache_dir=cache_dir,
+            model, {"fingerprint": backbones.fingerprint(model)}, recipe.data, split, cfg.test_clips, cache_dir=cache_dir,
             features=cfg.features, grid=isinstance(task, SegTask), device=device, batch=cfg.feature_batch)
         try:
-            out[split] = E.score(task, head, fs, png=out_dir / f"{prefix}{_png_name(task, split)}",
+            out[split] = evaluation.score(task, head, fs, png=out_dir / f"{prefix}{_png_name(task, split)}",
                                  title=f"{recipe.name} {split}", csv_path=out_dir / f"{prefix}{split}_predictions.csv")
         except DataError as e:
             raise DataError(f"{recipe.data.shards}: split '{split}': {e}") from None
-        w = E.ci_warning(split, out[split], cfg.bootstrap)
+        w = evaluation.ci_warning(split, out[split], cfg.bootstrap)
         if w:
             log(f"warning: {w}")
             warnings.append(w)
@@ -189,8 +189,8 @@ def run(recipe, log=print, *, resume: str | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RECIPE).write_text(dump_yaml(recipe))
     t0 = time.time()
-    model, info = B.load_backbone(cfg.backbone, recipe, seed=cfg.seed)
-    B.check_model_section(recipe, model, cfg.backbone)  # a ViT-B recipe must not run a tiny export
+    model, info = backbones.load_backbone(cfg.backbone, recipe, seed=cfg.seed)
+    backbones.check_model_section(recipe, model, cfg.backbone)  # a ViT-B recipe must not run a tiny export
     recipe.validate(model.cfg, what=f"the backbone '{cfg.backbone}'")  # the clips must fit it
     kw = dict(features=cfg.features, grid=cfg.task == "seg", device=device, batch=cfg.feature_batch)
     if cfg.mode == "probe":
@@ -206,7 +206,7 @@ def run(recipe, log=print, *, resume: str | None = None) -> dict:
         model, head, cached = net.backbone, net.head, {}
         model.save_pretrained(run_dir / BACKBONE_DIR)  # with checksums: evaluate loads it checked
         publish(*(run_dir / BACKBONE_DIR).iterdir())
-        info = dict(info, fingerprint=B.fingerprint(model), finetuned=str(run_dir / BACKBONE_DIR))
+        info = dict(info, fingerprint=backbones.fingerprint(model), finetuned=str(run_dir / BACKBONE_DIR))
     metrics, warnings = score_splits(task, head, model, recipe, run_dir, device, splits=splits, cached=cached,
                                      cache_dir=run_dir / "cache", log=log)
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(run_dir / HEAD))
@@ -271,11 +271,11 @@ def _evaluate_backbone(recipe, saved: dict, run_dir: Path) -> tuple[torch.nn.Mod
     spec = recipe.downstream.backbone
     override = spec != trained["spec"]
     if override:
-        model, info = B.load_backbone(spec, recipe, seed=recipe.downstream.seed)
+        model, info = backbones.load_backbone(spec, recipe, seed=recipe.downstream.seed)
     elif (run_dir / BACKBONE_DIR).is_dir():
-        model, info = B.load_backbone(f"export:{run_dir / BACKBONE_DIR}", recipe)
+        model, info = backbones.load_backbone(f"export:{run_dir / BACKBONE_DIR}", recipe)
     else:
-        model, info = B.load_backbone(spec, recipe, seed=trained.get("seed") or 0)
+        model, info = backbones.load_backbone(spec, recipe, seed=trained.get("seed") or 0)
     if info["fingerprint"] != trained["fingerprint"]:
         name = trained.get("finetuned") or trained["spec"]
         fix = (f"drop the override to score the run's own backbone, or `echofm finetune` a new run on '{spec}'"
@@ -302,7 +302,7 @@ def evaluate(recipe, checkpoint: str | Path, log=print, *, data: str | Path | No
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, shards=str(data)))
     splits = _evaluate_splits(recipe, saved, external=data is not None)
     model, info = _evaluate_backbone(recipe, saved, run_dir)
-    B.check_model_section(recipe, model, info["spec"])
+    backbones.check_model_section(recipe, model, info["spec"])
     recipe.validate(model.cfg, what=f"the backbone '{info['spec']}'")
     task = make_task(dataclasses.replace(cfg, classes=list(saved["task"]["classes"])), [])
     head = build_head(saved["head"])

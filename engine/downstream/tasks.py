@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from echofm.loaders.errors import DataError
 
-from . import metrics as M
-from .config import DownstreamConfig
+from ..downstream_config import DownstreamConfig
+from . import metrics as task_metrics
 
 DEFAULT_KEYS = {"view": "view", "ef": "ef", "grade": "grade", "seg": "seg"}
 GRADE_CLASSES = ["0", "1", "2"]  # none / mild / significant
@@ -98,12 +98,12 @@ class ClassificationTask(Task):
         """y: int [N]; scores: float [N, C] (clip-averaged probabilities)."""
         pred = scores.argmax(1)
         c = len(self.classes)
-        res = M.with_ci({
-            "accuracy": lambda i: M.accuracy(y[i], pred[i]),
-            "macro_f1": lambda i: M.macro_f1(y[i], pred[i], c),
-            "macro_auroc": lambda i: M.macro_auroc(y[i], scores[i]),
+        res = task_metrics.with_ci({
+            "accuracy": lambda i: task_metrics.accuracy(y[i], pred[i]),
+            "macro_f1": lambda i: task_metrics.macro_f1(y[i], pred[i], c),
+            "macro_auroc": lambda i: task_metrics.macro_auroc(y[i], scores[i]),
         }, patients, samples=self._n(bootstrap), ci=self.cfg.ci, seed=self.cfg.seed)
-        res["confusion_matrix"] = M.confusion_matrix(y, pred, c).tolist()
+        res["confusion_matrix"] = task_metrics.confusion_matrix(y, pred, c).tolist()
         return res
 
 
@@ -132,12 +132,12 @@ class RegressionTask(Task):
         """y: float [N] true EF; scores: float [N, 1] clip-averaged predicted EF."""
         pred = scores[:, 0]
         reduced = y < self.cfg.ef_threshold
-        res = M.with_ci({
-            "mae": lambda i: M.mae(y[i], pred[i]),
-            "rmse": lambda i: M.rmse(y[i], pred[i]),
-            "r2": lambda i: M.r2(y[i], pred[i]),
+        res = task_metrics.with_ci({
+            "mae": lambda i: task_metrics.mae(y[i], pred[i]),
+            "rmse": lambda i: task_metrics.rmse(y[i], pred[i]),
+            "r2": lambda i: task_metrics.r2(y[i], pred[i]),
             # Lower predicted EF = more likely reduced.
-            f"auroc_ef_below_{self.cfg.ef_threshold:g}": lambda i: M.auroc(reduced[i], -pred[i]),
+            f"auroc_ef_below_{self.cfg.ef_threshold:g}": lambda i: task_metrics.auroc(reduced[i], -pred[i]),
         }, patients, samples=self._n(bootstrap), ci=self.cfg.ci, seed=self.cfg.seed)
         res["bias"] = float(np.mean(pred - y))
         return res
@@ -180,7 +180,7 @@ class SegTask(Task):
 
         fns = {f"dice_{n}": one(s) for s, n in enumerate(names)}
         fns["dice_mean"] = lambda i: float(np.nanmean([f(i) for f in list(fns.values())[:len(names)]]))
-        res = M.with_ci(fns, patients, samples=self._n(bootstrap), ci=self.cfg.ci, seed=self.cfg.seed)
+        res = task_metrics.with_ci(fns, patients, samples=self._n(bootstrap), ci=self.cfg.ci, seed=self.cfg.seed)
         res["frames"] = int(dice.shape[0])
         return res
 

@@ -44,12 +44,6 @@ def _dangling(path: Path) -> bool:
     return path.is_symlink() and not path.exists()
 
 
-def is_dicom(path: Path) -> bool:
-    if path.suffix.lower() in (".dcm", ".dicom"):
-        return True
-    return sniff(path) == "dicom"
-
-
 def discover(path: str | Path, dataset: str | None = None) -> Discovery:
     root = Path(path)
     # a dangling symlink is listed too: as a video it becomes a `missing_file` reject, else it is ignored
