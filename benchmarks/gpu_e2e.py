@@ -131,7 +131,7 @@ def _backend(work: Path) -> str:
 def stage_preflight(plan: Plan, work: Path) -> dict:
     """NVDEC evidence first (cheap), then what the kit brought: versions, the device."""
     from echofm.loaders.errors import DataError
-    from echofm.loaders.stream import NVCUVID, require_nvdec
+    from echofm.loaders.pipeline import NVCUVID, require_nvdec
 
     out: dict = {"plan": asdict(plan), "nvcuvid": {
         "ldconfig -p | grep -i nvcuvid": _sh("ldconfig -p | grep -i nvcuvid") or "(nothing)",

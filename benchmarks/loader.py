@@ -311,7 +311,7 @@ def run_stream(shards: str, size: int, threads: int, clips: int, warm: int = 2, 
             if n >= clips:
                 break
     dt, cpu = time.perf_counter() - t0, _cpu_seconds([os.getpid()]) - c0
-    remote = s._corpus.remote
+    remote = s.samples.remote
     cache = {} if remote is None else {
         "downloads": remote.cache.downloads, "downloaded_bytes": remote.cache.downloaded_bytes,
         "peak_bytes": remote.cache.peak_bytes, "limit_bytes": remote.cache.limit,

@@ -556,19 +556,6 @@ def _section(cfg_cls: type, data: dict, file: Path, name: str) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
 
 
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def param_count_millions(model: EchoFM) -> dict[str, float]:
-    """Parameters per part, in millions (for reports)."""
-    enc = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("decoder", "mask_token", "phase")))
-    phase = sum(p.numel() for n, p in model.named_parameters() if n.startswith("phase"))
-    total = count_params(model)
-    return {"encoder": enc / 1e6, "phase": phase / 1e6, "decoder": (total - enc - phase) / 1e6,
-            "total": total / 1e6}
-
-
 def _configs_from_json(f: Path, attn_backend: str | None) -> tuple[ModelConfig, MaskConfig, LossConfig]:
     """config.json -> its configs, the model bounded in size before anything is built;
     CheckpointError naming the file."""
@@ -600,4 +587,4 @@ def _configs_from_json(f: Path, attn_backend: str | None) -> tuple[ModelConfig, 
     return mcfg, mask, loss
 
 
-__all__ = ["EchoFM", "ModelConfig", "PRESETS", "count_params", "param_count_millions"]
+__all__ = ["EchoFM", "ModelConfig", "PRESETS"]

@@ -42,14 +42,20 @@ def inverse_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @triton.jit
+def _tile(rows, per_sample, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # The index setup of every kernel here: this program's tile is BLOCK_R of the `rows` rows
+    # (b, i) of a [B, per_sample] row grid (axis 0) x BLOCK_C columns (axis 1).
+    # -> b int64 [R], i [R], row mask [R], columns [C].
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return (r // per_sample).to(tl.int64), r % per_sample, r < rows, cols
+
+
+@triton.jit
 def _gather_rows_kernel(x, ids, y, rows, K, D, sxb, sxn, sxd, sib, sik, syb, syk, syd,
                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # One tile = BLOCK_R output rows (b, k) x BLOCK_D features: y[b, k] = x[b, ids[b, k]].
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    rmask = r < rows
-    b = (r // K).to(tl.int64)
-    k = r % K
+    b, k, rmask, d = _tile(rows, K, BLOCK_R, BLOCK_D)
     src_row = tl.load(ids + b * sib + k * sik, mask=rmask, other=0)
     m = rmask[:, None] & (d < D)[None, :]
     val = tl.load(x + (b * sxb + src_row * sxn)[:, None] + d[None, :] * sxd, mask=m)
@@ -61,11 +67,7 @@ def _scatter_rows_kernel(y, pos, fill, out, rows, n, D, syb, syk, syd, sfb, sfn,
                          FILL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # One tile = BLOCK_R output rows (b, j): out[b, j] = y[b, pos[b, j]] if pos >= 0 else fill.
     # FILL: 0 zeros, 1 one [D] vector (mask token), 2 a full [B, n, D] tensor.
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    rmask = r < rows
-    b = (r // n).to(tl.int64)
-    j = r % n
+    b, j, rmask, d = _tile(rows, n, BLOCK_R, BLOCK_D)
     p = tl.load(pos + b * n + j, mask=rmask, other=-1)
     m = rmask[:, None] & (d < D)[None, :]
     hit = m & (p >= 0)[:, None]
@@ -183,11 +185,7 @@ def _patches_fwd_kernel(video, ids, scale, shift, out, rows, K, P, Hp, Wp,
                         PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NORM: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
     # out[b, k, e] = norm(video at element e of patch ids[b, k]); norm = x * scale[c] + shift[c].
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-    rmask = r < rows
-    b = (r // K).to(tl.int64)
-    k = r % K
+    b, k, rmask, e = _tile(rows, K, BLOCK_R, BLOCK_E)
     patch = tl.load(ids + b * sib + k * sik, mask=rmask, other=0)
     src, c = _patch_offsets(b, patch, e, Hp, Wp, svb, svt, svh, svw, svc, PT, PH, PW)
     m = rmask[:, None] & (e < P)[None, :]
@@ -204,11 +202,7 @@ def _patches_bwd_kernel(dp, pos, scale, dvideo, rows, L, P, Hp, Wp,
                         BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
     # Over ALL L grid patches of each sample, so every video element is written once:
     # dvideo = dp[b, pos] * scale[c] for visible patches (pos >= 0), else 0.
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-    rmask = r < rows
-    b = (r // L).to(tl.int64)
-    patch = r % L
+    b, patch, rmask, e = _tile(rows, L, BLOCK_R, BLOCK_E)
     p = tl.load(pos + b * L + patch, mask=rmask, other=-1)
     dst, c = _patch_offsets(b, patch, e, Hp, Wp, svb, svt, svh, svw, svc, PT, PH, PW)
     m = rmask[:, None] & (e < P)[None, :]

@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .errors import DataError
+
 
 @dataclass(kw_only=True, slots=True)
 class GraphSpec:
@@ -50,6 +52,25 @@ class GraphSpec:
         """Names of the per-sample inputs `source()` returns, in order (unused ones left out)."""
         return (["video", "frames"] + (["roi"] if self.crop else [])
                 + (["flip"] if self.flip else []) + (["seg"] if self.segmentation else []))
+
+
+NVCUVID = "libnvcuvid.so.1"
+"""The NVIDIA driver's video-decode library, which DALI's mixed decoder loads (NVDEC)."""
+
+
+def require_nvdec(lib: str = NVCUVID) -> None:
+    """Raise DataError unless `lib` loads. A GPU machine can have CUDA but not the driver's
+    video libraries (containers without the 'video' capability); DALI then fails inside its
+    pipeline, with a message about Docker."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(lib)
+    except OSError as e:
+        raise DataError(f"data.backend=mixed (NVDEC) needs the NVIDIA driver's {lib}, which does not "
+                        f"load here ({e}): set data.backend=cpu (vp9/vp8/mjpeg shards), or run where "
+                        "the driver's video libraries are present (containers: "
+                        "NVIDIA_DRIVER_CAPABILITIES must include 'video')") from None
 
 
 DALI_CAUSE = "encountered:"

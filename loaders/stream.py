@@ -22,44 +22,49 @@ SSD friendly; each read is one clip of tens of KB; shards at a URL are read whol
 node-local cache first: cache.py). Those decisions are pure functions in
 `sampling.py` (tested without DALI); this module reads the bytes and runs the graph.
 
-Usage (a trainer):
+Usage, as engine/trainer.py runs it (each rank its own part of every global batch):
 
     s = ClipStream(cfg, train=True, rank=r, world_size=w, device=torch.device("cuda", r))
-    s.load_state_dict(ckpt["loader"])        # optional: exact mid-epoch resume
-    for epoch in range(s.epoch, epochs):
-        s.set_epoch(epoch)                   # keeps the position when resuming this epoch
-        for batch in s:                      # batch["video"]: uint8 [B, T, H, W, 3]
-            ...; ckpt["loader"] = s.state_dict()
+    s.load_state_dict(rank_state["stream"])  # optional: exact resume, also at another world size
+    it = iter(s)
+    while training:
+        try:
+            batch = next(it)                 # batch["video"]: uint8 [B, T, H, W, 3] on the device
+        except StopIteration:                # epoch done: the stream is on the next one
+            it = iter(s)
+            batch = next(it)
+        ...
+        rank_state["stream"] = s.state_dict()  # with each checkpoint
+
+Modules, one job each: sample_table.py (which bytes are each sample's, checked on first
+read), sampling.py (the order and the random numbers), prefetch.py (batches in flight in the
+DALI pipeline), pipeline.py (the DALI graph); this module reads each batch on the host and
+hands out torch tensors.
 """
 from __future__ import annotations
 
-import collections
-import hashlib
 import io
 import json
 import os
-import warnings
 from collections.abc import Collection
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from .errors import DataError
 from .fold import folded_stride, stream_stride
-from .pipeline import GraphSpec, build_pipeline, decoder_reason
+from .pipeline import GraphSpec, require_nvdec
+from .prefetch import BatchFailed, HostBatch, Prefetcher, find_bad
 from .cache import RemoteShards, default_cache_dir
 from .remote import is_url
+from .sample_table import SampleTable
 from .sampling import Position, Sampling, batch_draws, clip_frames, epoch_plan, items_digest
-from .shards import read_index, read_manifest, read_member_hashes
 from .trim import NotCuttable, cut_clip, scan_frames
 
 CPU_CODECS = ("vp9", "vp8", "mjpeg")
 """Codecs DALI's CPU video decoder reads; H.264/HEVC/AV1 need the mixed (GPU) backend."""
 
-NVCUVID = "libnvcuvid.so.1"
-"""The NVIDIA driver's video-decode library, which DALI's mixed decoder loads (NVDEC)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -145,283 +150,6 @@ class StreamConfig:
             raise ValueError("cache_limit_gb > 0, fetch_threads >= 1 and fetch_ahead >= 0 are required")
 
 
-def require_nvdec(lib: str = NVCUVID) -> None:
-    """Raise DataError unless `lib` loads. A GPU machine can have CUDA but not the driver's
-    video libraries (containers without the 'video' capability); DALI then fails inside its
-    pipeline, with a message about Docker."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(lib)
-    except OSError as e:
-        raise DataError(f"data.backend=mixed (NVDEC) needs the NVIDIA driver's {lib}, which does not "
-                        f"load here ({e}): set data.backend=cpu (vp9/vp8/mjpeg shards), or run where "
-                        "the driver's video libraries are present (containers: "
-                        "NVIDIA_DRIVER_CAPABILITIES must include 'video')") from None
-
-
-# ---------------------------------------------------------------- the sample table
-
-
-class _Url(str):
-    """A remote shard's URL, shown in messages where a local shard shows its path."""
-
-    @property
-    def name(self) -> str:
-        return self.rsplit("/", 1)[-1]
-
-
-class _Corpus:
-    """The samples of one split: key, shard and (offset, size) of each component.
-
-    Reads only the manifest, the DALI index files and (verify=True) the per-member sha256s
-    of the shards' sample lists; component bytes are fetched on demand with `os.pread` (no
-    tar parsing, no seeks shared between threads).
-    """
-
-    COMPONENTS = ("video", "nframes", "json", "seg")
-    DIGEST = 16
-    """Bytes of each member's sha256 kept in memory (64 B per sample for 4 members): ample to
-    detect damage, 18 MB for a 290k-clip corpus."""
-
-    FDS_REMOTE = 16
-    """Remote shards: open shard files kept per process (an evicted one stays readable while open)."""
-
-    def __init__(self, shard_dir: str | Path, split: str, segmentation: bool, verify: bool = True,
-                 remote: RemoteShards | None = None) -> None:
-        self.remote = remote
-        self.dir = remote.meta_dir if remote is not None else Path(shard_dir)
-        self.manifest = remote.manifest if remote is not None else read_manifest(self.dir)
-        m = self.manifest
-        shards = [s for s in m["shards"] if split == "all" or s["split"] == split]
-        if not shards:
-            raise DataError(f"{shard_dir}/manifest.json: no shards of split {split!r} "
-                            f"(splits there: {m['splits']})")
-        self.entries = shards
-        exts = {"video": m["video_ext"], "nframes": "nframes", "json": "json", "seg": "seg.npy"}
-        self.tars: list[Path] = []
-        self.keys: list[str] = []
-        shard_of, table, digests = [], [], []
-        for s in shards:
-            idx_path = self.dir / s["idx"]
-            try:
-                entries = read_index(idx_path)
-            except (OSError, ValueError) as e:
-                raise DataError(f"{idx_path}: unreadable DALI index ({e})") from e
-            hashes = read_member_hashes(self.dir, s) if verify else {}
-            si = len(self.tars)
-            self.tars.append(Path(self.dir / s["tar"]) if remote is None else _Url(remote.store.where(s["tar"])))
-            for comps in entries:
-                by_ext = {ext: (off, size) for ext, off, size, _ in comps}
-                key = comps[0][3][: -len(comps[0][0]) - 1]
-                row = []
-                for c in self.COMPONENTS:
-                    if exts[c] in by_ext:
-                        row += by_ext[exts[c]]
-                    elif c == "seg" and not segmentation:
-                        row += (-1, -1)
-                    else:
-                        hint = (" (ingest the masks, or set data.segmentation=false)" if c == "seg"
-                                else " (re-run `echofm ingest` into a fresh directory)")
-                        raise DataError(f"{self.tars[si]}: sample {key} has no .{exts[c]} component{hint}")
-                self.keys.append(key)
-                shard_of.append(si)
-                table.append(row)
-                digests.append(self._digests(hashes.get(key), exts))
-        self.shard = np.asarray(shard_of, dtype=np.int32)
-        self.table = np.asarray(table, dtype=np.int64).reshape(-1, len(self.COMPONENTS), 2)
-        self.exts = exts
-        C = len(self.COMPONENTS)
-        self.digest = np.frombuffer(b"".join(d for d, _ in digests), np.uint8).reshape(-1, C, self.DIGEST)
-        # [N, C] bool: member not yet checked in this process (False: checked, or no hash
-        # recorded by an older ingest). First touch only: a sample is hashed once per process
-        # (page-cache reads of bytes already checked are trusted), so later epochs pay nothing.
-        self.unchecked = np.asarray([h for _, h in digests], dtype=bool).reshape(-1, C)
-        if verify and len(self.keys) and not self.unchecked.any():
-            warnings.warn(f"{self.dir}: the shards record no per-member sha256 (written by an older "
-                          "ingest): samples are read unchecked; re-ingest to have damage detected", stacklevel=3)
-        elif verify and len(self.keys) and not self.unchecked.any(axis=1).all():
-            some = [self.keys[i] for i in np.flatnonzero(~self.unchecked.any(axis=1))]
-            warnings.warn(f"{self.dir}: {len(some)} sample(s) record no per-member sha256 (e.g. {some[0]}): they "
-                          "are read unchecked; `echofm shards verify` lists them", stacklevel=3)
-        self._fds: dict[int, int] = {}
-
-    def _digests(self, members: dict | None, exts: dict) -> tuple[bytes, list[bool]]:
-        out, has = b"", []
-        for c in self.COMPONENTS:
-            h = (members or {}).get(exts[c])
-            has.append(h is not None)
-            out += bytes.fromhex(h)[: self.DIGEST] if h is not None else bytes(self.DIGEST)
-        return out, has
-
-    def check(self, i: int, component: str, data: bytes) -> None:
-        """On the first read of a member: raise DataError when `data` (component of sample i)
-        differs from its ingest sha256."""
-        c = self.COMPONENTS.index(component)
-        if not self.unchecked[i, c]:
-            return
-        if hashlib.sha256(data).digest()[: self.DIGEST] != self.digest[i, c].tobytes():
-            raise DataError(f"{self.where(i)}: .{self.exts[component]} differs from the sha256 recorded at "
-                            "ingest (the shard was damaged or changed since); `echofm shards verify "
-                            f"{self.dir}` lists every damaged sample")
-        self.unchecked[i, c] = False
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def where(self, i: int) -> str:
-        """'<tar path>: sample <key>' for messages."""
-        return f"{self.tars[self.shard[i]]}: sample {self.keys[i]}"
-
-    def read(self, i: int, component: str) -> bytes:
-        c = self.COMPONENTS.index(component)
-        off, size = (int(v) for v in self.table[i, c])
-        si = int(self.shard[i])
-        fd = self._fds.get(si)
-        if fd is None:
-            fd = self._fds[si] = self._open(si)
-        data = os.pread(fd, size, off)
-        if len(data) != size:
-            raise DataError(f"{self.where(i)}: component .{component} is truncated "
-                            f"({len(data)} of {size} bytes at offset {off}; the shard file is damaged)")
-        self.check(i, component, data)
-        return data
-
-    def _open(self, si: int) -> int:
-        if self.remote is None:
-            try:
-                return os.open(self.tars[si], os.O_RDONLY)
-            except OSError as e:
-                raise DataError(f"{self.tars[si]}: cannot open shard ({e.strerror})") from e
-        while len(self._fds) >= self.FDS_REMOTE:  # the oldest opened: bounded disk held past eviction
-            os.close(self._fds.pop(next(iter(self._fds))))
-        for _ in range(3):  # another rank may evict it between the download and the open
-            try:
-                return os.open(self.remote.cache.path(self.entries[si]), os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-        raise DataError(f"{self.tars[si]}: the cached shard keeps being evicted before it is read; "
-                        "raise data.cache_limit_gb")
-
-    def prefetch(self, items: np.ndarray) -> None:
-        """Remote shards: download the shards of these samples (corpus indices, in reading order)."""
-        if self.remote is not None and len(items):
-            si = list(dict.fromkeys(self.shard[items].tolist()))
-            self.remote.cache.want([self.entries[i] for i in si])
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-# ---------------------------------------------------------------- batches in flight
-
-
-@dataclass(slots=True)
-class _HostBatch:
-    """One batch as handed to DALI, plus what the consumer needs alongside."""
-
-    epoch: int
-    pos: int
-    """Epoch and position of the batch in that epoch's plan."""
-    items: list[int]
-    """Sample (video) indices in the corpus, in batch order."""
-    meta: list[dict]
-    inputs: dict[str, list]
-    """Per-input lists, keyed by `GraphSpec.inputs()` names."""
-    index: np.ndarray
-    """int64 [B, T] source frame of every clip frame."""
-    decoded: int = 0
-    """Frames the decoder produces for this batch (decoded fps)."""
-    dropped: int = 0
-    """Damaged samples left out of this batch (on_error='skip')."""
-
-
-class _Once:
-    """A DALI source that yields one batch, then ends."""
-
-    def __init__(self, batch: tuple) -> None:
-        self.batch = batch
-
-    def __call__(self) -> tuple:
-        if self.batch is None:
-            raise StopIteration
-        batch, self.batch = self.batch, None
-        return batch
-
-
-class _BatchFailed(Exception):
-    def __init__(self, batch: _HostBatch, err: BaseException) -> None:
-        super().__init__(str(err))
-        self.batch, self.err = batch, err
-
-
-class _Live:
-    """A running pipeline: batches prepared on the host (`feed`), handed to DALI (`inflight`),
-    and the next (epoch, position) to prepare. Training runs on into the next epochs.
-
-    Holds no reference to its ClipStream (no cycle keeps DALI's threads alive);
-    `release()` drops the pipeline at once."""
-
-    def __init__(self, epoch: int, pos: int) -> None:
-        self.feed: collections.deque[_HostBatch] = collections.deque()
-        self.inflight: collections.deque[_HostBatch] = collections.deque()
-        self.emptied: list[tuple[int, int, int]] = []  # (epoch, pos, dropped) of batches left empty
-        self.next = (epoch, pos)
-        self.expect = (epoch, pos)
-        self.pipe = None
-        self.cuda_stream = None
-
-    def source(self) -> tuple:  # called by DALI's schedule_run, in the consumer's thread
-        if not self.feed:
-            raise StopIteration
-        hb = self.feed.popleft()
-        self.inflight.append(hb)
-        return tuple(hb.inputs.values())
-
-    def prepare(self, s: "ClipStream") -> None:
-        """Read and queue the next batch that has samples left (at most into the next epoch)."""
-        crossed = False
-        while True:
-            epoch, b = self.next
-            if b >= len(s._plan(epoch)):
-                if not s.train or crossed:  # evaluation is one pass
-                    return
-                self.next, crossed = (epoch + 1, 0), True
-                continue
-            hb = s._host_batch(epoch, b)
-            self.next = (epoch, b + 1)
-            if hb.items:
-                self.feed.append(hb)
-                return
-            self.emptied.append((epoch, b, hb.dropped))
-
-    def count_emptied(self, s: "ClipStream", before: tuple[int, int]) -> None:
-        """Count the drops of empty batches the consumer has now passed."""
-        while self.emptied and self.emptied[0][:2] < before:
-            s.stats["skipped"] += self.emptied.pop(0)[2]
-
-    def start(self, s: "ClipStream") -> bool:
-        for _ in range(s._spec.prefetch):
-            self.prepare(s)
-        if not self.feed:  # nothing left to decode in this epoch
-            self.count_emptied(s, (self.expect[0] + 1, -1))
-            return False
-        self.pipe = build_pipeline(s._spec, self.source)
-        if s.backend == "mixed":  # outputs bound to torch's stream: no host sync
-            import torch
-
-            self.cuda_stream = torch.cuda.current_stream(s.device)
-        self.pipe.schedule_run()
-        return True
-
-    def release(self) -> None:
-        self.pipe = None  # the pipeline <-> source cycle is broken: DALI's threads stop now
-        self.feed.clear()
-        self.inflight.clear()
-
-
 # ---------------------------------------------------------------- the stream
 
 
@@ -454,36 +182,17 @@ class ClipStream:
         self.device = torch.device(device if device is not None else "cpu")
         self.backend = self._resolve_backend()
         manifest_path = f"{str(cfg.shards).rstrip('/')}/manifest.json"
-        remote = None
-        if is_url(cfg.shards):
-            remote = RemoteShards(cfg.shards, cfg.cache_dir or default_cache_dir(), int(cfg.cache_limit_gb * 1e9),
-                                  cfg.fetch_threads)
-        self._corpus = _Corpus(cfg.shards, cfg.split, cfg.segmentation, cfg.verify, remote=remote)
-        m = self._corpus.manifest
-        codec = str(m["codec"]).lower()
-        if self.backend == "cpu" and codec not in CPU_CODECS:
-            raise DataError(
-                f"{manifest_path}: the shards hold {codec} video, which DALI's CPU backend cannot "
-                f"decode (it reads {', '.join(CPU_CODECS)}; {codec} needs NVDEC). Re-ingest with "
-                f"`echofm ingest ... --codec vp9` (or mjpeg), or run on a CUDA GPU "
-                f"(data.backend=auto or mixed)."
-            )
-        self._codec = codec
+        self.samples = self._open_samples()
+        m = self.samples.manifest
+        self._codec = self._check_codec(str(m["codec"]).lower(), manifest_path)
         self.fold = folded_stride(m)
         """Source frames per shard frame (ingest's fold_stride, loaders/fold.py): the stream samples
         shard frames at data.stride / fold; `frames_index` counts shard frames."""
-        self._cuttable = cfg.cut_gops and codec in ("vp9", "vp8") and m["video_ext"] == "webm"
+        self._cuttable = cfg.cut_gops and self._codec in ("vp9", "vp8") and m["video_ext"] == "webm"
         crop = train and cfg.random_resized_crop is not None
-        self._spec = GraphSpec(
-            size=cfg.size,
-            in_height=int(m["height"]), in_width=int(m["width"]), crop=crop,
-            flip=train and cfg.flip, segmentation=cfg.segmentation, decoder=self.backend,
-            batch_size=cfg.batch_size, num_threads=cfg.num_threads,
-            device_id=self._device_index() if self.backend == "mixed" else None,
-            prefetch=cfg.prefetch,
-        )
+        self._spec = self._graph_spec(m, crop)
         self._items = self._select(keys)
-        self._items_digest = items_digest([self._corpus.keys[i] for i in self._items])
+        self._items_digest = items_digest([self.samples.keys[i] for i in self._items])
         self._sampling = Sampling(seed=cfg.seed, train=train, rank=rank, world_size=world_size,
                                   batch_size=cfg.batch_size, num_frames=cfg.num_frames,
                                   stride=stream_stride(cfg.stride, self.fold, manifest_path),
@@ -496,25 +205,55 @@ class ClipStream:
         self.resume_notes: list[str] = []
         """The layout changes the last `load_state_dict` accepted ("world size 2 -> 1")."""
         self._plan_cache: dict[tuple[int, int], list[np.ndarray]] = {}
-        self._live: _Live | None = None
+        self._live: Prefetcher | None = None
         self._bad: dict[int, str] = {}  # sample -> why it was skipped
         self.stats: dict[str, int] = {"batches": 0, "clips": 0, "frames": 0, "decoded_frames": 0,
                                       "skipped": 0}
         """clips/frames delivered (sampled), decoded_frames (frames the decoder produced, from
         the first frame of the stream it was given to the last needed one), skipped damaged
         samples."""
-        if remote is not None:
-            self._check_cache_limit(remote)
+        if self.samples.remote is not None:
+            self._check_cache_limit(self.samples.remote)
         if train and len(self) == 0:  # (an evaluation rank may legitimately get nothing)
             raise DataError(f"{manifest_path}: split {cfg.split!r} has {len(self._items)} samples"
                             f"{'' if keys is None else ' selected'}, too few for {world_size} rank(s) x "
                             f"batch_size {cfg.batch_size}")
 
+    def _open_samples(self) -> SampleTable:
+        """The split's sample table; shards at a URL are read through the node's cache."""
+        cfg, remote = self.cfg, None
+        if is_url(cfg.shards):
+            remote = RemoteShards(cfg.shards, cfg.cache_dir or default_cache_dir(), int(cfg.cache_limit_gb * 1e9),
+                                  cfg.fetch_threads)
+        return SampleTable(cfg.shards, cfg.split, cfg.segmentation, cfg.verify, remote=remote)
+
+    def _check_codec(self, codec: str, manifest_path: str) -> str:
+        if self.backend == "cpu" and codec not in CPU_CODECS:
+            raise DataError(
+                f"{manifest_path}: the shards hold {codec} video, which DALI's CPU backend cannot "
+                f"decode (it reads {', '.join(CPU_CODECS)}; {codec} needs NVDEC). Re-ingest with "
+                f"`echofm ingest ... --codec vp9` (or mjpeg), or run on a CUDA GPU "
+                f"(data.backend=auto or mixed)."
+            )
+        return codec
+
+    def _graph_spec(self, m: dict, crop: bool) -> GraphSpec:
+        """The DALI graph for shards of `m`'s frame size (manifest) and this stream's settings."""
+        cfg = self.cfg
+        return GraphSpec(
+            size=cfg.size,
+            in_height=int(m["height"]), in_width=int(m["width"]), crop=crop,
+            flip=self.train and cfg.flip, segmentation=cfg.segmentation, decoder=self.backend,
+            batch_size=cfg.batch_size, num_threads=cfg.num_threads,
+            device_id=self._device_index() if self.backend == "mixed" else None,
+            prefetch=cfg.prefetch,
+        )
+
     def _check_cache_limit(self, remote: RemoteShards) -> None:
         """DataError naming data.cache_limit_gb when the node's cache cannot hold the shards in
         use at once (each batch may touch batch_size shards; every rank of the node reads and
         prefetches its own), unless the whole split fits."""
-        cfg, entries = self.cfg, self._corpus.entries
+        cfg, entries = self.cfg, self.samples.entries
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         in_use = cfg.fetch_threads + (cfg.fetch_ahead + cfg.prefetch + 1) * cfg.batch_size
         need = min(sum(e["bytes"] for e in entries),
@@ -527,8 +266,8 @@ class ClipStream:
     def _select(self, keys: Collection[str] | None) -> np.ndarray:
         """int64 [n]: corpus indices of the samples to read, in corpus order."""
         if keys is None:
-            return np.arange(len(self._corpus))
-        index = {k: i for i, k in enumerate(self._corpus.keys)}
+            return np.arange(len(self.samples))
+        index = {k: i for i, k in enumerate(self.samples.keys)}
         missing = sorted(set(keys) - set(index))
         if missing:
             raise DataError(f"{self.cfg.shards}: {len(missing)} selected sample(s) are not in split "
@@ -585,7 +324,7 @@ class ClipStream:
         at = self._position()
         self.resume_notes = at.load_state_dict(state)
         self.epoch, self._pos, self._start = at.epoch, at.position, (at.epoch, at.start)
-        index = {k: i for i, k in enumerate(self._corpus.keys)}
+        index = {k: i for i, k in enumerate(self.samples.keys)}
         reasons = state.get("bad_reasons", {})
         self._bad = {index[k]: reasons.get(k, "damaged") for k in state.get("bad_keys", []) if k in index}
         self.stats.update(state.get("stats", {}))
@@ -593,7 +332,7 @@ class ClipStream:
     @property
     def damaged(self) -> dict[str, str]:
         """Samples found damaged so far (and skipped with on_error=skip): key -> the reason."""
-        return {self._corpus.keys[i]: why for i, why in sorted(self._bad.items())}
+        return {self.samples.keys[i]: why for i, why in sorted(self._bad.items())}
 
     def check_dropped(self, damaged: int | None = None) -> None:
         """Raise DataError when more than data.max_dropped of the split was found damaged.
@@ -610,12 +349,12 @@ class ClipStream:
     def close(self) -> None:
         """Stop the pipeline (DALI's threads) and close the shard files; iterating reopens."""
         self._drop_live()
-        self._corpus.close()
-        if self._corpus.remote is not None:
-            self._corpus.remote.close()
+        self.samples.close()
+        if self.samples.remote is not None:
+            self.samples.remote.close()
 
     def __del__(self) -> None:
-        if hasattr(self, "_corpus"):
+        if hasattr(self, "samples"):
             self.close()
 
     # -- the epoch plan ---------------------------------------------------------------
@@ -631,17 +370,17 @@ class ClipStream:
         self._plan_cache = {k: p for k, p in self._plan_cache.items() if k[0] == epoch - 1} | {key: plan}
         return plan
 
-    def _host_batch(self, epoch: int, b: int) -> _HostBatch:
+    def _host_batch(self, epoch: int, b: int) -> HostBatch:
         """Read batch b's components, choose its clips and draw its random numbers (all from
         (seed, epoch, rank, b): sampling.py, so a batch is the same whenever it is made)."""
         cfg, spec = self.cfg, self._spec
         plan = self._plan(epoch)
         rows = plan[b]
-        if self._corpus.remote is not None:  # this batch first, then the next ones' shards
+        if self.samples.remote is not None:  # this batch first, then the next ones' shards
             ahead = plan[b:b + 1 + self.cfg.fetch_ahead]
-            self._corpus.prefetch(np.concatenate([r[:, 1] for r in ahead]))
+            self.samples.prefetch(np.concatenate([r[:, 1] for r in ahead]))
         draws = batch_draws(self._sampling, epoch, rows)
-        hb = _HostBatch(epoch=epoch, pos=b, items=[], meta=[], inputs={n: [] for n in spec.inputs()},
+        hb = HostBatch(epoch=epoch, pos=b, items=[], meta=[], inputs={n: [] for n in spec.inputs()},
                         index=np.empty((0, cfg.num_frames), dtype=np.int64))
         index = []
         for j, (_, v, clip) in enumerate(rows.tolist()):
@@ -689,7 +428,7 @@ class ClipStream:
         except NotCuttable:
             return None
         if len(frames) < nframes:
-            raise DataError(f"{self._corpus.where(v)}: .nframes says {nframes} frames but the video holds "
+            raise DataError(f"{self.samples.where(v)}: .nframes says {nframes} frames but the video holds "
                             f"{len(frames)} (a wrong frame count); re-ingest the sample")
         return frames
 
@@ -706,7 +445,7 @@ class ClipStream:
         return np.frombuffer(video, dtype=np.uint8), idx, int(sum(r[-1] + 1 for r in runs))
 
     def _read_sample(self, v: int) -> tuple[bytes, int, dict, np.ndarray | None]:
-        corpus = self._corpus
+        corpus = self.samples
         video = corpus.read(v, "video")
         raw = corpus.read(v, "nframes")
         if len(raw) != 4:
@@ -745,18 +484,18 @@ class ClipStream:
                 for batch, pos in self._run():
                     self._pos = pos + 1
                     yield batch
-            except _BatchFailed as f:  # (DALI invalidates a pipeline after an operator error)
-                bad = self._find_bad(f.batch)  # {sample: decoder message}
+            except BatchFailed as f:  # (DALI invalidates a pipeline after an operator error)
+                bad = find_bad(self._spec, f.batch)  # {sample: decoder message}
                 if not bad:
-                    keys = ", ".join(self._corpus.keys[v] for v in f.batch.items)
+                    keys = ", ".join(self.samples.keys[v] for v in f.batch.items)
                     raise DataError(f"{self.cfg.shards}: DALI failed on a batch of samples {keys}, "
                                     f"none of which fails alone ({str(f.err).splitlines()[0]})") from f.err
                 if self.cfg.on_error == "raise":
                     v, why = next(iter(bad.items()))
-                    raise DataError(f"{self._corpus.where(v)}: the video cannot be decoded ({why}); "
+                    raise DataError(f"{self.samples.where(v)}: the video cannot be decoded ({why}); "
                                     f"re-ingest it, or set data.on_error=skip to skip and "
                                     f"count such samples") from None
-                self._bad.update({v: f"{self._corpus.where(v)}: the video cannot be decoded ({why})"
+                self._bad.update({v: f"{self.samples.where(v)}: the video cannot be decoded ({why})"
                                   for v, why in bad.items()})  # retry from the failed batch without them
                 self._pos = f.batch.pos
                 continue
@@ -769,36 +508,37 @@ class ClipStream:
         The pipeline outlives the epoch in training: it is already decoding the next
         epoch's first batches when this one ends, and a later `for` that continues from
         the same (epoch, position) reuses it. Anything else (set_epoch to another epoch,
-        load_state_dict elsewhere, an error) starts a fresh one. Raises _BatchFailed for a
+        load_state_dict elsewhere, an error) starts a fresh one. Raises BatchFailed for a
         batch DALI could not process.
         """
         live = self._live
         if live is None or live.expect != (self.epoch, self._pos):
             self._drop_live()
-            live = _Live(self.epoch, self._pos)
-            if not live.start(self):
+            live = Prefetcher(self.epoch, self._pos, self._spec, one_pass=not self.train)
+            if not live.start(self._batches_in, self._host_batch, self._cuda_stream()):
+                self.stats["skipped"] += live.count_emptied((self.epoch + 1, -1))  # nothing left to decode
                 return
             self._live = live
         while True:
             try:
                 out = live.pipe.outputs(live.cuda_stream)
             except StopIteration:
-                live.count_emptied(self, (self.epoch + 1, -1))
+                self.stats["skipped"] += live.count_emptied((self.epoch + 1, -1))
                 self._drop_live()
                 return
             except RuntimeError as e:
                 failed = live.inflight[0]
                 self._drop_live()
-                raise _BatchFailed(failed, e) from None
+                raise BatchFailed(failed, e) from None
             hb = live.inflight.popleft()
             batch = self._to_torch(out, hb)
-            live.count_emptied(self, (hb.epoch, hb.pos))
-            live.prepare(self)
+            self.stats["skipped"] += live.count_emptied((hb.epoch, hb.pos))
+            live.prepare(self._batches_in, self._host_batch)
             live.pipe.schedule_run()
             nxt = live.inflight[0] if live.inflight else None
             last = nxt is None or nxt.epoch != hb.epoch  # this is the epoch's last batch
             if last:
-                live.count_emptied(self, (hb.epoch + 1, -1))
+                self.stats["skipped"] += live.count_emptied((hb.epoch + 1, -1))
             live.expect = (hb.epoch + 1, 0) if last else (hb.epoch, hb.pos + 1)
             if nxt is None:
                 self._drop_live()
@@ -806,12 +546,23 @@ class ClipStream:
             if last:
                 return
 
+    def _batches_in(self, epoch: int) -> int:
+        return len(self._plan(epoch))
+
+    def _cuda_stream(self):
+        """torch's stream the mixed backend's outputs are bound to (no host sync); None on the CPU."""
+        if self.backend != "mixed":
+            return None
+        import torch
+
+        return torch.cuda.current_stream(self.device)
+
     def _drop_live(self) -> None:
         if getattr(self, "_live", None) is not None:
             self._live.release()
             self._live = None
 
-    def _to_torch(self, out, hb: _HostBatch) -> dict:
+    def _to_torch(self, out, hb: HostBatch) -> dict:
         import torch
         from nvidia.dali.backend import TensorListGPU
         from nvidia.dali.plugin.pytorch.torch_utils import feed_ndarray, to_torch_type
@@ -836,17 +587,3 @@ class ClipStream:
         st["decoded_frames"] += hb.decoded
         st["skipped"] += hb.dropped
         return batch
-
-    def _find_bad(self, hb: _HostBatch) -> dict[int, str]:
-        """Decode each sample of a failed batch alone; returns the ones that fail, with the
-        decoder's reason."""
-        bad = {}
-        for j, v in enumerate(hb.items):
-            pipe = build_pipeline(self._spec, _Once(tuple([lst[j]] for lst in hb.inputs.values())))
-            try:
-                pipe.schedule_run()
-                pipe.outputs()
-            except RuntimeError as e:
-                bad[v] = decoder_reason(e)
-            del pipe
-        return bad

@@ -69,7 +69,7 @@ def test_stream_resumes_on_another_world_size_each_sample_once(tiny_shards, save
     assert len(keys) == len(set(keys))  # none twice
     dropped = (n - states[0]["cursor"]) % (w1 * b1)  # the last incomplete global batch (drop_last)
     assert len(keys) == n - dropped
-    split = set(ClipStream(_cfg(tiny_shards, batch_size=1))._corpus.keys)
+    split = set(ClipStream(_cfg(tiny_shards, batch_size=1)).samples.keys)
     assert set(keys) <= split and (dropped or set(keys) == split)
     if w0 * b0 == w1 * b1:  # the same global batches, clip for clip and pixel for pixel
         ref = [ClipStream(_cfg(tiny_shards, batch_size=b0), rank=r, world_size=w0) for r in range(w0)]

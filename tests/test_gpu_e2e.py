@@ -15,7 +15,8 @@ import torch
 
 from echofm.engine.config import load_recipe
 from echofm.loaders.errors import DataError
-from echofm.loaders.stream import ClipStream, StreamConfig, require_nvdec
+from echofm.loaders.pipeline import require_nvdec
+from echofm.loaders.stream import ClipStream, StreamConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes/pretrain/echofm_tiny.yaml")

@@ -83,7 +83,7 @@ def test_flipped_video_bytes_never_train_silently(tmp_path):
     got = [m["key"] for b in s for m in b["meta"]]
     assert key not in got and len(got) == 3 and s.stats["skipped"] == 1
     assert list(s.damaged) == [key] and ".webm differs" in s.damaged[key]
-    assert not s._corpus.unchecked[[0, 1, 3]].any()  # first touch: read once, checked once
+    assert not s.samples.unchecked[[0, 1, 3]].any()  # first touch: read once, checked once
     s.check_dropped()  # 1 of 4 = 25%: allowed
     s.cfg.max_dropped = 0.2
     with pytest.raises(DataError, match=r"1 of the 4 samples .* more than data.max_dropped=0.2"):

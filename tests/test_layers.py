@@ -1,5 +1,6 @@
 """The house plan, checked on the source (README: What is where): layers import one way, no module
-of engine/, loaders/ or kernels/ is part of an import cycle, no function is over 80 lines.
+of engine/, loaders/ or kernels/ is part of an import cycle or over 600 lines, no function is over
+80 lines.
 
 Every module is parsed with `ast`, imports inside functions included (a lazy import that
 dodges a cycle is still a cycle). Each test lists every offender, not only the first.
@@ -15,6 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("engine", "loaders", "kernels")
 MAX_LINES = 80
+MAX_MODULE_LINES = 600
+"""A module longer than this holds more than one job (README: What is where): split it by role."""
 LOWER = {"kernels": (), "loaders": (), "engine": ("kernels", "loaders")}
 """What each layer may import of ours besides itself (README: What is where)."""
 
@@ -145,6 +148,12 @@ def test_layers_import_one_way():
     bad = sorted(f"{m} imports {t}" for m, targets in import_graph().items() for t in targets
                  if MODULES[t].layer != MODULES[m].layer and MODULES[t].layer not in LOWER[MODULES[m].layer])
     assert not bad, "layer violations:\n" + "\n".join(bad)
+
+
+def test_no_module_over_600_lines():
+    found = sorted(f"{m.path.relative_to(ROOT)} ({n} lines)" for m in MODULES.values()
+                   if (n := len(m.path.read_text().splitlines())) > MAX_MODULE_LINES)
+    assert not found, f"modules over {MAX_MODULE_LINES} lines:\n" + "\n".join(found)
 
 
 def test_no_function_over_80_lines():

@@ -114,7 +114,7 @@ def test_s3_batches_equal_local_batches(pushed, many_shards, tmp_path):
     local = _epochs(ClipStream(_cfg(many_shards)))
     s = ClipStream(_cfg(pushed, cache_dir=str(tmp_path)))
     _same(_epochs(s), local)
-    cache = s._corpus.remote.cache
+    cache = s.samples.remote.cache
     m = read_manifest(many_shards)
     names = sorted(p.name for p in cache.root.iterdir() if not p.name.startswith("."))
     assert names == sorted(entry_name(e) for e in m["shards"])  # every shard once, no .part left
@@ -127,7 +127,7 @@ def test_s3_batches_equal_local_batches(pushed, many_shards, tmp_path):
     # a second stream on the warm cache downloads nothing
     again = ClipStream(_cfg(pushed, cache_dir=str(tmp_path)))
     _same(_epochs(again, 1), local[: len(local) // 2])
-    assert again._corpus.remote.cache.downloads == 0
+    assert again.samples.remote.cache.downloads == 0
     again.close()
 
 
@@ -138,7 +138,7 @@ def test_bounded_cache_evicts_and_stays_within_its_limit(pushed, many_shards, tm
     limit = 3 * biggest
     s = ClipStream(_cfg(pushed, cache_dir=str(tmp_path), cache_limit_gb=limit / 1e9, **tight))
     _same(_epochs(s), _epochs(ClipStream(_cfg(many_shards, **tight))))
-    cache = s._corpus.remote.cache
+    cache = s.samples.remote.cache
     assert 0 < cache.peak_bytes <= limit
     assert cache.downloads > len(LENGTHS)  # a full permutation through a 3-shard cache re-downloads
     assert cache.used_bytes() <= limit
@@ -169,7 +169,7 @@ def test_pull_copies_verified_and_writes_the_manifest_last(pushed, many_shards, 
     s = ClipStream(_cfg("s3://echo/damaged", cache_dir=str(tmp_path / "c")))
     with pytest.raises(DataError, match="differs from the manifest's"):
         _epochs(s, 1)
-    assert not any(p.name.endswith(tar) for p in s._corpus.remote.cache.root.iterdir())
+    assert not any(p.name.endswith(tar) for p in s.samples.remote.cache.root.iterdir())
     s.close()
     # push of a damaged local folder: refused before its manifest is written
     bad = tmp_path / "bad_local"

@@ -25,12 +25,12 @@ Modules, one job each (data flows down the list):
     overlays.py  burned-in text and ECG trace outside the fan
     phantom.py   ClipSpec -> pixels and masks (sector, speckle, pose, chambers, cycle)
     write.py     pixels -> MP4 / AVI / DICOM files
-    corpus.py    make_corpus (plan -> render -> write), labels.csv read / write, summary
+    disk.py      make_corpus (plan -> render -> write), labels.csv read / write, summary
 
 Everything is a function of (config, seed): the clip seeds come from
 `numpy.random.SeedSequence([seed, index])`, so worker count does not change output.
 """
-from .corpus import LABEL_COLUMNS, make_corpus, read_labels, summarize
+from .disk import LABEL_COLUMNS, make_corpus, read_labels, summarize
 from .phantom import LA, LV_CAVITY, LV_MYO, RenderedClip, cycle, render_clip, sector_geometry, sector_mask
 from .plan import CONTAINERS, VIEWS, ClipSpec, SynthConfig, plan_corpus
 from .write import write_dicom, write_video
