@@ -130,7 +130,7 @@ class Prefetcher:
         self.inflight.clear()
 
 
-class _Once:
+class _SingleBatch:
     """A DALI source that yields one batch, then ends."""
 
     def __init__(self, batch: tuple) -> None:
@@ -148,7 +148,7 @@ def find_bad(spec: GraphSpec, hb: HostBatch) -> dict[int, str]:
     decoder's reason."""
     bad = {}
     for j, v in enumerate(hb.items):
-        pipe = build_pipeline(spec, _Once(tuple([lst[j]] for lst in hb.inputs.values())))
+        pipe = build_pipeline(spec, _SingleBatch(tuple([lst[j]] for lst in hb.inputs.values())))
         try:
             pipe.schedule_run()
             pipe.outputs()
