@@ -8,9 +8,11 @@ This script scores candidate protocols (label fraction, most epochs, early-stopp
 patience) on the demo's corpus with the random-init backbone alone (the demo's stages:
 engine/demo.py `_probes`, `_finetune_all`; no pretraining is run or read), next to chance
 (benchmarks/results/supervised_ref.json) and the linear probe it starts from. The demo's
-setting (`DemoConfig.fractions` / `finetune_epochs` / `patience`) is the first candidate,
-in order, on which the random arm beats chance on both tasks. Writes lowlabel.json to a run
-folder (or --out).
+setting (`DemoConfig.fractions` / `finetune_epochs` / `patience`) is the first early-stopped
+candidate, fewest labels first, on which the random arm beats chance on at least one task
+(on EF random init stays at or above the mean predictor's MAE at every fraction the demo
+runs, 100% included, so "both tasks" is out of reach for it); the old fixed schedule is
+scored for reference. Writes lowlabel.json to a run folder (or --out).
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ import torch
 from echofm.engine import bench
 
 CANDIDATES = ((0.1, 4, 4), (0.1, 12, 3), (0.2, 12, 3))
-"""(label fraction, most epochs, patience): the old fixed 4 epochs (patience 4 = no early
-stop before epoch 4), then early-stopped schedules at 10% and 20% of the patients."""
+"""(label fraction, most epochs, patience): the old fixed 4 epochs (patience 4: no early
+stop before epoch 4; reference only), then early-stopped schedules at 10% and 20%."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,11 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"random init, {frac:.0%} of the labels, <= {epochs} epochs, patience {patience}: " + "; ".join(
             f"{t} {D.HEADLINE[t]} {D._ci(row[t]['finetune'])} (probe {row[t]['probe']['value']:.3f}, chance "
             f"{floor[t]:.3f}, best epoch {row[t]['fit']['best_epoch']})" for t in D.TASKS), flush=True)
-    chosen = next((r for r in rows if all(r[t]["beats_chance"] for t in D.TASKS)), None)
+    early = sorted((r for r in rows if r["patience"] < r["max_epochs"]), key=lambda r: r["fraction"])
+    chosen = next((r for r in early if any(r[t]["beats_chance"] for t in D.TASKS)), None)
     print("chosen: " + (f"{chosen['fraction']:.0%} of the labels, <= {chosen['max_epochs']} epochs, patience "
-                        f"{chosen['patience']}" if chosen else "none beats chance on both tasks"))
+                        f"{chosen['patience']}" if chosen else "none: random init beats chance on no task"))
     out = {"arm": "random init only (no pretrained backbone is read)", "candidates": rows, "chosen": chosen,
-           "rule": "first candidate, in order, where random init beats chance on both view and EF",
+           "rule": "first early-stopped candidate, fewest labels first, where random init beats chance on view "
+                   "or EF",
            "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
            "torch": torch.__version__, "threads": torch.get_num_threads()}
     bench.write_json(bench.results_path("lowlabel", args.out, "lowlabel.json"), out)
