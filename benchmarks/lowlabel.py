@@ -25,7 +25,7 @@ import torch
 
 from echofm.engine import bench
 
-CANDIDATES = ((0.1, 4, 4), (0.1, 12, 3), (0.2, 12, 3))
+CANDIDATES = ((0.1, 4, 4), (0.1, 12, 2), (0.2, 12, 2))
 """(label fraction, most epochs, patience): the old fixed 4 epochs (patience 4: no early
 stop before epoch 4; reference only), then early-stopped schedules at 10% and 20%."""
 
