@@ -52,10 +52,11 @@ class DemoConfig:
     """Share of patients held out for the test split (the CIs are over test patients)."""
     fractions: tuple[float, ...] = (0.1, 1.0)
     """Fine-tune label fractions (of training patients, stratified, seeded)."""
-    finetune_epochs: tuple[int, ...] = (12, 2)
+    finetune_epochs: tuple[int, ...] = (12, 1)
     """Most fine-tune epochs at each of `fractions` (the same for both backbones); each
     fine-tune keeps its best epoch on the val split and stops after `patience` epochs
-    without a better one (`FINETUNE`; the choice is documented there)."""
+    without a better one (`FINETUNE`; the choice is documented there). At 100% one epoch
+    (24 steps): two cost ~100 CPU s more, past the demo's 6-minute budget."""
     patience: int = 2
     """Early stopping: epochs without a better val score before a fine-tune stops."""
     min_delta: float = 0.005
