@@ -42,11 +42,35 @@ ARMS = {
 """Objective name -> recipe overrides on echofm_tiny."""
 BOOTSTRAP = 1000
 """Patient-bootstrap resamples (the demo's)."""
+FINETUNE_EPOCHS = (12, 2)
+"""Most fine-tune epochs at 10% / 100%: the demo's early-stopped protocol, at 100% two
+epochs (the demo caps it at one for its time budget)."""
+
+
+def cached(work: Path, name: str, make) -> dict:
+    """`make()` once per run name: its result is kept in `work/eval/<name>.json`, so runs
+    spread over several processes (e.g. one per seed) are put together by a last call that
+    finds them all."""
+    import json
+
+    path = work / "eval" / f"{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    res = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    tmp.replace(path)
+    return json.loads(path.read_text())
 
 
 def run_arm(cfg, work: Path, shards: Path, arm: str, seed: int) -> dict:
     """Pretrain + export one (objective, seed) run (resumable) and evaluate it with the
-    demo's stages -> {"phase", "probe", "finetune", "health", "pretrain"}."""
+    demo's stages -> {"phase", "probe", "finetune", "health", "pretrain"} (cached)."""
+    return cached(work, f"{arm}_s{seed}", lambda: _run_arm(cfg, work, shards, arm, seed))
+
+
+def _run_arm(cfg, work: Path, shards: Path, arm: str, seed: int) -> dict:
     from echofm.engine import demo as D
     from echofm.engine.export import export
     from echofm.engine.trainer import pretrain
@@ -224,10 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     seeds, arms = [int(s) for s in args.seeds.split(",")], args.arms.split(",")
     work = Path(args.work) if args.work else bench.cache_dir("ablation")
     t0, c0 = time.time(), time.process_time()
-    cfg = D.DemoConfig(out=str(work), steps=args.steps, **({"videos": args.videos} if args.videos else {}))
+    cfg = D.DemoConfig(out=str(work), steps=args.steps, finetune_epochs=FINETUNE_EPOCHS,
+                       **({"videos": args.videos} if args.videos else {}))
     _, shards = D._data(cfg, work, D._Clock())
     recipe = D._recipe(cfg, work, shards)
-    random = evaluate(cfg, work, recipe, {"random": "random"}, "random")
+    random = cached(work, "random", lambda: evaluate(cfg, work, recipe, {"random": "random"}, "random"))
     path = bench.results_path("ablation", args.out, "ablation.json")
     runs: dict[str, list[dict]] = {a: [] for a in arms}
     for seed in seeds:  # seed-major: every finished seed is written (all arms), in case the budget runs out
