@@ -258,11 +258,30 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:  # seed-major: every finished seed is written (all arms), in case the budget runs out
         for a in arms:
             runs[a].append(run_arm(cfg, work, shards, a, seed))
-        write(path, args, cfg, runs, random, seeds[:len(runs[arms[0]])], t0, c0)
+        write(path, args, cfg, runs, random, seeds[:len(runs[arms[0]])], t0, c0, work)
     return 0
 
 
-def write(path: Path, args, cfg, runs: dict, random: dict, seeds: list[int], t0: float, c0: float) -> None:
+def monitor(metrics: Path) -> dict:
+    """The collapse monitor over the second half of a run's logged steps: the median of each
+    `phase_*` figure (one batch per logged step is noisy) and the share of steps that read
+    as collapsed."""
+    import json
+
+    from echofm.engine import phase_health
+
+    rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if '"phase_' in ln]
+    rows = rows[len(rows) // 2:]
+    if not rows:
+        return {}
+    out = {k: float(np.median([r[k] for r in rows])) for k in rows[-1] if k.startswith("phase_")}
+    out["collapsed_steps"] = float(np.mean([phase_health.collapsed(r) for r in rows]))
+    out["steps"] = [rows[0]["step"], rows[-1]["step"]]
+    return out
+
+
+def write(path: Path, args, cfg, runs: dict, random: dict, seeds: list[int], t0: float, c0: float,
+          work: Path) -> None:
     """The table, the open questions, ablation.json and its PNG from the runs so far."""
     from echofm.engine import demo as D
 
@@ -274,11 +293,16 @@ def write(path: Path, args, cfg, runs: dict, random: dict, seeds: list[int], t0:
           + "\n  ".join(questions or ["none"]))
     out = {"arms": {a: list(ARMS[a]) for a in arms}, "seeds": seeds, "steps": args.steps,
            "demo_steps": D.DemoConfig().steps, "protocol": D.protocol(cfg), "rows": rows,
-           "health": {a: [r["health"].get("last") for r in rs] for a, rs in runs.items()},
+           "health": {a: [monitor(work / "runs" / f"{a}_s{s}" / "echofm_tiny" / "metrics.jsonl") for s in seeds]
+                      for a in runs},
            "pretrain": {a: [r["pretrain"] for r in rs] for a, rs in runs.items()},
            "pixels_phase_error": random["pixels"]["error"], "gpu_question": questions,
            "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    for a, hs in out["health"].items():
+        print(f"collapse monitor [{a}] (median over the second half of the logged steps, per seed): slice share "
+              + ", ".join(f"{h.get('phase_slice_share', float('nan')):.3f}" for h in hs) + "; r(S, P) "
+              + ", ".join(f"{h.get('phase_sp_corr', float('nan')):.2f}" for h in hs))
     bench.write_json(path, out)
     print(f"plot: {plot(rows, arms, Path(args.plot) if args.plot else path.with_suffix('.png'))}")
 
