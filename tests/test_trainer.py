@@ -256,7 +256,10 @@ def test_benchmark_stand_in_engine_steps_like_deepspeed(zero_stage):
     # warmup 0: the lr stays at its peak (the stand-in has no schedule); the clip acts (grad norm > 0.01)
     recipe = bench.bench_recipe("echofm_tiny", 2, [o for o in SMALL if o.startswith(("model.", "data."))]
                                 + ["optim.lr=0.002", "schedule.warmup_steps=0", "optim.clip_grad=0.01",
-                                   f"deepspeed.zero_stage={zero_stage}"],
+                                   f"deepspeed.zero_stage={zero_stage}",
+                                   # pinned: with the centred S one near-zero bias (1e-10) differs
+                                   # by an ulp after 3 steps (summation order), losses still equal
+                                   "loss.variant=official"],
                                 precision="bf16")
     torch.manual_seed(0)
     model = EchoFM(recipe.model, recipe.mask, recipe.loss)
