@@ -174,6 +174,8 @@ def table(runs: dict[str, list[dict]], random: dict, boot: int) -> list[dict]:
             row[f"{arm}_vs_random"] = paired(rs, [random], kind, frac, task, boot)
             if arm != "reconstruction" and "reconstruction" in runs:
                 row[f"{arm}_vs_reconstruction"] = paired(rs, runs["reconstruction"], kind, frac, task, boot)
+        if "centred" in runs and "official" in runs:
+            row["centred_vs_official"] = paired(runs["centred"], runs["official"], kind, frac, task, boot)
         rows.append(row)
     return rows
 
