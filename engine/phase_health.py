@@ -19,11 +19,12 @@ Plus `phase_s_mean` (S's off-diagonal mean). All are floats, computed on one mic
 (the last of the logged step, on each rank its own) in float64 on the CPU: [B, T', D] and
 two [B, T', T'] tensors, no extra forward.
 
-Threshold (`COLLAPSE`), from the measured runs in docs/fidelity.md (the demo corpus,
-echofm_tiny, batch 4, logged steps from 100 on): `official` (collapsed) median 0.994, range
-0.84-0.998, already 0.90 at step 10; `centred` (healthy) median 0.26, range 0.15-0.40
-(1 / B = 0.25 for independent clips); reconstruction only (an untrained phase projector)
-0.45-0.73. A share above 0.9 is called a collapse.
+Threshold (`COLLAPSE`), from the measured runs in docs/fidelity.md (benchmarks/ablation.py
+on the demo corpus, echofm_tiny, batch 4; medians over the second half of each run's logged
+steps): `official` (collapsed) 0.96-0.995, already 0.90 at step 10; `centred` (healthy)
+0.26, single readings 0.15-0.40 (1 / B = 0.25 for independent clips); reconstruction only
+(an untrained phase projector) 0.56-0.61, single readings up to 0.73. A share above 0.9 is
+called a collapse.
 """
 from __future__ import annotations
 
