@@ -2,14 +2,18 @@
 
     python benchmarks/demo_scale.py --steps 1800 [--work DIR] [--baseline demo_out/demo_summary.json] [--out FILE]
 
-Runs `echofm demo` (engine/demo.py: same corpus, same paper-faithful objective, same
-fine-tunes at 10% / 100% of the labels, probes and phase retrieval, same seeds) with
+Runs `echofm demo` (engine/demo.py: same corpus, same objective (the tiny recipe's:
+`centred`), same fine-tunes at 10% / 100% of the labels, probes and phase retrieval, same
+seeds) with
 `--steps` pretraining steps in a fresh working folder, so the cosine schedule spans the
 longer run. Prints each comparison (difference = pretrained - random, paired
 patient-bootstrap 95% CI) next to the baseline summary's (the demo's default steps) and
 writes demo_scale.json to a run folder runs/bench/demo_scale-<timestamp>/ (or --out: the
 committed numbers are --out benchmarks/results/demo_scale.json). This is the CPU stand-in
 for the issue's larger-scale GPU measurement: a few times the demo's steps, not 10-50x.
+What such a run should settle is listed by the objective ablation (benchmarks/ablation.py,
+`gpu_question` in benchmarks/results/ablation.json): the rows where what the periodic
+terms add over reconstruction alone is within noise at the CPU scale.
 """
 from __future__ import annotations
 

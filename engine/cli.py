@@ -375,7 +375,8 @@ def _run_synth(args) -> int:
 
 # ---------------------------------------------------------------- bench
 
-BENCHMARKS = ("synth", "ingest", "loader", "kernels", "train", "probe_gap", "integrity", "embed")
+BENCHMARKS = ("synth", "ingest", "loader", "kernels", "train", "probe_gap", "integrity", "embed", "ablation",
+              "demo_scale", "lowlabel", "supervised_ref")
 
 
 def _add_bench(sub) -> None:

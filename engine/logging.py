@@ -160,9 +160,10 @@ class MetricsLogger:
             print(text, flush=True)
 
     def figures(self, step: int, frames: dict[str, np.ndarray], sim: np.ndarray | None,
-                prior: np.ndarray | None) -> list[Path]:
+                prior: np.ndarray | None, note: str = "") -> list[Path]:
         """Save `figures/recon_<step>.png` (rows = the entries of `frames`, each uint8
-        [T, H, W, C]) and `figures/similarity_<step>.png` (S and P, [T', T'])."""
+        [T, H, W, C]) and `figures/similarity_<step>.png` (S and P, [T', T']; `note`: a
+        caption under them, e.g. the collapse monitor's reading)."""
         if not self.enabled:
             return []
         out = self.run_dir / "figures"
@@ -170,7 +171,7 @@ class MetricsLogger:
         paths = [plot_frames(frames, out / f"recon_{step:08d}.png", title=f"step {step}")]
         if sim is not None:
             paths.append(plot_similarity(sim, prior, out / f"similarity_{step:08d}.png",
-                                         title=f"step {step}"))
+                                         title=f"step {step}", note=note))
         if self._tb is not None:
             self._tb.flush()
         return paths
@@ -355,15 +356,30 @@ def plot_frames(rows: dict[str, np.ndarray], path: Path, *, title: str = "", max
     return path
 
 
-def plot_similarity(sim: np.ndarray, prior: np.ndarray | None, path: Path, *, title: str = "") -> Path:
-    """PNG of the temporal self-similarity S [T', T'] (and the cycle prior P beside it)."""
+def healthy_similarity(prior: np.ndarray) -> np.ndarray:
+    """What a healthy S looks like for this clip: P's off-diagonal pattern (the beats), each
+    row rescaled to [-1, 1] with the diagonal at 1 (S is a cosine, P's scale is the pixels')."""
+    p = prior.astype(np.float64).copy()
+    off = ~np.eye(len(p), dtype=bool)
+    lo, hi = p[off].min(), p[off].max()
+    s = 2 * (p - lo) / (hi - lo) - 1 if hi > lo else np.zeros_like(p)
+    s[~off] = 1.0
+    return s
+
+
+def plot_similarity(sim: np.ndarray, prior: np.ndarray | None, path: Path, *, title: str = "",
+                    note: str = "") -> Path:
+    """PNG of the temporal self-similarity S [T', T'], the cycle prior P beside it and what a
+    healthy S looks like for this clip (`healthy_similarity`); `note` goes under them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mats = [("S (phase embeddings)", sim)] + ([("P (cycle prior)", prior)] if prior is not None else [])
-    fig, axes = plt.subplots(1, len(mats), figsize=(3.2 * len(mats), 3.0), squeeze=False)
+    mats = [("S (phase embeddings)", sim)]
+    if prior is not None:
+        mats += [("P (cycle prior)", prior), ("healthy S: P's beat bands", healthy_similarity(prior))]
+    fig, axes = plt.subplots(1, len(mats), figsize=(3.2 * len(mats), 3.4 if note else 3.0), squeeze=False)
     for ax, (name, m) in zip(axes[0], mats):
         im = ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r")
         ax.set_title(name, fontsize=8)
@@ -371,7 +387,11 @@ def plot_similarity(sim: np.ndarray, prior: np.ndarray | None, path: Path, *, ti
         ax.set_ylabel("t'")
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    if note:
+        import textwrap
+
+        fig.text(0.5, 0.01, textwrap.fill(note, 40 * len(mats)), ha="center", va="bottom", fontsize=6)
+    fig.tight_layout(rect=(0, 0.1 if note else 0, 1, 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path

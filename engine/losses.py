@@ -25,14 +25,13 @@ Variants (`LossConfig.variant`), each named where it departs from the official c
 - `official`: S = raw cosine of z_t: the official loss to float64 precision, gradients
   included (tests/test_fidelity.py; side by side with the official code: <= 3e-16).
 - `centred`: S = cosine of z_t - mean_t z_t, removing the component all slices share
-  (as P's temporal centring does). Measured on echofm_tiny (300 steps, synthetic corpus,
-  33 held-out clips; docs/fidelity.md): with the official weights the agreement of S with
-  P (Pearson r over off-diagonal pairs) is 0.89 centred vs 0.63 official, train triplet
-  0.14 vs 0.23 (margin 0.2), reconstruction equal (0.50 vs 0.51). Without the cycle term
-  (triplet weight 0.1, margin 0.3: the project's earlier setting) the raw cosines saturate
-  (>= 0.9999) and the hinge stays within 0.001 of the margin (r = 0.17); centred: r = 0.89.
-  Its normalisation is guarded: ||c|| becomes sqrt(||c||^2 + (centre_eps * rms||z||)^2),
-  which bounds the gradient (otherwise 1 / ||c||) when the slices are nearly equal.
+  (as P's temporal centring does); the pretraining recipes' and the demo's objective.
+  With raw cosines the embeddings keep a large shared component, S stays near 1 and the
+  loss is lowered by a content-free template of slice positions that does not follow the
+  cycle; centred S learns it (docs/fidelity.md has the measurements; the collapse monitor,
+  engine/phase_health.py, tells the two apart during training). Its normalisation is
+  guarded: ||c|| becomes sqrt(||c||^2 + (centre_eps * rms||z||)^2), which bounds the
+  gradient (otherwise 1 / ||c||) when the slices are nearly equal.
 
 Non-tube masks (random / frame) can leave slices without visible tokens: `valid` [B, T']
 drops them as anchors and as candidates (the official code has tube masks only, where
@@ -56,7 +55,10 @@ VARIANTS = ("official", "centred")
 class LossConfig:
     """The EchoFM objective; defaults are the official code's (paper-faithful) values.
 
-    Field names follow the official `model_args` keys (norm_pix <- norm_pix_loss)."""
+    Field names follow the official `model_args` keys (norm_pix <- norm_pix_loss). The
+    recipes set `variant: centred` explicitly; the default stays `official` because a
+    config without the key is an official checkpoint or a version-1 export, both trained
+    with raw-cosine S."""
 
     variant: Literal["official", "centred"] = "official"
     """How S is computed: official (raw cosine) or centred (see the module docstring)."""

@@ -53,6 +53,7 @@ import torch
 from echofm.loaders.stream import ClipStream
 
 from . import checkpoint as ckpt
+from . import phase_health
 from .compile import CompileConfig, first_step_or_eager, is_compiled
 from .distributed import Dist, build_engine, collective_error, cpu_threads, init_distributed, start_heartbeat
 from .errors import NonFiniteLoss
@@ -164,6 +165,7 @@ class Trainer:
         self.resume_notes: list[str] = []
         self.drops = Drops(stream, dist.rank)
         self.losses: list[float] = []
+        self.collapse_warned = False
         if resume_from is not None:
             self._resume(resume_from)
         self.logger = self._open_logger()
@@ -312,11 +314,22 @@ class Trainer:
             m.update(lr=s.lr, grad_norm=None if gnorm is None else float(gnorm), mfu_peak=self.peak_src,
                      epoch=self.stream.epoch, nonfinite_total=self.nonfinite_total, **self.drops.counts,
                      memory_gib=round(memory_gib(self.dist.device), 3))
+            m.update(self._phase_health(s))
             self.logger.log(self.step, m)
             self.interval.reset(decoded)
         if self.figures is not None and self.logger.should_plot(self.step):
             self.figures(self.logger, self.step, self.engine.module, s.batch, s.out)
         self.logger.progress(self.step, loss=self.losses[-1], fps=s.clips * frames * world / s.time)
+
+    def _phase_health(self, s: StepStats) -> dict:
+        """The collapse monitor's figures of the step's last micro-batch (engine/phase_health.py);
+        one warning line when the branch first reads as collapsed."""
+        h = phase_health.from_output(s.out)
+        line = phase_health.warning(self.step, h)
+        if line and not self.collapse_warned:
+            self.logger.message(line)
+        self.collapse_warned = self.collapse_warned or line is not None
+        return h
 
     def save(self) -> Path:
         """Checkpoint this step (collective): engine + this rank's counters, stream state, RNG."""
@@ -416,4 +429,5 @@ def plot_reconstruction(log, step: int, model, batch: dict, out: dict) -> None:
     rows = reconstruction_rows(model, batch["video"][:1], out)
     sim, prior = out.get("sim"), out.get("prior")
     log.figures(step, rows, sim[0].detach().float().cpu().numpy() if sim is not None else None,
-                prior[0].detach().float().cpu().numpy() if prior is not None else None)
+                prior[0].detach().float().cpu().numpy() if prior is not None else None,
+                note=phase_health.figure_note(phase_health.from_output(out)))

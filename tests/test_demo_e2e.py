@@ -25,7 +25,7 @@ def test_demo_runs_every_stage_at_toy_size(tmp_path, capsys):
     ph = saved["phase"]
     assert ph["pretrained"]["queries"] == ph["random"]["queries"] == ph["pixels"]["queries"] > 0
     assert 0 <= ph["pixels"]["error"]["value"] <= 0.5
-    assert saved["objective"]["variant"] == "official" and saved["ceiling"]["cnn"]
+    assert saved["objective"]["variant"] == "centred" and saved["ceiling"]["cnn"]
     out = capsys.readouterr().out
-    assert "BAR (fine-tune, fewest labels)" in out and "cycle phase retrieval" in out
+    assert "BAR: phase retrieval" in out and "PHASE: pretrained - random" in out
     assert (tmp_path / "demo" / "downstream" / "demo_finetune.json").is_file()

@@ -76,17 +76,23 @@ def test_summary_lines_state_every_comparison(tmp_path):
     phase.update(difference_vs_random={"value": 0.0, "ci_low": -0.01, "ci_high": 0.01, "verdict": "within noise"},
                  difference_vs_pixels={"value": 0.0, "ci_low": -0.01, "ci_high": 0.01, "verdict": "within noise"})
     r = {"pretrain": {"steps": 3, "first_loss": 2.0, "last_loss": 1.0}, "seconds": {"total_s": 10, "total_cpu_s": 15},
-         "objective": {"variant": "official", "triplet_weight": 1.0, "cycle_weight": 1.0, "mask_ratio": 0.75},
+         "objective": {"variant": "centred", "triplet_weight": 1.0, "cycle_weight": 1.0, "mask_ratio": 0.75},
          "finetune": ft, "probe": {"1": compare(_per(2.0, 2.0, view_rnd_wrong=False))}, "phase": phase,
-         "ceiling": ceiling(tmp_path / "ref.json"), "bar": bar(ft),
+         "ceiling": ceiling(tmp_path / "ref.json"), "bar": bar(ft, phase=phase),
          **{k: k for k in ("corpus", "shards", "metrics", "tensorboard", "figures", "checkpoint", "weights")}}
     text = "\n".join(summary_lines(r))
     assert "fine-tune, 10% of the labels" in text and "linear probe (secondary), 100% of the labels:" in text
     assert "view accuracy 1.000 vs 0.500, difference +0.500 [+0.500, +0.500] (better beyond noise)" in text
     assert "ef mae 2.000 vs 2.000, difference +0.000 [+0.000, +0.000] (within noise)" in text  # the probe line
-    assert "chance 0.250" in text and "pretrained - random +0.000 [-0.010, +0.010] (within noise)" in text
+    assert "chance 0.250" in text
+    lines = text.splitlines()
+    first = next(i for i, ln in enumerate(lines) if "difference = pretrained - random" in ln) + 1
+    # the verdict starts with phase retrieval, then the downstream comparison
+    assert lines[first] == "  PHASE: pretrained - random cycle-phase error +0.000 [-0.010, +0.010] (within noise)"
+    assert lines[first + 2].startswith("  fine-tune, 10% of the labels")
     assert "3D CNN from scratch, all labels: view accuracy 0.950 [0.950, 0.950], ef mae 9.960" in text
-    assert "BAR (fine-tune, fewest labels): MET on view, ef" in text
+    assert ("BAR: phase retrieval NOT MET (pretrained - random phase error +0.000 [-0.010, +0.010], within noise); "
+            "downstream MET on view, ef") in text
     assert ceiling(tmp_path / "missing.json") is None
     assert chance_floor(r["ceiling"]) == {"view": 0.23, "ef": 16.4}
 
@@ -108,3 +114,13 @@ def test_committed_ceiling_is_the_demo_corpus():
 def test_config_pairs_fractions_and_epochs():
     with pytest.raises(ValueError, match="same length"):
         DemoConfig(fractions=(0.1, 1.0), finetune_epochs=(3,)).validate()
+
+
+def test_bar_names_the_phase_part():
+    tie = compare(_per(2.0, 2.0, view_rnd_wrong=False))
+    better = {"difference_vs_random": {"value": -0.15, "ci_low": -0.18, "ci_high": -0.12,
+                                       "verdict": "better beyond noise"}}
+    got = bar({"0.1": dict(tie, epochs=6)}, phase=better)
+    assert got["phase_met"] is True and got["met"] is False
+    assert got["line"].startswith("phase retrieval MET (pretrained - random phase error -0.150 [-0.180, -0.120], "
+                                  "better beyond noise); downstream NOT MET")

@@ -86,6 +86,8 @@ def test_run_logs_metrics_figures_checkpoints_and_exports(reference, tiny_shards
                     "decoded_fps", "step_time_s", "data_wait_s", "compute_s", "memory_gib"):
             assert isinstance(d[key], float) and d[key] >= 0, (key, d)
         assert d["nonfinite_total"] == 0 and d["mfu_peak"] == "train.peak_tflops"
+        # the collapse monitor (engine/phase_health.py) rides along with the losses
+        assert 0 <= d["phase_slice_share"] <= 1 + 1e-9 and -1 <= d["phase_sp_corr"] <= 1 and d["phase_s_spread"] >= 0
         # docs/mfu.md: train-step FLOPs per clip x clips per second / peak (2 clips per step here)
         assert d["mfu"] == pytest.approx(per_clip * 2 / d["step_time_s"] / (PEAK_TFLOPS * 1e12), rel=1e-9)
         assert d["loss"] == pytest.approx(d["loss_rec"] + d["loss_triplet"] + d["loss_cycle"], rel=1e-5)
@@ -305,7 +307,10 @@ def test_benchmark_stand_in_engine_steps_like_deepspeed(zero_stage):
     # warmup 0: the lr stays at its peak (the stand-in has no schedule); the clip acts (grad norm > 0.01)
     recipe = bench.bench_recipe("echofm_tiny", 2, [o for o in SMALL if o.startswith(("model.", "data."))]
                                 + ["optim.lr=0.002", "schedule.warmup_steps=0", "optim.clip_grad=0.01",
-                                   f"deepspeed.zero_stage={zero_stage}"],
+                                   f"deepspeed.zero_stage={zero_stage}",
+                                   # pinned: with the centred S one near-zero bias (1e-10) differs
+                                   # by an ulp after 3 steps (summation order), losses still equal
+                                   "loss.variant=official"],
                                 precision="bf16")
     torch.manual_seed(0)
     model = EchoFM(recipe.model, recipe.mask, recipe.loss)
