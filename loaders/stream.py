@@ -193,12 +193,7 @@ class ClipStream:
         self._spec = self._graph_spec(m, crop)
         self._items = self._select(keys)
         self._items_digest = items_digest([self.samples.keys[i] for i in self._items])
-        self._sampling = Sampling(seed=cfg.seed, train=train, rank=rank, world_size=world_size,
-                                  batch_size=cfg.batch_size, num_frames=cfg.num_frames,
-                                  stride=stream_stride(cfg.stride, self.fold, manifest_path),
-                                  shuffle=cfg.shuffle, drop_last=cfg.drop_last, eval_clips=cfg.eval_clips,
-                                  crop_scale=cfg.random_resized_crop if crop else None,
-                                  frame=(self._spec.in_height, self._spec.in_width))
+        self._sampling = self._make_sampling(stream_stride(cfg.stride, self.fold, manifest_path), crop)
         self.epoch = 0
         self._pos = 0
         self._start = (0, 0)  # (epoch, global position) its plan starts from: an elastic resume's cursor
@@ -248,6 +243,15 @@ class ClipStream:
             device_id=self._device_index() if self.backend == "mixed" else None,
             prefetch=cfg.prefetch,
         )
+
+    def _make_sampling(self, stride: int, crop: bool) -> Sampling:
+        """Which clips, frames and random numbers this rank draws (sampling.py); `stride` in shard frames."""
+        cfg = self.cfg
+        return Sampling(seed=cfg.seed, train=self.train, rank=self.rank, world_size=self.world_size,
+                        batch_size=cfg.batch_size, num_frames=cfg.num_frames, stride=stride,
+                        shuffle=cfg.shuffle, drop_last=cfg.drop_last, eval_clips=cfg.eval_clips,
+                        crop_scale=cfg.random_resized_crop if crop else None,
+                        frame=(self._spec.in_height, self._spec.in_width))
 
     def _check_cache_limit(self, remote: RemoteShards) -> None:
         """DataError naming data.cache_limit_gb when the node's cache cannot hold the shards in
