@@ -1,6 +1,7 @@
 """Downstream adaptation: task heads, linear probe and fine-tune for the four clinical tasks.
 
-    config.py      DownstreamConfig (the recipe's `downstream:` section)
+    (DownstreamConfig, the recipe's `downstream:` section, is engine/downstream_config.py:
+    engine/config.py composes it into the Recipe without importing this package)
     data.py        sample list and split counts from the shards, label-fraction draw over patients
     backbone.py    export / checkpoint / official / random backbones -> pooled or grid features;
                    the device a run uses
