@@ -277,10 +277,10 @@ def _probes(cfg: DemoConfig, recipe, specs: dict[str, str]) -> tuple[dict, dict]
 
 def _scored(task, head, test, bootstrap: int) -> dict:
     """Test metrics (patient-bootstrap CIs) + the per-video predictions a paired bootstrap needs."""
-    from .downstream import evaluation as E
+    from .downstream import evaluation
 
-    res = E.score_video_task(task, head, test, bootstrap=bootstrap)
-    keys, y, scores, patients = E.video_predictions(task, head, test)
+    res = evaluation.score_video_task(task, head, test, bootstrap=bootstrap)
+    keys, y, scores, patients = evaluation.video_predictions(task, head, test)
     pred = scores.argmax(1) if task.kind == "classification" else scores[:, 0]
     res["per_video"] = {"key": keys, "patient": patients, "y": y.tolist(), "pred": pred.tolist()}
     return res
@@ -365,10 +365,10 @@ def _val_name(task) -> str:
 
 def _val_score(task, model, head, recipe) -> float:
     """Higher is better: val accuracy, or minus val MAE."""
-    from .downstream import evaluation as E
+    from .downstream import evaluation
 
-    res = E.score_video_task(task, head.eval(), _features(model.eval(), recipe, recipe.downstream.val_split),
-                             bootstrap=0)
+    feats = _features(model.eval(), recipe, recipe.downstream.val_split)
+    res = evaluation.score_video_task(task, head.eval(), feats, bootstrap=0)
     v = res[_val_name(task)]["value"]
     return -v if task.kind == "regression" else v
 
@@ -475,24 +475,24 @@ def _phase(cfg: DemoConfig, recipe, specs: dict[str, str], keep_queries: bool = 
     embeddings of each backbone of `specs`, and the pixels; differences vs "random" and
     "pixels" for every other backbone. keep_queries: keep each retrieval's per-query errors
     (for paired differences computed later, e.g. across the ablation's arms)."""
-    from .downstream import phase as P
+    from .downstream import phase
     from .downstream.backbone import load_backbone, pick_device
 
     dc = recipe.downstream
     models = {name: load_backbone(spec, recipe, seed=dc.seed)[0] for name, spec in specs.items()}
     print(f"[demo] 5/7 cycle-phase retrieval on the test clips: {' vs '.join(models)} vs pixels", flush=True)
-    slices, skipped = P.split_slices(models, recipe.data, dc.test_split, cfg.phase_clips,
-                                     tubelet=next(iter(models.values())).cfg.tubelet, device=pick_device(dc.device),
-                                     batch=dc.feature_batch)
-    res = {k: P.phase_retrieval(s, bootstrap=dc.bootstrap, seed=dc.seed) for k, s in slices.items()}
+    slices, skipped = phase.split_slices(models, recipe.data, dc.test_split, cfg.phase_clips,
+                                         tubelet=next(iter(models.values())).cfg.tubelet, device=pick_device(dc.device),
+                                         batch=dc.feature_batch)
+    res = {k: phase.phase_retrieval(s, bootstrap=dc.bootstrap, seed=dc.seed) for k, s in slices.items()}
     out = {k: r if keep_queries else {m: v for m, v in r.items() if m != "per_query"} for k, r in res.items()}
     for name in (n for n in models if n != "random"):
         for other in (o for o in ("random", "pixels") if o in res):
-            d = P.paired_difference(res[name], res[other], bootstrap=dc.bootstrap, seed=dc.seed)
+            d = phase.paired_difference(res[name], res[other], bootstrap=dc.bootstrap, seed=dc.seed)
             key = f"difference_vs_{other}" if name == "pretrained" else f"{name}_difference_vs_{other}"
             out[key] = dict(d, verdict=verdict(d, "error"))
     out["videos_without_cycle"] = skipped
-    out["hit_threshold"] = P.HIT
+    out["hit_threshold"] = phase.HIT
     return out
 
 
