@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -71,8 +72,25 @@ def wandb_records(path: Path):
             yield rec
 
 
-def wandb_history(run_dir: Path, run_id: str) -> tuple[dict[int, dict], dict]:
-    """({step: {key: value}}, config) over every offline session of run `run_id` in run_dir."""
+def wandb_history(run_dir: Path, run_id: str, steps: int, wait_s: float = 30.0) -> tuple[dict[int, dict], dict]:
+    """({step: {key: value}}, config) over every offline session of run `run_id` in run_dir,
+    read again until `steps` history rows are there or `wait_s` passed: once in a loaded full
+    suite a .wandb file read right after `run.finish()` lacked its history record (W&B's
+    service process writes the log on its own; finish() does not wait for the disk)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            history, config = _wandb_history(run_dir, run_id)
+        except Exception:  # a record still being written
+            if time.monotonic() > deadline:
+                raise
+            history = {}
+        if len(history) >= steps or time.monotonic() > deadline:
+            return history, config
+        time.sleep(0.2)
+
+
+def _wandb_history(run_dir: Path, run_id: str) -> tuple[dict[int, dict], dict]:
     history, config = {}, {}
     files = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert files, f"no offline W&B run {run_id} under {run_dir}/wandb"
@@ -96,7 +114,7 @@ def test_wandb_offline_from_the_environment_writes_the_history(tmp_path, monkeyp
     run_id = json.loads((tmp_path / "trackers.json").read_text())["wandb"]
     _run_steps(tmp_path, [30], start=20, wandb=WandbConfig(enabled=True))
     assert json.loads((tmp_path / "trackers.json").read_text())["wandb"] == run_id
-    history, config = wandb_history(tmp_path, run_id)
+    history, config = wandb_history(tmp_path, run_id, steps=3)
     assert history == {10: {"loss": 0.1, "lr": 1e-3, "nested/a": 10.0},
                        20: {"loss": 0.05, "lr": 1e-3, "nested/a": 20.0},
                        30: {"loss": 1 / 30, "lr": 1e-3, "nested/a": 30.0}}
@@ -108,7 +126,7 @@ def test_wandb_mode_set_in_the_recipe_wins_over_the_environment(tmp_path, monkey
     monkeypatch.setenv("WANDB_PROJECT", "from-env")
     _run_steps(tmp_path, [5], wandb=WandbConfig(enabled=True, mode="offline", project="from-recipe"))
     run_id = json.loads((tmp_path / "trackers.json").read_text())["wandb"]
-    assert wandb_history(tmp_path, run_id)[0] == {5: {"loss": 0.2, "lr": 1e-3, "nested/a": 5.0}}
+    assert wandb_history(tmp_path, run_id, steps=1)[0] == {5: {"loss": 0.2, "lr": 1e-3, "nested/a": 5.0}}
     (run,) = [r for f in (tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
               for r in wandb_records(f) if r.WhichOneof("record_type") == "run"]
     assert run.run.project == "from-recipe"
