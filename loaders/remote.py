@@ -12,6 +12,8 @@ never sees a manifest that lists a shard not yet (or not wholly) copied.
 """
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import os
 import urllib.error
@@ -33,7 +35,7 @@ def is_url(where: str | os.PathLike) -> bool:
     return isinstance(where, str) and where.startswith(SCHEMES)
 
 
-class Store:
+class Store(abc.ABC):
     """One shard folder on a remote store; files are addressed by their name in the folder."""
 
     url: str
@@ -41,9 +43,9 @@ class Store:
     def where(self, name: str) -> str:
         return f"{self.url.rstrip('/')}/{name}"
 
+    @abc.abstractmethod
     def read(self, name: str, out: BinaryIO) -> str:
         """Stream file `name` into `out`; returns its sha256 hex. DataError when unreadable."""
-        raise NotImplementedError
 
     def get(self, name: str) -> bytes:
         import io
