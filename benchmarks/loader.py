@@ -229,15 +229,24 @@ def run_dali(shards: Path, size: int, threads: int, clips: int, warm: int, backe
     cfg = StreamConfig(shards=str(shards), split="all", num_frames=T, stride=STRIDE, size=size,
                        batch_size=BATCH, num_threads=threads, backend=backend, cut_gops=cut)
     s = ClipStream(cfg, train=True, device=torch.device(device))
-    seen = n = 0
-    t0 = c0 = None
-    base_dec = 0
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    n, decoded, dt, cpu, _ = _time_stream(s, clips, warm, sync)
+    s.close()  # DALI's threads stop before the next loader forks its workers
+    return _rates(n, decoded, dt, cpu)
+
+
+def _time_stream(s, clips: int, warm: int, sync=lambda: None, t_start: float | None = None):
+    """Iterate a ClipStream (epochs on end) and time it from batch `warm` on, over `clips` clips
+    -> (clips, decoded frames, wall s, CPU s, s from t_start to the first batch)."""
+    seen = n = base_dec = 0
+    t0 = c0 = first = None
     while n < clips:
         for b in s:
             seen += 1
+            if first is None and t_start is not None:
+                first = time.perf_counter() - t_start
             if seen == warm:
-                if device != "cpu":
-                    torch.cuda.synchronize()
+                sync()
                 t0, base_dec, c0 = time.perf_counter(), s.stats["decoded_frames"], _cpu_seconds([os.getpid()])
                 continue
             if t0 is None:
@@ -245,12 +254,9 @@ def run_dali(shards: Path, size: int, threads: int, clips: int, warm: int, backe
             n += b["video"].shape[0]
             if n >= clips:
                 break
-    if device != "cpu":
-        torch.cuda.synchronize()
+    sync()
     dt, cpu = time.perf_counter() - t0, _cpu_seconds([os.getpid()]) - c0
-    decoded = s.stats["decoded_frames"] - base_dec
-    s.close()  # DALI's threads stop before the next loader forks its workers
-    return _rates(n, decoded, dt, cpu)
+    return n, s.stats["decoded_frames"] - base_dec, dt, cpu, first
 
 
 def _rates(n: int, decoded: int, dt: float, cpu: float) -> dict:
@@ -294,29 +300,14 @@ def run_stream(shards: str, size: int, threads: int, clips: int, warm: int = 2, 
                        num_threads=threads, backend="cpu", **kw)
     t_start = time.perf_counter()
     s = ClipStream(cfg, train=True, device=torch.device("cpu"))
-    startup, first = time.perf_counter() - t_start, None
-    n = seen = base_dec = 0
-    t0 = c0 = None
-    while n < clips:
-        for b in s:
-            seen += 1
-            if first is None:
-                first = time.perf_counter() - t_start
-            if seen == warm:
-                t0, base_dec, c0 = time.perf_counter(), s.stats["decoded_frames"], _cpu_seconds([os.getpid()])
-                continue
-            if t0 is None:
-                continue
-            n += b["video"].shape[0]
-            if n >= clips:
-                break
-    dt, cpu = time.perf_counter() - t0, _cpu_seconds([os.getpid()]) - c0
+    startup = time.perf_counter() - t_start
+    n, decoded, dt, cpu, first = _time_stream(s, clips, warm, t_start=t_start)
     remote = s.samples.remote
     cache = {} if remote is None else {
         "downloads": remote.cache.downloads, "downloaded_bytes": remote.cache.downloaded_bytes,
         "peak_bytes": remote.cache.peak_bytes, "limit_bytes": remote.cache.limit,
         "end_bytes": remote.cache.used_bytes()}
-    rates = _rates(n, s.stats["decoded_frames"] - base_dec, dt, cpu)
+    rates = _rates(n, decoded, dt, cpu)
     s.close()
     return {**rates, "startup_s": round(startup, 3), "first_batch_s": round(first, 3)}, cache
 
