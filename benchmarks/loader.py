@@ -1,4 +1,4 @@
-"""Loader benchmark: our DALI ClipStream vs the official-EchoFM-style loader vs a fair PyAV loader.
+"""Loader benchmark: our ClipStream vs the official-EchoFM-style loader vs a fair PyAV loader.
 
     python benchmarks/loader.py [--shards-112 DIR] [--shards-224 DIR] [--videos 48] [--clips 192]
                                 [--threads 2] [--repeats 3] [--cache DIR] [--out FILE]
@@ -12,19 +12,24 @@ Same corpus, same clip spec, same CPU threads for every loader:
   files in the cache (keyed by the shards' manifest).
 - clip: 16 frames at stride 2 (span 31), output size = the corpus size, batch 8, random
   start (the official-style loader takes the first frames, as the official code does).
-- threads: DALI num_threads = N; each baseline is a torch DataLoader with N worker
-  processes, every worker single-threaded (cv2 / torch / FFmpeg thread_count = 1).
+- threads: data.num_threads = N (DALI's threads, and N host decode threads); each baseline
+  is a torch DataLoader with N worker processes, every worker single-threaded (cv2 / torch /
+  FFmpeg thread_count = 1).
 
 Loaders:
-  (a) dali   ClipStream, CPU backend, on the folded shards (stride 2 = shard stride 1): the
-             video cut to the clip's GOPs on the host (loaders/trim.py), `frames=` decode,
-             DALI resize, uint8 batches. dali-unfolded: the same on the unfolded shards.
+  (a) ours   ClipStream, CPU backend as it ships (data.cpu_decoder: host), on the folded shards
+             (stride 2 = shard stride 1): libavcodec on the stream's threads decodes the
+             clip's GOPs straight from the WebM's frame table, grey frames kept as luma
+             (loaders/host_decode.py), DALI resize, uint8 [B, T, H, W, 3] batches.
+             ours-unfolded: the same on the unfolded shards. dali: ClipStream with
+             data.cpu_decoder: dali (DALI's CPU decoder, RGB, the video cut to the clip's
+             GOPs: loaders/trim.py) on the folded shards.
   (b) official  decode the whole video with PyAV, resize every frame with PIL (bilinear),
              then take the first 16 frames at stride 2 (wrapping on short videos).
   (c) pyav   seek to the keyframe before a random start, decode only up to the last
              needed frame, keep the 16 needed frames, resize them with cv2 (INTER_AREA).
              pyav-folded: the same on the folded videos at stride 1 (what the format alone
-             gives a plain loader). The bar compares dali with official and pyav.
+             gives a plain loader). The bar compares ours with official and pyav.
 
 Reported per loader and size: clips/s, sampled fps (clips/s x 16, what the model gets) and
 decoded fps (frames the decoder produced per second, counted from the first frame of the
@@ -220,14 +225,14 @@ def run_torch_loader(dataset, workers: int, clips: int, warm: int) -> dict:
     return _rates(n, decoded, dt, cpu)
 
 
-def run_dali(shards: Path, size: int, threads: int, clips: int, warm: int, backend: str = "cpu",
-             device: str = "cpu", cut: bool = True) -> dict:
+def run_clipstream(shards: Path, size: int, threads: int, clips: int, warm: int, backend: str = "cpu",
+             device: str = "cpu", cut: bool = True, decoder: str = "host") -> dict:
     import torch
 
     from echofm.loaders.stream import ClipStream, StreamConfig
 
     cfg = StreamConfig(shards=str(shards), split="all", num_frames=T, stride=STRIDE, size=size,
-                       batch_size=BATCH, num_threads=threads, backend=backend, cut_gops=cut)
+                       batch_size=BATCH, num_threads=threads, backend=backend, cut_gops=cut, cpu_decoder=decoder)
     s = ClipStream(cfg, train=True, device=torch.device(device))
     sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
     n, decoded, dt, cpu, _ = _time_stream(s, clips, warm, sync)
@@ -439,11 +444,11 @@ def plot(results: dict, path: Path) -> None:
     sizes = sorted(results["cpu"])
     names = list(LOADERS)
     labels = {"official": "official-style (PyAV all + PIL)", "pyav": "PyAV seek + DataLoader",
-              "pyav-folded": "PyAV on the folded videos", "dali-unfolded": "ClipStream, unfolded shards",
-              "dali": "ours: ClipStream, folded shards"}
+              "pyav-folded": "PyAV on the folded videos", "dali": "ClipStream, DALI's CPU decoder",
+              "ours-unfolded": "ClipStream, unfolded shards", "ours": "ours: ClipStream, folded shards"}
     per_core = lambda b: T * 1e3 / b["best_cpu_ms_per_clip"]  # noqa: E731  sampled frames per CPU-s
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    w = 0.16
+    w = 0.13
     for ax, value, ylabel, title in (
         (axes[0], lambda b: b["sampled_fps"], "sampled frames / s",
          f"wall clock, {results['threads']} threads (best of {results['best_of']})"),
@@ -464,10 +469,11 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-LOADERS = ("official", "pyav", "pyav-folded", "dali-unfolded", "dali")
+LOADERS = ("official", "pyav", "pyav-folded", "dali", "ours-unfolded", "ours")
 """official and pyav read the unfolded videos at stride 2 (the issue's baselines); pyav-folded
-reads the folded ones at stride 1 (what the format alone gives a plain loader); dali-unfolded is
-our stream on unfolded shards; dali on the folded shards (loaders/fold.py)."""
+reads the folded ones at stride 1 (what the format alone gives a plain loader); dali is our
+stream with DALI's CPU decoder, ours-unfolded our stream on unfolded shards, ours on the
+folded shards (loaders/fold.py)."""
 
 
 def run_size(args, size: int, given: Path | None) -> dict:
@@ -480,8 +486,9 @@ def run_size(args, size: int, given: Path | None) -> dict:
     runs = {k: [] for k in LOADERS}
     for r in range(args.repeats):
         for name in runs:
-            if name.startswith("dali"):
-                res = run_dali(folded if name == "dali" else shards, size, args.threads, args.clips, warm=2)
+            if name in ("dali", "ours", "ours-unfolded"):
+                res = run_clipstream(shards if name == "ours-unfolded" else folded, size, args.threads, args.clips,
+                               warm=2, decoder="dali" if name == "dali" else "host")
             elif name == "official":
                 res = run_torch_loader(OfficialStyle(videos, size), args.threads, args.clips, warm=2)
             elif name == "pyav":
@@ -509,7 +516,7 @@ def bar(cpu: dict) -> dict:
     decode waste <= 1.2."""
     out = {}
     for size, best in cpu.items():
-        d = best["dali"]
+        d = best["ours"]
         need_pyav = 2.0 if size >= 224 else 3.0
         out[size] = {"x_pyav": d["cpu_ratio_vs_pyav"], "x_official": d["cpu_ratio_vs_official"],
                      "decode_waste": d["decode_waste"],
@@ -552,7 +559,7 @@ def main(argv=None) -> int:
     results["bar"] = bar(results["cpu"])
     if torch.cuda.is_available():
         shards = given.get(224) or build_corpus(args.cache, 224, args.videos)
-        g = run_dali(shards, 224, args.threads, max(args.clips, 512), warm=4, backend="mixed", device="cuda")
+        g = run_clipstream(shards, 224, args.threads, max(args.clips, 512), warm=4, backend="mixed", device="cuda")
         g["vitb_need_clips_s"] = VITB_NEED_CLIPS_S
         g["fraction_of_need"] = round(g["clips_s"] / VITB_NEED_CLIPS_S, 3)
         results["gpu_mixed_224"] = g

@@ -1,20 +1,24 @@
 """The DALI graph of the stream: encoded clips -> decode the chosen frames -> crop/resize/flip.
 
-One definition serves both backends: `decoder="mixed"` decodes on the GPU (NVDEC) and runs
-the geometric ops there, `decoder="cpu"` runs everything on DALI's CPU threads. Nothing
-else differs, so the CPU tests cover the GPU graph.
+One definition serves every backend: `decoder="mixed"` decodes on the GPU (NVDEC) and runs
+the geometric ops there, `decoder="cpu"` runs everything on DALI's CPU threads, and
+`decoder="host"` takes clips the stream already decoded (host_decode.py: grey clips as
+luma, without DALI's RGB conversion) and runs only the geometric ops. Nothing else
+differs, so the CPU tests cover the GPU graph.
 
 Inputs arrive per batch from a Python callable (`fn.external_source`) that owns the sample
 order, the clip starts and every random number (see `stream.py` for why): per sample
 (roi, flip and seg only when the graph uses them, see `GraphSpec.inputs`)
 
-    video    uint8 [bytes]      the encoded video, or its cut to the clip's GOPs (trim.py)
-    frames   int32 [T]          frames to decode, indices into `video` (repeats allowed)
+    video    uint8 [bytes]      the encoded video, or its cut to the clip's GOPs (trim.py);
+             uint8 [T, H, W, C] with decoder="host": the decoded clip (C = 1 grey, 3 RGB)
+    frames   int32 [T]          frames to decode, indices into `video` (repeats allowed; not
+                                with decoder="host")
     roi      float32 [4]        relative crop window (y0, x0, y1, x1) in the source frame
     flip     int32 []           1 = mirror horizontally
     seg      uint8 [T, H, W, 1] label maps of the same T frames (host-selected)
 
-Outputs: video uint8 [B, T, size, size, 3] and, with masks, seg uint8 [B, T, size, size, 1]
+Outputs: video uint8 [B, T, size, size, C] (C = 3; host: the input's C) and, with masks, seg uint8 [B, T, size, size, 1]
 that went through the same crop/resize (nearest) and flip.
 """
 from __future__ import annotations
@@ -40,7 +44,7 @@ class GraphSpec:
     """Apply the per-sample horizontal flip flag."""
     segmentation: bool
     decoder: str
-    """'cpu' or 'mixed'."""
+    """'cpu' or 'mixed' (DALI decodes), or 'host' (the clips arrive decoded)."""
     batch_size: int
     num_threads: int
     device_id: int | None
@@ -50,7 +54,7 @@ class GraphSpec:
 
     def inputs(self) -> list[str]:
         """Names of the per-sample inputs `source()` returns, in order (unused ones left out)."""
-        return (["video", "frames"] + (["roi"] if self.crop else [])
+        return (["video"] + ([] if self.decoder == "host" else ["frames"]) + (["roi"] if self.crop else [])
                 + (["flip"] if self.flip else []) + (["seg"] if self.segmentation else []))
 
 
@@ -96,7 +100,8 @@ def build_pipeline(spec: GraphSpec, source: Callable[[], tuple]):
     from nvidia.dali import fn, pipeline_def, types
 
     names = spec.inputs()
-    kinds = {"video": (types.UINT8, 1, ""), "frames": (types.INT32, 1, ""), "roi": (types.FLOAT, 1, ""),
+    video_kind = (types.UINT8, 4, "FHWC") if spec.decoder == "host" else (types.UINT8, 1, "")
+    kinds = {"video": video_kind, "frames": (types.INT32, 1, ""), "roi": (types.FLOAT, 1, ""),
              "flip": (types.INT32, 0, ""), "seg": (types.UINT8, 4, "FHWC")}
     resize = spec.crop or (spec.in_height, spec.in_width) != (spec.size, spec.size)
 
@@ -109,7 +114,9 @@ def build_pipeline(spec: GraphSpec, source: Callable[[], tuple]):
         roi, flip = ins.get("roi"), ins.get("flip")
         # `frames=` decodes exactly these (repeats and wrap-around order included);
         # pad_mode="none": a frame the decoder cannot produce is an error, never a black frame.
-        video = fn.decoders.video(ins["video"], device=spec.decoder, frames=ins["frames"], pad_mode="none")
+        video = ins["video"]
+        if spec.decoder != "host":
+            video = fn.decoders.video(video, device=spec.decoder, frames=ins["frames"], pad_mode="none")
         outs = [_geometry(video, roi, flip, spec, resize, False)]
         if spec.segmentation:
             seg = ins["seg"].gpu() if spec.decoder == "mixed" else ins["seg"]

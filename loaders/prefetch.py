@@ -3,7 +3,10 @@ pipeline that decodes them ahead of the consumer (docs/data.md).
 
 `ClipStream` (stream.py) decides which batch comes next and reads it (`HostBatch`); a
 `Prefetcher` keeps `prefetch` of them queued in a DALI pipeline, across the end of an epoch
-in training, and says which batch each output belongs to. `find_bad` decodes the samples of
+in training, and says which batch each output belongs to. With host decoding
+(host_decode.py) a batch is read `lookahead` batches before DALI takes it, its clips
+decoding on the stream's threads meanwhile, and the stream `settle`s it (waits for its
+clips, deals with the ones that failed) just before DALI takes it. `find_bad` decodes the samples of
 a batch DALI failed on one by one to name the damaged ones.
 
 A Prefetcher holds no reference to its stream (no cycle keeps DALI's threads alive): the
@@ -11,6 +14,7 @@ stream hands it, on each call, `plan_len(epoch) -> batches` and `read(epoch, b) 
 """
 from __future__ import annotations
 
+import bisect
 import collections
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +45,8 @@ class HostBatch:
     """Frames the decoder produces for this batch (decoded fps)."""
     dropped: int = 0
     """Damaged samples left out of this batch (on_error='skip')."""
+    settled: bool = True
+    """False while inputs["video"] holds host decodes still running (Futures)."""
 
 
 class BatchFailed(Exception):
@@ -55,6 +61,8 @@ PlanLen = Callable[[int], int]
 """epoch -> this rank's batches in it."""
 Read = Callable[[int, int], HostBatch]
 """(epoch, batch position) -> the batch read on the host."""
+Settle = Callable[[HostBatch], None]
+"""Make a batch final in place: its host decodes done, failed samples dropped (or raise)."""
 
 
 class Prefetcher:
@@ -63,14 +71,15 @@ class Prefetcher:
     (`one_pass=False`); evaluation stops at the end of its epoch.
 
         pf = Prefetcher(epoch, pos, spec, one_pass=not train)
-        if pf.start(plan_len, read, cuda_stream):     # False: nothing left in this epoch
+        if pf.start(plan_len, read, settle, cuda_stream):  # False: nothing left in this epoch
             out = pf.pipe.outputs(pf.cuda_stream)      # the outputs of pf.inflight[0]
-            hb = pf.inflight.popleft(); pf.prepare(plan_len, read); pf.pipe.schedule_run()
+            hb = pf.inflight.popleft(); pf.prepare(plan_len, read)
+            pf.settle(1, settle, plan_len, read); pf.pipe.schedule_run()
 
     `release()` drops the pipeline at once."""
 
-    def __init__(self, epoch: int, pos: int, spec: GraphSpec, *, one_pass: bool) -> None:
-        self.spec, self.one_pass = spec, one_pass
+    def __init__(self, epoch: int, pos: int, spec: GraphSpec, *, one_pass: bool, lookahead: int = 0) -> None:
+        self.spec, self.one_pass, self.lookahead = spec, one_pass, lookahead
         self.feed: collections.deque[HostBatch] = collections.deque()
         self.inflight: collections.deque[HostBatch] = collections.deque()
         self.emptied: list[tuple[int, int, int]] = []  # (epoch, pos, dropped) of batches left empty
@@ -84,6 +93,8 @@ class Prefetcher:
         if not self.feed:
             raise StopIteration
         hb = self.feed.popleft()
+        if not hb.settled:
+            raise RuntimeError(f"batch {hb.pos} of epoch {hb.epoch} reached DALI before its decodes settled")
         self.inflight.append(hb)
         return tuple(hb.inputs.values())
 
@@ -102,7 +113,21 @@ class Prefetcher:
             if hb.items:
                 self.feed.append(hb)
                 return
-            self.emptied.append((epoch, b, hb.dropped))
+            bisect.insort(self.emptied, (epoch, b, hb.dropped))
+
+    def settle(self, n: int, fix: Settle, plan_len: PlanLen, read: Read) -> None:
+        """Settle the next `n` queued batches (the ones DALI's next run takes); one left with
+        no samples is counted as emptied and replaced by the next batch read."""
+        i = 0
+        while i < min(n, len(self.feed)):
+            hb = self.feed[i]
+            fix(hb)
+            if hb.items:
+                i += 1
+                continue
+            del self.feed[i]
+            bisect.insort(self.emptied, (hb.epoch, hb.pos, hb.dropped))
+            self.prepare(plan_len, read)
 
     def count_emptied(self, before: tuple[int, int]) -> int:
         """The drops of the empty batches the consumer has now passed (each counted once)."""
@@ -111,12 +136,13 @@ class Prefetcher:
             n += self.emptied.pop(0)[2]
         return n
 
-    def start(self, plan_len: PlanLen, read: Read, cuda_stream: Any = None) -> bool:
-        """Queue `spec.prefetch` batches and start decoding them; False (and no pipeline) when
-        the epoch has nothing left to decode. cuda_stream: torch's stream the outputs are bound
-        to (the mixed backend: no host sync), None on the CPU."""
-        for _ in range(self.spec.prefetch):
+    def start(self, plan_len: PlanLen, read: Read, settle: Settle, cuda_stream: Any = None) -> bool:
+        """Queue `spec.prefetch` (+ `lookahead`) batches and start decoding them; False (and no
+        pipeline) when the epoch has nothing left to decode. cuda_stream: torch's stream the
+        outputs are bound to (the mixed backend: no host sync), None on the CPU."""
+        for _ in range(self.spec.prefetch + self.lookahead):
             self.prepare(plan_len, read)
+        self.settle(self.spec.prefetch, settle, plan_len, read)  # DALI's first run takes `prefetch`
         if not self.feed:
             return False
         self.pipe = build_pipeline(self.spec, self.source)
@@ -126,6 +152,10 @@ class Prefetcher:
 
     def release(self) -> None:
         self.pipe = None  # the pipeline <-> source cycle is broken: DALI's threads stop now
+        for hb in self.feed:  # host decodes nobody will collect
+            if not hb.settled:
+                for job in hb.inputs["video"]:
+                    job.cancel()
         self.feed.clear()
         self.inflight.clear()
 

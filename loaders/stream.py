@@ -1,8 +1,10 @@
 """Shards -> device-resident uint8 clip batches (docs/data.md): the PyTorch-facing `ClipStream`.
 
 The DALI graph (`pipeline.py`) does the heavy work on its own threads: decode (NVDEC with
-the "mixed" backend, libavcodec with "cpu") of exactly the clip's frames (`frames=`), then
-crop/resize/flip. This module owns what must be exact and cheap to checkpoint: which
+the "mixed" backend) of exactly the clip's frames (`frames=`), then crop/resize/flip. On
+the CPU the clips are decoded by this stream's own threads (host_decode.py: libavcodec,
+grey clips kept as luma, no RGB conversion) and the graph only crops, resizes and flips;
+`data.cpu_decoder: dali` keeps DALI's CPU decoder, the GPU graph's twin. This module owns what must be exact and cheap to checkpoint: which
 samples form which batch, each clip's frame indices, and every random number. The host
 work per clip is small: a few `os.pread`s at the offsets of the shards' DALI index files,
 a json parse, and cutting the video to the GOPs the clip needs (trim.py: DALI's CPU
@@ -36,9 +38,10 @@ Usage, as engine/trainer.py runs it (each rank its own part of every global batc
         ...
         rank_state["stream"] = s.state_dict()  # with each checkpoint
 
-Modules, one job each: sample_table.py (which bytes are each sample's, checked on first
-read), sampling.py (the order and the random numbers), prefetch.py (batches in flight in the
-DALI pipeline), pipeline.py (the DALI graph); this module reads each batch on the host and
+Modules, one job each: stream_config.py (the settings), sample_table.py (which bytes are
+each sample's, checked on first read), sampling.py (the order and the random numbers),
+host_decode.py (the CPU decoder), prefetch.py (batches in flight in the DALI pipeline),
+pipeline.py (the DALI graph); this module reads each batch on the host and
 hands out torch tensors.
 """
 from __future__ import annotations
@@ -47,107 +50,26 @@ import io
 import json
 import os
 from collections.abc import Collection
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from .cache import RemoteShards, default_cache_dir
 from .errors import DataError
 from .fold import folded_stride, stream_stride
+from .host_decode import DecodeFailed, HostDecoder, grey_to_rgb, uniform_channels
 from .pipeline import GraphSpec, require_nvdec
 from .prefetch import BatchFailed, HostBatch, Prefetcher, find_bad
-from .cache import RemoteShards, default_cache_dir
 from .remote import is_url
 from .sample_table import SampleTable
+from .stream_config import StreamConfig
 from .sampling import Position, Sampling, batch_draws, clip_frames, epoch_plan, items_digest
 from .trim import NotCuttable, cut_clip, scan_frames
 
 CPU_CODECS = ("vp9", "vp8", "mjpeg")
 """Codecs DALI's CPU video decoder reads; H.264/HEVC/AV1 need the mixed (GPU) backend."""
 
-
-
-@dataclass(kw_only=True, slots=True)
-class StreamConfig:
-    """Where clips come from and how they are sampled (docs/data.md)."""
-
-    shards: str = ""
-    """Shard folder (holds manifest.json) written by `echofm ingest`: a local path, or a URL
-    (s3://bucket/prefix, https://...; docs/data.md), read through the node-local cache."""
-    split: str = "train"
-    """Manifest split to read ('train', 'val', 'test', or 'all')."""
-    num_frames: int = 16
-    """Frames per clip delivered to the model."""
-    stride: int = 2
-    """Temporal stride between sampled frames (in source frames)."""
-    size: int = 112
-    """Output height = width in pixels."""
-    batch_size: int = 8
-    """Clips per batch per rank."""
-    num_threads: int = 2
-    """DALI CPU threads."""
-    backend: Literal["auto", "cpu", "mixed"] = "auto"
-    """Video decode backend: mixed = NVDEC on the GPU, cpu = DALI CPU; auto picks mixed with CUDA."""
-    seed: int = 0
-    """Base seed; shuffling and clip starts are deterministic given (seed, epoch, rank)."""
-    shuffle: bool = True
-    """Shuffle samples (training): a full permutation of the split per epoch; evaluation reads in order."""
-    drop_last: bool = True
-    """Training: drop the last incomplete batch of each rank (every step sees batch_size clips)."""
-    random_resized_crop: tuple[float, float] | None = None
-    """Area scale range for random-resized-crop (e.g. [0.8, 1.0]); None disables it."""
-    flip: bool = False
-    """Random horizontal flip (off by default: echo views are not mirror-symmetric)."""
-    eval_clips: int = 1
-    """Clips per video in evaluation mode (evenly spaced starts, for test-time averaging)."""
-    segmentation: bool = False
-    """Also yield `.seg.npy` masks aligned to the sampled frames."""
-    on_error: Literal["raise", "skip"] = "raise"
-    """A damaged sample: raise naming shard and key, or skip it, count it and report it."""
-    max_dropped: float = 0.01
-    """on_error=skip: the largest fraction of the split's samples that may be found damaged
-    and skipped; beyond it `check_dropped` (the trainer calls it every step) stops the run."""
-    verify: bool = True
-    """Check each sample, the first time this process reads it, against the per-member sha256s
-    recorded at ingest (sha256 at ~1.2 GB/s: ~0.9 ms for a 1 MB clip, once): bytes damaged
-    after ingest are an error naming the member (or skipped), never decoded into silently
-    corrupt frames."""
-    prefetch: int = 2
-    """Batches DALI decodes ahead of the consumer."""
-    cut_gops: bool = True
-    """Hand the decoder only the GOPs a clip needs (WebM VP8/VP9 shards; trim.py says why)."""
-    cache_dir: str = ""
-    """Remote shards: the node-local cache folder ("" = $ECHOFM_CACHE/shards or
-    ~/.cache/echofm/shards); the ranks of a node share it."""
-    cache_limit_gb: float = 100.0
-    """Remote shards: the most the node's cache holds (GB, 1e9 bytes); least-recently-used
-    shards are removed to stay within it."""
-    fetch_threads: int = 8
-    """Remote shards: concurrent shard downloads per rank."""
-    fetch_ahead: int = 4
-    """Remote shards: batches ahead of the decoder whose shards are downloaded in the background."""
-
-    def validate(self) -> None:
-        if self.num_frames < 1 or self.stride < 1:
-            raise ValueError(f"num_frames and stride must be >= 1, got {self.num_frames}, {self.stride}")
-        if self.size < 16 or self.batch_size < 1 or self.num_threads < 1:
-            raise ValueError("size >= 16, batch_size >= 1 and num_threads >= 1 are required")
-        if self.eval_clips < 1:
-            raise ValueError(f"eval_clips must be >= 1, got {self.eval_clips}")
-        if self.prefetch < 1:
-            raise ValueError(f"prefetch must be >= 1, got {self.prefetch}")
-        if self.random_resized_crop is not None:
-            lo, hi = self.random_resized_crop
-            if not 0.0 < lo <= hi <= 1.0:
-                raise ValueError(f"random_resized_crop must satisfy 0 < lo <= hi <= 1, got {self.random_resized_crop}")
-        if self.backend not in ("auto", "cpu", "mixed"):
-            raise ValueError(f"backend must be auto, cpu or mixed, got {self.backend!r}")
-        if self.on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be raise or skip, got {self.on_error!r}")
-        if not 0.0 <= self.max_dropped <= 1.0:
-            raise ValueError(f"max_dropped is a fraction of the split in [0, 1], got {self.max_dropped}")
-        if self.cache_limit_gb <= 0 or self.fetch_threads < 1 or self.fetch_ahead < 0:
-            raise ValueError("cache_limit_gb > 0, fetch_threads >= 1 and fetch_ahead >= 0 are required")
+__all__ = ["CPU_CODECS", "ClipStream", "StreamConfig"]
 
 
 # ---------------------------------------------------------------- the stream
@@ -201,6 +123,7 @@ class ClipStream:
         """The layout changes the last `load_state_dict` accepted ("world size 2 -> 1")."""
         self._plan_cache: dict[tuple[int, int], list[np.ndarray]] = {}
         self._live: Prefetcher | None = None
+        self._decoder: HostDecoder | None = None  # the host decode threads, started on first use
         self._bad: dict[int, str] = {}  # sample -> why it was skipped
         self.stats: dict[str, int] = {"batches": 0, "clips": 0, "frames": 0, "decoded_frames": 0,
                                       "skipped": 0}
@@ -238,7 +161,8 @@ class ClipStream:
         return GraphSpec(
             size=cfg.size,
             in_height=int(m["height"]), in_width=int(m["width"]), crop=crop,
-            flip=self.train and cfg.flip, segmentation=cfg.segmentation, decoder=self.backend,
+            flip=self.train and cfg.flip, segmentation=cfg.segmentation,
+            decoder="host" if self.backend == "cpu" and cfg.cpu_decoder == "host" else self.backend,
             batch_size=cfg.batch_size, num_threads=cfg.num_threads,
             device_id=self._device_index() if self.backend == "mixed" else None,
             prefetch=cfg.prefetch,
@@ -351,8 +275,12 @@ class ClipStream:
                             f"{self.cfg.shards}` names the samples) or raise data.max_dropped")
 
     def close(self) -> None:
-        """Stop the pipeline (DALI's threads) and close the shard files; iterating reopens."""
+        """Stop the pipeline (DALI's threads, the decode threads) and close the shard files;
+        iterating reopens."""
         self._drop_live()
+        if getattr(self, "_decoder", None) is not None:
+            self._decoder.close()
+            self._decoder = None
         self.samples.close()
         if self.samples.remote is not None:
             self.samples.remote.close()
@@ -403,14 +331,20 @@ class ClipStream:
             idx = clip_frames(nframes, self._sampling, u=draws.u[j], clip=clip)  # wraps: a short video loops
             if not self.train:
                 meta["clip_index"] = clip
-            data, local, decoded = self._cut(video, scanned, idx, nframes)
             hb.items.append(v)
             hb.meta.append(meta)
-            hb.decoded += decoded
             index.append(idx)
             ins = hb.inputs
-            ins["video"].append(data)
-            ins["frames"].append(local.astype(np.int32))
+            if spec.decoder == "host":  # decoding starts now, on the decode threads (_settle collects)
+                ins["video"].append(self._host_decoder().submit(
+                    video, scanned if scanned is not None and len(scanned) == nframes else None, idx,
+                    self._codec, (spec.in_height, spec.in_width)))
+                hb.settled = False
+            else:
+                data, local, decoded = self._cut(video, scanned, idx, nframes)
+                hb.decoded += decoded
+                ins["video"].append(data)
+                ins["frames"].append(local.astype(np.int32))
             if spec.crop:
                 ins["roi"].append(draws.rois[j])
             if spec.flip:
@@ -420,6 +354,38 @@ class ClipStream:
         if index:
             hb.index = np.stack(index)
         return hb
+
+    def _host_decoder(self) -> HostDecoder:
+        if self._decoder is None:
+            self._decoder = HostDecoder(self.cfg.num_threads)
+        return self._decoder
+
+    def _settle(self, hb: HostBatch) -> None:
+        """Wait for a batch's host decodes: the clips replace their Futures, a clip that failed
+        to decode is an error naming its sample (on_error=raise) or is left out and counted."""
+        if hb.settled:
+            return
+        keep, clips = [], []
+        for j, (v, job) in enumerate(zip(hb.items, hb.inputs["video"])):
+            try:
+                clip, decoded = job.result()
+            except DecodeFailed as e:
+                why = f"{self.samples.where(v)}: the video cannot be decoded ({e})"
+                if self.cfg.on_error == "raise":
+                    raise DataError(f"{why}; re-ingest it, or set data.on_error=skip to skip and "
+                                    "count such samples") from None
+                self._bad[v] = why
+                hb.dropped += 1
+                continue
+            keep.append(j)
+            clips.append(clip)
+            hb.decoded += decoded
+        if len(keep) < len(hb.items):
+            hb.items, hb.meta = [hb.items[j] for j in keep], [hb.meta[j] for j in keep]
+            hb.inputs = {n: [lst[j] for j in keep] for n, lst in hb.inputs.items()}
+            hb.index = hb.index[keep]
+        hb.inputs["video"] = uniform_channels(clips)
+        hb.settled = True
 
     def _scan(self, v: int, video: bytes, nframes: int) -> np.ndarray | None:
         """The WebM's frame table (trim.scan_frames) when the video can be cut, else None.
@@ -518,8 +484,9 @@ class ClipStream:
         live = self._live
         if live is None or live.expect != (self.epoch, self._pos):
             self._drop_live()
-            live = Prefetcher(self.epoch, self._pos, self._spec, one_pass=not self.train)
-            if not live.start(self._batches_in, self._host_batch, self._cuda_stream()):
+            lookahead = self.cfg.prefetch if self._spec.decoder == "host" else 0  # clips decode meanwhile
+            live = Prefetcher(self.epoch, self._pos, self._spec, one_pass=not self.train, lookahead=lookahead)
+            if not live.start(self._batches_in, self._host_batch, self._settle, self._cuda_stream()):
                 self.stats["skipped"] += live.count_emptied((self.epoch + 1, -1))  # nothing left to decode
                 return
             self._live = live
@@ -538,6 +505,7 @@ class ClipStream:
             batch = self._to_torch(out, hb)
             self.stats["skipped"] += live.count_emptied((hb.epoch, hb.pos))
             live.prepare(self._batches_in, self._host_batch)
+            live.settle(1, self._settle, self._batches_in, self._host_batch)  # the one DALI takes next
             live.pipe.schedule_run()
             nxt = live.inflight[0] if live.inflight else None
             last = nxt is None or nxt.epoch != hb.epoch  # this is the epoch's last batch
@@ -571,16 +539,18 @@ class ClipStream:
         from nvidia.dali.backend import TensorListGPU
         from nvidia.dali.plugin.pytorch.torch_utils import feed_ndarray, to_torch_type
 
-        def convert(tl) -> torch.Tensor:
+        def convert(tl, rgb: bool = False) -> torch.Tensor:
             t = tl.as_tensor()  # dense view of the batch; DALI reuses its buffer afterwards
             if isinstance(tl, TensorListGPU):  # torch's caching allocator, async copy on its stream
                 x = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=self.device)
                 feed_ndarray(t, x, cuda_stream=torch.cuda.current_stream(self.device))
                 return x
             # host: numpy's copy reuses warm memory; a fresh torch.empty page-faults ~5 ms/batch
-            return torch.from_numpy(np.array(t)).to(self.device, non_blocking=True)
+            a = np.asarray(t)
+            a = grey_to_rgb(a) if rgb and a.shape[-1] == 1 else np.array(a)  # grey clips: 3 channels
+            return torch.from_numpy(a).to(self.device, non_blocking=True)
 
-        batch = {"video": convert(out[0]), "frames_index": torch.from_numpy(hb.index), "meta": hb.meta}
+        batch = {"video": convert(out[0], rgb=True), "frames_index": torch.from_numpy(hb.index), "meta": hb.meta}
         if self._spec.segmentation:
             batch["seg"] = convert(out[1])[..., 0]
         B, T = hb.index.shape

@@ -68,21 +68,16 @@ def scan_frames(data: bytes) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
-def cut_ivf(data: bytes, frames: np.ndarray, first: int, last: int, codec: str, height: int,
-            width: int) -> tuple[bytes, int]:
-    """IVF stream of frames [k0, last], k0 = the keyframe at or before `first` -> (bytes, k0).
-
-    `frames` is `scan_frames(data)`; frame i of the cut stream is frame k0 + i of the video.
-    """
-    keys = np.flatnonzero(frames[: first + 1, 2])
-    k0 = int(keys[-1])
-    sel = frames[k0:last + 1]
-    parts = [b"DKIF", struct.pack("<HH4sHHIIII", 0, 32, _FOURCC[codec], width, height, 30, 1, len(sel), 0)]
-    view = memoryview(data)
-    for i, (off, size, _) in enumerate(sel.tolist()):
-        parts.append(struct.pack("<IQ", size, i))
-        parts.append(view[off:off + size])
-    return b"".join(parts), k0
+def clip_runs(frames: np.ndarray, idx: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """The decode plan of one clip's frames `idx` (int [T], any order): `idx` cut where it
+    steps back (a clip wrapping around a short video) into increasing runs, each with the
+    keyframe at or before its first frame -> [(keyframe, int64 run)]. Decoding each run from
+    its keyframe gives bit-identical frames (a VP8/VP9 keyframe resets the decoder) and
+    decodes each pass over the video once. `frames` is `scan_frames(data)`."""
+    idx = np.asarray(idx, dtype=np.int64)
+    runs = np.split(idx, np.flatnonzero(np.diff(idx) < 0) + 1)
+    keys = np.flatnonzero(frames[:, 2])
+    return [(int(keys[np.searchsorted(keys, r[0], side="right") - 1]), r) for r in runs]
 
 
 def cut_clip(data: bytes, frames: np.ndarray, idx: np.ndarray, codec: str, height: int,
@@ -90,19 +85,13 @@ def cut_clip(data: bytes, frames: np.ndarray, idx: np.ndarray, codec: str, heigh
     """IVF stream for one clip's frames `idx` (int [T], any order) -> (bytes, int64 [T] indices
     of the clip's frames in it).
 
-    `idx` is cut where it steps back (a clip wrapping around a short video) into increasing
-    runs; each run becomes the frames from the keyframe at or before its first frame to its
-    last one, and the runs are laid end to end. Every run starts at a keyframe (which resets
-    the decoder), so the frames are bit-identical to decoding the whole video, and the indices
-    into the cut stream increase: the decoder never seeks back, and a wrapped clip decodes
-    each run once instead of the video from frame 0 once per run. `frames` is `scan_frames(data)`.
+    Each run of `clip_runs` becomes the frames from its keyframe to its last frame, and the
+    runs are laid end to end: the indices into the cut stream increase, so the decoder never
+    seeks back, and a wrapped clip decodes each run once instead of the video from frame 0
+    once per run. `frames` is `scan_frames(data)`.
     """
-    idx = np.asarray(idx, dtype=np.int64)
-    runs = np.split(idx, np.flatnonzero(np.diff(idx) < 0) + 1)
-    keys = np.flatnonzero(frames[:, 2])
     spans, local, base = [], [], 0
-    for r in runs:
-        k0 = int(keys[np.searchsorted(keys, r[0], side="right") - 1])
+    for k0, r in clip_runs(frames, idx):
         spans.append(frames[k0:int(r[-1]) + 1])
         local.append(r - k0 + base)
         base += int(r[-1]) + 1 - k0

@@ -108,10 +108,11 @@ def test_folded_shards_record_the_fold(shards):
     assert sorted(got) == sorted((n + 1) // 2 for n in LENGTHS)  # every other source frame, the last kept
 
 
-def test_folded_stream_delivers_the_source_frames_it_reports(shards):
+@pytest.mark.parametrize("decoder", ["host", "dali"])
+def test_folded_stream_delivers_the_source_frames_it_reports(shards, decoder):
     """Stride 2 on folded shards: shard frames at stride 1, each equal to PyAV's decode of the
     source file at frames_index x 2 (wrap-around included); frames decoded ~ frames sampled."""
-    s = ClipStream(_cfg(shards["folded"]))
+    s = ClipStream(_cfg(shards["folded"], cpu_decoder=decoder))
     wrapped = 0
     for b in s:
         for row, lv, m in zip(b["frames_index"].numpy(), _levels(b["video"]), b["meta"]):
@@ -128,22 +129,36 @@ def test_folded_stream_delivers_the_source_frames_it_reports(shards):
     assert s.stats["decoded_frames"] <= 1.2 * s.stats["frames"]  # decode waste <= 1.2
 
 
-def test_unfolded_shards_at_stride_2_decode_twice_what_they_sample(shards):
+@pytest.mark.parametrize("decoder", ["host", "dali"])
+def test_unfolded_shards_at_stride_2_decode_more_than_they_sample(shards, decoder):
     """The same sources unfolded: right frames (level 40 + 5k at source frame k), but the
-    decoder produces about two frames per sampled one (the waste folding removes)."""
-    plain = ClipStream(_cfg(shards["plain"]))
+    decoder produces frames the clip skips (the waste folding removes). DALI's decoder
+    produces about two per sampled one; the host decoder decodes each needed frame once
+    (a wrapped clip's frames too), so exactly what `decode_spans` plans on GOP-8 streams."""
+    from echofm.loaders.host_decode import decode_spans
+
+    plain = ClipStream(_cfg(shards["plain"], cpu_decoder=decoder))
+    planned = 0
     for b in plain:
-        for row, lv in zip(b["frames_index"].numpy(), _levels(b["video"])):
+        for row, lv, m in zip(b["frames_index"].numpy(), _levels(b["video"]), b["meta"]):
             np.testing.assert_array_equal(np.rint((lv - 40) / 5), row)
-    assert plain.stats["decoded_frames"] > 1.6 * plain.stats["frames"]
+            table = np.zeros((m["frames"], 3), np.int64)
+            table[::8, 2] = 1  # ingest's keyframe every 8 frames
+            planned += sum(b - a + 1 for a, b in decode_spans(table, row))
+    if decoder == "dali":
+        assert plain.stats["decoded_frames"] > 1.6 * plain.stats["frames"]
+    else:
+        assert plain.stats["decoded_frames"] == planned > 1.3 * plain.stats["frames"]
 
 
-def test_wrapped_clip_cut_per_run_is_bit_identical(shards):
-    """trim.cut_clip vs decoding whole streams: same pixels, never more frames decoded."""
+@pytest.mark.parametrize("decoder", ["host", "dali"])
+def test_wrapped_clip_cut_per_run_is_bit_identical(shards, decoder):
+    """Cut (trim.cut_clip; the host decoder's spans) vs decoding whole streams: same pixels,
+    never more frames decoded."""
     for path in (shards["plain"], shards["folded"]):
         # evaluation's evenly spaced clips: the last ones start late in each video
-        cut = ClipStream(_cfg(path, eval_clips=3), train=False)
-        whole = ClipStream(_cfg(path, eval_clips=3, cut_gops=False), train=False)
+        cut = ClipStream(_cfg(path, eval_clips=3, cpu_decoder=decoder), train=False)
+        whole = ClipStream(_cfg(path, eval_clips=3, cut_gops=False, cpu_decoder=decoder), train=False)
         a, b = list(cut), list(whole)
         assert all(torch.equal(x["video"], y["video"]) and torch.equal(x["frames_index"], y["frames_index"])
                    for x, y in zip(a, b)) and len(a) == len(b)

@@ -331,11 +331,12 @@ def damaged_shards(ramp_shards, tmp_path):
     return out, idx.with_suffix(".tar").name, name.split(".")[0]
 
 
-def test_damaged_sample_named_or_skipped(damaged_shards):
+@pytest.mark.parametrize("decoder", ["host", "dali"])
+def test_damaged_sample_named_or_skipped(damaged_shards, decoder):
     shards, tar, key = damaged_shards
     # The decoder's own failure path (the member-hash check, on by default, would name the
     # sample before decoding: see test_integrity.py).
-    cfg = _cfg(shards, batch_size=3, num_frames=4, drop_last=False, verify=False)
+    cfg = _cfg(shards, batch_size=3, num_frames=4, drop_last=False, verify=False, cpu_decoder=decoder)
     with pytest.raises(DataError, match=rf"{tar}: sample {key}: the video cannot be decoded"):
         _epoch(ClipStream(cfg))
     cfg.on_error = "skip"
