@@ -31,6 +31,22 @@ def test_slice_phase_is_the_circular_mean_of_its_frames():
     assert ph.tolist() == pytest.approx([0.05])
 
 
+def test_cycle_labels_are_read_in_stored_frames_on_folded_shards():
+    """Regression: the labels count source frames, frames_index stored ones; on shards with the
+    stride folded in (stored frame i = source frame 2i) the same instants must get the same
+    phase as on unfolded shards."""
+    from echofm.engine.downstream.phase import _cycle
+
+    labels = {"labels": {"period_true": 20.0, "ed_true": [6]}}
+    plain, folded = _cycle(labels), _cycle({**labels, "stride_folded": 2})
+    assert plain == (20.0, 6.0) and folded == (10.0, 3.0)
+    src = torch.tensor([6, 8, 10, 12])  # source frames, stride 2
+    a, _ = slice_phase(src, ed=plain[1], period=plain[0], tubelet=2)
+    b, _ = slice_phase(src // 2, ed=folded[1], period=folded[0], tubelet=2)
+    assert a.tolist() == pytest.approx(b.tolist())
+    assert _cycle({"labels": {"period_true": 20.0}}) is None
+
+
 def test_phase_on_the_circle_retrieves_exactly_and_offsets_cancel():
     t = np.arange(32)
     phase = (t % 8) / 8

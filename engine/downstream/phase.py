@@ -160,10 +160,14 @@ def split_slices(models: dict, data, split: str, clips: int, *, tubelet: int, de
 
 
 def _cycle(meta: dict) -> tuple[float, float] | None:
-    """(period, first end-diastole frame) from the ground-truth labels, or None."""
+    """(period, first end-diastole frame) from the ground-truth labels, in stored frames (the
+    unit of `frames_index`), or None. The labels count source frames (docs/shards.md); on
+    shards ingested with the stride folded in, stored frame i is source frame i x
+    `stride_folded`."""
     lab = meta.get("labels") or {}
     period, ed = lab.get("period_true"), lab.get("ed_true")
     ed = ed[0] if isinstance(ed, (list, tuple)) and ed else ed
     if not period or ed is None or isinstance(ed, (list, tuple)):
         return None
-    return float(period), float(ed)
+    fold = float(meta.get("stride_folded", 1))
+    return float(period) / fold, float(ed) / fold
