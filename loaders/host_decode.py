@@ -155,7 +155,10 @@ class HostDecoder:
         return self._pool.submit(decode_clip, video, table, idx, codec, size)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Cancel what has not started and wait for the rest (a few ms): no decode thread may
+        outlive the stream, or a process forked afterwards (a DataLoader's workers) can inherit
+        a lock one of them held and hang."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def uniform_channels(clips: list[np.ndarray]) -> list[np.ndarray]:
