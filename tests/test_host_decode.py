@@ -126,3 +126,38 @@ def test_stream_host_decoder_matches_dali_cpu_decoder(tiny_shards):
         diff = (a["video"].int() - b["video"].int()).abs()
         assert diff.float().mean() < 1.0 and diff.max() <= 12, (diff.float().mean(), diff.max())
     assert hs["frames"] == ds["frames"] and hs["decoded_frames"] <= ds["decoded_frames"]
+
+
+def test_a_process_forked_after_the_stream_can_use_cv2(tiny_shards):
+    """Regression: the batch's grey -> RGB copy ran on cv2's thread pool, and a process forked
+    afterwards (a torch DataLoader's workers) hung in cv2.setNumThreads. In a fresh
+    interpreter: this one has used cv2 for other reasons (ingest)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _FORK_AFTER_STREAM, str(tiny_shards)], capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 0 and r.stdout.split() == ["child", "ok"] * 2, (r.stdout, r.stderr[-2000:])
+
+
+_FORK_AFTER_STREAM = """
+import multiprocessing as mp, sys
+from echofm.loaders.stream import ClipStream, StreamConfig
+
+def child():
+    import cv2
+    cv2.setNumThreads(1)
+    print("child ok", flush=True)
+
+s = ClipStream(StreamConfig(shards=sys.argv[1], split="train", num_frames=8, stride=2, size=112, batch_size=4))
+it = iter(s)
+next(it)
+s.close()
+for _ in range(2):
+    p = mp.get_context("fork").Process(target=child)
+    p.start()
+    p.join(20)
+    if p.is_alive():
+        p.kill()
+        sys.exit("the forked child hung")
+"""
