@@ -84,12 +84,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def plain_model_class():
+    from echofm.engine import losses
     from echofm.engine.model import EchoFM
+    from echofm.kernels import gather_patches, reference
 
     class PlainEchoFM(EchoFM):
-        """The same EchoFM, encoder input computed the plain way (mae_st / official code):
-        Conv3d over every patch of the normalised float clip, position embedding on all N
-        tokens, then torch.gather of the visible ones."""
+        """The same EchoFM computed the plain way (mae_st / official code), frozen here as the
+        reference: Conv3d over every patch of the normalised float clip, position embedding on
+        all N tokens, then torch.gather of the visible ones; the decoder's prediction, the
+        norm-pix target (every patch of the clip, Tensor.var) and the mask-weighted loss over
+        all N tokens; the cycle prior from the whole clip in float."""
 
         def forward_encoder(self, video, mask):
             c = self.cfg
@@ -104,7 +108,59 @@ def plain_model_class():
             x = self.norm(self._run(self.blocks, torch.cat([cls, tok], dim=1), mask.grid, False))
             return x[:, 1:], x[:, 0]
 
+        def plain_target(self, video):
+            """[B, N, u*p*p*C]: every patch of the predicted frames (on CPU: the whole float clip
+            normalised, then patchified; on CUDA the Triton gather, as before)."""
+            c = self.cfg
+            frames = video if c.pred_t_dim == c.num_frames else video[:, self.target_frames()]
+            b, n, patch = video.shape[0], c.t_grid * c.l_grid, (c.pred_u, c.patch_size, c.patch_size)
+            ids = torch.arange(n, device=video.device).expand(b, n).contiguous()
+            if frames.is_cuda:
+                x = gather_patches(frames, ids, patch, c.mean, c.std, backend=self._backend(frames))
+            else:
+                x = frames.float() if frames.dtype == torch.uint8 else frames
+                scale, shift = reference.device_norm(c.in_chans, frames.dtype == torch.uint8, c.mean, c.std,
+                                                     x.device, x.dtype)
+                x = reference.gather_tokens(reference.patchify(x * scale + shift, patch), ids)
+            x = x.view(b, n, c.in_chans, c.pred_u, c.patch_size, c.patch_size).permute(0, 1, 3, 4, 5, 2)
+            return losses.work_dtype(x.reshape(b, n, c.pred_dim))
+
+        def forward(self, video, mask=None, generator=None):
+            if mask is None:
+                mask = self.draw_mask(video.shape[0], video.device, generator)
+            latent, _ = self.forward_encoder(video, mask)
+            phase = losses.work_dtype(self.forward_phase(latent, mask))
+            pred = losses.work_dtype(self.forward_decoder(latent, mask))
+            lc = self.loss_cfg
+            target = self.plain_target(video)
+            if lc.norm_pix:
+                mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+                target = (target - mean) / (var + 1.0e-6) ** 0.5
+            per_patch = (pred - target).pow(2).mean(-1)  # [B, N]
+            rec = (per_patch * mask.mask).sum() / mask.mask.sum().clamp(min=1.0)
+            sim = losses.phase_similarity(phase, lc.variant, lc.centre_eps)
+            with torch.no_grad():  # the whole clip in float, then the channel mean
+                x = losses.work_dtype(video).mean(-1)
+                b, t = video.shape[:2]
+                x = x.view(b, self.cfg.t_grid, t // self.cfg.t_grid, *x.shape[2:]).mean(2)
+                x = F.adaptive_avg_pool2d(x, (lc.prior_grid, lc.prior_grid)).flatten(2)
+                x = x - x.mean(-1, keepdim=True)
+                x = F.normalize(x - lc.prior_center_alpha * x.mean(1, keepdim=True), dim=-1)
+                prior = torch.bmm(x, x.transpose(1, 2)) if lc.phase_prior == "pixel" else sim.detach()
+            valid = None if mask.grid is not None else mask.slice_valid()
+            cyc = losses.cycle_kl(sim, prior.to(sim.dtype), lc.cycle_tau, valid)
+            trip, active = losses.periodic_contrastive(sim, prior.to(sim.dtype), lc.triplet_margin, valid)
+            loss = rec + lc.triplet_weight * trip + lc.cycle_weight * cyc
+            terms = {"rec": rec.detach(), "triplet": trip.detach(), "cycle": cyc.detach(), "active": active.detach()}
+            return {"loss": loss, "terms": terms, "pred": pred, "mask": mask.mask, "phase": phase}
+
     return PlainEchoFM
+
+
+def official_adamw(groups: list[dict], cfg, lr: float, *, capturable: bool = False) -> torch.optim.AdamW:
+    """The official training code's optimizer (MAE's main_pretrain): torch AdamW with its
+    defaults, i.e. the per-parameter loop on CPU (foreach on CUDA)."""
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, capturable=capturable)
 
 
 # ---------------------------------------------------------------- the trainer's step
@@ -128,7 +184,7 @@ class StandInEngine:
     bf16 recipes: the module is cast to bf16 and AdamW (engine.optim.build_optimizer over
     param_groups, at the recipe's peak lr) steps fp32 masters; fp32: AdamW on the weights."""
 
-    def __init__(self, model: torch.nn.Module, recipe, *, capturable: bool = False):
+    def __init__(self, model: torch.nn.Module, recipe, *, capturable: bool = False, optimizer_fn=None):
         from echofm.engine.optim import build_optimizer, param_groups, peak_lr
 
         if recipe.deepspeed.precision not in ("bf16", "fp32"):
@@ -144,8 +200,9 @@ class StandInEngine:
                 m.grad = torch.zeros_like(m)  # fixed fp32 gradient buffers (a CUDA graph reuses them)
             index = {id(p): m for p, m in zip(self.params, self.masters)}
             groups = [{**g, "params": [index[id(p)] for p in g["params"]]} for g in groups]
-        self.optimizer = build_optimizer(groups, recipe.optim, peak_lr(recipe.optim, recipe.data.batch_size),
-                                         capturable=capturable)
+        self.optimizer = (optimizer_fn or build_optimizer)(groups, recipe.optim,
+                                                           peak_lr(recipe.optim, recipe.data.batch_size),
+                                                           capturable=capturable)
         if self.masters is not None and recipe.deepspeed.zero_stage == 0:
             # As DeepSpeed's FP16_UnfusedOptimizer (bf16 at ZeRO 0) at init: one AdamW step on zero
             # gradients (its state starts at step 1; the masters get one weight-decay step).
@@ -182,16 +239,18 @@ def deepspeed_available() -> str | None:
     return None
 
 
-def make_engine(kind: str, model: torch.nn.Module, recipe, *, capturable: bool = False):
+def make_engine(kind: str, model: torch.nn.Module, recipe, *, capturable: bool = False, optimizer_fn=None):
     """The trainer's engine for `model` and `recipe`: "deepspeed" (engine.distributed.build_engine:
-    prepare_model + DeepSpeed), or "standin" (prepare_model + StandInEngine)."""
+    prepare_model + DeepSpeed), or "standin" (prepare_model + StandInEngine; optimizer_fn:
+    another optimizer builder than engine.optim.build_optimizer, e.g. `official_adamw`)."""
     from echofm.engine.distributed import build_engine, init_distributed, prepare_model, step_device
 
     if kind == "deepspeed":
         init_distributed()
         engine, _, _ = build_engine(model, recipe, world_size=1, total_steps=1000)
         return engine
-    return StandInEngine(prepare_model(model, recipe, step_device()), recipe, capturable=capturable)
+    return StandInEngine(prepare_model(model, recipe, step_device()), recipe, capturable=capturable,
+                         optimizer_fn=optimizer_fn)
 
 
 def trainer_step(engine):
@@ -251,7 +310,9 @@ def time_steps(models: dict, recipe, steps: int, device: torch.device, repeats: 
     g = torch.Generator(device="cpu").manual_seed(1)
     video = torch.randint(0, 256, (batch, c.num_frames, c.img_size, c.img_size, c.in_chans),
                           generator=g, dtype=torch.uint8).to(device)
-    steps_of = {n: trainer_step(make_engine("standin", m, recipe)) for n, m in models.items()}
+    # The plain variants step with the official code's optimizer, ours with the trainer's.
+    steps_of = {n: trainer_step(make_engine("standin", m, recipe, optimizer_fn=None if n == "ours" else official_adamw))
+                for n, m in models.items()}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     first = {}
     for n, step in steps_of.items():  # same weights, same mask: the first losses agree

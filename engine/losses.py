@@ -100,16 +100,21 @@ def work_dtype(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
                         norm_pix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean squared error over removed patches only.
 
-    pred, target [B, N, P] float; mask [B, N] (1 = removed). Returns (loss scalar, the
-    target used: per-patch normalised when norm_pix). No removed patch -> loss 0.
+    pred, target [B, M, P] float; mask [B, M] (1 = removed), or None when pred / target
+    hold only removed patches (what EchoFM.forward passes: the loss needs nothing else).
+    Returns (loss scalar, the target used: per-patch normalised when norm_pix). No removed
+    patch -> loss 0.
     """
-    if norm_pix:
-        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    if norm_pix:  # two-pass mean / unbiased variance (Tensor.var's numbers, a third of its time on CPU)
+        d = target - target.mean(-1, keepdim=True)
+        var = d.pow(2).sum(-1, keepdim=True) / max(target.shape[-1] - 1, 1)
+        target = d / (var + 1.0e-6) ** 0.5
+    if mask is None:  # every patch counts: one fused squared-error sum (and backward)
+        return F.mse_loss(pred, target, reduction="sum") / max(pred.numel(), 1), target
     per_patch = (pred - target).pow(2).mean(-1)  # [B, N]
     return (per_patch * mask).sum() / mask.sum().clamp(min=1.0), target
 
@@ -119,12 +124,22 @@ def cycle_prior(video: torch.Tensor, t_grid: int, grid: int = 32, alpha: float =
     """Pixel-space cycle prior. video [B, T, H, W, C] uint8|float -> cosine P [B, T', T']
     (float32, or the video's dtype when it is float32 / float64)."""
     b, t = video.shape[:2]
-    x = work_dtype(video).mean(-1)  # grayscale [B, T, H, W]
+    x = _gray(video)  # [B, T, H, W]
     x = x.view(b, t_grid, t // t_grid, *x.shape[2:]).mean(2)  # per temporal token
     x = F.adaptive_avg_pool2d(x, (grid, grid)).flatten(2)  # [B, T', g*g]
     x = x - x.mean(-1, keepdim=True)  # each frame's brightness
     x = F.normalize(x - alpha * x.mean(1, keepdim=True), dim=-1)  # static content
     return torch.bmm(x, x.transpose(1, 2))
+
+
+def _gray(video: torch.Tensor) -> torch.Tensor:
+    """[..., C] -> the channel mean [...] (float32, or the video's float dtype). uint8 RGB:
+    the channel sum of exact integers in float32, divided by 3, which is bit for bit
+    `video.float().mean(-1)` without converting the whole clip first."""
+    if video.dtype != torch.uint8 or video.shape[-1] != 3:
+        return work_dtype(video).mean(-1)
+    x = video.unbind(-1)
+    return (x[0].float() + x[1] + x[2]).div_(3)
 
 
 def phase_similarity(phase: torch.Tensor, variant: str = "official", eps: float = 1.0e-3) -> torch.Tensor:
@@ -193,10 +208,10 @@ def cycle_kl(sim: torch.Tensor, prior: torch.Tensor, tau: float,
     return (kl * ok).sum() / ok.sum().clamp(min=1)
 
 
-def compute(cfg: LossConfig, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+def compute(cfg: LossConfig, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
             phase: torch.Tensor, prior: torch.Tensor | None, valid: torch.Tensor | None = None) -> dict:
-    """All terms. pred/target [B, N, P], mask [B, N], phase [B, T', D], prior [B, T', T']
-    (None with phase_prior="embed": S detached is used).
+    """All terms. pred/target [B, M, P], mask [B, M] (None: every row is a removed patch),
+    phase [B, T', D], prior [B, T', T'] (None with phase_prior="embed": S detached is used).
 
     Returns {"loss", "terms": {"rec", "triplet", "cycle", "active"} detached, "target"
     (as used), "sim" (detached), "prior"}. Every term is computed (also at weight 0) so

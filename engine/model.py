@@ -211,10 +211,16 @@ class Attention(nn.Module):
         """[..., H, n, Dh] -> [..., n, H*Dh]."""
         return o.movedim(-3, -2).flatten(-2)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None, mode: str) -> torch.Tensor:
-        """x [B, 1 + Nv, D] (row 0 = CLS, then tokens in (t, k) order) -> [B, 1 + Nv, D]."""
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None, mode: str,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, 1 + Nv, D] (row 0 = CLS, then tokens in (t, k) order) -> [B, 1 + Nv, D];
+        with rows int64 [B, M] (joint only): the output at those rows only, [B, M, D]
+        (every row is a key, only these are queries)."""
         q, k, v = self.qkv_heads(x)  # [B, H, n, Dh]
-        if mode == "joint":
+        if rows is not None:
+            q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))  # [B, H, M, Dh]
+            o = self._cross(q, k, v)
+        elif mode == "joint":
             o = tube_attention(q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), "joint",
                                backend=self.backend).squeeze(2)
         else:
@@ -225,6 +231,15 @@ class Attention(nn.Module):
             o_cls = F.scaled_dot_product_attention(q[:, :, :1], k, v)
             o = torch.cat([o_cls, o_tok], dim=2)
         return self.proj(self.merge(o))
+
+    def _cross(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Fewer queries than keys, [B, H, M, Dh] x [B, H, n, Dh] -> [B, H, M, Dh]: SDPA (the
+        tube kernels take equal lengths), or the explicit softmax for the math backend."""
+        if self.backend != "math":
+            return F.scaled_dot_product_attention(q, k, v)
+        work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        s = (q.to(work) @ k.to(work).transpose(-1, -2)) * q.shape[-1] ** -0.5
+        return (torch.softmax(s, dim=-1) @ v.to(work)).to(q.dtype)
 
 
 class Block(nn.Module):
@@ -237,8 +252,15 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None, mode: str = "joint") -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), grid, mode)
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None, mode: str = "joint",
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, n, D] -> [B, n, D]; with rows int64 [B, M]: only those rows of the output,
+        [B, M, D] (the other rows still serve as keys and values; rows do not mix after the
+        attention, so these are exactly the full block's rows)."""
+        if rows is None:
+            x = x + self.attn(self.norm1(x), grid, mode)
+        else:
+            x = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1])) + self.attn(self.norm1(x), grid, mode, rows)
         return x + self.mlp(self.norm2(x))
 
 
@@ -400,16 +422,28 @@ class EchoFM(nn.Module):
         z = z + blk.mlp(blk.norm2(z))
         return self.phase_norm(z)
 
-    def forward_decoder(self, latent: torch.Tensor, mask: Mask) -> torch.Tensor:
-        """latent [B, Nv, D] -> pred [B, N, u*p*p*C] for every token (visible ones too)."""
+    def forward_decoder(self, latent: torch.Tensor, mask: Mask, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """latent [B, Nv, D] -> pred [B, N, u*p*p*C] for every token, or with ids int64 [B, M]
+        for those tokens only, [B, M, u*p*p*C] (training: the removed ones, the only rows the
+        loss reads; the last block then computes only their rows, every token still a key)."""
         c = self.cfg
         n = c.t_grid * c.l_grid
         y = self.decoder_embed(latent)
         x = scatter_tokens(y, mask.ids_keep, self.mask_token.view(-1).to(y.dtype), n, backend=self._backend(y))
         x = x + self._pos(self.decoder_pos_embed_spatial, self.decoder_pos_embed_temporal)
         cls = (self.decoder_cls_token + self.decoder_pos_embed_class).expand(x.shape[0], -1, -1)
-        x = self._run(self.decoder_blocks, torch.cat([cls, x], dim=1), None, False)
-        return self.decoder_pred(self.decoder_norm(x[:, 1:]))
+        x = torch.cat([cls, x], dim=1)
+        if ids is None:
+            x = self._run(self.decoder_blocks, x, None, False)
+            return self.decoder_pred(self.decoder_norm(x[:, 1:]))
+        x = self._run(self.decoder_blocks[:-1], x, None, False)
+        x = self._run_rows(self.decoder_blocks[-1], x, ids + 1)  # row 0 is the CLS
+        return self.decoder_pred(self.decoder_norm(x))
+
+    def _run_rows(self, blk: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, x, None, "joint", rows, use_reentrant=False)
+        return blk(x, None, "joint", rows)
 
     # ------------------------------------------------------------ public API
 
@@ -418,9 +452,11 @@ class EchoFM(nn.Module):
         """One pretraining forward. video [B, T, H, W, C] uint8 or float in [0, 1].
 
         Returns {"loss": scalar, "terms": {"rec", "triplet", "cycle", "active"} (detached),
-        "pred" [B, N, u*p*p*C], "target" (same, norm-pix normalised when enabled),
-        "mask" [B, N] (1 = removed), "sim" / "prior" [B, T', T'], "phase" [B, T', D],
-        "ids_keep" [B, Nv], "ids_restore" [B, N]}. The loss is computed in float32, or in
+        "pred" and "target" [B, N - Nv, u*p*p*C]: the removed tokens' predictions and targets
+        (norm-pix normalised when enabled) in ids_masked order (`forward_decoder` without ids
+        predicts every token), "mask" [B, N] (1 = removed),
+        "sim" / "prior" [B, T', T'], "phase" [B, T', D], "ids_keep" [B, Nv], "ids_restore"
+        [B, N], "ids_masked" [B, N - Nv]}. The loss is computed in float32, or in
         float64 when the model and clip are float64 (half precision is upcast, never the
         reverse).
         """
@@ -429,13 +465,17 @@ class EchoFM(nn.Module):
             mask = self.draw_mask(video.shape[0], video.device, generator)
         latent, _ = self.forward_encoder(video, mask)
         phase = self.forward_phase(latent, mask)
-        pred = self.forward_decoder(latent, mask)
+        # Only the removed tokens are in the loss: their predictions and targets alone (the
+        # same sum as the official mask-weighted mean over all N; docs/fidelity.md).
+        ids_masked = mask.ids_masked()
+        pred = self.forward_decoder(latent, mask, ids_masked)
         lc = self.loss_cfg
         prior = (losses.cycle_prior(video, self.cfg.t_grid, lc.prior_grid, lc.prior_center_alpha)
                  if lc.phase_prior == "pixel" else None)
-        out = self.loss_fn(lc, losses.work_dtype(pred), self.target(video), mask.mask, losses.work_dtype(phase),
-                             prior, valid=None if mask.grid is not None else mask.slice_valid())
-        out.update(pred=pred, mask=mask.mask, phase=phase, ids_keep=mask.ids_keep, ids_restore=mask.ids_restore)
+        out = self.loss_fn(lc, losses.work_dtype(pred), self.target(video, ids_masked), None,
+                           losses.work_dtype(phase), prior, valid=None if mask.grid is not None else mask.slice_valid())
+        out.update(pred=pred, mask=mask.mask, phase=phase, ids_keep=mask.ids_keep, ids_restore=mask.ids_restore,
+                   ids_masked=ids_masked)
         return out
 
     def encode(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -460,21 +500,23 @@ class EchoFM(nn.Module):
         mean, std = (torch.tensor(v, dtype=x.dtype, device=video.device) for v in (self.cfg.mean, self.cfg.std))
         return (x - mean) / std
 
-    def target(self, video: torch.Tensor) -> torch.Tensor:
-        """Normalised-pixel target patches [B, N, u*p*p*C] of the predicted frames (float32;
-        float64 for a float64 clip).
+    def target(self, video: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised-pixel target patches [B, M, u*p*p*C] of the predicted frames at the
+        tokens `ids` [B, M] (default: all N, in order); float32 (float64 for a float64 clip).
 
-        The same fused gather as the encoder input (uint8 -> normalised float inside the
-        kernel), with patch (u, p, p) over the pred_t_dim frames, then reordered from the
-        Conv3d (C, u, p, p) order to the official decoder_pred (u, p, p, C) order."""
+        The same fused gather as the encoder input (uint8 -> normalised float after the pick),
+        with patch (u, p, p) over the pred_t_dim frames, then reordered from the Conv3d
+        (C, u, p, p) order to the official decoder_pred (u, p, p, C) order."""
         c = self.cfg
         frames = video if c.pred_t_dim == c.num_frames else video[:, self.target_frames()]
         b, n = video.shape[0], c.t_grid * c.l_grid
-        ids = torch.arange(n, device=video.device).expand(b, n).contiguous()
+        if ids is None:
+            ids = torch.arange(n, device=video.device).expand(b, n).contiguous()
         x = gather_patches(frames, ids, (c.pred_u, c.patch_size, c.patch_size), c.mean, c.std,
                            backend=self._backend(frames))
-        x = x.view(b, n, c.in_chans, c.pred_u, c.patch_size, c.patch_size).permute(0, 1, 3, 4, 5, 2)
-        return losses.work_dtype(x.reshape(b, n, c.pred_dim))
+        m = ids.shape[1]
+        x = x.view(b, m, c.in_chans, c.pred_u, c.patch_size, c.patch_size).permute(0, 1, 3, 4, 5, 2)
+        return losses.work_dtype(x.reshape(b, m, c.pred_dim))
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, u*p*p*C] (pred or target layout) -> frames [B, pred_t_dim, H, W, C]."""
@@ -487,14 +529,20 @@ class EchoFM(nn.Module):
     def reconstruct(self, video: torch.Tensor, out: dict) -> torch.Tensor:
         """For figures: [B, pred_t_dim, H, W, C] float in [0, 1]: visible patches from the clip,
         removed ones from the prediction (un-normalised with each patch's own mean / std
-        when norm_pix is on)."""
+        when norm_pix is on). `out`: the forward's "pred" [B, M, u*p*p*C] at "ids_masked"
+        [B, M], or a prediction of every token [B, N, u*p*p*C] with "mask" [B, N]."""
         target = self.target(video)
         pred = out["pred"].float()
+        ids = out.get("ids_masked")
+        index = None if ids is None else ids[..., None].expand(-1, -1, target.shape[-1])
         if self.loss_cfg.norm_pix:
-            mu, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-            pred = pred * (var + 1e-6).sqrt() + mu
-        m = out["mask"].unsqueeze(-1)
-        x = self.unpatchify(target * (1 - m) + pred * m)
+            own = target if index is None else target.gather(1, index)
+            pred = pred * (own.var(-1, keepdim=True) + 1e-6).sqrt() + own.mean(-1, keepdim=True)
+        if index is None:  # every token predicted (forward_decoder without ids)
+            m = out["mask"].unsqueeze(-1)
+            x = self.unpatchify(target * (1 - m) + pred * m)
+        else:
+            x = self.unpatchify(target.scatter(1, index, pred))
         mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in (self.cfg.mean, self.cfg.std))
         return (x * std + mean).clamp(0, 1)
 
