@@ -109,14 +109,23 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Te
     Returns (loss scalar, the target used: per-patch normalised when norm_pix). No removed
     patch -> loss 0.
     """
-    if norm_pix:  # two-pass mean / unbiased variance (Tensor.var's numbers, a third of its time on CPU)
-        d = target - target.mean(-1, keepdim=True)
-        var = d.pow(2).sum(-1, keepdim=True) / max(target.shape[-1] - 1, 1)
-        target = d / (var + 1.0e-6) ** 0.5
-    if mask is None:  # every patch counts: one fused squared-error sum (and backward)
-        return F.mse_loss(pred, target, reduction="sum") / max(pred.numel(), 1), target
+    if norm_pix:
+        target = norm_pix_target(target)
+    if mask is None:  # every patch counts: the mean over patches of a patch's mean is one fused mean
+        return (F.mse_loss(pred, target) if pred.numel() else pred.sum()), target
     per_patch = (pred - target).pow(2).mean(-1)  # [B, N]
     return (per_patch * mask).sum() / mask.sum().clamp(min=1.0), target
+
+
+def norm_pix_target(target: torch.Tensor, eps: float = 1.0e-6) -> torch.Tensor:
+    """[..., P] -> (x - mean) / sqrt(unbiased var + eps) per patch (MAE's norm-pix target).
+
+    As one layer_norm (biased var): with var_u = var * P / (P - 1) the expression equals
+    sqrt((P - 1) / P) * (x - mean) / sqrt(var + eps * (P - 1) / P), the same number up to
+    rounding in one pass over the patch (Tensor.var alone took 10x longer on CPU)."""
+    p = target.shape[-1]
+    k = (p - 1) / p
+    return F.layer_norm(target, (p,), weight=target.new_full((p,), k ** 0.5), eps=eps * k)
 
 
 @torch.no_grad()
@@ -133,13 +142,15 @@ def cycle_prior(video: torch.Tensor, t_grid: int, grid: int = 32, alpha: float =
 
 
 def _gray(video: torch.Tensor) -> torch.Tensor:
-    """[..., C] -> the channel mean [...] (float32, or the video's float dtype). uint8 RGB:
-    the channel sum of exact integers in float32, divided by 3, which is bit for bit
-    `video.float().mean(-1)` without converting the whole clip first."""
-    if video.dtype != torch.uint8 or video.shape[-1] != 3:
+    """[..., C] -> the channel mean [...] (float32, or the video's float dtype). uint8: the
+    channel sum as one matrix-vector product (sums of integers below 2^24 are exact in
+    float32 in any order), divided by C: bit for bit `video.float().mean(-1)`, 3x faster
+    on CPU than the reduction over a last dimension of 3."""
+    if video.dtype != torch.uint8:
         return work_dtype(video).mean(-1)
-    x = video.unbind(-1)
-    return (x[0].float() + x[1] + x[2]).div_(3)
+    c = video.shape[-1]
+    ones = torch.ones(c, device=video.device)
+    return (video.reshape(-1, c).float() @ ones).div_(c).view(video.shape[:-1])
 
 
 def phase_similarity(phase: torch.Tensor, variant: str = "official", eps: float = 1.0e-3) -> torch.Tensor:

@@ -204,7 +204,8 @@ class Attention(nn.Module):
         *lead, n, d = x.shape
         qkv = self.qkv(x).view(*lead, n, 3, self.heads, d // self.heads)
         qkv = qkv.movedim(-3, 0).movedim(-2, -3)  # [3, ..., H, n, Dh]
-        return qkv[0], qkv[1], qkv[2]
+        q, k, v = qkv.unbind(0)  # one backward (a stack), not three zero-filled [3, ...] selects summed
+        return q, k, v
 
     @staticmethod
     def merge(o: torch.Tensor) -> torch.Tensor:
@@ -505,18 +506,16 @@ class EchoFM(nn.Module):
         tokens `ids` [B, M] (default: all N, in order); float32 (float64 for a float64 clip).
 
         The same fused gather as the encoder input (uint8 -> normalised float after the pick),
-        with patch (u, p, p) over the pred_t_dim frames, then reordered from the Conv3d
-        (C, u, p, p) order to the official decoder_pred (u, p, p, C) order."""
+        with patch (u, p, p) over the pred_t_dim frames, in the official decoder_pred
+        (u, p, p, C) order (channels_last: the clip's own order, no reordering on CPU)."""
         c = self.cfg
         frames = video if c.pred_t_dim == c.num_frames else video[:, self.target_frames()]
         b, n = video.shape[0], c.t_grid * c.l_grid
         if ids is None:
             ids = torch.arange(n, device=video.device).expand(b, n).contiguous()
         x = gather_patches(frames, ids, (c.pred_u, c.patch_size, c.patch_size), c.mean, c.std,
-                           backend=self._backend(frames))
-        m = ids.shape[1]
-        x = x.view(b, m, c.in_chans, c.pred_u, c.patch_size, c.patch_size).permute(0, 1, 3, 4, 5, 2)
-        return losses.work_dtype(x.reshape(b, m, c.pred_dim))
+                           backend=self._backend(frames), channels_last=True)
+        return losses.work_dtype(x)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, u*p*p*C] (pred or target layout) -> frames [B, pred_t_dim, H, W, C]."""

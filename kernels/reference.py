@@ -96,8 +96,10 @@ def gather_patches(
     patch: tuple[int, int, int],
     mean: Sequence[float] | torch.Tensor | None = None,
     std: Sequence[float] | torch.Tensor | None = None,
+    channels_last: bool = False,
 ) -> torch.Tensor:
-    """video [B, T, H, W, C] uint8|float, ids [B, K] -> normalised patches [B, K, C*t*p*p].
+    """video [B, T, H, W, C] uint8|float, ids [B, K] -> normalised patches [B, K, C*t*p*p]
+    ((C, t, p, p) order; (t, p, p, C) with channels_last).
 
     uint8 gives float32; float keeps its dtype (and its gradient). The same numbers as
     `gather_tokens(patchify(normalised video), ids)`, but the K patches are picked from the
@@ -115,12 +117,16 @@ def gather_patches(
     rows = torch.arange(b, device=ids.device)[:, None]
     x = grid[rows, ti, s.div(ww, rounding_mode="floor"), s.remainder(ww)]  # [B, K, t, p, p, C]
     uint8 = video.dtype == torch.uint8
-    x = x.float() if uint8 else x
-    params = device_norm(c, uint8, mean, std, x.device, x.dtype)
-    if params is not None:
-        scale, shift = params
-        x = x * scale + shift
-    return x.permute(0, 1, 5, 2, 3, 4).reshape(b, ids.shape[1], c * pt * ph * pw)  # (C, t, p, p) order
+    params = device_norm(c, uint8, mean, std, x.device, torch.float32 if uint8 else x.dtype)
+    if uint8:  # a fresh float32 tensor: normalised in place
+        x = x.float()
+        if params is not None:
+            x.mul_(params[0]).add_(params[1])
+    elif params is not None:
+        x = x * params[0] + params[1]
+    if not channels_last:
+        x = x.permute(0, 1, 5, 2, 3, 4)  # (C, t, p, p): the Conv3d weight order
+    return x.reshape(b, ids.shape[1], c * pt * ph * pw)
 
 
 def _groups(x: torch.Tensor, mode: str) -> torch.Tensor:
