@@ -132,25 +132,28 @@ def norm_pix_target(target: torch.Tensor, eps: float = 1.0e-6) -> torch.Tensor:
 def cycle_prior(video: torch.Tensor, t_grid: int, grid: int = 32, alpha: float = 1.0) -> torch.Tensor:
     """Pixel-space cycle prior. video [B, T, H, W, C] uint8|float -> cosine P [B, T', T']
     (float32, or the video's dtype when it is float32 / float64)."""
-    b, t = video.shape[:2]
-    x = _gray(video)  # [B, T, H, W]
-    x = x.view(b, t_grid, t // t_grid, *x.shape[2:]).mean(2)  # per temporal token
+    x = _token_frames(video, t_grid)  # [B, T', H, W]: grey level of each temporal token (up to a scale)
     x = F.adaptive_avg_pool2d(x, (grid, grid)).flatten(2)  # [B, T', g*g]
     x = x - x.mean(-1, keepdim=True)  # each frame's brightness
     x = F.normalize(x - alpha * x.mean(1, keepdim=True), dim=-1)  # static content
     return torch.bmm(x, x.transpose(1, 2))
 
 
-def _gray(video: torch.Tensor) -> torch.Tensor:
-    """[..., C] -> the channel mean [...] (float32, or the video's float dtype). uint8: the
-    channel sum as one matrix-vector product (sums of integers below 2^24 are exact in
-    float32 in any order), divided by C: bit for bit `video.float().mean(-1)`, 3x faster
-    on CPU than the reduction over a last dimension of 3."""
-    if video.dtype != torch.uint8:
-        return work_dtype(video).mean(-1)
-    c = video.shape[-1]
-    ones = torch.ones(c, device=video.device)
-    return (video.reshape(-1, c).float() @ ones).div_(c).view(video.shape[:-1])
+def _token_frames(video: torch.Tensor, t_grid: int) -> torch.Tensor:
+    """[B, T, H, W, C] -> [B, T', H, W]: the mean over channels and over each temporal
+    token's frames, float; uint8: their sum instead (the prior is a cosine of centred
+    values, so the constant 1 / (t C) changes nothing), summed exactly in int16 (at most
+    128 values of 255) and converted once: 2x faster on CPU than converting the clip."""
+    b, t, h, w, c = video.shape
+    per = t // t_grid
+    if video.dtype != torch.uint8 or per * c > 128:
+        return work_dtype(video).mean(-1).view(b, t_grid, per, h, w).mean(2)
+    x = video.view(b, t_grid, per, h * w * c)
+    acc = x[:, :, 0].to(torch.int16)
+    for i in range(1, per):
+        acc += x[:, :, i]
+    # the channel sum as one mat-vec (sums of integers below 2^24 are exact in float32)
+    return (acc.view(-1, c).float() @ torch.ones(c, device=video.device)).view(b, t_grid, h, w)
 
 
 def phase_similarity(phase: torch.Tensor, variant: str = "official", eps: float = 1.0e-3) -> torch.Tensor:

@@ -509,7 +509,8 @@ class EchoFM(nn.Module):
         with patch (u, p, p) over the pred_t_dim frames, in the official decoder_pred
         (u, p, p, C) order (channels_last: the clip's own order, no reordering on CPU)."""
         c = self.cfg
-        frames = video if c.pred_t_dim == c.num_frames else video[:, self.target_frames()]
+        frames = (video if c.pred_t_dim == c.num_frames else  # index_select: whole frames, not per element
+                  video.index_select(1, torch.tensor(self.target_frames(), device=video.device)))
         b, n = video.shape[0], c.t_grid * c.l_grid
         if ids is None:
             ids = torch.arange(n, device=video.device).expand(b, n).contiguous()
