@@ -148,7 +148,7 @@ def _token_frames(video: torch.Tensor, t_grid: int) -> torch.Tensor:
     per = t // t_grid
     if video.dtype != torch.uint8 or per * c > 128:
         return work_dtype(video).mean(-1).view(b, t_grid, per, h, w).mean(2)
-    x = video.view(b, t_grid, per, h * w * c)
+    x = video.reshape(b, t_grid, per, h * w * c)
     acc = x[:, :, 0].to(torch.int16)
     for i in range(1, per):
         acc += x[:, :, i]
