@@ -86,12 +86,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def plain_model_class():
     from echofm.engine import losses
     from echofm.engine.model import EchoFM
-    from echofm.kernels import gather_patches, reference
+    from echofm.kernels import gather_patches, reference, tube_attention
 
     class PlainEchoFM(EchoFM):
         """The same EchoFM computed the plain way (mae_st / official code), frozen here as the
         reference: Conv3d over every patch of the normalised float clip, position embedding on
-        all N tokens, then torch.gather of the visible ones; the decoder's prediction, the
+        all N tokens, then torch.gather of the visible ones; the phase block on every row of
+        every slice; the decoder's prediction, the
         norm-pix target (every patch of the clip, Tensor.var) and the mask-weighted loss over
         all N tokens; the cycle prior from the whole clip in float."""
 
@@ -107,6 +108,22 @@ def plain_model_class():
             cls = (self.cls_token + self.pos_embed_class).expand(tok.shape[0], -1, -1)
             x = self.norm(self._run(self.blocks, torch.cat([cls, tok], dim=1), mask.grid, False))
             return x[:, 1:], x[:, 0]
+
+        def forward_phase(self, latent, mask):
+            """The official projector: the whole block's q, k, v on every [slice CLS, slice
+            tokens] row, slice attention, then the CLS rows."""
+            if mask.grid is None:
+                return super().forward_phase(latent, mask)
+            c, blk = self.cfg, self.phase_block
+            b, d = latent.shape[0], c.embed_dim
+            cls = self.phase_cls_token.expand(b, c.t_grid, d)  # [B, T', D]
+            t, k = mask.grid
+            x = torch.cat([cls.unsqueeze(2), latent.view(b, t, k, d)], dim=2)  # [B, T', 1+K, D]
+            q, kk, v = (a.transpose(1, 2) for a in blk.attn.qkv_heads(blk.norm1(x)))  # [B, H, T', 1+K, Dh]
+            o = tube_attention(q, kk, v, "slice", backend=blk.attn.backend)[:, :, :, 0].transpose(1, 2)
+            z = cls + blk.attn.proj(o.flatten(-2))
+            z = z + blk.mlp(blk.norm2(z))
+            return self.phase_norm(z)
 
         def plain_target(self, video):
             """[B, N, u*p*p*C]: every patch of the predicted frames (on CPU: the whole float clip

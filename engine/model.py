@@ -405,10 +405,7 @@ class EchoFM(nn.Module):
         cls = self.phase_cls_token.expand(b, c.t_grid, d)  # [B, T', D]
         if mask.grid is not None:
             t, k = mask.grid
-            x = torch.cat([cls.unsqueeze(2), latent.view(b, t, k, d)], dim=2)  # [B, T', 1+K, D]
-            q, kk, v = (a.transpose(1, 2) for a in blk.attn.qkv_heads(blk.norm1(x)))  # [B, H, T', 1+K, Dh]
-            o = tube_attention(q, kk, v, "slice", backend=blk.attn.backend)
-            o = o[:, :, :, 0].transpose(1, 2)  # CLS rows [B, T', H, Dh]
+            o = self._phase_slices(latent.view(b, t, k, d))  # CLS rows [B, T', H, Dh]
         else:
             # Slices hold different numbers of visible tokens (random / frame masks): pad
             # each slice to L and mask the absent keys. Only the CLS query is needed.
@@ -422,6 +419,30 @@ class EchoFM(nn.Module):
         z = cls + blk.attn.proj(o.flatten(-2))
         z = z + blk.mlp(blk.norm2(z))
         return self.phase_norm(z)
+
+    def _phase_slices(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The phase block's slice attention, CLS queries only: tokens [B, T', K, D] -> the CLS
+        rows' attention output [B, T', H, Dh] over [CLS, the slice's K tokens].
+
+        The slice CLS is one learned token, the same row in every slice of every clip: its
+        norm1 / q / k / v are computed once; the tokens give keys and values only (their
+        queries' outputs would be discarded). The same numbers as attention over all 1 + K
+        rows of each slice, then taking row 0."""
+        blk = self.phase_block
+        attn = blk.attn
+        b, t, k, d = tokens.shape
+        h = attn.heads
+        w, bias = attn.qkv.weight, attn.qkv.bias
+        q, k_cls, v_cls = F.linear(blk.norm1(self.phase_cls_token.view(1, d)), w, bias).view(3, 1, h, d // h)
+        kv = F.linear(blk.norm1(tokens), w[d:], bias[d:]).view(b, t, k, 2, h, d // h)
+
+        def heads(cls_row: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # -> [B, H*T', 1+K, Dh]
+            x = torch.cat([cls_row.expand(b, t, 1, h, d // h), rows], dim=2)  # [B, T', 1+K, H, Dh]
+            return x.permute(0, 3, 1, 2, 4).flatten(1, 2)
+
+        o = attn._cross(q.view(1, h, 1, 1, d // h).expand(b, h, t, 1, d // h).flatten(1, 2),
+                        heads(k_cls, kv[..., 0, :, :]), heads(v_cls, kv[..., 1, :, :]))  # [B, H*T', 1, Dh]
+        return o.view(b, h, t, d // h).transpose(1, 2)
 
     def forward_decoder(self, latent: torch.Tensor, mask: Mask, ids: torch.Tensor | None = None) -> torch.Tensor:
         """latent [B, Nv, D] -> pred [B, N, u*p*p*C] for every token, or with ids int64 [B, M]
