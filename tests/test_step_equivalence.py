@@ -214,3 +214,15 @@ def test_build_optimizer_is_fused_on_cpu_and_steps_like_the_loop():
         loop.step()
     for (k, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_channels_last_patches_are_the_same_with_the_triton_gather():
+    """The target's (t, p, p, C) layout: the Triton gather (the interpreter on CPU) reordered
+    after its (C, t, p, p) kernel equals the torch pick."""
+    video = _video(2, 5)
+    ids = torch.rand(2, 64).argsort(1)[:, :24]
+    want = gather_patches(video, ids, (2, 8, 8), (0.1, 0.2, 0.3), (0.5, 0.6, 0.7), backend="torch",
+                          channels_last=True)
+    got = gather_patches(video, ids, (2, 8, 8), (0.1, 0.2, 0.3), (0.5, 0.6, 0.7), backend="triton",
+                         channels_last=True)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
