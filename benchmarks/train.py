@@ -609,19 +609,28 @@ def run_preset(res: dict, preset: str, ratio: float, batches, run: dict, deadlin
 
 
 def dispatch_decisions(model, mask, device: torch.device) -> dict:
-    """Which kernel `auto` runs for each attention call of this model's training forward."""
+    """Which kernel runs each attention call of this model's training forward: `auto`'s choice
+    for the tube_attention calls; SDPA for the calls with fewer queries than keys (the phase
+    block's slice CLS queries, the decoder's last block on the removed tokens)."""
     from echofm.kernels import attention_backend
 
     c, (t, k) = model.cfg, mask.grid
     cls = int(getattr(c, "cls_embed", True))  # the encoder CLS is optional (VideoMAE has none)
+    n = 1 + t * c.l_grid
     calls = {"encoder joint": (c.num_heads, 1, cls + t * k, c.embed_dim, "joint"),
-             "phase slice": (c.num_heads, t, 1 + k, c.embed_dim, "slice"),
-             "decoder joint": (c.decoder_num_heads, 1, 1 + t * c.l_grid, c.decoder_embed_dim, "joint")}
+             "decoder joint": (c.decoder_num_heads, 1, n, c.decoder_embed_dim, "joint")}
     out = {}
     for name, (h, tt, kk, d, mode) in calls.items():
         q = torch.empty(1, h, tt, kk, d // h, device=device, dtype=torch.bfloat16)
         out[name] = {"tokens": tt * kk if mode == "joint" else kk, "Dh": d // h,
                      "backend": attention_backend(q, mode, train=True)}
+    if c.decoder_depth > 1:
+        out["decoder joint"]["blocks"] = c.decoder_depth - 1
+    else:  # its only block is the last
+        del out["decoder joint"]
+    out["phase slice, CLS queries"] = {"tokens": 1 + k, "Dh": c.embed_dim // c.num_heads, "backend": "sdpa"}
+    out["decoder last block, removed-token queries"] = {"tokens": n, "Dh": c.decoder_embed_dim // c.decoder_num_heads,
+                                                        "backend": "sdpa"}
     return out
 
 

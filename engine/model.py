@@ -47,6 +47,7 @@ VideoMAE users with a [B, C, T, H, W] float clip in [0, 1]: `model(video.permute
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -451,7 +452,7 @@ class EchoFM(nn.Module):
         (u, p, p, C) order (channels_last: the clip's own order, no reordering on CPU)."""
         c = self.cfg
         frames = (video if c.pred_t_dim == c.num_frames else  # index_select: whole frames, not per element
-                  video.index_select(1, torch.tensor(self.target_frames(), device=video.device)))
+                  video.index_select(1, _frame_index(tuple(self.target_frames()), video.device)))
         b, n = video.shape[0], c.t_grid * c.l_grid
         if ids is None:
             ids = torch.arange(n, device=video.device).expand(b, n).contiguous()
@@ -530,6 +531,13 @@ class EchoFM(nn.Module):
         model = cls(mcfg, mask_cfg or mask, loss_cfg or loss)
         model.load_state_dict(read_finite(weights))
         return model.to(map_location).eval()
+
+
+@functools.lru_cache(maxsize=16)
+def _frame_index(frames: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The target frames as an index tensor on `device`, made once: no host-to-device copy
+    per step (which a CUDA graph capture would refuse)."""
+    return torch.tensor(frames, device=device)
 
 
 CONFIG_VERSION = 2
