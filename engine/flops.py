@@ -4,7 +4,7 @@
 
 Counts 2 * m * n * k for every matrix product the model runs, following model.py term by
 term (the masked 75-90% of patches are never embedded, the encoder sees only visible
-tokens plus its CLS, the decoder sees all tokens plus its CLS). Norms, softmax, GELU and
+tokens plus its CLS, the decoder sees all tokens plus its CLS and predicts the removed ones). Norms, softmax, GELU and
 the loss arithmetic are not matmuls and are left out. A training step is 3x the forward
 (backward = 2x forward), the usual MFU convention.
 
@@ -81,21 +81,25 @@ def model_flops(model_cfg: ModelConfig, mask_cfg: MaskConfig | None = None, loss
             enc += _attn(1, rows, rows, d)
     parts["encoder"] = enc
 
-    # Phase projector: qkv on every [slice CLS, slice tokens] row, attention, then only
-    # the T' CLS rows go through proj and the MLP.
+    # Phase projector: tubes: q, k, v of the one slice CLS, k and v of every token, the CLS
+    # queries only; padded slices: qkv on every [slice CLS, slice positions] row, CLS query
+    # only. Then only the T' CLS rows go through proj and the MLP.
     if grid is not None:
         k = grid[1]
-        rows = t * (k + 1)
-        att = _attn(t, k + 1, k + 1, d)
-    else:  # padded slices, CLS query only
-        rows = t * (l + 1)
+        qkv = 2 * 3 * d * d + 2 * t * k * 2 * d * d
+        att = _attn(t, 1, k + 1, d)
+    else:
+        qkv = 2 * t * (l + 1) * 3 * d * d
         att = _attn(t, 1, l + 1, d)
-    parts["phase"] = 2 * rows * 3 * d * d + att + 2 * t * (d * d + 2 * d * hid)
+    parts["phase"] = qkv + att + 2 * t * (d * d + 2 * d * hid)
 
-    # Decoder: embed visible, [CLS, all tokens] through the blocks, predict every token.
+    # Decoder: embed visible, [CLS, all tokens] through the blocks; the last block's queries,
+    # proj and MLP, the norm and the prediction on the m removed tokens only (the loss's rows).
+    m = n - nv
     parts["decoder_embed"] = 2 * nv * d * dd
-    parts["decoder"] = c.decoder_depth * (_block(n + 1, dd, dhid) + _attn(1, n + 1, n + 1, dd))
-    parts["decoder_pred"] = 2 * n * dd * c.pred_dim
+    last = 2 * (n + 1) * 3 * dd * dd + _attn(1, m, n + 1, dd) + 2 * m * (dd * dd + 2 * dd * dhid)
+    parts["decoder"] = (c.decoder_depth - 1) * (_block(n + 1, dd, dhid) + _attn(1, n + 1, n + 1, dd)) + last
+    parts["decoder_pred"] = 2 * m * dd * c.pred_dim
     # Loss products: phase self-similarity and the pixel prior (tiny).
     parts["loss"] = 2 * t * t * d + 2 * t * t * prior_grid * prior_grid
     fwd = sum(parts.values())

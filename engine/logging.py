@@ -403,13 +403,14 @@ def reconstruction_rows(model, video, out: dict) -> dict[str, np.ndarray]:
     the predicted ones outlined in OUTLINE_RGB.
 
     `model`: EchoFM (target_frames / unpatchify / reconstruct); `video` uint8 [B, T, H, W, C];
-    `out`: its forward output ("pred" [B, N, u*p*p*C], "mask" [B, N], 1 = removed).
+    `out`: its forward output ("pred" [B, M, u*p*p*C] at "ids_masked" [B, M], "mask" [B, N], 1 = removed).
     """
     import torch
 
     with torch.no_grad():
         video = video[:1]
-        part = {"pred": out["pred"][:1].detach(), "mask": out["mask"][:1].detach()}
+        part = {"pred": out["pred"][:1].detach(), "mask": out["mask"][:1].detach(),
+                "ids_masked": out["ids_masked"][:1]}
         frames = video[:, model.target_frames()].float()
         frames = frames / 255.0 if video.dtype == torch.uint8 else frames  # [1, u*T', H, W, C]
         m = part["mask"].float().unsqueeze(-1).expand(-1, -1, model.cfg.pred_dim)

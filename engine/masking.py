@@ -67,6 +67,11 @@ class Mask:
     def num_visible(self) -> int:
         return self.ids_keep.shape[1]
 
+    def ids_masked(self) -> torch.Tensor:
+        """int64 [B, N - Nv]: the removed tokens, ids_shuffle[:, Nv:] (ids_shuffle is the
+        inverse permutation of ids_restore); every row removes the same number of tokens."""
+        return torch.argsort(self.ids_restore, dim=1)[:, self.num_visible:]
+
     def slice_valid(self) -> torch.Tensor:
         """bool [B, T']: slices with at least one visible token."""
         vis = (1.0 - self.mask).view(-1, self.t_grid, self.l_grid)

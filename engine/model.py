@@ -7,11 +7,19 @@ Data path of one training forward (shapes for B clips, token grid T' x L, K kept
       -> gather_patches: visible patches only [B, T'K, C*t*p*p]        (kernels)
       -> patch_embed (one Linear = Conv3d on those patches) + spatial/temporal pos
       -> [CLS, tokens] -> encoder blocks (tube_attention joint) -> norm -> latent
-      -> phase projector: one shared block per slice with a slice CLS (tube_attention
-         slice) -> phase [B, T', D]
+      -> phase projector: one shared block per slice, the slice CLS the only query over
+         [CLS, the slice's tokens] -> phase [B, T', D]
       -> decoder: decoder_embed, scatter_tokens with the mask token, decoder pos,
-         [CLS, all tokens] -> blocks -> norm -> decoder_pred [B, N, u*p*p*C]
-      -> losses: masked (norm-pix) MSE + triplet and cycle KL of phase vs a pixel prior (losses.py)
+         [CLS, all tokens] -> blocks (the last one's output only at the removed tokens,
+         ids_masked [B, N - Nv]) -> norm -> decoder_pred [B, N - Nv, u*p*p*C]
+      -> losses: (norm-pix) MSE over the removed tokens + triplet and cycle KL of phase vs
+         a pixel prior (losses.py)
+
+Training computes only what the loss reads, with the official numbers (float64 parity in
+tests/test_fidelity.py and tests/test_step_equivalence.py): the removed tokens' predictions
+and targets (the official code predicts every token and weights the visible ones by 0),
+and the phase block's CLS rows (its other rows are discarded there). `forward_decoder`
+without ids predicts every token.
 
 Choices where the paper / official code leave room (documented here once):
 
@@ -30,15 +38,16 @@ Choices where the paper / official code leave room (documented here once):
   ModelConfig.mean / std, for the encoder input and the reconstruction target alike.
   The defaults (0, 1) are the official code's raw [0, 1] input; VideoMAE weights carry
   ImageNet mean / std (adapters.py), and every export carries its own.
-- Phase projector: `slice` tube attention over [slice CLS, the slice's visible tokens];
-  only the CLS rows continue through proj / MLP / norm (the other rows are discarded,
-  exactly as in the official code where only x[:, 0] is used).
+- Phase projector: `slice` attention over [slice CLS, the slice's visible tokens]; only
+  the CLS rows continue through proj / MLP / norm (the official code discards the other
+  rows, using only x[:, 0]), so only the CLS queries are computed.
 
 VideoMAE users with a [B, C, T, H, W] float clip in [0, 1]: `model(video.permute(0, 2, 3, 4, 1))`.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +58,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from echofm.kernels import ATTENTION_BACKENDS, gather_patches, scatter_tokens, tube_attention
+from echofm.kernels import ATTENTION_BACKENDS, gather_patches, scatter_tokens
 
 from . import losses
+from .blocks import LN_EPS, Attention, Block
 from .errors import CheckpointError
 from .export_files import (FILES, MAX_PARAMS, check_checksums, check_layout, estimate_params, read_finite,
                            write_checksums)
@@ -72,7 +82,6 @@ PRESETS: dict[str, dict[str, int]] = {
                         num_heads=3, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
                         pred_t_dim=8),
 }
-LN_EPS = 1e-6  # the official presets' LayerNorm eps
 
 
 @dataclass(kw_only=True, slots=True)
@@ -175,71 +184,6 @@ class ModelConfig:
     @property
     def pred_dim(self) -> int:
         return self.pred_u * self.patch_size ** 2 * self.in_chans
-
-
-# ---------------------------------------------------------------- blocks
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class Attention(nn.Module):
-    """Multi-head attention with a fused qkv Linear; the official q/k/v map onto it."""
-
-    def __init__(self, dim: int, heads: int, backend: str):
-        super().__init__()
-        self.heads, self.backend = heads, backend
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [..., n, D] -> q, k, v [..., H, n, Dh] (views of one GEMM output, no copies)."""
-        *lead, n, d = x.shape
-        qkv = self.qkv(x).view(*lead, n, 3, self.heads, d // self.heads)
-        qkv = qkv.movedim(-3, 0).movedim(-2, -3)  # [3, ..., H, n, Dh]
-        return qkv[0], qkv[1], qkv[2]
-
-    @staticmethod
-    def merge(o: torch.Tensor) -> torch.Tensor:
-        """[..., H, n, Dh] -> [..., n, H*Dh]."""
-        return o.movedim(-3, -2).flatten(-2)
-
-    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None, mode: str) -> torch.Tensor:
-        """x [B, 1 + Nv, D] (row 0 = CLS, then tokens in (t, k) order) -> [B, 1 + Nv, D]."""
-        q, k, v = self.qkv_heads(x)  # [B, H, n, Dh]
-        if mode == "joint":
-            o = tube_attention(q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), "joint",
-                               backend=self.backend).squeeze(2)
-        else:
-            t, kk = grid
-            tok = [a[:, :, 1:].unflatten(2, (t, kk)) for a in (q, k, v)]  # [B, H, T', K, Dh] views
-            o_tok = tube_attention(*tok, mode, backend=self.backend).flatten(2, 3)
-            # The CLS is outside the tube layout: its own query over [CLS, all tokens].
-            o_cls = F.scaled_dot_product_attention(q[:, :, :1], k, v)
-            o = torch.cat([o_cls, o_tok], dim=2)
-        return self.proj(self.merge(o))
-
-
-class Block(nn.Module):
-    """Pre-norm ViT block (official names: norm1, attn, norm2, mlp)."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, backend: str):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.attn = Attention(dim, heads, backend)
-        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None, mode: str = "joint") -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), grid, mode)
-        return x + self.mlp(self.norm2(x))
 
 
 # ---------------------------------------------------------------- model
@@ -382,10 +326,7 @@ class EchoFM(nn.Module):
         cls = self.phase_cls_token.expand(b, c.t_grid, d)  # [B, T', D]
         if mask.grid is not None:
             t, k = mask.grid
-            x = torch.cat([cls.unsqueeze(2), latent.view(b, t, k, d)], dim=2)  # [B, T', 1+K, D]
-            q, kk, v = (a.transpose(1, 2) for a in blk.attn.qkv_heads(blk.norm1(x)))  # [B, H, T', 1+K, Dh]
-            o = tube_attention(q, kk, v, "slice", backend=blk.attn.backend)
-            o = o[:, :, :, 0].transpose(1, 2)  # CLS rows [B, T', H, Dh]
+            o = self._phase_slices(latent.view(b, t, k, d))  # CLS rows [B, T', H, Dh]
         else:
             # Slices hold different numbers of visible tokens (random / frame masks): pad
             # each slice to L and mask the absent keys. Only the CLS query is needed.
@@ -400,16 +341,52 @@ class EchoFM(nn.Module):
         z = z + blk.mlp(blk.norm2(z))
         return self.phase_norm(z)
 
-    def forward_decoder(self, latent: torch.Tensor, mask: Mask) -> torch.Tensor:
-        """latent [B, Nv, D] -> pred [B, N, u*p*p*C] for every token (visible ones too)."""
+    def _phase_slices(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The phase block's slice attention, CLS queries only: tokens [B, T', K, D] -> the CLS
+        rows' attention output [B, T', H, Dh] over [CLS, the slice's K tokens].
+
+        The slice CLS is one learned token, the same row in every slice of every clip: its
+        norm1 / q / k / v are computed once; the tokens give keys and values only (their
+        queries' outputs would be discarded). The same numbers as attention over all 1 + K
+        rows of each slice, then taking row 0."""
+        blk = self.phase_block
+        attn = blk.attn
+        b, t, k, d = tokens.shape
+        h = attn.heads
+        w, bias = attn.qkv.weight, attn.qkv.bias
+        q, k_cls, v_cls = F.linear(blk.norm1(self.phase_cls_token.view(1, d)), w, bias).view(3, 1, h, d // h)
+        kv = F.linear(blk.norm1(tokens), w[d:], bias[d:]).view(b, t, k, 2, h, d // h)
+
+        def heads(cls_row: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # -> [B, H*T', 1+K, Dh]
+            x = torch.cat([cls_row.expand(b, t, 1, h, d // h), rows], dim=2)  # [B, T', 1+K, H, Dh]
+            return x.permute(0, 3, 1, 2, 4).flatten(1, 2)
+
+        o = attn._cross(q.view(1, h, 1, 1, d // h).expand(b, h, t, 1, d // h).flatten(1, 2),
+                        heads(k_cls, kv[..., 0, :, :]), heads(v_cls, kv[..., 1, :, :]))  # [B, H*T', 1, Dh]
+        return o.view(b, h, t, d // h).transpose(1, 2)
+
+    def forward_decoder(self, latent: torch.Tensor, mask: Mask, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """latent [B, Nv, D] -> pred [B, N, u*p*p*C] for every token, or with ids int64 [B, M]
+        for those tokens only, [B, M, u*p*p*C] (training: the removed ones, the only rows the
+        loss reads; the last block then computes only their rows, every token still a key)."""
         c = self.cfg
         n = c.t_grid * c.l_grid
         y = self.decoder_embed(latent)
         x = scatter_tokens(y, mask.ids_keep, self.mask_token.view(-1).to(y.dtype), n, backend=self._backend(y))
         x = x + self._pos(self.decoder_pos_embed_spatial, self.decoder_pos_embed_temporal)
         cls = (self.decoder_cls_token + self.decoder_pos_embed_class).expand(x.shape[0], -1, -1)
-        x = self._run(self.decoder_blocks, torch.cat([cls, x], dim=1), None, False)
-        return self.decoder_pred(self.decoder_norm(x[:, 1:]))
+        x = torch.cat([cls, x], dim=1)
+        if ids is None:
+            x = self._run(self.decoder_blocks, x, None, False)
+            return self.decoder_pred(self.decoder_norm(x[:, 1:]))
+        x = self._run(self.decoder_blocks[:-1], x, None, False)
+        x = self._run_rows(self.decoder_blocks[-1], x, ids + 1)  # row 0 is the CLS
+        return self.decoder_pred(self.decoder_norm(x))
+
+    def _run_rows(self, blk: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, x, None, "joint", rows, use_reentrant=False)
+        return blk(x, None, "joint", rows)
 
     # ------------------------------------------------------------ public API
 
@@ -418,9 +395,11 @@ class EchoFM(nn.Module):
         """One pretraining forward. video [B, T, H, W, C] uint8 or float in [0, 1].
 
         Returns {"loss": scalar, "terms": {"rec", "triplet", "cycle", "active"} (detached),
-        "pred" [B, N, u*p*p*C], "target" (same, norm-pix normalised when enabled),
-        "mask" [B, N] (1 = removed), "sim" / "prior" [B, T', T'], "phase" [B, T', D],
-        "ids_keep" [B, Nv], "ids_restore" [B, N]}. The loss is computed in float32, or in
+        "pred" and "target" [B, N - Nv, u*p*p*C]: the removed tokens' predictions and targets
+        (norm-pix normalised when enabled) in ids_masked order (`forward_decoder` without ids
+        predicts every token), "mask" [B, N] (1 = removed),
+        "sim" / "prior" [B, T', T'], "phase" [B, T', D], "ids_keep" [B, Nv], "ids_restore"
+        [B, N], "ids_masked" [B, N - Nv]}. The loss is computed in float32, or in
         float64 when the model and clip are float64 (half precision is upcast, never the
         reverse).
         """
@@ -429,13 +408,17 @@ class EchoFM(nn.Module):
             mask = self.draw_mask(video.shape[0], video.device, generator)
         latent, _ = self.forward_encoder(video, mask)
         phase = self.forward_phase(latent, mask)
-        pred = self.forward_decoder(latent, mask)
+        # Only the removed tokens are in the loss: their predictions and targets alone (the
+        # same sum as the official mask-weighted mean over all N; docs/fidelity.md).
+        ids_masked = mask.ids_masked()
+        pred = self.forward_decoder(latent, mask, ids_masked)
         lc = self.loss_cfg
         prior = (losses.cycle_prior(video, self.cfg.t_grid, lc.prior_grid, lc.prior_center_alpha)
                  if lc.phase_prior == "pixel" else None)
-        out = self.loss_fn(lc, losses.work_dtype(pred), self.target(video), mask.mask, losses.work_dtype(phase),
-                             prior, valid=None if mask.grid is not None else mask.slice_valid())
-        out.update(pred=pred, mask=mask.mask, phase=phase, ids_keep=mask.ids_keep, ids_restore=mask.ids_restore)
+        out = self.loss_fn(lc, losses.work_dtype(pred), self.target(video, ids_masked), None,
+                           losses.work_dtype(phase), prior, valid=None if mask.grid is not None else mask.slice_valid())
+        out.update(pred=pred, mask=mask.mask, phase=phase, ids_keep=mask.ids_keep, ids_restore=mask.ids_restore,
+                   ids_masked=ids_masked)
         return out
 
     def encode(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -460,21 +443,22 @@ class EchoFM(nn.Module):
         mean, std = (torch.tensor(v, dtype=x.dtype, device=video.device) for v in (self.cfg.mean, self.cfg.std))
         return (x - mean) / std
 
-    def target(self, video: torch.Tensor) -> torch.Tensor:
-        """Normalised-pixel target patches [B, N, u*p*p*C] of the predicted frames (float32;
-        float64 for a float64 clip).
+    def target(self, video: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised-pixel target patches [B, M, u*p*p*C] of the predicted frames at the
+        tokens `ids` [B, M] (default: all N, in order); float32 (float64 for a float64 clip).
 
-        The same fused gather as the encoder input (uint8 -> normalised float inside the
-        kernel), with patch (u, p, p) over the pred_t_dim frames, then reordered from the
-        Conv3d (C, u, p, p) order to the official decoder_pred (u, p, p, C) order."""
+        The same fused gather as the encoder input (uint8 -> normalised float after the pick),
+        with patch (u, p, p) over the pred_t_dim frames, in the official decoder_pred
+        (u, p, p, C) order (channels_last: the clip's own order, no reordering on CPU)."""
         c = self.cfg
-        frames = video if c.pred_t_dim == c.num_frames else video[:, self.target_frames()]
+        frames = (video if c.pred_t_dim == c.num_frames else  # index_select: whole frames, not per element
+                  video.index_select(1, _frame_index(tuple(self.target_frames()), video.device)))
         b, n = video.shape[0], c.t_grid * c.l_grid
-        ids = torch.arange(n, device=video.device).expand(b, n).contiguous()
+        if ids is None:
+            ids = torch.arange(n, device=video.device).expand(b, n).contiguous()
         x = gather_patches(frames, ids, (c.pred_u, c.patch_size, c.patch_size), c.mean, c.std,
-                           backend=self._backend(frames))
-        x = x.view(b, n, c.in_chans, c.pred_u, c.patch_size, c.patch_size).permute(0, 1, 3, 4, 5, 2)
-        return losses.work_dtype(x.reshape(b, n, c.pred_dim))
+                           backend=self._backend(frames), channels_last=True)
+        return losses.work_dtype(x)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, u*p*p*C] (pred or target layout) -> frames [B, pred_t_dim, H, W, C]."""
@@ -487,14 +471,20 @@ class EchoFM(nn.Module):
     def reconstruct(self, video: torch.Tensor, out: dict) -> torch.Tensor:
         """For figures: [B, pred_t_dim, H, W, C] float in [0, 1]: visible patches from the clip,
         removed ones from the prediction (un-normalised with each patch's own mean / std
-        when norm_pix is on)."""
+        when norm_pix is on). `out`: the forward's "pred" [B, M, u*p*p*C] at "ids_masked"
+        [B, M], or a prediction of every token [B, N, u*p*p*C] with "mask" [B, N]."""
         target = self.target(video)
         pred = out["pred"].float()
+        ids = out.get("ids_masked")
+        index = None if ids is None else ids[..., None].expand(-1, -1, target.shape[-1])
         if self.loss_cfg.norm_pix:
-            mu, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-            pred = pred * (var + 1e-6).sqrt() + mu
-        m = out["mask"].unsqueeze(-1)
-        x = self.unpatchify(target * (1 - m) + pred * m)
+            own = target if index is None else target.gather(1, index)
+            pred = pred * (own.var(-1, keepdim=True) + 1e-6).sqrt() + own.mean(-1, keepdim=True)
+        if index is None:  # every token predicted (forward_decoder without ids)
+            m = out["mask"].unsqueeze(-1)
+            x = self.unpatchify(target * (1 - m) + pred * m)
+        else:
+            x = self.unpatchify(target.scatter(1, index, pred))
         mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in (self.cfg.mean, self.cfg.std))
         return (x * std + mean).clamp(0, 1)
 
@@ -541,6 +531,13 @@ class EchoFM(nn.Module):
         model = cls(mcfg, mask_cfg or mask, loss_cfg or loss)
         model.load_state_dict(read_finite(weights))
         return model.to(map_location).eval()
+
+
+@functools.lru_cache(maxsize=16)
+def _frame_index(frames: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The target frames as an index tensor on `device`, made once: no host-to-device copy
+    per step (which a CUDA graph capture would refuse)."""
+    return torch.tensor(frames, device=device)
 
 
 CONFIG_VERSION = 2

@@ -5,9 +5,10 @@ Public API (masking gather, tube attention); all four are differentiable:
 - `gather_tokens(x, ids)`: x [B, N, D], ids int64 [B, K] -> [B, K, D].
 - `scatter_tokens(y, ids, fill, n)`: [B, n, D] with y [B, K, D] at ids, fill ([D], or
   broadcastable to [B, n, D]) elsewhere (the decoder's unshuffle). Gradients for y, fill.
-- `gather_patches(video, ids, patch, mean=None, std=None)`: video [B, T, H, W, C] uint8
-  or float, ids over the (T/t)(H/p)(W/p) patch grid in (t, h, w) order -> [B, K, C*t*p*p]
-  in (C, t, p, p) order (Conv3d weight order); uint8 -> float32 (x/255 - mean)/std.
+- `gather_patches(video, ids, patch, mean=None, std=None, channels_last=False)`: video
+  [B, T, H, W, C] uint8 or float, ids over the (T/t)(H/p)(W/p) patch grid in (t, h, w)
+  order -> [B, K, C*t*p*p] in (C, t, p, p) order (Conv3d weight order; (t, p, p, C) with
+  channels_last); uint8 -> float32 (x/255 - mean)/std.
 - `tube_attention(q, k, v, mode, scale=None, backend="auto")`: q, k, v [B, H, T, K, Dh],
   mode joint | slice | tube.
 
@@ -94,9 +95,12 @@ def gather_patches(
     mean: Sequence[float] | torch.Tensor | None = None,
     std: Sequence[float] | torch.Tensor | None = None,
     backend: str = "auto",
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """video [B, T, H, W, C] uint8|float, ids int64 [B, K] over the patch grid, patch (t, p, p)
-    -> [B, K, C*t*p*p] (float32 for uint8 input, else the video's dtype).
+    -> [B, K, C*t*p*p] (float32 for uint8 input, else the video's dtype), each patch in
+    (C, t, p, p) order (a Conv3d weight's), or (t, p, p, C) with channels_last (the clip's
+    own order: the official decoder_pred target layout).
 
     uint8: (x/255 - mean)/std per channel (mean 0, std 1 if not given); float: unchanged, or
     (x - mean)/std when mean/std are given. Differentiable w.r.t. a float video.
@@ -107,8 +111,12 @@ def gather_patches(
     if _use_triton(video, backend, GATHER_BACKENDS, "gather_patches"):
         from .gather import gather_patches as impl
 
-        return impl(video, ids, tuple(patch), mean, std)
-    return reference.gather_patches(video, ids, tuple(patch), mean, std)
+        x = impl(video, ids, tuple(patch), mean, std)
+        if not channels_last:
+            return x
+        b, k, c = x.shape[0], x.shape[1], video.shape[-1]
+        return x.view(b, k, c, -1).transpose(2, 3).reshape(b, k, -1)
+    return reference.gather_patches(video, ids, tuple(patch), mean, std, channels_last)
 
 
 def attention_backend(q: torch.Tensor, mode: str, train: bool) -> str:

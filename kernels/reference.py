@@ -96,18 +96,37 @@ def gather_patches(
     patch: tuple[int, int, int],
     mean: Sequence[float] | torch.Tensor | None = None,
     std: Sequence[float] | torch.Tensor | None = None,
+    channels_last: bool = False,
 ) -> torch.Tensor:
-    """video [B, T, H, W, C] uint8|float, ids [B, K] -> normalised patches [B, K, C*t*p*p].
+    """video [B, T, H, W, C] uint8|float, ids [B, K] -> normalised patches [B, K, C*t*p*p]
+    ((C, t, p, p) order; (t, p, p, C) with channels_last).
 
-    uint8 gives float32; float keeps its dtype (and its gradient).
+    uint8 gives float32; float keeps its dtype (and its gradient). The same numbers as
+    `gather_tokens(patchify(normalised video), ids)`, but the K patches are picked from the
+    raw clip first and only they are converted and normalised (at mask 0.75 a quarter of
+    the clip; the elementwise arithmetic is the same, so the result is bit for bit equal).
     """
+    b, t_, h_, w_, c = video.shape
+    pt, ph, pw = patch
+    if t_ % pt or h_ % ph or w_ % pw:
+        raise ValueError(f"gather_patches: video {tuple(video.shape)} is not divisible by patch {patch}")
+    hh, ww = h_ // ph, w_ // pw
+    # [B, T', H', W', t, p, p, C]: a view; the pick copies whole (p, C) rows of the clip.
+    grid = video.view(b, t_ // pt, pt, hh, ph, ww, pw, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
+    ti, s = ids.div(hh * ww, rounding_mode="floor"), ids.remainder(hh * ww)
+    rows = torch.arange(b, device=ids.device)[:, None]
+    x = grid[rows, ti, s.div(ww, rounding_mode="floor"), s.remainder(ww)]  # [B, K, t, p, p, C]
     uint8 = video.dtype == torch.uint8
-    x = video.float() if uint8 else video
-    params = device_norm(video.shape[-1], uint8, mean, std, x.device, x.dtype)
-    if params is not None:
-        scale, shift = params
-        x = x * scale + shift
-    return gather_tokens(patchify(x, patch), ids)
+    params = device_norm(c, uint8, mean, std, x.device, torch.float32 if uint8 else x.dtype)
+    if uint8:  # a fresh float32 tensor: normalised in place
+        x = x.float()
+        if params is not None:
+            x.mul_(params[0]).add_(params[1])
+    elif params is not None:
+        x = x * params[0] + params[1]
+    if not channels_last:
+        x = x.permute(0, 1, 5, 2, 3, 4)  # (C, t, p, p): the Conv3d weight order
+    return x.reshape(b, ids.shape[1], c * pt * ph * pw)
 
 
 def _groups(x: torch.Tensor, mode: str) -> torch.Tensor:

@@ -69,7 +69,9 @@ def test_forward_outputs_and_every_parameter_gets_a_gradient():
     out = m(video, generator=torch.Generator().manual_seed(0))
     assert out["terms"]["active"] > 0
     n, t = m.cfg.t_grid * m.cfg.l_grid, m.cfg.t_grid
-    assert out["pred"].shape == out["target"].shape == (2, n, m.cfg.pred_dim)
+    removed = n - out["ids_keep"].shape[1]
+    assert out["pred"].shape == out["target"].shape == (2, removed, m.cfg.pred_dim)
+    assert torch.equal(out["mask"].gather(1, out["ids_masked"]), torch.ones(2, removed))
     assert out["mask"].shape == (2, n) and out["sim"].shape == out["prior"].shape == (2, t, t)
     assert set(out["terms"]) == {"rec", "triplet", "cycle", "active"}
     t = out["terms"]

@@ -294,7 +294,10 @@ def test_benchmark_stand_in_engine_steps_like_deepspeed(zero_stage):
     """benchmarks/train.py times `micro_step` on DeepSpeed's engine or, on a GPU image without
     DeepSpeed, on its StandInEngine: DeepSpeed's bf16 step arithmetic (fp32 masters, clip,
     AdamW, DeepSpeed's zero-gradient AdamW step at init). From the same weights and masks, three
-    steps of each give the same losses and weights, bit for bit (CPU)."""
+    steps of each give the same losses, bit for bit (CPU), and the same weights: bit for bit at
+    ZeRO 0; at ZeRO 1 DeepSpeed steps one flat buffer where the stand-in steps each tensor, and
+    torch's fused CPU AdamW (engine/optim.py) rounds an element differently in its vectorised
+    body and its scalar tail, so a weight may differ by one bf16 ulp (1 of 12288 here)."""
     import copy
     import importlib.util
 
@@ -326,7 +329,14 @@ def test_benchmark_stand_in_engine_steps_like_deepspeed(zero_stage):
             losses[name].append(micro_step(engine, {"video": video})[0].loss)
     assert losses["standin"] == losses["deepspeed"] and len(set(losses["standin"])) == 3
     ds, si = engines["deepspeed"].module.state_dict(), engines["standin"].module.state_dict()
-    assert all(ds[k].dtype == torch.bfloat16 and torch.equal(ds[k], si[k]) for k in ds)
+    assert all(ds[k].dtype == torch.bfloat16 for k in ds)
+    if zero_stage == 0:
+        assert all(torch.equal(ds[k], si[k]) for k in ds)
+    else:
+        differ = sum(int((ds[k] != si[k]).sum()) for k in ds)
+        ulp = max(float(((ds[k].float() - si[k].float()).abs() / si[k].float().abs().clamp(min=1e-30)).max())
+                  for k in ds)
+        assert differ <= 4 and ulp <= 2**-7, (differ, ulp)
 
 
 def test_memory_gib_is_the_peak_since_the_last_read(monkeypatch):
@@ -356,9 +366,10 @@ def test_memory_gib_resets_on_the_gpu():
     assert memory_gib(dev) < 1.0
 
 
-def test_the_trainers_adamw_is_fused_on_cuda_only():
-    """build_optimizer (the trainer's client optimizer, which DeepSpeed steps): fused AdamW on
-    CUDA (one kernel for the whole update), torch's default on CPU (the CPU losses unchanged)."""
+def test_the_trainers_adamw_is_fused():
+    """build_optimizer (the trainer's client optimizer, which DeepSpeed steps): fused AdamW, one
+    kernel for the whole update, on CUDA and on CPU (where torch's default is a per-parameter
+    loop, 3x slower for echofm_tiny; tests/test_step_equivalence.py: the same steps to rounding)."""
     from echofm.engine.model import EchoFM, ModelConfig
     from echofm.engine.optim import OptimConfig, build_optimizer, param_groups
 
@@ -367,7 +378,7 @@ def test_the_trainers_adamw_is_fused_on_cuda_only():
                                depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
                                pred_t_dim=4)).to("cuda" if cuda else "cpu")
     opt = build_optimizer(param_groups(model, 0.05), OptimConfig(), 1e-3)
-    assert opt.defaults["fused"] is (True if cuda else None)
+    assert opt.defaults["fused"] is True
     assert opt.defaults["betas"] == (0.9, 0.95) and not opt.defaults["capturable"]
 
 
