@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from .video_io import luma, neutral_chroma
+from .video_io import LIMITED_TO_FULL, luma, neutral_chroma
 
 INTRA_ONLY = ("mjpeg",)
 """Codecs whose every frame is a keyframe: a frame decodes without the ones before it."""
@@ -61,6 +61,27 @@ def decode_clip(video: bytes, table: np.ndarray | None, idx: np.ndarray, codec: 
     return frames.stack(idx), decoded
 
 
+_FULL_RANGE = np.arange(256, dtype=np.uint8)
+
+
+def grey_luma(frame) -> np.ndarray | None:
+    """uint8 [H, W, 1]: the full-range luma of a grey frame (`video_io.luma`, exactly), or None
+    when its chroma is not neutral (`video_io.neutral_chroma`). 8-bit 4:2:0 (what the shards
+    hold) takes one compiled call (grey_kernels.py), other formats the numpy functions."""
+    name = frame.format.name
+    if name == "yuvj420p" or (name == "yuv420p" and frame.color_range != 2):  # 2: JPEG range flagged
+        from .grey_kernels import luma_if_neutral
+
+        yp, up, vp = frame.planes
+        if up.line_size == vp.line_size:
+            out = np.empty((frame.height, frame.width, 1), np.uint8)
+            ok = luma_if_neutral(np.frombuffer(yp, np.uint8), yp.line_size, np.frombuffer(up, np.uint8),
+                                 np.frombuffer(vp, np.uint8), up.line_size, up.height, up.width,
+                                 _FULL_RANGE if name == "yuvj420p" else LIMITED_TO_FULL, out[..., 0])
+            return out if ok else None
+    return luma(frame)[..., None] if neutral_chroma(frame) else None
+
+
 class _Frames:
     """The clip's decoded frames by index: luma while every frame is grey, RGB once one is not."""
 
@@ -72,12 +93,13 @@ class _Frames:
         if (frame.height, frame.width) != self.size:
             raise DecodeFailed(f"frame {k} is {frame.width}x{frame.height}, the manifest says "
                                f"{self.size[1]}x{self.size[0]}")
-        if self.grey and neutral_chroma(frame):
-            self.got[k] = luma(frame)[..., None]
-            return
-        if self.grey:  # the first colour frame: the grey ones so far become RGB too (R = G = B)
-            self.grey = False
-            self.got = {j: np.repeat(y, 3, axis=-1) for j, y in self.got.items()}
+        if self.grey:
+            y = grey_luma(frame)
+            if y is not None:
+                self.got[k] = y
+                return
+            self.grey = False  # the first colour frame: the grey ones so far become RGB too (R = G = B)
+            self.got = {j: np.repeat(g, 3, axis=-1) for j, g in self.got.items()}
         self.got[k] = frame.to_ndarray(format="rgb24")
 
     def stack(self, idx: np.ndarray) -> np.ndarray:
@@ -171,8 +193,12 @@ def uniform_channels(clips: list[np.ndarray]) -> list[np.ndarray]:
 
 def grey_to_rgb(x: np.ndarray) -> np.ndarray:
     """uint8 [..., H, W, 1] -> a new uint8 [..., H, W, 3] with R = G = B (the batch contract's
-    three channels). numpy, not cv2.cvtColor (8x faster on a batch): cv2 would run it on its
-    process-wide thread pool, and a process forked afterwards (a DataLoader's workers) then
-    hangs in its first cv2.setNumThreads (tests/test_host_decode.py)."""
-    y = x[..., 0]
-    return np.stack((y, y, y), axis=-1)
+    three channels). A compiled loop (grey_kernels.py: 17x numpy's strided copy), not
+    cv2.cvtColor: cv2 would run it on its process-wide thread pool, and a process forked
+    afterwards (a DataLoader's workers) then hangs in cv2 (tests/test_host_decode.py)."""
+    from .grey_kernels import grey_to_rgb_into
+
+    src = np.ascontiguousarray(x)
+    out = np.empty((*x.shape[:-1], 3), np.uint8)
+    grey_to_rgb_into(src.reshape(-1), out.reshape(-1))
+    return out

@@ -175,7 +175,7 @@ def _frame_array(frame, sink: FrameSink) -> np.ndarray:
 
 
 _YUV8 = ("yuv420p", "yuv422p", "yuv444p", "yuv440p", "yuv411p", "yuv410p")
-_LIMITED_TO_FULL = np.clip(np.round((np.arange(256) - 16) * 255 / 219), 0, 255).astype(np.uint8)
+LIMITED_TO_FULL = np.clip(np.round((np.arange(256) - 16) * 255 / 219), 0, 255).astype(np.uint8)
 """Studio-range luma (16..235) -> full range: what FFmpeg's swscale computes for gray output."""
 
 
@@ -191,7 +191,7 @@ def luma(frame) -> np.ndarray:
         return frame.to_ndarray(format="gray")
     p = frame.planes[0]
     y = np.frombuffer(p, np.uint8).reshape(-1, p.line_size)[: frame.height, : frame.width]
-    return y.copy() if full else cv2.LUT(y, _LIMITED_TO_FULL)
+    return y.copy() if full else cv2.LUT(y, LIMITED_TO_FULL)
 
 
 def neutral_chroma(frame) -> bool:

@@ -94,6 +94,35 @@ def test_damage_and_wrong_sizes_are_named():
         decode_clip(data, None, np.array([0, 30]), "vp9", (64, 64))
 
 
+@pytest.mark.parametrize("fmt", ["yuv420p", "yuvj420p", "yuv444p"])
+def test_grey_luma_is_exactly_swscale_gray_and_refuses_colour(fmt):
+    """The compiled 4:2:0 path (grey_kernels.py) and the numpy fallback give video_io.luma's
+    values (= swscale's grey output) on neutral chroma, None once a chroma sample leaves 127..129."""
+    import av
+
+    from echofm.loaders.host_decode import grey_luma
+
+    H, W = 16, 32  # every 8-bit luma value twice
+
+    def frame(chroma: int, where: tuple[int, int] = (0, 0)):
+        f = av.VideoFrame(W, H, fmt)
+        for i, plane in enumerate(f.planes):
+            a = np.full((plane.height, plane.line_size), 128, np.uint8)
+            if i == 0:
+                a[:H, :W] = (np.arange(H * W) % 256).reshape(H, W)
+            else:
+                a[where] = chroma
+            plane.update(a.tobytes())
+        return f
+
+    for c in (127, 129):
+        f = frame(c, (3, 5))
+        np.testing.assert_array_equal(grey_luma(f)[..., 0], luma(f))
+    for c in (126, 130):
+        assert grey_luma(frame(c, (3, 5))) is None
+        assert grey_luma(frame(c, (f.planes[1].height - 1, f.planes[1].width - 1))) is None  # last sample
+
+
 def test_channels_of_a_batch():
     y = np.random.default_rng(0).integers(0, 256, (2, 3, 8, 8, 1), dtype=np.uint8)
     np.testing.assert_array_equal(grey_to_rgb(y), np.repeat(y, 3, axis=-1))
