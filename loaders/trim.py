@@ -26,33 +26,46 @@ class NotCuttable(ValueError):
     """The stream is not a plain one-frame-per-block WebM; feed it whole instead."""
 
 
-def _vint_len(first: int, pos: int) -> int:
-    """Byte length of the EBML variable-length integer whose first byte is `first`."""
-    if first == 0:
-        raise NotCuttable(f"bad EBML length byte at {pos}")
-    return 9 - first.bit_length()
+_VINT_LEN = bytes([0] + [9 - b.bit_length() for b in range(1, 256)])
+"""Byte length of an EBML variable-length integer by its first byte (0: not a valid first byte)."""
+_VINT_MASK = [0] + [(1 << (7 * m)) - 1 for m in range(1, 9)]
+"""The value bits of an m-byte EBML size; all ones means "unknown size"."""
 
 
 def scan_frames(data: bytes) -> np.ndarray:
-    """Frames of a WebM in stream order -> int64 [F, 3]: (payload offset, size, is_keyframe)."""
+    """Frames of a WebM in stream order -> int64 [F, 3]: (payload offset, size, is_keyframe).
+
+    The loop is the stream's per-clip host work (~60 elements a clip), hence the table
+    lookups and the one-byte fast paths instead of helper calls."""
     out: list[list[int]] = []
     pos, end = 0, len(data)
-    from_bytes = int.from_bytes
+    from_bytes, vlen, masks = int.from_bytes, _VINT_LEN, _VINT_MASK
     try:
         while pos < end:
-            n = _vint_len(data[pos], pos)  # element id (keeps its marker bit)
-            eid = from_bytes(data[pos:pos + n], "big")
+            first = data[pos]
+            n = vlen[first]  # element id (keeps its marker bit)
+            if n == 1:
+                eid = first
+            elif n:
+                eid = from_bytes(data[pos:pos + n], "big")
+            else:
+                raise NotCuttable(f"bad EBML length byte at {pos}")
             pos += n
-            m = _vint_len(data[pos], pos)  # element size (marker bit cleared)
-            size = from_bytes(data[pos:pos + m], "big") & ((1 << (7 * m)) - 1)
+            first = data[pos]
+            m = vlen[first]  # element size (marker bit cleared)
+            if not m:
+                raise NotCuttable(f"bad EBML length byte at {pos}")
+            size = (first if m == 1 else from_bytes(data[pos:pos + m], "big")) & masks[m]
             body = pos + m
             if eid in _ENTER:
                 pos = body  # walk into the element (also works for unknown sizes)
                 continue
-            if size == (1 << (7 * m)) - 1:
+            if size == masks[m]:
                 raise NotCuttable(f"element {eid:#x} of unknown size")
             if eid == _SIMPLE_BLOCK or eid == _BLOCK:
-                tn = _vint_len(data[body], body)  # track number, then int16 timecode, flags
+                tn = vlen[data[body]]  # track number, then int16 timecode, flags
+                if not tn:
+                    raise NotCuttable(f"bad EBML length byte at {body}")
                 flags = data[body + tn + 2]
                 if flags & 0x06:
                     raise NotCuttable("laced blocks")
