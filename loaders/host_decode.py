@@ -1,14 +1,14 @@
 """Decode clips on the host: the CPU backend's decoder (`data.cpu_decoder: host`, docs/data.md).
 
-Why not DALI's CPU video decoder: it converts every frame it decodes to RGB with swscale,
-which costs as much as the decoding (VP9 at 224^2: 0.36 ms to decode a frame, 0.37 ms more
-to convert it; at 112^2 0.10 + 0.27 ms, measured with PyAV on the benchmark corpus). Echo
-is grey, and ingest stores grey clips with neutral chroma, so the luma plane is the whole
-picture: this module decodes with the same libavcodec (through PyAV, one thread per clip,
-the GIL released while decoding) and keeps the Y plane, mapped to full range exactly as
-swscale's grey output (`video_io.luma`). A clip with colour on any frame (chroma off
-neutral) comes back as RGB instead. DALI then crops, resizes and flips: the same graph as
-the GPU backend's, minus its decoder node.
+Why not DALI's CPU video decoder: it converts every frame it decodes to RGB, and at 224^2
+that conversion costs about as much as the decoding (VP9 with FFmpeg: 0.36 ms to decode a
+frame, 0.37 ms to convert it with swscale; DALI's clip costs 11.1 CPU-ms against 7.8 here,
+benchmarks/results/loader.json). Echo is grey, and ingest stores grey clips with neutral
+chroma, so the luma plane is the whole picture: this module decodes with libavcodec
+(through PyAV, one thread per clip, the GIL released while decoding) and keeps the Y plane,
+mapped to full range exactly as swscale's grey output (`video_io.luma`). A clip with colour
+on any frame (chroma off neutral) comes back as RGB instead. DALI then crops, resizes and
+flips: the same graph as the GPU backend's, minus its decoder node.
 
 What is decoded (and counted as decoded, for the decode-waste figure): a WebM the stream
 could scan (the shards' VP8/VP9) is decoded in ascending frame order, jumping to a keyframe

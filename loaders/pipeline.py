@@ -18,8 +18,9 @@ order, the clip starts and every random number (see `stream.py` for why): per sa
     flip     int32 []           1 = mirror horizontally
     seg      uint8 [T, H, W, 1] label maps of the same T frames (host-selected)
 
-Outputs: video uint8 [B, T, size, size, C] (C = 3; host: the input's C) and, with masks, seg uint8 [B, T, size, size, 1]
-that went through the same crop/resize (nearest) and flip.
+Outputs: video uint8 [B, T, size, size, C] (C = 3; with decoder="host" the input's C) and,
+with masks, seg uint8 [B, T, size, size, 1] that went through the same crop/resize (nearest)
+and flip.
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ pipeline that decodes them ahead of the consumer (docs/data.md).
 in training, and says which batch each output belongs to. With host decoding
 (host_decode.py) a batch is read `lookahead` batches before DALI takes it, its clips
 decoding on the stream's threads meanwhile, and the stream `settle`s it (waits for its
-clips, deals with the ones that failed) just before DALI takes it. `find_bad` decodes the samples of
-a batch DALI failed on one by one to name the damaged ones.
+clips, deals with the ones that failed) just before DALI takes it. `find_bad` decodes the
+samples of a batch DALI failed on one by one to name the damaged ones.
 
 A Prefetcher holds no reference to its stream (no cycle keeps DALI's threads alive): the
 stream hands it, on each call, `plan_len(epoch) -> batches` and `read(epoch, b) -> HostBatch`.
