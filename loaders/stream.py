@@ -4,11 +4,14 @@ The DALI graph (`pipeline.py`) does the heavy work on its own threads: decode (N
 the "mixed" backend) of exactly the clip's frames (`frames=`), then crop/resize/flip. On
 the CPU the clips are decoded by this stream's own threads (host_decode.py: libavcodec,
 grey clips kept as luma, no RGB conversion) and the graph only crops, resizes and flips;
-`data.cpu_decoder: dali` keeps DALI's CPU decoder, the GPU graph's twin. This module owns what must be exact and cheap to checkpoint: which
-samples form which batch, each clip's frame indices, and every random number. The host
-work per clip is small: a few `os.pread`s at the offsets of the shards' DALI index files,
-a json parse, and cutting the video to the GOPs the clip needs (trim.py: DALI's CPU
-decoder would otherwise decode from frame 0 to the clip start; ~0.2 ms per clip).
+`data.cpu_decoder: dali` keeps DALI's CPU decoder, the GPU graph's twin.
+
+This module owns what must be exact and cheap to checkpoint: which samples form which
+batch, each clip's frame indices, and every random number. The host work per clip is
+small: a few `os.pread`s at the offsets of the shards' DALI index files, a json parse, the
+WebM's frame table (trim.scan_frames, ~0.1 ms), and for DALI's decoders the video cut to
+the GOPs the clip needs (trim.cut_clip: DALI's CPU decoder would otherwise decode from
+frame 0 to the clip start).
 
 Why the order lives here and not in `fn.readers.webdataset`: DALI cannot checkpoint a
 pipeline that contains `fn.decoders.video` (DALI 2.4), and its reader only shuffles
