@@ -57,9 +57,11 @@ class StreamConfig:
     after ingest are an error naming the member (or skipped), never decoded into silently
     corrupt frames."""
     prefetch: int = 2
-    """Batches DALI decodes ahead of the consumer."""
+    """Batches DALI works ahead of the consumer; with the host decoder, also the batches
+    decoding ahead of DALI."""
     cut_gops: bool = True
-    """Hand the decoder only the GOPs a clip needs (WebM VP8/VP9 shards; trim.py says why)."""
+    """WebM (VP8/VP9) shards: decode only from the keyframe before each part of the clip, by
+    the video's frame table (trim.py says why); false decodes from the video's first frame."""
     cache_dir: str = ""
     """Remote shards: the node-local cache folder ("" = $ECHOFM_CACHE/shards or
     ~/.cache/echofm/shards); the ranks of a node share it."""
