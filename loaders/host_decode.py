@@ -130,16 +130,14 @@ def _decode_runs(video: bytes, table: np.ndarray, idx: np.ndarray, codec: str, o
 
     ctx = av.CodecContext.create(codec, "r")
     ctx.thread_count = 1  # parallelism is across clips (the stream's threads)
-    view, decoded, want = memoryview(video), 0, set(idx.tolist())
+    view, decoded, want, rows = memoryview(video), 0, set(idx.tolist()), table.tolist()
     for first, last in decode_spans(table, idx):
         for k in range(first, last + 1):
-            off, n, _ = table[k].tolist()
-            got = ctx.decode(av.Packet(bytes(view[off:off + n])))
-            if len(got) != 1:
-                raise DecodeFailed(f"packet {k} gave {len(got)} frames (one frame per packet expected)")
+            off, n, _ = rows[k]
+            frame = _one_frame(k, ctx.decode(av.Packet(bytes(view[off:off + n]))))
             decoded += 1
             if k in want:
-                out.add(k, got[0])
+                out.add(k, frame)
     return decoded
 
 
@@ -157,13 +155,18 @@ def _decode_container(video: bytes, idx: np.ndarray, codec: str, out: _Frames) -
                 break
             if codec in INTRA_ONLY and k not in want:
                 continue
-            got = packet.decode()
-            if len(got) != 1:
-                raise DecodeFailed(f"packet {k} gave {len(got)} frames (one frame per packet expected)")
+            frame = _one_frame(k, packet.decode())
             decoded += 1
             if k in want:
-                out.add(k, got[0])
+                out.add(k, frame)
     return decoded
+
+
+def _one_frame(k: int, got: list):
+    """The one frame packet k decoded to (no frame delay: one thread, no B-frames / alt-refs)."""
+    if len(got) != 1:
+        raise DecodeFailed(f"packet {k} gave {len(got)} frames (one frame per packet expected)")
+    return got[0]
 
 
 class HostDecoder:

@@ -50,6 +50,18 @@ def tiny_shards(corpus_cache):
                          corpus_cache, log=lambda _m: None)
 
 
+@pytest.fixture()
+def one_torch_thread():
+    """Tiny model shapes: one intra-op thread is faster and steadier on a shared 2-core
+    machine (modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu(reason=...): needs a CUDA GPU; skipped, with the reason, where "
                             "there is none")

@@ -26,12 +26,7 @@ CUSTOM = dict(norm_pix_loss=True, triplet_weight=0.7, triplet_margin=0.25, cycle
 TOL = 1e-10  # float64 end to end: any float32 step would show as ~1e-7
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rel(a, b):

@@ -15,13 +15,7 @@ SMALL = dict(preset="echofm_tiny", num_frames=4, img_size=32, patch_size=8, tube
              num_heads=2, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2, pred_t_dim=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread is faster and steadier on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _video(b, t, s, seed=0):

@@ -21,12 +21,7 @@ SMALL = dict(preset="echofm_tiny", num_frames=8, img_size=32, patch_size=8, tube
              num_heads=2, decoder_embed_dim=48, decoder_depth=2, decoder_num_heads=3, pred_t_dim=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _video(b=2, seed=0, t=8, s=32):
